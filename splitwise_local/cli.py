@@ -1,0 +1,74 @@
+"""Parses the subcommand and hands over to the module that implements it.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`.
+Only the chosen one is imported, so `--help` stays instant and a subcommand whose module does
+not exist yet says so plainly instead of failing with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import NamedTuple
+
+
+class Subcommand(NamedTuple):
+    module: str
+    help: str
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "serve": Subcommand("splitwise_local.launcher", "run store, engines and proxy (default)"),
+    "store": Subcommand("splitwise_local.store.server", "run the KV store server"),
+    "proxy": Subcommand("splitwise_local.proxy.server", "run the OpenAI-compatible proxy"),
+    "engine": Subcommand("splitwise_local.engine", "run one vLLM engine with our KV connector"),
+    "model": Subcommand("splitwise_local.model_cli", "prepare the embedded model"),
+    "bench": Subcommand("splitwise_local.bench", "benchmarks: store, proxy, connector, serde, serve"),
+}
+DEFAULT_SUBCOMMAND = "serve"
+
+
+def load_subcommand(module_name: str):
+    """Imports a subcommand module, or returns None if that module does not exist yet."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            return None
+        raise
+
+
+def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Splits off everything after a bare `--`: extra arguments passed through to vLLM."""
+    argv = list(argv)
+    if "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1 :]
+    return argv, []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    own, extra = split_extra(sys.argv[1:] if argv is None else argv)
+    if not own or (own[0].startswith("-") and own[0] not in ("-h", "--help")):
+        own.insert(0, DEFAULT_SUBCOMMAND)
+    parser = argparse.ArgumentParser(
+        prog="python -m splitwise_local",
+        description="Disaggregated prefill/decode serving on one host.",
+    )
+    subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    chosen = own[0]
+    module = None
+    for name, sub in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=sub.help, description=sub.help)
+        if name == chosen:
+            module = load_subcommand(sub.module)
+            if module is not None:
+                module.add_arguments(subparser)
+    if chosen in SUBCOMMANDS and module is None and not {"-h", "--help"} & set(own):
+        print(f"splitwise_local: '{chosen}' is not implemented yet", file=sys.stderr)
+        return 2
+    args = parser.parse_args(own)
+    args.extra = extra
+    return int(module.run(args) or 0)
