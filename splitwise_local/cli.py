@@ -25,7 +25,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "proxy": Subcommand("splitwise_local.proxy.server", "run the OpenAI-compatible proxy"),
     "engine": Subcommand("splitwise_local.engine", "run one vLLM engine with our KV connector"),
     "model": Subcommand("splitwise_local.model_cli", "prepare the embedded model"),
-    "bench": Subcommand("splitwise_local.bench", "benchmarks: store, proxy, connector, serde, serve"),
+    "bench": Subcommand(
+        "splitwise_local.bench", "benchmarks: store, proxy, connector, serde, serve"
+    ),
 }
 DEFAULT_SUBCOMMAND = "serve"
 

