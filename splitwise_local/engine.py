@@ -43,15 +43,20 @@ def detect_device() -> Device:
         return "cpu"
 
 
-def kv_transfer_config(role: Role, config_file: Path | None) -> dict | None:
+def kv_transfer_config(
+    role: Role, config_file: Path | None, extra_config: dict | None = None
+) -> dict | None:
     """The `--kv-transfer-config` that loads our connector in the given role (None: plain)."""
     if role == "plain":
         return None
     extra = {"config_file": str(config_file)} if config_file else {}
+    extra.update(extra_config or {})
     return {
         "kv_connector": CONNECTOR_NAME,
         "kv_connector_module_path": CONNECTOR_MODULE,
         "kv_role": KV_ROLES[role],
+        # A chunk that cannot be loaded means "compute it here", never a failed request.
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": extra,
     }
 
@@ -87,6 +92,7 @@ class EngineSpec:
     cpu_cores: str | None = None
     kv_cache_gb: int = 1
     extra_args: list[str] = field(default_factory=list)
+    connector_extra: dict = field(default_factory=dict)
 
     def command(self) -> list[str]:
         cmd = [
@@ -100,7 +106,7 @@ class EngineSpec:
             "--port",
             str(self.port),
         ]
-        kv = kv_transfer_config(self.role, self.config_file)
+        kv = kv_transfer_config(self.role, self.config_file, self.connector_extra)
         if kv is not None:
             cmd += ["--kv-transfer-config", json.dumps(kv)]
         defaults = CPU_DEFAULT_ARGS if self.device == "cpu" else GPU_DEFAULT_ARGS
