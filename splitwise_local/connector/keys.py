@@ -3,7 +3,7 @@
 A prompt's token ids are cut into chunks of `chunk_size` tokens; the last chunk may be partial
 (so prompts shorter than a chunk still transfer). Chunk i's key is
 
-    key_i = blake2b(key_{i-1} || little-endian int32 tokens of chunk i), key_{-1} = blake2b(identity)
+    key_i = blake2b(key_{i-1} || int32-LE tokens of chunk i),  key_{-1} = blake2b(identity)
 
 where `identity` names everything that makes KV bytes incompatible: the model, the KV dtype and
 layout, and `chunk_size`. Chaining makes each key cover all tokens up to and including its chunk,

@@ -255,7 +255,7 @@ class KVTransfer:
             verified = self._verify(pieces) if self.verify else "off"
             if stats.failed:
                 logger.warning(
-                    "splitwise load-partial req=%s loaded=%d of %d tokens, recomputing the rest: %s",
+                    "splitwise load-partial req=%s loaded=%d of %d tokens, recomputing: %s",
                     plan.req_id, stats.tokens, plan.end - plan.start, stats.failed[0],
                 )  # fmt: skip
             logger.info(

@@ -21,7 +21,7 @@ def test_equal_prefixes_share_keys_and_a_change_breaks_the_chain():
     assert len(a) == 4
     assert a[:2] == b[:2]
     assert a[2] != b[2] and a[3] != b[3]
-    early = chunk_keys(IDENTITY, [999] + list(range(1, 100)))
+    early = chunk_keys(IDENTITY, [999, *range(1, 100)])
     assert all(x != y for x, y in zip(a, early, strict=True))
 
 
