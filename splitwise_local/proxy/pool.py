@@ -1,0 +1,112 @@
+"""The engines of one role: which to send the next request to, and which are down.
+
+Picking is least-loaded: the endpoint with the fewest requests in flight, ties broken by whoever
+was picked longest ago, which is round robin while the load is even. An engine that fails is
+marked down for a back-off period that doubles with each consecutive failure (capped); once the
+period ends the next request tries it again, and a success or a passing health check clears it.
+No background prober: an idle proxy does not need to know, and `/health` probes on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Container
+from dataclasses import dataclass
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One engine's URL and what the proxy knows about it right now."""
+
+    url: str
+    role: str
+    in_flight: int = 0
+    requests: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    down_until: float = 0.0
+    last_error: str | None = None
+    last_pick: int = 0
+
+    def available(self, now: float) -> bool:
+        return now >= self.down_until
+
+
+class EnginePool:
+    """Least-loaded selection with round-robin ties, and mark-down with exponential back-off."""
+
+    def __init__(
+        self,
+        role: str,
+        urls: list[str],
+        backoff_initial_s: float,
+        backoff_max_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.role = role
+        self.endpoints = [Endpoint(url, role) for url in urls]
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._clock = clock
+        self._picks = itertools.count(1)
+
+    def acquire(self, exclude: Container[Endpoint] = ()) -> Endpoint | None:
+        """Picks an available endpoint and counts a request in flight on it; None if none is."""
+        now = self._clock()
+        candidates = [e for e in self.endpoints if e not in exclude and e.available(now)]
+        if not candidates:
+            return None
+        chosen = min(candidates, key=lambda e: (e.in_flight, e.last_pick))
+        chosen.last_pick = next(self._picks)
+        chosen.in_flight += 1
+        chosen.requests += 1
+        return chosen
+
+    def release(self, endpoint: Endpoint) -> None:
+        endpoint.in_flight -= 1
+
+    def mark_down(self, endpoint: Endpoint, reason: str) -> None:
+        """Takes the endpoint out of rotation for the next back-off period."""
+        endpoint.failures += 1
+        endpoint.consecutive_failures += 1
+        exponent = min(endpoint.consecutive_failures - 1, 32)
+        backoff = min(self._backoff_initial_s * 2**exponent, self._backoff_max_s)
+        endpoint.down_until = self._clock() + backoff
+        endpoint.last_error = reason
+        log.warning("%s engine %s down for %.1fs: %s", self.role, endpoint.url, backoff, reason)
+
+    def mark_up(self, endpoint: Endpoint) -> None:
+        if endpoint.consecutive_failures:
+            log.info("%s engine %s is back", self.role, endpoint.url)
+        endpoint.consecutive_failures = 0
+        endpoint.down_until = 0.0
+        endpoint.last_error = None
+
+    def is_up(self, endpoint: Endpoint) -> bool:
+        return endpoint.available(self._clock())
+
+    async def probe(self, client: httpx.AsyncClient, timeout_s: float) -> dict[str, bool]:
+        """GETs every engine's `/health` at once, updates their state; {url: up}."""
+
+        async def check(endpoint: Endpoint) -> bool:
+            try:
+                response = await client.get(endpoint.url + "/health", timeout=timeout_s)
+            except httpx.HTTPError as exc:
+                reason = f"health check failed: {type(exc).__name__}"
+            else:
+                if response.status_code == 200:
+                    self.mark_up(endpoint)
+                    return True
+                reason = f"health check answered {response.status_code}"
+            self.mark_down(endpoint, reason)
+            return False
+
+        results = await asyncio.gather(*(check(e) for e in self.endpoints))
+        return {e.url: up for e, up in zip(self.endpoints, results, strict=True)}

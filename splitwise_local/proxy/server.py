@@ -1,0 +1,125 @@
+"""`python -m splitwise_local proxy`: serve the proxy app with uvicorn.
+
+Endpoints come from `--prefill` / `--decode`, else from `PREFILL_ENDPOINTS` /
+`DECODE_ENDPOINTS` in the environment, else from a `.env` file in the working directory (the
+environment wins over the file, as python-dotenv does by default). The API key likewise comes
+from `--api-key`, `PROXY_API_KEY` or `.env`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from splitwise_local.proxy.settings import (
+    API_KEY_ENV,
+    DECODE_ENV,
+    PREFILL_ENV,
+    ProxySettings,
+    split_endpoints,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=8030, help="port (default: %(default)s)")
+    parser.add_argument(
+        "--prefill", metavar="URL[,URL]", help=f"prefill engine URLs (else ${PREFILL_ENV})"
+    )
+    parser.add_argument(
+        "--decode", metavar="URL[,URL]", help=f"decode engine URLs (else ${DECODE_ENV})"
+    )
+    parser.add_argument(
+        "--api-key",
+        help=f"Bearer token callers must send; forwarded to engines (else ${API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--no-fallback",
+        dest="fallback_to_decode",
+        action="store_false",
+        help="fail a request whose prefill fails, instead of letting decode compute the prompt",
+    )
+    parser.add_argument("--prefill-timeout", type=float, metavar="S", dest="prefill_timeout_s")
+    parser.add_argument(
+        "--decode-timeout",
+        type=float,
+        metavar="S",
+        dest="decode_timeout_s",
+        help="longest wait for the next bytes of a decode answer",
+    )
+    parser.add_argument("--max-body-bytes", type=int, metavar="N")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ProxySettings:
+    """Merges the command line over the environment; raises ValueError naming what is missing."""
+    values: dict = {"fallback_to_decode": args.fallback_to_decode}
+    for role, flag, var in (
+        ("prefill", args.prefill, PREFILL_ENV),
+        ("decode", args.decode, DECODE_ENV),
+    ):
+        urls = split_endpoints(flag if flag is not None else environ.get(var))
+        if not urls:
+            raise ValueError(f"no {role} engines: pass --{role} URL[,URL] or set {var}")
+        values[role] = urls
+    api_key = args.api_key if args.api_key is not None else environ.get(API_KEY_ENV)
+    if api_key:
+        values["api_key"] = api_key
+    for name in ("prefill_timeout_s", "decode_timeout_s", "max_body_bytes"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    try:
+        return ProxySettings(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"invalid {where}: {first['msg']}") from None
+
+
+def environment(cwd: Path) -> dict[str, str]:
+    """The process environment over the working directory's `.env` file (if any)."""
+    from dotenv import dotenv_values
+
+    from_file = {k: v for k, v in dotenv_values(cwd / ".env").items() if v is not None}
+    return {**from_file, **os.environ}
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from splitwise_local.proxy.app import build_app
+
+    try:
+        settings = settings_from_args(args, environment(Path.cwd()))
+    except ValueError as exc:
+        print(f"proxy: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger(__name__).info(
+        "proxy on http://%s:%d: prefill %s, decode %s",
+        args.host,
+        args.port,
+        ", ".join(settings.prefill),
+        ", ".join(settings.decode),
+    )
+    config = uvicorn.Config(
+        build_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
