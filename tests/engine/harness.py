@@ -1,0 +1,172 @@
+"""Real vLLM CPU engines for the end-to-end tests: start, ask, read their logs, stop.
+
+A `System` is our store plus a prefill engine (kv_producer) and a decode engine (kv_consumer)
+with a given config; the reference is a plain engine with no connector. Every engine runs with
+prefix caching off and one core, so a second request for the same prompt is computed (or
+loaded) again rather than served from the engine's own cache, and numerics match between them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from splitwise_local.config import SplitwiseConfig, dump_config
+from splitwise_local.console import Console
+from splitwise_local.engine import EngineSpec
+from splitwise_local.process import RUN_ENV, Child
+from splitwise_local.supervisor import Readiness, Supervisor
+
+ENGINE_START_TIMEOUT_S = 420
+REQUEST_TIMEOUT_S = 300
+NEW_TOKENS = 64
+PROSE = Path(__file__).resolve().parents[2] / "splitwise_local" / "data" / "prose.txt"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_ok(url: str) -> bool:
+    return httpx.get(url, timeout=2).status_code == 200
+
+
+@dataclass
+class Engine:
+    """One running engine: its URL, its log, and the model name it serves."""
+
+    url: str
+    child: Child
+    model: str
+    _log_offset: int = 0
+
+    def complete(self, prompt, max_tokens: int = NEW_TOKENS, **extra) -> dict:
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            **extra,
+        }
+        reply = httpx.post(f"{self.url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S)
+        reply.raise_for_status()
+        return reply.json()
+
+    def chat(self, text: str, max_tokens: int = NEW_TOKENS) -> dict:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
+        reply = httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S)
+        reply.raise_for_status()
+        return reply.json()
+
+    def new_log(self) -> str:
+        """Log lines written since the previous call (the connector logs one line per request)."""
+        text = self.child.log_path.read_bytes()[self._log_offset :].decode(errors="replace")
+        self._log_offset += len(text.encode())
+        return text
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(
+            float(m.group(1))
+            for m in re.finditer(rf"^{re.escape(name)}(?:{{.*}})? (\S+)$", text, re.M)
+        )
+
+
+@dataclass
+class System:
+    """Store + engines of one configuration, stopped by `stop()`."""
+
+    supervisor: Supervisor
+    config: SplitwiseConfig
+    engines: dict[str, Engine] = field(default_factory=dict)
+    store_child: Child | None = None
+
+    def backend(self):
+        from splitwise_local.store.backend import open_backend
+
+        return open_backend(self.config.remote_url, self.config)
+
+    def stop(self) -> None:
+        self.supervisor.stop_all()
+
+
+def start_system(
+    root: Path,
+    model: Path,
+    config: SplitwiseConfig | None,
+    roles: dict[str, str],
+    connector_extra: dict | None = None,
+    transport: str = "shm",
+) -> System:
+    """Starts the store (when `config` is given) and one engine per name in `roles`.
+
+    The engines reach the store through its shared-memory arena (`transport="shm"`, what the
+    launcher does on one host) or over TCP (`"tcp"`, what engines on other hosts do).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    supervisor = Supervisor(Console("error"), run=str(root), stop_grace=20)
+    system = System(supervisor, config or SplitwiseConfig())
+    env = child_env(root)
+    config_file = None
+    try:
+        if config is not None:
+            port, shm = free_port(), f"splitwise-test-{uuid.uuid4().hex[:8]}"
+            url = f"shm://{shm}" if transport == "shm" else f"lm://127.0.0.1:{port}"
+            system.config = config.model_copy(update={"remote_url": url})
+            config_file = dump_config(system.config, root / "splitwise.yaml")
+            store = Child(
+                "store",
+                [sys.executable, "-m", "splitwise_local", "store", "--port", str(port),
+                 "--shm-name", shm, "--max-size-gb", str(config.max_local_cpu_size)],
+                env, root / "store.log", supervisor.console,
+            )  # fmt: skip
+            ready = Readiness(lambda: system.backend().stats(), "store stats")
+            supervisor.start_stage([(store, ready)], 60)
+            system.store_child = store
+        members = []
+        for index, (name, role) in enumerate(roles.items()):
+            spec = EngineSpec(
+                model=model,
+                port=free_port(),
+                role=role,
+                config_file=config_file,
+                cpu_cores=str(index % 2),
+                extra_args=["--no-enable-prefix-caching"],
+                connector_extra=connector_extra or {},
+            )
+            child = Child(
+                name, spec.command(), spec.environment(env), root / f"{name}.log",
+                supervisor.console,
+            )  # fmt: skip
+            system.engines[name] = Engine(spec.url, child, str(model))
+            members.append((child, Readiness(lambda u=spec.url: http_ok(f"{u}/health"), "/health")))
+        supervisor.start_stage(members, ENGINE_START_TIMEOUT_S)
+    except BaseException:
+        supervisor.stop_all()
+        raise
+    return system
+
+
+def child_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["SPLITWISE_LOG_LEVEL"] = "DEBUG"
+    env[RUN_ENV] = str(root)
+    return env

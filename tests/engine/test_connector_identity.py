@@ -1,0 +1,131 @@
+"""Token identity: decode after prefill's save answers exactly what one engine alone answers.
+
+For each configuration (chunk sizes 256, 32 and 200, and layer-by-layer loading), prompts of
+about 20, 128, 129, 200 and 1,000 tokens go to the prefill engine with max_tokens=1, then to the
+decode engine for 64 greedy tokens; the reference is a plain engine given the same prompt. The
+reference runs each prompt twice: a prompt whose two reference runs differ is unstable on this
+engine (bf16 near-ties), reported and left out, never compared loosely.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+
+from splitwise_local.config import SplitwiseConfig
+from tests.engine.harness import Engine, start_system
+
+pytestmark = pytest.mark.engine
+
+CONFIGS = {
+    "chunk256": {"chunk_size": 256},
+    "chunk32": {"chunk_size": 32},
+    "chunk200": {"chunk_size": 200},
+    "chunk256-pipelined": {"chunk_size": 256, "pipelined_backend": True},
+}
+PROMPT_LENGTHS = (20, 128, 129, 200, 1000)
+CHATS = (
+    "What is the capital of France?",
+    "Summarise this story in two sentences.\n\n" + "The tide clock keeper " * 60,
+)
+LOAD_LINE = re.compile(
+    r"splitwise load req=\S+ tokens=(\d+) chunks=(\d+) bytes=(\d+) .*verified=(\S+)"
+)
+
+
+@pytest.fixture(scope="session")
+def prompts(prose_tokens) -> dict[int, list[int]]:
+    """Independent prompts (from different places in the text) of exact token lengths."""
+    result, offset = {}, 0
+    for length in PROMPT_LENGTHS:
+        result[length] = prose_tokens[offset : offset + length]
+        offset += length + 7
+    return result
+
+
+class References:
+    """The plain engine's answers, each prompt run twice; None marks an unstable prompt."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.cache: dict[str, list[int] | None] = {}
+
+    def tokens(self, key: str, ask) -> list[int] | None:
+        if key not in self.cache:
+            first, second = ask(self.engine), ask(self.engine)
+            self.cache[key] = first if first == second else None
+            if first != second:
+                warnings.warn(f"unstable on a plain engine, left out: {key}", stacklevel=2)
+        return self.cache[key]
+
+
+@pytest.fixture(scope="session")
+def references(reference) -> References:
+    return References(reference)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def system(request, model_dir, tmp_path_factory):
+    config = SplitwiseConfig(**CONFIGS[request.param])
+    root = tmp_path_factory.mktemp(request.param)
+    roles = {"prefill": "prefill", "decode": "decode"}
+    system = start_system(root, model_dir, config, roles, {"verify_loads": True})
+    yield system
+    system.stop()
+
+
+def completion_tokens(reply: dict) -> list[int]:
+    return reply["choices"][0]["token_ids"]
+
+
+def assert_loaded(decode: Engine, prompt_len: int) -> None:
+    """The decode engine loaded all but the last prompt token, and read back the same bytes."""
+    loads = LOAD_LINE.findall(decode.new_log())
+    assert loads, "the decode engine loaded nothing from the store"
+    tokens, _chunks, size, verified = loads[-1]
+    assert int(tokens) == prompt_len - 1
+    assert int(size) > 0
+    assert verified == "ok"
+
+
+def test_completions_are_token_identical(system, prompts, references):
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    compared = 0
+    for length, prompt in prompts.items():
+        expected = references.tokens(
+            f"completion-{length}", lambda e, p=prompt: completion_tokens(e.complete(p))
+        )
+        decode.new_log()
+        prefill.complete(prompt, max_tokens=1)
+        got = completion_tokens(decode.complete(prompt))
+        assert_loaded(decode, length)
+        if expected is None:
+            continue
+        assert got == expected, (
+            f"{length}-token prompt diverged at token {_first_diff(got, expected)}"
+        )
+        compared += 1
+    assert compared >= len(prompts) - 1, "too many unstable prompts to call this tested"
+
+
+def test_chat_is_token_identical(system, references):
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    for text in CHATS:
+        expected = references.tokens(
+            f"chat-{text[:40]}", lambda e, t=text: completion_tokens(e.chat(t))
+        )
+        decode.new_log()
+        prefill.chat(text, max_tokens=1)
+        reply = decode.chat(text)
+        prompt_len = reply["usage"]["prompt_tokens"]
+        assert_loaded(decode, prompt_len)
+        if expected is not None:
+            assert completion_tokens(reply) == expected
+
+
+def _first_diff(a: list[int], b: list[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
