@@ -1,0 +1,204 @@
+"""Which key lives where in the arena: the LRU index, pins, eviction and the counters.
+
+A value goes through three states. `reserve` gives it pages but nobody can see it (pending);
+`commit` makes it visible to every reader at once, replacing an older value of the same key;
+`abort` (or a writer that vanished) frees it unseen. So a put that did not complete is never
+visible, and a put that returned is visible to all. Readers `acquire` values, which pins them:
+eviction skips pinned values and a deleted or replaced value keeps its pages until the last
+reader releases it, so nobody ever copies bytes that are being overwritten.
+
+All methods are thread-safe; the lock is held for bookkeeping only, never while bytes move.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from splitwise_local.store.arena import Extent, PageAllocator, Run
+from splitwise_local.store.errors import StoreFull, ValueTooLarge
+
+
+class SlotState(Enum):
+    PENDING = "pending"  # written, not yet visible
+    LIVE = "live"  # in the index
+    DROPPED = "dropped"  # evicted, deleted or replaced while pinned: freed on last release
+    FREED = "freed"
+
+
+@dataclass(eq=False)
+class Slot:
+    """One value's pages; `extents` is where its bytes are, in order."""
+
+    key: bytes
+    length: int
+    runs: list[Run]
+    extents: list[Extent]
+    pins: int = 0
+    state: SlotState = SlotState.PENDING
+
+    @property
+    def pages(self) -> int:
+        return sum(count for _, count in self.runs)
+
+
+@dataclass
+class Counters:
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    evictions: int = 0
+    aborted: int = 0
+    refused: int = 0
+
+
+@dataclass
+class StoreIndex:
+    """The store's state over a page allocator; the bytes themselves live in the arena."""
+
+    allocator: PageAllocator
+    max_value: int
+    counters: Counters = field(default_factory=Counters)
+
+    def __post_init__(self) -> None:
+        self.capacity = self.allocator.num_pages * self.allocator.page_size
+        self.max_value = min(self.max_value, self.capacity)
+        self._index: OrderedDict[bytes, Slot] = OrderedDict()
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._pending = 0
+        self._pinned = 0
+
+    def reserve(self, key: bytes, length: int) -> Slot:
+        """Pages for a value about to be written, evicting LRU values to make room."""
+        need = self.allocator.pages_for(length)
+        with self._lock:
+            if length > self.max_value:
+                self.counters.refused += 1
+                raise ValueTooLarge(
+                    f"value of {length} bytes exceeds the store's largest value ({self.max_value})"
+                )
+            if not self._make_room(need):
+                self.counters.refused += 1
+                raise StoreFull(f"no room for {length} bytes: the rest is pinned or being written")
+            runs = self.allocator.allocate(need)
+            assert runs is not None  # _make_room freed enough
+            self._pending += 1
+            return Slot(key, length, runs, self.allocator.extents(runs, length))
+
+    def commit(self, slot: Slot) -> None:
+        """Makes a reserved value visible to every reader, replacing any older one."""
+        with self._lock:
+            if slot.state is not SlotState.PENDING:
+                raise ValueError(f"cannot commit a {slot.state.value} slot")
+            self._pending -= 1
+            old = self._index.pop(slot.key, None)
+            if old is not None:
+                self._unlink(old)
+            slot.state = SlotState.LIVE
+            self._index[slot.key] = slot
+            self._bytes += slot.length
+            self.counters.puts += 1
+
+    def abort(self, slot: Slot) -> None:
+        """Frees a reserved value nobody has seen (a failed or abandoned write)."""
+        with self._lock:
+            if slot.state is SlotState.PENDING:
+                self._pending -= 1
+                self.counters.aborted += 1
+                self._free(slot)
+
+    def acquire(self, keys: Sequence[bytes]) -> list[Slot | None]:
+        """Pins and returns the values present (None for a miss); release each one later."""
+        found: list[Slot | None] = []
+        with self._lock:
+            for key in keys:
+                slot = self._index.get(key)
+                if slot is None:
+                    self.counters.misses += 1
+                else:
+                    self.counters.hits += 1
+                    self._index.move_to_end(key)
+                    if slot.pins == 0:
+                        self._pinned += 1
+                    slot.pins += 1
+                found.append(slot)
+        return found
+
+    def release(self, slots: Sequence[Slot]) -> None:
+        with self._lock:
+            for slot in slots:
+                slot.pins -= 1
+                if slot.pins == 0:
+                    self._pinned -= 1
+                    if slot.state is SlotState.DROPPED:
+                        self._free(slot)
+
+    def exists_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many of `keys`, in order, are present; those are refreshed as recently used."""
+        with self._lock:
+            for n, key in enumerate(keys):
+                if key not in self._index:
+                    return n
+                self._index.move_to_end(key)
+            return len(keys)
+
+    def delete(self, key: bytes) -> bool:
+        with self._lock:
+            slot = self._index.pop(key, None)
+            if slot is None:
+                return False
+            self._unlink(slot)
+            return True
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            page_size = self.allocator.page_size
+            return {
+                "items": len(self._index),
+                "bytes": self._bytes,
+                "capacity": self.capacity,
+                "used_bytes": (self.allocator.num_pages - self.allocator.free_pages) * page_size,
+                "page_size": page_size,
+                "max_value": self.max_value,
+                "pending": self._pending,
+                "pinned": self._pinned,
+                **vars(self.counters),
+            }
+
+    def _make_room(self, need: int) -> bool:
+        """Evicts least recently used unpinned values until `need` pages are free; evicts
+        nothing if even all of them would not be enough."""
+        short = need - self.allocator.free_pages
+        if short <= 0:
+            return True
+        victims = []
+        for slot in self._index.values():
+            if slot.pins == 0:
+                victims.append(slot)
+                short -= slot.pages
+                if short <= 0:
+                    break
+        if short > 0:
+            return False
+        for slot in victims:
+            del self._index[slot.key]
+            self._unlink(slot)
+            self.counters.evictions += 1
+        return True
+
+    def _unlink(self, slot: Slot) -> None:
+        """A live value left the index: free it now, or when its last reader is done."""
+        self._bytes -= slot.length
+        if slot.pins:
+            slot.state = SlotState.DROPPED
+        else:
+            self._free(slot)
+
+    def _free(self, slot: Slot) -> None:
+        slot.state = SlotState.FREED
+        self.allocator.release(slot.runs)

@@ -1,0 +1,241 @@
+"""The store's wire format: frame header, opcodes, status codes and the metadata codecs.
+
+Pure encoding and decoding, no sockets, so the server, the sync client and the asyncio client
+share one definition and docs/wire-format.md has one place to be checked against. Every frame
+starts with the 4-byte magic `SWKV`; LMCache's `lm://` protocol starts with a native int32
+command in 1..5, so the first four bytes of a connection tell the two protocols apart.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+from splitwise_local.store.errors import (
+    AuthError,
+    ProtocolError,
+    StoreError,
+    StoreFull,
+    ValueTooLarge,
+)
+
+MAGIC = b"SWKV"
+VERSION = 1
+HEADER = struct.Struct("<4sBB2xII")  # magic, version, opcode|status, reserved, count, meta_len
+MAX_COUNT = 65536  # items in one batch
+MAX_META = 16 * 1024 * 1024  # bytes of metadata in one frame
+MAX_KEY = 512  # bytes of one key
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_I64 = struct.Struct("<q")
+_U64 = struct.Struct("<Q")
+_EXTENT = struct.Struct("<QQ")  # offset, length
+_GRANT = struct.Struct("<qQI")  # value length (-1: miss), ticket, number of extents
+
+
+class Op(IntEnum):
+    """Request opcodes. 1-15 work on any connection; 16+ need the Unix control socket."""
+
+    HELLO = 1
+    PUT = 2
+    GET = 3
+    EXISTS = 4
+    DELETE = 5
+    STATS = 6
+    ATTACH = 16
+    ALLOC = 17
+    COMMIT = 18
+    ABORT = 19
+    LEASE = 20
+    RELEASE = 21  # the one request without a response
+
+
+SHM_OPS = frozenset({Op.ATTACH, Op.ALLOC, Op.COMMIT, Op.ABORT, Op.LEASE, Op.RELEASE})
+
+
+class Status(IntEnum):
+    """Response status; anything but OK carries a UTF-8 message and ends the connection."""
+
+    OK = 0
+    BAD_FRAME = 1
+    UNSUPPORTED_VERSION = 2
+    AUTH_FAILED = 3
+    VALUE_TOO_LARGE = 4
+    STORE_FULL = 5
+    BAD_REQUEST = 6
+    INTERNAL = 7
+
+
+class FrameError(ProtocolError):
+    """A frame the peer sent that breaks the format; `status` is what the server answers."""
+
+    def __init__(self, message: str, status: Status = Status.BAD_FRAME) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Header(NamedTuple):
+    code: int  # an Op in requests, a Status in responses
+    count: int
+    meta_len: int
+
+
+class Grant(NamedTuple):
+    """A value's place in the shared arena, handed to a Unix-socket client (ALLOC, LEASE)."""
+
+    length: int  # -1: the key is missing (LEASE only)
+    ticket: int  # names the allocation or pin in COMMIT / ABORT / RELEASE
+    extents: list[tuple[int, int]]  # (offset, length) in the arena, in value order
+
+
+def encode_header(code: int, count: int = 0, meta_len: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, code, count, meta_len)
+
+
+def decode_header(data: bytes | bytearray | memoryview) -> Header:
+    """Checks magic, version and limits; raises FrameError naming what is wrong."""
+    magic, version, code, count, meta_len = HEADER.unpack(data)
+    if magic != MAGIC:
+        raise FrameError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise FrameError(
+            f"unsupported version {version}, this side speaks {VERSION}",
+            Status.UNSUPPORTED_VERSION,
+        )
+    if count > MAX_COUNT:
+        raise FrameError(f"count {count} exceeds {MAX_COUNT}")
+    if meta_len > MAX_META:
+        raise FrameError(f"metadata length {meta_len} exceeds {MAX_META}")
+    return Header(code, count, meta_len)
+
+
+def frame(code: int, count: int = 0, meta: bytes = b"") -> bytes:
+    return encode_header(code, count, len(meta)) + meta
+
+
+def key_bytes(key: str | bytes) -> bytes:
+    """Keys travel as bytes; the API's hex-digest strings are UTF-8 encoded."""
+    raw = key.encode() if isinstance(key, str) else bytes(key)
+    if not 0 < len(raw) <= MAX_KEY:
+        raise ValueError(f"key must be 1..{MAX_KEY} bytes, got {len(raw)}")
+    return raw
+
+
+class _Reader:
+    """Walks a metadata buffer; any overrun is a FrameError, never an IndexError."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.data):
+            raise FrameError("metadata shorter than its items")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def unpack(self, fmt: struct.Struct) -> tuple:
+        return fmt.unpack(self.take(fmt.size))
+
+    def key(self) -> bytes:
+        (size,) = self.unpack(_U16)
+        if not 0 < size <= MAX_KEY:
+            raise FrameError(f"key length {size} outside 1..{MAX_KEY}")
+        return bytes(self.take(size))
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise FrameError(f"{len(self.data) - self.pos} stray bytes after the items")
+
+
+def encode_keys(keys: Sequence[bytes]) -> bytes:
+    return b"".join(_U16.pack(len(k)) + k for k in keys)
+
+
+def decode_keys(meta: bytes | memoryview, count: int) -> list[bytes]:
+    reader = _Reader(meta)
+    keys = [reader.key() for _ in range(count)]
+    reader.done()
+    return keys
+
+
+def encode_sized_keys(items: Sequence[tuple[bytes, int]]) -> bytes:
+    return b"".join(_U16.pack(len(k)) + k + _U64.pack(n) for k, n in items)
+
+
+def decode_sized_keys(meta: bytes | memoryview, count: int) -> list[tuple[bytes, int]]:
+    reader = _Reader(meta)
+    items = [(reader.key(), reader.unpack(_U64)[0]) for _ in range(count)]
+    reader.done()
+    return items
+
+
+def encode_lengths(lengths: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(lengths)}q", *lengths)
+
+
+def decode_lengths(meta: bytes | memoryview, count: int) -> list[int]:
+    if len(meta) != 8 * count:
+        raise FrameError(f"expected {count} lengths, got {len(meta)} bytes")
+    return list(struct.unpack(f"<{count}q", meta))
+
+
+def encode_tickets(tickets: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(tickets)}Q", *tickets)
+
+
+def decode_tickets(meta: bytes | memoryview, count: int) -> list[int]:
+    if len(meta) != 8 * count:
+        raise FrameError(f"expected {count} tickets, got {len(meta)} bytes")
+    return list(struct.unpack(f"<{count}Q", meta))
+
+
+def encode_grants(grants: Sequence[Grant]) -> bytes:
+    parts = []
+    for grant in grants:
+        parts.append(_GRANT.pack(grant.length, grant.ticket, len(grant.extents)))
+        parts.extend(_EXTENT.pack(*extent) for extent in grant.extents)
+    return b"".join(parts)
+
+
+def decode_grants(meta: bytes | memoryview, count: int) -> list[Grant]:
+    reader = _Reader(meta)
+    grants = []
+    for _ in range(count):
+        length, ticket, n = reader.unpack(_GRANT)
+        extents = [reader.unpack(_EXTENT) for _ in range(n)]
+        grants.append(Grant(length, ticket, extents))
+    reader.done()
+    return grants
+
+
+def encode_json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def decode_json(meta: bytes | memoryview) -> dict[str, Any]:
+    try:
+        value = json.loads(bytes(meta))
+    except ValueError as exc:
+        raise FrameError(f"metadata is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise FrameError("metadata JSON is not an object")
+    return value
+
+
+def error_for(status: int, message: str) -> StoreError:
+    """The client-side exception for an error response."""
+    kinds: dict[int, type[StoreError]] = {
+        Status.AUTH_FAILED: AuthError,
+        Status.VALUE_TOO_LARGE: ValueTooLarge,
+        Status.STORE_FULL: StoreFull,
+        Status.BAD_FRAME: ProtocolError,
+        Status.UNSUPPORTED_VERSION: ProtocolError,
+    }
+    name = Status(status).name if status in Status._value2member_map_ else str(status)
+    return kinds.get(status, StoreError)(f"store refused ({name}): {message}")

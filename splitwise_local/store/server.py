@@ -1,0 +1,238 @@
+"""The store server: one arena, a TCP listener (`lm://`) and a Unix control socket (`shm://`).
+
+`python -m splitwise_local store --port 10080 [--host 127.0.0.1] [--max-size-gb N]
+[--shm-name NAME] [--auth-token T] [--max-value-mb N] [--config FILE]` prints one line,
+`store ready on lm://HOST:PORT shm://NAME`, once both listeners accept, and exits cleanly on
+SIGTERM or SIGINT. Each connection gets a thread (there are few: one per engine worker thread),
+so a slow or huge transfer on one never stalls another, and the socket calls that move the
+bytes release the GIL. The first four bytes of a connection choose its protocol, so the same
+port can later also speak LMCache's own `lm://` (see `_dispatch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from splitwise_local.store import protocol as p
+from splitwise_local.store.arena import PageAllocator, SharedArena
+from splitwise_local.store.index import StoreIndex
+from splitwise_local.store.session import Session, SessionContext
+from splitwise_local.store.transport import PeerClosed, control_address, recv_exact
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 10080
+DEFAULT_PAGE_KB = 64
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    capacity: int  # bytes of values the store may hold
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0: any free port
+    shm_name: str | None = None  # default: splitwise-<port>
+    auth_token: str | None = None
+    max_value: int | None = None  # default: the capacity
+    page_size: int = DEFAULT_PAGE_KB * 1024
+    prefault: bool = False
+    io_timeout: float = 30.0  # seconds a started frame may stall before the connection drops
+
+
+class StoreServer:
+    """Owns the arena, the listeners and the connection threads; `stop` releases all of it."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        if settings.page_size <= 0 or settings.capacity < settings.page_size:
+            raise ValueError(
+                f"capacity ({settings.capacity} B) must hold at least one page "
+                f"({settings.page_size} B)"
+            )
+        self.settings = settings
+        num_pages = settings.capacity // settings.page_size
+        self.index = StoreIndex(
+            PageAllocator(num_pages, settings.page_size),
+            settings.max_value or settings.capacity,
+        )
+        self._tcp = socket.create_server((settings.host, settings.port), reuse_port=False)
+        self.port = self._tcp.getsockname()[1]
+        self.shm_name = settings.shm_name or f"splitwise-{self.port}"
+        self._unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._unix.bind(control_address(self.shm_name))
+        except OSError as exc:
+            self._tcp.close()
+            self._unix.close()
+            raise OSError(f"shm name {self.shm_name!r} is taken by another store: {exc}") from exc
+        self._unix.listen()
+        self.arena = SharedArena.create(
+            f"splitwise-store-{self.shm_name}", num_pages * settings.page_size, settings.prefault
+        )
+        self._context = SessionContext(
+            index=self.index,
+            arena=self.arena,
+            arena_id=uuid.uuid4().hex,
+            auth_token=settings.auth_token,
+            io_timeout=settings.io_timeout,
+            server_stats=self._server_stats,
+        )
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._accepted = 0
+        self._acceptor = threading.Thread(target=self._accept_loop, name="store-accept")
+
+    @property
+    def tcp_url(self) -> str:
+        host = self.settings.host
+        return f"lm://[{host}]:{self.port}" if ":" in host else f"lm://{host}:{self.port}"
+
+    @property
+    def shm_url(self) -> str:
+        return f"shm://{self.shm_name}"
+
+    def start(self) -> StoreServer:
+        self._acceptor.start()
+        return self
+
+    def stop(self) -> None:
+        """Closes the listeners and every connection, waits for their threads, frees memory."""
+        if self._acceptor.is_alive():
+            self._wake_w.send(b"x")
+            self._acceptor.join()
+        with self._lock:
+            connections = dict(self._connections)
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in connections.values():
+            thread.join(timeout=5)
+        for sock in (self._tcp, self._unix, self._wake_r, self._wake_w):
+            sock.close()
+        try:
+            self.arena.close()
+        except BufferError:
+            log.warning("store: arena still referenced by a stuck connection; freed at exit")
+
+    def __enter__(self) -> StoreServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _server_stats(self) -> dict[str, Any]:
+        with self._lock:
+            connections = len(self._connections)
+        return {
+            "connections": connections,
+            "accepted": self._accepted,
+            "arena_resident_bytes": self.arena.resident_bytes(),
+            "pid": os.getpid(),
+        }
+
+    def _accept_loop(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._tcp, selectors.EVENT_READ, False)
+            selector.register(self._unix, selectors.EVENT_READ, True)
+            selector.register(self._wake_r, selectors.EVENT_READ, None)
+            while True:
+                for key, _ in selector.select():
+                    if key.data is None:
+                        return
+                    self._accept(key.fileobj, unix=key.data)  # type: ignore[arg-type]
+
+    def _accept(self, listener: socket.socket, unix: bool) -> None:
+        try:
+            sock, addr = listener.accept()
+        except OSError as exc:  # e.g. out of file descriptors: keep serving the others
+            log.warning("store: accept failed: %s", exc)
+            return
+        if not unix:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = "unix client" if unix else f"{addr[0]}:{addr[1]}"
+        thread = threading.Thread(
+            target=self._serve, args=(sock, peer, unix), name=f"store {peer}", daemon=True
+        )
+        with self._lock:
+            self._connections[sock] = thread
+            self._accepted += 1
+        thread.start()
+
+    def _serve(self, sock: socket.socket, peer: str, unix: bool) -> None:
+        try:
+            self._dispatch(sock, peer, unix)
+        finally:
+            with self._lock:
+                self._connections.pop(sock, None)
+            sock.close()
+
+    def _dispatch(self, sock: socket.socket, peer: str, unix: bool) -> None:
+        """Chooses the protocol by the connection's first four bytes."""
+        try:
+            first = bytes(recv_exact(sock, len(p.MAGIC), first=True))
+        except (PeerClosed, OSError):
+            return
+        if first == p.MAGIC:
+            Session(sock, self._context, peer, unix).serve(first)
+        else:
+            log.warning("store: %s speaks an unknown protocol (first bytes %r)", peer, first)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="TCP address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any)")
+    parser.add_argument("--max-size-gb", type=float, help="capacity (default: max_local_cpu_size)")
+    parser.add_argument("--shm-name", help="name for shm:// clients (default splitwise-PORT)")
+    parser.add_argument("--auth-token", help="shared secret (default: store_auth_token)")
+    parser.add_argument("--max-value-mb", type=float, help="largest value (default: capacity)")
+    parser.add_argument("--page-kb", type=int, default=DEFAULT_PAGE_KB, help="allocation unit")
+    parser.add_argument(
+        "--prefault", action="store_true", help="reserve the whole capacity at start"
+    )
+    parser.add_argument("--config", help="YAML config file")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    from splitwise_local.config import load_config
+
+    config = load_config(args.config)
+    size_gb = args.max_size_gb if args.max_size_gb is not None else config.max_local_cpu_size
+    if size_gb <= 0 or (args.max_value_mb is not None and args.max_value_mb <= 0):
+        raise ValueError("--max-size-gb and --max-value-mb must be positive")
+    return ServerSettings(
+        capacity=int(size_gb * 1024**3),
+        host=args.host,
+        port=args.port,
+        shm_name=args.shm_name,
+        auth_token=args.auth_token or config.store_auth_token,
+        max_value=int(args.max_value_mb * 1024**2) if args.max_value_mb else None,
+        page_size=args.page_kb * 1024,
+        prefault=args.prefault,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        server = StoreServer(settings_from_args(args))
+    except (OSError, ValueError) as exc:
+        print(f"store: cannot start: {exc}", flush=True)
+        return 1
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    with server:
+        print(f"store ready on {server.tcp_url} {server.shm_url}", flush=True)
+        stopping.wait()
+        log.info("store: shutting down")
+    return 0

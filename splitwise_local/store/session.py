@@ -1,0 +1,271 @@
+"""One client connection on the server: reads frames, runs them against the index, answers.
+
+Bytes never pass through Python objects: a put is received straight into the value's arena
+pages, a get is sent straight from them. Whatever goes wrong on one connection (a malformed
+frame, an absurd length, a client that vanishes mid-transfer) ends that connection only: its
+unfinished writes are aborted unseen, its pins released, and one line is logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from splitwise_local.store import protocol as p
+from splitwise_local.store.arena import SharedArena
+from splitwise_local.store.errors import AuthError, StoreError, StoreFull, ValueTooLarge
+from splitwise_local.store.index import Slot, StoreIndex
+from splitwise_local.store.transport import PeerClosed, recv_exact, recv_into_exact, send_all
+
+log = logging.getLogger(__name__)
+
+_DRAIN_SECONDS = 2.0  # after an error, how long to swallow what the client is still sending
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    """What every session shares: the store and the server's settings."""
+
+    index: StoreIndex
+    arena: SharedArena
+    arena_id: str
+    auth_token: str | None
+    io_timeout: float
+    server_stats: Callable[[], dict[str, Any]]
+
+
+def _status_of(exc: Exception) -> p.Status:
+    if isinstance(exc, p.FrameError):
+        return exc.status
+    kinds: dict[type, p.Status] = {
+        AuthError: p.Status.AUTH_FAILED,
+        ValueTooLarge: p.Status.VALUE_TOO_LARGE,
+        StoreFull: p.Status.STORE_FULL,
+    }
+    return kinds.get(type(exc), p.Status.INTERNAL)
+
+
+class Session:
+    """Serves our protocol on one accepted socket until the client leaves or errs."""
+
+    def __init__(self, sock: socket.socket, ctx: SessionContext, peer: str, unix: bool) -> None:
+        self.sock = sock
+        self.ctx = ctx
+        self.peer = peer
+        self.unix = unix
+        self._greeted = False
+        self._next_ticket = 1
+        self._pending: dict[int, Slot] = {}  # ALLOC'd, not yet COMMIT'ed
+        self._leases: dict[int, Slot] = {}  # LEASE'd, not yet RELEASE'd
+        self._handlers: dict[int, Callable[[p.Header, memoryview], None]] = {
+            p.Op.HELLO: self._hello,
+            p.Op.PUT: self._put,
+            p.Op.GET: self._get,
+            p.Op.EXISTS: self._exists,
+            p.Op.DELETE: self._delete,
+            p.Op.STATS: self._stats,
+            p.Op.ATTACH: self._attach,
+            p.Op.ALLOC: self._alloc,
+            p.Op.COMMIT: self._commit,
+            p.Op.ABORT: self._abort,
+            p.Op.LEASE: self._lease,
+            p.Op.RELEASE: self._release,
+        }
+
+    def serve(self, first: bytes) -> None:
+        """Runs until the connection ends; `first` is the magic the dispatcher already read."""
+        try:
+            header = first + recv_exact(self.sock, p.HEADER.size - len(first))
+            while True:
+                self.sock.settimeout(self.ctx.io_timeout)  # a frame, once begun, must flow
+                self._handle(p.decode_header(header))
+                self.sock.settimeout(None)  # idle between frames for as long as it likes
+                header = recv_exact(self.sock, p.HEADER.size, first=True)
+        except PeerClosed as exc:
+            if not exc.clean:
+                log.warning(
+                    "store: %s vanished mid-frame; its partial writes are dropped", self.peer
+                )
+        except (StoreError, ValueError) as exc:
+            self._refuse(exc)
+        except OSError as exc:
+            log.warning("store: connection from %s failed: %s", self.peer, exc)
+        except Exception as exc:
+            log.exception("store: internal error serving %s", self.peer)
+            self._refuse(exc)
+        finally:
+            self._cleanup()
+
+    def _handle(self, header: p.Header) -> None:
+        handler = self._handlers.get(header.code)
+        if handler is None:
+            raise p.FrameError(f"unknown opcode {header.code}")
+        if not self._greeted and header.code != p.Op.HELLO:
+            raise p.FrameError("the first frame must be HELLO", p.Status.BAD_REQUEST)
+        if header.code in p.SHM_OPS and not self.unix:
+            raise p.FrameError("shared-memory opcodes need the Unix socket", p.Status.BAD_REQUEST)
+        meta = memoryview(recv_exact(self.sock, header.meta_len)) if header.meta_len else None
+        handler(header, meta if meta is not None else memoryview(b""))
+
+    def _reply(self, count: int = 0, meta: bytes = b"", *payload: memoryview) -> None:
+        send_all(self.sock, [p.frame(p.Status.OK, count, meta), *payload])
+
+    def _refuse(self, exc: Exception) -> None:
+        """Answers the error, then swallows what the client still sends so it reads the answer."""
+        status = _status_of(exc)
+        log.warning("store: closing connection from %s: %s: %s", self.peer, status.name, exc)
+        try:
+            self.sock.settimeout(_DRAIN_SECONDS)
+            send_all(self.sock, [p.frame(status, 0, str(exc).encode())])
+            self.sock.shutdown(socket.SHUT_WR)
+            sink = memoryview(bytearray(1 << 20))
+            deadline = time.monotonic() + _DRAIN_SECONDS
+            while time.monotonic() < deadline and self.sock.recv_into(sink):
+                pass
+        except OSError:
+            pass
+
+    def _cleanup(self) -> None:
+        for slot in self._pending.values():
+            self.ctx.index.abort(slot)
+        self.ctx.index.release(list(self._leases.values()))
+        self._pending.clear()
+        self._leases.clear()
+
+    def _ticket(self) -> int:
+        self._next_ticket += 1
+        return self._next_ticket - 1
+
+    # -- operations on any connection ------------------------------------------------------
+
+    def _hello(self, header: p.Header, meta: memoryview) -> None:
+        token = p.decode_json(meta).get("token") if len(meta) else None
+        expected = self.ctx.auth_token
+        if expected and not (
+            isinstance(token, str) and hmac.compare_digest(token.encode(), expected.encode())
+        ):
+            raise AuthError("missing or wrong auth token")
+        self._greeted = True
+        index = self.ctx.index
+        self._reply(
+            0,
+            p.encode_json(
+                {
+                    "version": p.VERSION,
+                    "capacity": index.capacity,
+                    "max_value": index.max_value,
+                    "max_key": p.MAX_KEY,
+                    "max_count": p.MAX_COUNT,
+                    "arena_id": self.ctx.arena_id,
+                }
+            ),
+        )
+
+    def _put(self, header: p.Header, meta: memoryview) -> None:
+        items = p.decode_sized_keys(meta, header.count)
+        self._check_sizes(items)
+        for key, length in items:
+            slot = self.ctx.index.reserve(key, length)
+            try:
+                for offset, size in slot.extents:
+                    recv_into_exact(self.sock, self.ctx.arena.view[offset : offset + size])
+            except BaseException:
+                self.ctx.index.abort(slot)
+                raise
+            self.ctx.index.commit(slot)
+        self._reply(header.count)
+
+    def _get(self, header: p.Header, meta: memoryview) -> None:
+        slots = self.ctx.index.acquire(p.decode_keys(meta, header.count))
+        try:
+            view = self.ctx.arena.view
+            lengths = [-1 if slot is None else slot.length for slot in slots]
+            payload = [
+                view[offset : offset + size]
+                for slot in slots
+                if slot is not None
+                for offset, size in slot.extents
+            ]
+            self._reply(header.count, p.encode_lengths(lengths), *payload)
+        finally:
+            self.ctx.index.release([slot for slot in slots if slot is not None])
+
+    def _exists(self, header: p.Header, meta: memoryview) -> None:
+        self._reply(self.ctx.index.exists_prefix(p.decode_keys(meta, header.count)))
+
+    def _delete(self, header: p.Header, meta: memoryview) -> None:
+        flags = bytes(self.ctx.index.delete(key) for key in p.decode_keys(meta, header.count))
+        self._reply(header.count, flags)
+
+    def _stats(self, header: p.Header, meta: memoryview) -> None:
+        self._reply(0, p.encode_json({**self.ctx.index.stats(), **self.ctx.server_stats()}))
+
+    # -- shared-memory operations (Unix socket only) ----------------------------------------
+
+    def _attach(self, header: p.Header, meta: memoryview) -> None:
+        arena = self.ctx.arena
+        info = {"size": arena.size, "arena_id": self.ctx.arena_id}
+        socket.send_fds(self.sock, [p.frame(p.Status.OK, 0, p.encode_json(info))], [arena.fd])
+
+    def _alloc(self, header: p.Header, meta: memoryview) -> None:
+        items = p.decode_sized_keys(meta, header.count)
+        self._check_sizes(items)
+        grants = []
+        reserved: list[Slot] = []
+        try:
+            for key, length in items:
+                reserved.append(self.ctx.index.reserve(key, length))
+        except StoreError:
+            for slot in reserved:
+                self.ctx.index.abort(slot)
+            raise
+        for slot in reserved:
+            ticket = self._ticket()
+            self._pending[ticket] = slot
+            grants.append(p.Grant(slot.length, ticket, slot.extents))
+        self._reply(header.count, p.encode_grants(grants))
+
+    def _commit(self, header: p.Header, meta: memoryview) -> None:
+        for slot in self._take(self._pending, p.decode_tickets(meta, header.count)):
+            self.ctx.index.commit(slot)
+        self._reply(header.count)
+
+    def _abort(self, header: p.Header, meta: memoryview) -> None:
+        for slot in self._take(self._pending, p.decode_tickets(meta, header.count)):
+            self.ctx.index.abort(slot)
+        self._reply(header.count)
+
+    def _lease(self, header: p.Header, meta: memoryview) -> None:
+        grants = []
+        for slot in self.ctx.index.acquire(p.decode_keys(meta, header.count)):
+            if slot is None:
+                grants.append(p.Grant(-1, 0, []))
+            else:
+                ticket = self._ticket()
+                self._leases[ticket] = slot
+                grants.append(p.Grant(slot.length, ticket, slot.extents))
+        self._reply(header.count, p.encode_grants(grants))
+
+    def _release(self, header: p.Header, meta: memoryview) -> None:
+        self.ctx.index.release(self._take(self._leases, p.decode_tickets(meta, header.count)))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _check_sizes(self, items: list[tuple[bytes, int]]) -> None:
+        """Refuses a batch with any oversized value before a single byte is stored."""
+        limit = self.ctx.index.max_value
+        for key, length in items:
+            if length > limit:
+                raise ValueTooLarge(f"value of {length} bytes for {key!r} exceeds {limit}")
+
+    @staticmethod
+    def _take(table: dict[int, Slot], tickets: list[int]) -> list[Slot]:
+        unknown = [t for t in tickets if t not in table]
+        if unknown:
+            raise p.FrameError(f"unknown tickets {unknown[:4]}", p.Status.BAD_REQUEST)
+        return [table.pop(t) for t in tickets]

@@ -1,0 +1,77 @@
+"""Socket plumbing shared by the server and the clients: addresses, exact reads, gathered sends.
+
+The Unix control socket lives in Linux's abstract namespace (a name, not a file), derived from
+the shm name alone, so a client needs nothing but `shm://NAME` and a killed server leaves no
+socket file behind.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+
+CONTROL_PREFIX = "splitwise-store/"
+_IOV_MAX = 1024  # Linux's limit on buffers per sendmsg
+
+
+class PeerClosed(ConnectionError):
+    """The other side closed the connection; `clean` when it did so between frames."""
+
+    def __init__(self, clean: bool) -> None:
+        super().__init__("connection closed by peer" + ("" if clean else " mid-frame"))
+        self.clean = clean
+
+
+def control_address(name: str) -> str:
+    """The abstract Unix socket address of the store serving `shm://name`."""
+    if not name or "/" in name or len(name) > 80 or not name.isprintable():
+        raise ValueError(f"invalid shm name {name!r}: 1-80 printable characters, no '/'")
+    return "\0" + CONTROL_PREFIX + name
+
+
+def connect_unix(name: str, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(control_address(name))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_into_exact(sock: socket.socket, buffer: memoryview, first: bool = False) -> None:
+    """Fills `buffer` completely; `first` marks a frame start, where EOF is a clean close."""
+    pos, size = 0, len(buffer)
+    while pos < size:
+        got = sock.recv_into(buffer[pos:])
+        if got == 0:
+            raise PeerClosed(clean=first and pos == 0)
+        pos += got
+
+
+def recv_exact(sock: socket.socket, size: int, first: bool = False) -> bytearray:
+    data = bytearray(size)
+    recv_into_exact(sock, memoryview(data), first)
+    return data
+
+
+def send_all(sock: socket.socket, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
+    """Sends the buffers in order with as few system calls as the kernel allows (no joining)."""
+    views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i : i + _IOV_MAX])
+        while sent:
+            if sent >= len(views[i]):
+                sent -= len(views[i])
+                i += 1
+            else:
+                views[i] = views[i][sent:]
+                sent = 0
