@@ -226,7 +226,6 @@ class SplitwiseConnector(KVConnectorBase_V1):
                 new.req_id,
                 new.prompt_token_ids or [],
                 list(new.block_ids[0]),
-                new.num_computed_tokens,
                 new.num_computed_tokens + scheduled.get(new.req_id, 0),
                 plan,
             )

@@ -124,11 +124,10 @@ class Planner:
         req_id: str,
         token_ids: Sequence[int],
         block_ids: list[int],
-        computed_before: int,
         computed_after: int,
         plan: StepPlan,
     ) -> None:
-        """A request scheduled for the first time (or resumed with a fresh set of blocks)."""
+        """A request scheduled for the first time."""
         chunks = self.chunks_of(req_id, token_ids)
         if req_id in self._pending_loads:
             start, end = self._pending_loads.pop(req_id)
@@ -136,11 +135,8 @@ class Planner:
             plan.loads.append(LoadPlan(req_id, needed, start, end, list(block_ids)))
         if not self.saves:
             return
-        tracked = _Tracked(chunks, list(block_ids))
-        if computed_before > 0:
-            # Tokens that were already there (local prefix cache, a load) may be stored already.
-            done = [c for c in chunks if c.end <= computed_before]
-            tracked.next_chunk = self._stored_prefix(done)
+        # Chunks already in the store (a shared prefix, a load) are not saved again.
+        tracked = _Tracked(chunks, list(block_ids), next_chunk=self._stored_prefix(chunks))
         self._tracked[req_id] = tracked
         self._plan_saves(req_id, tracked, computed_after, plan)
 

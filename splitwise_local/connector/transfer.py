@@ -143,6 +143,13 @@ class KVTransfer:
         started = time.perf_counter()
         payload = self.codec.encode(kv)
         self.backend.put(chunk.key, payload)
+        logger.debug(
+            "splitwise save-key req=%s tokens=%d-%d key=%s",
+            req_id,
+            chunk.start,
+            chunk.end,
+            chunk.key,
+        )
         with self._lock:
             stats = self._save_stats[req_id]
             stats.tokens += chunk.end - chunk.start

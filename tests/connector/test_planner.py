@@ -22,7 +22,7 @@ def stored_prefix(stored: set[str]):
 def test_chunked_prefill_saves_each_chunk_once_when_complete_including_the_partial_tail():
     planner = Planner(IDENTITY, stored_prefix(set()), loads=False, saves=True)
     step1 = StepPlan()
-    planner.new_request("r", PROMPT, [4, 5], 0, 200, step1)
+    planner.new_request("r", PROMPT, [4, 5], 200, step1)
     assert [(c.start, c.end) for c in step1.saves[0].chunks] == [(0, 128)]
     step2 = StepPlan()
     planner.running_request("r", [9], 300, step2)
@@ -39,7 +39,7 @@ def test_consumer_matches_all_but_the_last_token_and_plans_the_load():
     assert planner.match("r", PROMPT, 0) == 299
     planner.allocated("r", 299)
     plan = StepPlan()
-    planner.new_request("r", PROMPT, [1, 2, 3], 0, 300, plan)
+    planner.new_request("r", PROMPT, [1, 2, 3], 300, plan)
     (load,) = plan.loads
     assert (load.start, load.end, load.block_ids) == (0, 299, [1, 2, 3])
     assert [(c.start, c.end) for c in load.chunks] == [(0, 128), (128, 256), (256, 300)]
@@ -57,7 +57,7 @@ def test_consumer_match_stops_at_the_first_missing_chunk_and_respects_local_hits
     assert planner.match("r", PROMPT, 128) == 171
     planner.allocated("r", 171)
     plan = StepPlan()
-    planner.new_request("r", PROMPT, [1, 2, 3], 128, 300, plan)
+    planner.new_request("r", PROMPT, [1, 2, 3], 300, plan)
     (load,) = plan.loads
     assert (load.start, load.end) == (128, 299)
     assert [(c.start, c.end) for c in load.chunks] == [(128, 256), (256, 300)]
@@ -75,14 +75,22 @@ def test_kv_both_does_not_save_again_what_it_loaded():
     assert planner.match("r", PROMPT, 0) == 256
     planner.allocated("r", 256)
     plan = StepPlan()
-    planner.new_request("r", PROMPT, [1, 2, 3], 256, 300, plan)
+    planner.new_request("r", PROMPT, [1, 2, 3], 300, plan)
     assert [(c.start, c.end) for c in plan.saves[0].chunks] == [(256, 300)]
 
 
 def test_finished_forgets_the_request():
     planner = Planner(IDENTITY, stored_prefix(set()), loads=True, saves=True)
-    planner.new_request("r", PROMPT, [1], 0, 100, StepPlan())
+    planner.new_request("r", PROMPT, [1], 100, StepPlan())
     planner.finished("r")
     plan = StepPlan()
     planner.running_request("r", None, 300, plan)
     assert plan.saves == []
+
+
+def test_producer_skips_the_prefix_the_store_already_holds():
+    chunks = prompt_chunks(IDENTITY, PROMPT)
+    planner = Planner(IDENTITY, stored_prefix({chunks[0].key}), loads=False, saves=True)
+    plan = StepPlan()
+    planner.new_request("r", PROMPT, [1, 2, 3], 300, plan)
+    assert [(c.start, c.end) for c in plan.saves[0].chunks] == [(128, 256), (256, 300)]

@@ -1,0 +1,109 @@
+"""Proof that decode really uses the stored KV, shares prefixes, and survives a dead store."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from splitwise_local.config import SplitwiseConfig
+from tests.engine.harness import start_system
+
+pytestmark = pytest.mark.engine
+
+SAVE_KEY = re.compile(r"splitwise save-key req=\S+ tokens=(\d+)-(\d+) key=(\w+)")
+
+
+@pytest.fixture(scope="module")
+def system(model_dir, tmp_path_factory):
+    roles = {"prefill": "prefill", "decode": "decode"}
+    root = tmp_path_factory.mktemp("proof")
+    system = start_system(
+        root, model_dir, SplitwiseConfig(chunk_size=256), roles, {"verify_loads": True}
+    )
+    yield system
+    system.stop()
+
+
+def tokens_of(reply: dict) -> list[int]:
+    return reply["choices"][0]["token_ids"]
+
+
+def saved_keys(log: str) -> list[str]:
+    return [key for _, _, key in SAVE_KEY.findall(log)]
+
+
+def test_store_serves_the_chunks_and_decode_counts_external_hits(system, prose_tokens, reference):
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    prompt = prose_tokens[3000:4000]
+    backend = system.backend()
+    before = backend.stats()
+    hits_before = decode.metric("vllm:external_prefix_cache_hits_total")
+    prefill.new_log()
+    prefill.complete(prompt, max_tokens=1)
+    keys = saved_keys(prefill.new_log())
+    assert len(keys) == 4  # 256 + 256 + 256 + 232 tokens
+    assert backend.exists(keys) == 4
+    answer = tokens_of(decode.complete(prompt))
+    after = backend.stats()
+    assert after["hits"] - before["hits"] >= 4
+    assert decode.metric("vllm:external_prefix_cache_hits_total") - hits_before == 999
+    assert answer == tokens_of(reference.complete(prompt))
+
+
+def test_poisoned_chunks_change_the_output_and_restoring_them_restores_it(system, prose_tokens):
+    from splitwise_local.serde import decode_any
+
+    from splitwise_local.connector.transfer import ChunkCodec
+
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    prompt = prose_tokens[5000:5600]
+    prefill.new_log()
+    prefill.complete(prompt, max_tokens=1)
+    keys = saved_keys(prefill.new_log())
+    clean = tokens_of(decode.complete(prompt))
+
+    backend = system.backend()
+    originals = {key: bytes(backend.get(key)) for key in keys}
+    generator = torch.Generator().manual_seed(0)
+    codec = ChunkCodec("naive")
+    for key, value in originals.items():
+        kv, _ = decode_any(value)
+        noise = torch.randn(kv.shape, generator=generator).to(kv.dtype) * kv.float().std()
+        backend.put(key, codec.encode(noise))
+    poisoned = tokens_of(decode.complete(prompt))
+    assert poisoned != clean, "noise in the store did not change the output: KV was not used"
+
+    for key, value in originals.items():
+        backend.put(key, value)
+    assert tokens_of(decode.complete(prompt)) == clean
+
+
+def test_prompts_with_a_common_prefix_share_its_chunks(system, prose_tokens, reference):
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    prefix = prose_tokens[7000:7768]  # three whole 256-token chunks
+    first = prefix + prose_tokens[8000:8100]
+    second = prefix + prose_tokens[8200:8300]
+    backend = system.backend()
+    added = []
+    for prompt in (first, second):
+        items = backend.stats()["items"]
+        prefill.complete(prompt, max_tokens=1)
+        added.append(backend.stats()["items"] - items)
+        assert tokens_of(decode.complete(prompt)) == tokens_of(reference.complete(prompt))
+    # Four chunks for the first prompt; the second found its three prefix chunks stored.
+    assert added == [4, 1]
+
+
+def test_a_dead_store_costs_the_cache_not_the_request(system, prose_tokens, reference):
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    prompt = prose_tokens[9000:9400]
+    system.store_child.signal_group(9)
+    system.store_child.reap()
+    prefill.new_log()
+    decode.new_log()
+    prefill.complete(prompt, max_tokens=1)
+    assert "chunk saves failed" in prefill.new_log()
+    assert tokens_of(decode.complete(prompt)) == tokens_of(reference.complete(prompt))
+    assert "splitwise store unavailable" in decode.new_log()
