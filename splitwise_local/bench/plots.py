@@ -1,0 +1,104 @@
+"""PNG plots of `bench serve` results: latency CDFs and inter-token latency over time.
+
+Each function takes several labelled runs (one for a plain `bench serve`, two for the Splitwise
+experiment) in the JSON shape `bench serve` writes, so one picture compares systems directly.
+The ITL-over-time plot marks when long-prompt requests were sent: under the mixed workload that
+is where a colocated engine's decode stalls behind prefill, the effect disaggregation removes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LATENCY_CDF = "latency-cdf.png"
+ITL_OVER_TIME = "itl-over-time.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def latencies(run: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """TTFT, ITL and E2E samples in ms from a run's per-request records."""
+    done = [r for r in run["per_request"] if r["error"] is None and r["chunk_ms"]]
+    return {
+        "TTFT": np.array([r["ttft_ms"] for r in done]),
+        "ITL": np.concatenate([np.diff(r["chunk_ms"]) for r in done] or [np.empty(0)]),
+        "E2E": np.array([r["e2e_ms"] for r in done if r["e2e_ms"] is not None]),
+    }
+
+
+def _log_axis(axis) -> None:
+    """Log scale labelled 1, 2, 5, 10, 20, ... in plain numbers (not 2x10^1)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def plot_latency_cdfs(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label, run in runs.items():
+        for ax, values in zip(axes, latencies(run).values(), strict=True):
+            if values.size:
+                xs = np.sort(values)
+                ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post", label=label)
+    for ax, metric in zip(axes, ("TTFT", "ITL", "E2E"), strict=True):
+        ax.set(title=f"{metric} CDF", xlabel=f"{metric} (ms, log scale)", ylabel="fraction")
+        ax.set_xscale("log")
+        _log_axis(ax.xaxis)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_itl_over_time(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        len(runs), 1, figsize=(12, 3.2 * len(runs)), sharex=True, sharey=True, squeeze=False
+    )
+    for ax, (label, run) in zip(axes[:, 0], runs.items(), strict=True):
+        for record in run["per_request"]:
+            if record["error"] is None and len(record["chunk_ms"]) > 1:
+                chunks = np.asarray(record["chunk_ms"])
+                at = record["start_s"] + chunks[1:] / 1e3
+                ax.scatter(at, np.diff(chunks), s=3, alpha=0.6, color="tab:blue")
+            if record["kind"] == "long":
+                ax.axvline(record["start_s"], color="tab:red", alpha=0.3, linewidth=0.8)
+        ax.set(
+            title=f"{label}: inter-token latency (red lines: long prompts sent)",
+            ylabel="ITL (ms, log)",
+        )
+        ax.set_yscale("log")
+        _log_axis(ax.yaxis)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[-1, 0].set_xlabel("time since the start of the run (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(
+    runs: Mapping[str, Mapping[str, Any]], out_dir: Path, prefix: str = ""
+) -> list[Path]:
+    """Both plots into `out_dir`, file names starting with `prefix`; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        plot_latency_cdfs(runs, out_dir / f"{prefix}{LATENCY_CDF}"),
+        plot_itl_over_time(runs, out_dir / f"{prefix}{ITL_OVER_TIME}"),
+    ]

@@ -1,0 +1,472 @@
+"""`bench serve`: a load generator for any OpenAI-compatible server, measured from the stream.
+
+It sends a workload (bench/workloads.py) to `/v1/completions` with `stream=true` and usage in
+the stream, at Poisson arrivals of a given rate or at a fixed concurrency, and times every
+chunk as it arrives: time to first token (TTFT), the gaps between chunks (inter-token latency,
+ITL) and end-to-end latency (E2E), with throughput and goodput (requests/s meeting both SLOs).
+The same command measures our proxy, a plain vLLM server or anything else that speaks the API,
+so comparisons are like for like.
+
+Output lengths are made exact with two vLLM extensions, `ignore_eos` and `return_token_ids`
+(tokens per chunk, since vLLM may coalesce tokens into one chunk when the client lags). Every
+request's counts are checked: tokens counted in the stream against the usage chunk, and both
+against the lengths the workload asked for. A mismatch is reported and makes the exit status 1,
+because numbers from a run that did not do what it said are not worth comparing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from splitwise_local.bench import kv_cost, report
+from splitwise_local.bench.workloads import (
+    WORKLOADS,
+    RequestSpec,
+    WorkloadError,
+    WorkloadSettings,
+    build_workload,
+    poisson_arrivals,
+    warmup_requests,
+)
+
+PERCENTILES = (50, 90, 99)
+
+
+class ServerError(RuntimeError):
+    """The server cannot be benchmarked (unreachable, no models); one line for the user."""
+
+
+@dataclass
+class RequestResult:
+    """What one streamed request did; times in seconds, chunk times relative to its send."""
+
+    spec: RequestSpec
+    start_s: float  # send time, relative to the start of the run
+    chunk_s: list[float] = field(default_factory=list)  # arrival of each chunk with tokens
+    end_s: float | None = None
+    output_tokens: int = 0
+    multi_token_chunks: int = 0
+    usage: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.chunk_s)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.chunk_s[0]
+
+    @property
+    def itl_s(self) -> list[float]:
+        return np.diff(self.chunk_s).tolist()
+
+    @property
+    def tpot_s(self) -> float:
+        """Mean time per output token after the first (0 for a one-token answer)."""
+        if self.output_tokens < 2:
+            return 0.0
+        return (self.chunk_s[-1] - self.chunk_s[0]) / (self.output_tokens - 1)
+
+    def problems(self) -> list[str]:
+        """Where the counts disagree: the stream, the usage chunk and the workload."""
+        if not self.ok:
+            return []
+        if self.usage is None:
+            return ["no usage chunk in the stream"]
+        found = []
+        if self.usage.get("completion_tokens") != self.output_tokens:
+            found.append(
+                f"stream carried {self.output_tokens} tokens, usage says "
+                f"{self.usage.get('completion_tokens')}"
+            )
+        if self.output_tokens != self.spec.output_len:
+            found.append(f"asked for {self.spec.output_len} tokens, got {self.output_tokens}")
+        if self.usage.get("prompt_tokens") != self.spec.prompt_len:
+            found.append(
+                f"prompt is {self.spec.prompt_len} tokens, usage says "
+                f"{self.usage.get('prompt_tokens')}"
+            )
+        return found
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.spec.index,
+            "kind": self.spec.kind,
+            "prompt_len": self.spec.prompt_len,
+            "output_len": self.spec.output_len,
+            "start_s": round(self.start_s, 6),
+            "ttft_ms": round(self.ttft_s * 1e3, 3) if self.ok else None,
+            "e2e_ms": round(self.end_s * 1e3, 3) if self.ok and self.end_s else None,
+            "chunk_ms": [round(t * 1e3, 3) for t in self.chunk_s],
+            "output_tokens": self.output_tokens,
+            "error": self.error,
+            "problems": self.problems(),
+        }
+
+
+def request_body(spec: RequestSpec, model: str) -> dict[str, Any]:
+    return {
+        "model": model,
+        "prompt": spec.prompt,
+        "max_tokens": spec.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+
+
+async def stream_request(
+    client: httpx.AsyncClient, endpoint: str, model: str, spec: RequestSpec, run_start: float
+) -> RequestResult:
+    """Sends one request and times each streamed chunk; failures become `error`, not raises."""
+    sent = time.perf_counter()
+    result = RequestResult(spec=spec, start_s=sent - run_start)
+    try:
+        async with client.stream("POST", endpoint, json=request_body(spec, model)) as response:
+            if response.status_code != 200:
+                body = (await response.aread()).decode("utf-8", "replace")
+                result.error = f"HTTP {response.status_code}: {body[:300]}"
+                return result
+            async for line in response.aiter_lines():
+                now = time.perf_counter()
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:") :].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = f"error in stream: {chunk['error']}"
+                    return result
+                if chunk.get("usage"):
+                    result.usage = chunk["usage"]
+                tokens = sum(_chunk_tokens(choice) for choice in chunk.get("choices") or [])
+                if tokens:
+                    result.chunk_s.append(now - sent)
+                    result.output_tokens += tokens
+                    result.multi_token_chunks += tokens > 1
+        result.end_s = time.perf_counter() - sent
+        if not result.chunk_s:
+            result.error = "the stream carried no tokens"
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def _chunk_tokens(choice: dict[str, Any]) -> int:
+    """Tokens in one streamed choice: its token ids when the server sends them (vLLM), else
+    one per chunk that carries text."""
+    if choice.get("token_ids") is not None:
+        return len(choice["token_ids"])
+    return 1 if choice.get("text") else 0
+
+
+async def run_load(
+    base_url: str,
+    model: str,
+    specs: list[RequestSpec],
+    *,
+    arrivals: list[float] | None,
+    concurrency: int,
+    timeout_s: float,
+    progress: bool = True,
+) -> tuple[list[RequestResult], float]:
+    """Sends `specs` at the `arrivals` times (open loop) or `concurrency` at a time (closed
+    loop); returns the results in spec order and the run's duration in seconds."""
+    from tqdm import tqdm
+
+    endpoint = f"{base_url}/v1/completions"
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(timeout_s, connect=10.0)
+    gate = asyncio.Semaphore(concurrency if arrivals is None else max(len(specs), 1))
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        # disable=None: shown on a terminal only, so logs of scripted runs stay clean.
+        bar = tqdm(total=len(specs), unit="req", disable=None if progress else True)
+        start = time.perf_counter()
+
+        async def one(spec: RequestSpec, at: float) -> RequestResult:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            async with gate:
+                result = await stream_request(client, endpoint, model, spec, start)
+            bar.update()
+            return result
+
+        offsets = arrivals if arrivals is not None else [0.0] * len(specs)
+        results = await asyncio.gather(*(one(s, t) for s, t in zip(specs, offsets, strict=True)))
+        duration = time.perf_counter() - start
+        bar.close()
+    return list(results), duration
+
+
+def percentiles_ms(values_s: list[float]) -> dict[str, float | None]:
+    if not values_s:
+        return {f"p{p}": None for p in PERCENTILES} | {"mean": None}
+    ms = np.asarray(values_s) * 1e3
+    stats = {f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES}
+    return stats | {"mean": float(ms.mean())}
+
+
+def latency_summary(results: list[RequestResult]) -> dict[str, Any]:
+    done = [r for r in results if r.ok]
+    return {
+        "count": len(done),
+        "ttft_ms": percentiles_ms([r.ttft_s for r in done]),
+        "itl_ms": percentiles_ms([gap for r in done for gap in r.itl_s]),
+        "e2e_ms": percentiles_ms([r.end_s for r in done if r.end_s is not None]),
+    }
+
+
+def summarize(
+    results: list[RequestResult], duration_s: float, slo_ttft_ms: float, slo_itl_ms: float
+) -> dict[str, Any]:
+    """The run's numbers: pooled latency percentiles, per request kind too, throughput,
+    goodput (requests meeting the TTFT SLO and, per token after the first, the ITL SLO)."""
+    done = [r for r in results if r.ok]
+    good = [r for r in done if r.ttft_s * 1e3 <= slo_ttft_ms and r.tpot_s * 1e3 <= slo_itl_ms]
+    problems = {r.spec.index: r.problems() for r in done if r.problems()}
+    kinds = sorted({r.spec.kind for r in results})
+    duration = max(duration_s, 1e-9)
+    return {
+        "duration_s": duration_s,
+        "requests": len(results),
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "requests_per_s": len(done) / duration,
+        "output_tokens_per_s": sum(r.output_tokens for r in done) / duration,
+        "goodput_requests_per_s": len(good) / duration,
+        "slo_met": len(good),
+        **{k: v for k, v in latency_summary(results).items() if k != "count"},
+        "by_kind": {
+            kind: latency_summary([r for r in results if r.spec.kind == kind]) for kind in kinds
+        },
+        "checks": {
+            "requests_with_count_mismatch": len(problems),
+            "multi_token_chunks": sum(r.multi_token_chunks for r in done),
+            "problems": {str(i): p for i, p in sorted(problems.items())[:20]},
+        },
+        "errors": sorted({r.error for r in results if r.error})[:20],
+    }
+
+
+def normalize_url(url: str) -> str:
+    """`http://host:port`, whether given with a trailing slash or `/v1`."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def server_model(base_url: str, wait_s: float) -> tuple[str, int | None]:
+    """The served model's name and max_model_len (None if the server does not say), from
+    /v1/models; polls for up to `wait_s` seconds while the server starts."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            response = httpx.get(f"{base_url}/v1/models", timeout=10.0)
+            response.raise_for_status()
+            models = response.json()["data"]
+            if not models:
+                raise ServerError(f"{base_url}/v1/models lists no model")
+            return models[0]["id"], models[0].get("max_model_len")
+        except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                raise ServerError(f"cannot list models at {base_url}/v1/models: {exc}") from None
+            time.sleep(1.0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8030", help="server base URL")
+    parser.add_argument("--model", help="tokenizer folder (default: the embedded SmolLM2)")
+    parser.add_argument("--served-model-name", help="model name to send (default: /v1/models)")
+    parser.add_argument("--label", default="run", help="name of this run in tables and plots")
+    parser.add_argument("--workload", choices=WORKLOADS, default="mixed")
+    parser.add_argument("--num-requests", type=int, default=32)
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, help="Poisson arrivals, requests per second")
+    load.add_argument("--concurrency", type=int, default=4, help="requests in flight (default)")
+    parser.add_argument("--seed", type=int, default=0)
+    defaults = WorkloadSettings()
+    parser.add_argument("--prompt-len", type=int, default=defaults.prompt_len)
+    parser.add_argument("--output-len", type=int, default=defaults.output_len)
+    parser.add_argument("--long-prompt-len", type=int, default=defaults.long_prompt_len)
+    parser.add_argument("--long-output-len", type=int, default=defaults.long_output_len)
+    parser.add_argument("--long-fraction", type=float, default=defaults.long_fraction)
+    parser.add_argument("--prefix-len", type=int, default=defaults.prefix_len)
+    parser.add_argument("--num-prefixes", type=int, default=defaults.num_prefixes)
+    parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    parser.add_argument("--slo-itl-ms", type=float, default=100.0)
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured requests first")
+    parser.add_argument(
+        "--wait-ready",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="wait up to S seconds for the server to answer /v1/models",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds without data before a request is given up",
+    )
+    parser.add_argument("--plot-dir", type=Path, help="write latency CDF and ITL PNGs here")
+    parser.add_argument("--store-url", help="KV store to read stats from before and after")
+    parser.add_argument(
+        "--metrics-url",
+        action="append",
+        default=[],
+        help="Prometheus endpoint to diff before and after (repeatable)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def settings_from_args(args: argparse.Namespace) -> WorkloadSettings:
+    return WorkloadSettings(
+        kind=args.workload,
+        num_requests=args.num_requests,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        long_prompt_len=args.long_prompt_len,
+        long_output_len=args.long_output_len,
+        long_fraction=args.long_fraction,
+        prefix_len=args.prefix_len,
+        num_prefixes=args.num_prefixes,
+        seed=args.seed,
+    )
+
+
+def print_results(label: str, results: dict[str, Any]) -> None:
+    rows = [
+        [name, *(results[key][f"p{p}"] for p in PERCENTILES), results[key]["mean"]]
+        for name, key in (("TTFT ms", "ttft_ms"), ("ITL ms", "itl_ms"), ("E2E ms", "e2e_ms"))
+    ]
+    report.print_table(
+        f"bench serve: {label} latency", ["metric", "p50", "p90", "p99", "mean"], rows
+    )
+    checks = results["checks"]
+    report.print_table(
+        f"bench serve: {label} throughput",
+        [
+            "requests",
+            "completed",
+            "failed",
+            "req/s",
+            "output tok/s",
+            "goodput req/s",
+            "count mismatches",
+        ],
+        [
+            [
+                results["requests"],
+                results["completed"],
+                results["failed"],
+                results["requests_per_s"],
+                results["output_tokens_per_s"],
+                results["goodput_requests_per_s"],
+                checks["requests_with_count_mismatch"],
+            ]
+        ],
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from splitwise_local.model import ModelError, resolve_model
+
+    settings = settings_from_args(args)
+    base_url = normalize_url(args.url)
+    try:
+        if args.concurrency is not None and args.concurrency < 1:
+            raise WorkloadError(f"concurrency must be at least 1 (got {args.concurrency})")
+        served, max_model_len = server_model(base_url, args.wait_ready)
+        settings.validate(max_model_len)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+        specs = build_workload(settings, tokenizer)
+        warmup = warmup_requests(settings, tokenizer, args.warmup)
+        arrivals = poisson_arrivals(len(specs), args.rate, args.seed) if args.rate else None
+    except (WorkloadError, ServerError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    model = args.served_model_name or served
+
+    if warmup:
+        done, _ = asyncio.run(
+            run_load(
+                base_url,
+                model,
+                warmup,
+                arrivals=None,
+                concurrency=1,
+                timeout_s=args.timeout,
+                progress=False,
+            )
+        )
+        failed = [r.error for r in done if not r.ok]
+        if failed:
+            print(f"error: warm-up request failed: {failed[0]}", file=sys.stderr)
+            return 1
+    before = kv_cost.snapshot(args.store_url, args.metrics_url)
+    results, duration = asyncio.run(
+        run_load(
+            base_url,
+            model,
+            specs,
+            arrivals=arrivals,
+            concurrency=args.concurrency or 1,
+            timeout_s=args.timeout,
+            progress=not args.no_progress,
+        )
+    )
+    after = kv_cost.snapshot(args.store_url, args.metrics_url)
+    summary = summarize(results, duration, args.slo_ttft_ms, args.slo_itl_ms)
+    payload = {
+        "label": args.label,
+        "url": base_url,
+        "model": model,
+        "settings": {
+            **vars(settings),
+            "rate": args.rate,
+            "concurrency": None if args.rate else args.concurrency,
+            "warmup": args.warmup,
+            "slo_ttft_ms": args.slo_ttft_ms,
+            "slo_itl_ms": args.slo_itl_ms,
+        },
+        **summary,
+        "kv_cost": kv_cost.compare(before, after, summary["completed"]),
+        "per_request": [r.as_dict() for r in results],
+    }
+    print_results(args.label, payload)
+    report.write_json(args.json, payload)
+    if args.plot_dir:
+        from splitwise_local.bench import plots
+
+        for path in plots.write_plots({args.label: payload}, args.plot_dir):
+            print(f"wrote {path}")
+    return verdict(payload)
+
+
+def verdict(results: dict[str, Any]) -> int:
+    """0 when every request completed with the counts it promised; else 1, saying why."""
+    checks = results["checks"]
+    if results["failed"]:
+        print(f"\n{results['failed']} request(s) failed: {results['errors'][:3]}", file=sys.stderr)
+    if checks["requests_with_count_mismatch"]:
+        first = next(iter(checks["problems"].items()))
+        print(
+            f"\ntoken counts disagree in {checks['requests_with_count_mismatch']} request(s), "
+            f"e.g. request {first[0]}: {first[1]}",
+            file=sys.stderr,
+        )
+    return 1 if results["failed"] or checks["requests_with_count_mismatch"] else 0

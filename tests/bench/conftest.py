@@ -1,0 +1,14 @@
+"""Shared by the load generator's tests: the embedded model's real tokenizer, loaded once."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from splitwise_local.model import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(None))

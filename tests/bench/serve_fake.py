@@ -1,0 +1,125 @@
+"""A small vLLM-shaped streaming completions server for the load generator's tests.
+
+Unlike the proxy's fake engine (which counts words and answers instantly), this one counts
+prompt tokens with the real tokenizer and streams what vLLM streams for `/v1/completions`:
+`token_ids` per chunk (sometimes two tokens in one chunk, as vLLM does when a client lags), a
+final usage chunk, `max_model_len` in `/v1/models`, and a Prometheus `/metrics` with a
+transfer-like counter and histogram. Knobs let a test break exactly one thing (usage off by
+one, failing requests) to see the load generator notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import uvicorn
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+MODEL = "fake-vllm"
+MAX_MODEL_LEN = 2048
+KV_BYTES_PER_PROMPT_TOKEN = 100
+
+
+@dataclass
+class Knobs:
+    token_interval_s: float = 0.002
+    coalesce_every: int = 0  # every Nth chunk carries two tokens (0: never)
+    usage_error: int = 0  # added to the completion_tokens the usage chunk reports
+    fail_every: int = 0  # every Nth request answers 500 (0: never)
+
+
+class FakeVLLM:
+    def __init__(self, tokenizer, knobs: Knobs) -> None:
+        self.tokenizer = tokenizer
+        self.knobs = knobs
+        self.requests: list[dict] = []
+        self.registry = CollectorRegistry()
+        self.kv_bytes = Counter(
+            "splitwise_kv_bytes_loaded", "KV bytes loaded", registry=self.registry
+        )
+        self.kv_seconds = Histogram(
+            "splitwise_kv_load_seconds", "KV load time", registry=self.registry
+        )
+        self.app = Starlette(
+            routes=[
+                Route("/v1/models", self.models),
+                Route("/v1/completions", self.complete, methods=["POST"]),
+                Route("/metrics", self.metrics),
+            ]
+        )
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"data": [{"id": MODEL, "max_model_len": MAX_MODEL_LEN}]})
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type="text/plain")
+
+    async def complete(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        if self.knobs.fail_every and len(self.requests) % self.knobs.fail_every == 0:
+            return JSONResponse({"error": {"message": "fake failure"}}, status_code=500)
+        if body.get("model") != MODEL:
+            return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
+        prompt_tokens = len(self.tokenizer(body["prompt"])["input_ids"])
+        self.kv_bytes.inc(prompt_tokens * KV_BYTES_PER_PROMPT_TOKEN)
+        self.kv_seconds.observe(0.25)
+        return StreamingResponse(
+            self.stream(prompt_tokens, body["max_tokens"]), media_type="text/event-stream"
+        )
+
+    async def stream(self, prompt_tokens: int, max_tokens: int) -> AsyncIterator[str]:
+        sent, chunk_no = 0, 0
+        while sent < max_tokens:
+            chunk_no += 1
+            coalesce = self.knobs.coalesce_every and chunk_no % self.knobs.coalesce_every == 0
+            ids = list(range(sent, min(sent + (2 if coalesce else 1), max_tokens)))
+            sent += len(ids)
+            done = sent == max_tokens
+            choice = {
+                "index": 0,
+                "text": " tok" * len(ids),
+                "token_ids": ids,
+                "finish_reason": "length" if done else None,
+            }
+            await asyncio.sleep(self.knobs.token_interval_s)
+            yield f"data: {json.dumps({'choices': [choice]})}\n\n"
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": sent + self.knobs.usage_error,
+            "total_tokens": prompt_tokens + sent + self.knobs.usage_error,
+        }
+        yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+@contextmanager
+def serve_fake(tokenizer, knobs: Knobs | None = None) -> Iterator[tuple[str, FakeVLLM]]:
+    """Runs a FakeVLLM on a free 127.0.0.1 port in a thread; yields its URL and the fake."""
+    fake = FakeVLLM(tokenizer, knobs or Knobs())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(fake.app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            thread.join(0.01)
+            if not thread.is_alive():
+                raise RuntimeError("fake vLLM server did not start")
+        yield f"http://127.0.0.1:{port}", fake
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

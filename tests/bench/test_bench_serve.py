@@ -1,0 +1,116 @@
+"""`bench serve` against a real streaming server on 127.0.0.1: its numbers must add up."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from serve_fake import KV_BYTES_PER_PROMPT_TOKEN, MODEL, Knobs, serve_fake
+
+from splitwise_local.cli import main
+
+SMALL = ["--num-requests", "6", "--prompt-len", "24", "--output-len", "8",
+         "--long-prompt-len", "200", "--long-output-len", "4", "--long-fraction", "0.34",
+         "--no-progress", "--warmup", "1", "--seed", "5"]  # fmt: skip
+
+
+def bench(url: str, tmp_path, *extra: str) -> tuple[int, dict]:
+    out = tmp_path / "serve.json"
+    code = main(["bench", "serve", "--url", url, "--json", str(out), *SMALL, *extra])
+    return code, json.loads(out.read_text())
+
+
+def assert_ordered(stats: dict) -> None:
+    assert stats["p50"] <= stats["p90"] <= stats["p99"]
+    assert stats["p50"] > 0
+
+
+def test_mixed_run_numbers_are_consistent(tokenizer, tmp_path):
+    with serve_fake(tokenizer) as (url, fake):
+        code, result = bench(url, tmp_path, "--rate", "40", "--plot-dir", str(tmp_path / "p"))
+    assert code == 0
+    for key in ("ttft_ms", "itl_ms", "e2e_ms"):
+        assert set(result[key]) >= {"p50", "p90", "p99"}
+        assert_ordered(result[key])
+    assert result["completed"] == 6 and result["failed"] == 0
+    assert result["checks"]["requests_with_count_mismatch"] == 0
+    assert 0 < result["goodput_requests_per_s"] <= result["requests_per_s"]
+    assert result["output_tokens_per_s"] == pytest.approx(
+        sum(r["output_tokens"] for r in result["per_request"]) / result["duration_s"]
+    )
+    # TTFT <= E2E for every request; ITL samples = tokens - 1 per request
+    for record in result["per_request"]:
+        assert record["ttft_ms"] <= record["e2e_ms"]
+        assert len(record["chunk_ms"]) == record["output_tokens"] == record["output_len"]
+    assert set(result["by_kind"]) == {"short", "long"}
+    assert result["settings"]["rate"] == 40.0 and result["settings"]["seed"] == 5
+    # what was sent: the served model, exact lengths, vLLM's streaming extensions
+    sent = fake.requests[1:]  # the first one is the warm-up
+    assert len(sent) == 6 and all(b["model"] == MODEL and b["ignore_eos"] for b in sent)
+    assert all(b["stream_options"] == {"include_usage": True} for b in sent)
+    assert sorted(b["max_tokens"] for b in sent) == sorted(
+        r["output_len"] for r in result["per_request"]
+    )
+    pngs = sorted(p.name for p in (tmp_path / "p").iterdir())
+    assert pngs == ["itl-over-time.png", "latency-cdf.png"]
+    assert all((tmp_path / "p" / n).read_bytes()[:4] == b"\x89PNG" for n in pngs)
+
+
+def test_coalesced_chunks_count_every_token(tokenizer, tmp_path):
+    with serve_fake(tokenizer, Knobs(coalesce_every=3)) as (url, _):
+        code, result = bench(url, tmp_path, "--workload", "fixed", "--concurrency", "3")
+    assert code == 0
+    assert result["checks"]["multi_token_chunks"] > 0
+    assert all(r["output_tokens"] == 8 for r in result["per_request"])
+
+
+def test_usage_that_disagrees_with_the_stream_fails_the_run(tokenizer, tmp_path, capsys):
+    with serve_fake(tokenizer, Knobs(usage_error=1)) as (url, _):
+        code, result = bench(url, tmp_path, "--workload", "fixed")
+    assert code == 1
+    assert result["checks"]["requests_with_count_mismatch"] == 6
+    assert "usage says 9" in result["checks"]["problems"]["0"][0]
+    assert "token counts disagree" in capsys.readouterr().err
+
+
+def test_failed_requests_are_counted_not_measured(tokenizer, tmp_path):
+    # request 1 is the warm-up; then every 3rd request fails: measured requests 2 and 5
+    with serve_fake(tokenizer, Knobs(fail_every=3)) as (url, _):
+        code, result = bench(url, tmp_path, "--workload", "fixed", "--concurrency", "1")
+    assert code == 1
+    assert result["failed"] == 2 and result["completed"] == 4
+    assert result["requests_per_s"] == pytest.approx(4 / result["duration_s"])
+    assert any("HTTP 500" in e for e in result["errors"])
+
+
+def test_kv_cost_is_diffed_per_request_and_a_missing_store_is_reported(tokenizer, tmp_path):
+    with serve_fake(tokenizer) as (url, _):
+        code, result = bench(
+            url,
+            tmp_path,
+            "--workload",
+            "fixed",
+            "--metrics-url",
+            f"{url}/metrics",
+            "--store-url",
+            "lm://127.0.0.1:9",
+        )
+    assert code == 0
+    metrics = result["kv_cost"]["metrics"][f"{url}/metrics"]
+    per_request = metrics["per_request"]
+    assert per_request["splitwise_kv_bytes_loaded_total"] == 24 * KV_BYTES_PER_PROMPT_TOKEN
+    assert metrics["mean_per_observation"]["splitwise_kv_load_seconds"] == pytest.approx(0.25)
+    assert "error" in result["kv_cost"]["store"]
+
+
+def test_unreachable_server_is_one_clear_error(tmp_path, capsys):
+    code = main(["bench", "serve", "--url", "http://127.0.0.1:9/v1", *SMALL])
+    assert code == 1
+    assert "cannot list models at http://127.0.0.1:9/v1/models" in capsys.readouterr().err
+
+
+def test_workload_too_long_for_the_server_is_refused_before_sending(tokenizer, tmp_path, capsys):
+    with serve_fake(tokenizer) as (url, fake):
+        code = main(["bench", "serve", "--url", url, *SMALL, "--long-prompt-len", "2046"])
+    assert code == 1 and not fake.requests
+    assert "max_model_len of 2048" in capsys.readouterr().err
