@@ -1,0 +1,173 @@
+"""One child process of the launcher, kept on a short leash.
+
+Each child runs in a session of its own, so a Ctrl-C in the terminal reaches only the launcher
+(which then stops the children in order) and so a signal sent to the child's process group also
+reaches whatever the child spawned itself (vLLM's engine-core process). Its output goes, line by
+line, to its log file and to the console.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import psutil
+
+from splitwise_local.console import LEVELS, Console, line_level
+
+RUN_ENV = "SPLITWISE_RUN_DIR"  # set in every child and inherited below: finds a run's processes
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a log file, or a note saying there is none."""
+    try:
+        with path.open("rb") as file:
+            last = collections.deque(file, maxlen=lines)
+    except OSError:
+        return f"(no log at {path})"
+    return b"".join(last).decode(errors="replace").rstrip() or f"({path} is empty)"
+
+
+class Child:
+    """A named child process whose output is copied to `log_path` and to the console."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        console: Console,
+    ) -> None:
+        self.name = name
+        self.command = list(command)
+        self.env = dict(env)
+        self.log_path = log_path
+        self.console = console
+        self.popen: subprocess.Popen[bytes] | None = None
+        self._pump: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.popen = subprocess.Popen(
+            self.command,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._pump = threading.Thread(
+            target=self._copy_output, name=f"{self.name}-log", daemon=True
+        )
+        self._pump.start()
+
+    def _copy_output(self) -> None:
+        assert self.popen is not None and self.popen.stdout is not None
+        level = LEVELS["info"]
+        with self.log_path.open("ab") as log:
+            for raw in self.popen.stdout:
+                log.write(raw)
+                log.flush()
+                line = raw.decode(errors="replace").rstrip()
+                level = line_level(line, level)
+                self.console.child_line(self.name, line, level)
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running (or never started), else the exit code (-N: killed by signal N)."""
+        return self.popen.poll() if self.popen is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        return log_tail(self.log_path, lines)
+
+    def family(self) -> list[psutil.Process]:
+        """The child and every process below it, found now (they reparent once it exits)."""
+        if self.popen is None:
+            return []
+        try:
+            root = psutil.Process(self.popen.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def signal_group(self, sig: int) -> None:
+        """Sends `sig` to the child's whole process group (its session leader is the child)."""
+        if self.popen is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, sig)
+
+    def reap(self, timeout: float = 5.0) -> None:
+        """Collects the exit status and lets the log copier finish the last lines."""
+        if self.popen is None:
+            return
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return
+        if self._pump is not None:
+            self._pump.join(timeout)
+
+
+def alive(processes: Sequence[psutil.Process]) -> list[psutil.Process]:
+    """Those of `processes` still running (a zombie has finished; it only awaits its parent)."""
+    result = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                result.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return result
+
+
+def stop_together(children: Sequence[Child], grace: float, hurry: threading.Event) -> None:
+    """SIGTERM to each child's process group, wait up to `grace` seconds (less once `hurry` is
+    set), then SIGKILL whatever of them or their descendants is left."""
+    started = [c for c in children if c.popen is not None]
+    processes = [p for child in started for p in child.family()]
+    for child in started:
+        child.signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive(processes) and time.monotonic() < deadline and not hurry.is_set():
+        for child in started:
+            child.popen.poll()  # reap the direct children so they stop counting as running
+        time.sleep(0.1)
+    for child in started:
+        child.signal_group(signal.SIGKILL)
+    for process in alive(processes):
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    for child in started:
+        child.reap()
+
+
+def tagged(run: str) -> list[psutil.Process]:
+    """Every live process whose environment says it belongs to `run` (its `RUN_ENV` value),
+    however it left its parent's process group or was reparented."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get(RUN_ENV) == run:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return alive(found)

@@ -1,0 +1,26 @@
+"""Fixtures of the launcher tests (the helpers live in helpers.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.launcher.helpers import Ports, free_ports
+
+
+@pytest.fixture
+def ports() -> Ports:
+    return Ports(*free_ports(4))
+
+
+@pytest.fixture
+def fake_model(tmp_path: Path) -> Path:
+    """A folder that passes the launcher's checkpoint checks (the fake engine never reads it)."""
+    folder = tmp_path / "tiny-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "tokenizer.json").write_text("{}")
+    return folder

@@ -1,0 +1,91 @@
+"""Fake engine: the proxy's fake OpenAI server, started the way the launcher starts vLLM.
+
+Behaviour per engine port, from the environment (set by the tests):
+- `FAKE_ENGINE_MODE_<port>`: `ok` (default); `crash` (prints an error and exits 3 before
+  listening); `hang` (never listens); `stubborn` (ignores SIGTERM, so only SIGKILL stops it).
+- `FAKE_ENGINE_EVENTS`: a file; on SIGTERM the engine appends one JSON line saying whether the
+  proxy (`FAKE_PROXY_PORT`) and the store (`FAKE_STORE_PORT`) still accept connections.
+Like vLLM, it starts helper processes of its own; one of them leaves the process group
+(setsid), so the launcher must find it by its run tag, not by its group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import uvicorn
+
+from splitwise_local.proxy.fake_engine import FakeBehaviour, FakeEngine
+
+
+def accepts(port: str | None) -> bool:
+    if not port:
+        return False
+    try:
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def record_sigterm(port: int) -> None:
+    path = os.environ.get("FAKE_ENGINE_EVENTS")
+    if not path:
+        return
+    event = {
+        "port": port,
+        "time": time.time(),
+        "proxy_up": accepts(os.environ.get("FAKE_PROXY_PORT")),
+        "store_up": accepts(os.environ.get("FAKE_STORE_PORT")),
+    }
+    with open(path, "a") as file:
+        file.write(json.dumps(event) + "\n")
+
+
+def start_helpers() -> None:
+    sleeper = [sys.executable, "-c", "import time; time.sleep(3600)"]
+    subprocess.Popen(sleeper)
+    subprocess.Popen(sleeper, start_new_session=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--served-model-name", default="fake-model")
+    args, _ = parser.parse_known_args()
+    mode = os.environ.get(f"FAKE_ENGINE_MODE_{args.port}", "ok")
+    print(f"INFO fake engine on port {args.port}, mode {mode}", flush=True)
+    start_helpers()
+    if mode == "crash":
+        print("ERROR fake engine: cannot load the model", flush=True)
+        sys.exit(3)
+    app = FakeEngine(FakeBehaviour(model=args.served_model_name)).app
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    stopping = threading.Event()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        record_sigterm(args.port)
+        if mode != "stubborn":
+            stopping.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    if mode != "hang":
+        # In a thread, uvicorn leaves signal handling to this main thread.
+        threading.Thread(target=server.run, daemon=True).start()
+    while not stopping.wait(0.1):
+        pass
+    server.should_exit = True
+    time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The launcher start to stop with real child processes, fast: the engines are fake_vllm's.
+
+Each test runs `python -m splitwise_local` as a user would. The real store and the real proxy
+run; only `python -m vllm.entrypoints.openai.api_server` is the stand-in from fake_vllm/, which
+starts in a second, records when it got SIGTERM and what was still up, and leaves helper
+processes behind the way vLLM's engine core would.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
+from tests.launcher.helpers import Launch, Ports, events, fake_env, leftovers
+
+pytestmark = pytest.mark.timeout(120)
+READY = "ready: http://"
+
+
+def launch(
+    tmp_path: Path,
+    ports: Ports,
+    model: Path,
+    *extra: str,
+    modes: dict[int, str] | None = None,
+    connector: str = "splitwise",
+) -> Launch:
+    args = ["--device", "cpu", "--model", str(model), "--connector", connector, *ports.args()]
+    return Launch([*args, *extra], tmp_path / "run", fake_env(tmp_path, ports, modes))
+
+
+@pytest.fixture
+def launched():
+    """Collects launches so a failing test never leaves a system running."""
+    started: list[Launch] = []
+    yield started
+    for one in started:
+        one.kill_if_running()
+
+
+def test_serves_then_stops_proxy_engines_store_in_order(tmp_path, ports, fake_model, launched):
+    system = launch(tmp_path, ports, fake_model, "--log-level", "info")
+    launched.append(system)
+    system.wait_for(READY, 60)
+    url = f"http://127.0.0.1:{ports.proxy}"
+    assert f"curl {url}/v1/chat/completions" in system.out
+    with httpx.Client(timeout=30) as client:
+        model = served_model(client, url)
+        assert model == fake_model.name  # the launcher names the model after its folder
+        for stream in (False, True):
+            assert ask(client, url, chat_request(model, SAMPLES[0], stream)).strip()
+
+    assert system.finish(signal.SIGTERM) == 0
+    terms = events(tmp_path / "events.jsonl")
+    assert sorted(e["port"] for e in terms) == sorted([ports.prefill, ports.decode])
+    assert all(not e["proxy_up"] for e in terms), "engines stopped before the proxy"
+    assert all(e["store_up"] for e in terms), "store stopped before the engines"
+    out = system.out
+    assert out.index("proxy stopped") < out.index("stopping prefill engine, decode engine")
+    assert out.index("stopping prefill engine, decode engine") < out.index("stopping store")
+    assert f"[decode engine] INFO fake engine on port {ports.decode}" in out
+    assert leftovers(system.run_dir) == []
+    for log in ("store.log", "prefill.log", "decode.log", "proxy.log"):
+        assert (system.run_dir / log).stat().st_size > 0, log
+    assert "GET /v1/models" in (system.run_dir / "proxy.log").read_text()
+
+
+def test_broken_model_folder_is_one_error_and_starts_nothing(tmp_path, ports, launched):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    system = launch(tmp_path, ports, empty)
+    launched.append(system)
+    assert system.finish(timeout=30) == 1
+    assert system.err.strip().splitlines() == [
+        f"[launcher] error: {empty} has no config.json: not a Hugging Face checkpoint folder"
+    ]
+    assert not system.run_dir.exists()
+    assert leftovers(system.run_dir) == []
+
+
+def test_port_in_use_is_named_before_anything_starts(tmp_path, ports, fake_model, launched):
+    with socket.create_server(("127.0.0.1", ports.decode)):
+        system = launch(tmp_path, ports, fake_model)
+        launched.append(system)
+        assert system.finish(timeout=30) == 1
+    assert system.err.strip().splitlines() == [
+        f"[launcher] error: port {ports.decode} for the decode engine is in use "
+        "(choose another: --decode-port)"
+    ]
+    assert "starting" not in system.out
+    assert leftovers(system.run_dir) == []
+
+
+def test_engine_crash_at_startup_stops_the_rest(tmp_path, ports, fake_model, launched):
+    system = launch(tmp_path, ports, fake_model, modes={ports.decode: "crash"})
+    launched.append(system)
+    assert system.finish(timeout=60) == 1
+    assert "error: decode engine exited (3) before it was ready" in system.err
+    assert "ERROR fake engine: cannot load the model" in system.err  # the log's tail
+    # The default console level shows the engine's error line, not its info lines.
+    assert "[decode engine] ERROR fake engine: cannot load the model" in system.out
+    assert "[decode engine] INFO" not in system.out
+    assert leftovers(system.run_dir) == []
+
+
+def test_engine_that_never_answers_times_out_by_name(tmp_path, ports, fake_model, launched):
+    modes = {ports.prefill: "hang"}
+    system = launch(tmp_path, ports, fake_model, "--startup-timeout", "3", modes=modes)
+    launched.append(system)
+    assert system.finish(timeout=60) == 1
+    assert (
+        f"error: prefill engine was not ready within 3 s "
+        f"(GET http://127.0.0.1:{ports.prefill}/health never succeeded)"
+    ) in system.err
+    assert f"fake engine on port {ports.prefill}, mode hang" in system.err
+    assert leftovers(system.run_dir) == []
+
+
+def test_child_death_while_serving_stops_everything(tmp_path, ports, fake_model, launched):
+    system = launch(tmp_path, ports, fake_model)
+    launched.append(system)
+    system.wait_for(READY, 60)
+    system.child(f"--port {ports.decode}").send_signal(signal.SIGKILL)
+    assert system.finish(timeout=60) == 1
+    assert "decode engine was killed by signal 9 while serving; stopping everything" in system.out
+    assert f"fake engine on port {ports.decode}" in system.out  # its log's tail
+    assert leftovers(system.run_dir) == []
+
+
+def test_engine_ignoring_sigterm_is_killed_after_the_grace(tmp_path, ports, fake_model, launched):
+    modes = {ports.prefill: "stubborn"}
+    system = launch(tmp_path, ports, fake_model, "--stop-grace", "1", modes=modes)
+    launched.append(system)
+    system.wait_for(READY, 60)
+    began = time.monotonic()
+    assert system.finish(signal.SIGTERM) == 0
+    assert time.monotonic() - began < 15
+    assert ports.prefill in [e["port"] for e in events(tmp_path / "events.jsonl")]
+    assert leftovers(system.run_dir) == []
+
+
+def test_ctrl_c_during_startup_stops_what_started(tmp_path, ports, fake_model, launched):
+    system = launch(tmp_path, ports, fake_model, modes={ports.decode: "hang"})
+    launched.append(system)
+    system.wait_for("starting decode engine", 60)
+    time.sleep(1.0)  # let the engines spawn their helpers
+    assert system.finish(signal.SIGINT) == 0
+    assert "SIGINT received" in system.out
+    assert leftovers(system.run_dir) == []

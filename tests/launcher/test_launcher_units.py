@@ -1,0 +1,94 @@
+"""The launcher's pure decisions: cores, GPUs, ports, store address, flags, log levels."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from splitwise_local.console import LEVELS, line_level
+from splitwise_local.launcher import (
+    LaunchError,
+    check_gpus,
+    check_ports,
+    flag_value,
+    split_cores,
+    store_url,
+)
+
+
+def test_cores_are_halved_between_prefill_and_decode():
+    assert split_cores([0, 1]) == ("0", "1")
+    assert split_cores([4, 5, 6, 7, 8]) == ("4,5", "6,7,8")
+    assert split_cores([3]) == ("3", "3")
+
+
+def test_gpu_lists_are_checked_against_the_machine():
+    assert check_gpus("decode", "0,1", 2) == "0,1"
+    with pytest.raises(LaunchError, match="--decode-gpus 'a': expected GPU numbers"):
+        check_gpus("decode", "a", 2)
+    with pytest.raises(LaunchError, match="--prefill-gpus 2: this machine has 2 GPU"):
+        check_gpus("prefill", "2", 2)
+
+
+def test_store_port_comes_from_the_config_unless_given():
+    port, url = store_url("lm://127.0.0.1:10099", None)
+    assert (port, url) == (10099, "shm://splitwise-10099")
+    assert store_url("lm://127.0.0.1:10099", 12000)[0] == 12000
+    assert store_url("shm://mine", None) == (10080, "shm://mine")
+    with pytest.raises(LaunchError, match="mooncakestore"):
+        store_url("mooncakestore://host:1", None)
+
+
+def test_flag_value_reads_both_spellings():
+    assert flag_value(["--a", "1", "--served-model-name", "m"], "--served-model-name") == "m"
+    assert flag_value(["--served-model-name=m2"], "--served-model-name") == "m2"
+    assert flag_value(["--a"], "--served-model-name") is None
+
+
+def test_busy_and_duplicate_ports_are_all_named():
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        wanted = {
+            "proxy": ("127.0.0.1", port, "--port"),
+            "prefill engine": ("127.0.0.1", 1, "--prefill-port"),
+            "decode engine": ("127.0.0.1", 1, "--decode-port"),
+        }
+        with pytest.raises(LaunchError) as caught:
+            check_ports(wanted)
+    message = str(caught.value)
+    assert f"port {port} for the proxy is in use (choose another: --port)" in message
+    assert "decode engine and prefill engine both use port 1" in message
+
+
+def test_log_levels_of_vllm_uvicorn_and_traceback_lines():
+    info, warning, error = LEVELS["info"], LEVELS["warning"], LEVELS["error"]
+    vllm_line = "(APIServer pid=7) WARNING 11-25 01:50:00 [api_server.py:1] slow"
+    assert line_level(vllm_line, info) == warning
+    assert line_level("INFO:     127.0.0.1:5 - GET /health 200", error) == info
+    assert line_level("Traceback (most recent call last):", info) == error
+    assert line_level('  File "x.py", line 1, in <module>', error) == error
+    assert line_level("x" * 70 + " ERROR in the message text", info) == info
+
+
+def test_help_lists_the_options():
+    out = subprocess.run(
+        [sys.executable, "-m", "splitwise_local", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for option in ("--model", "--prefill-gpus", "--decode-gpus", "--connector", "--log-level"):
+        assert option in out
+
+
+def test_bad_arguments_are_refused_by_the_parser():
+    result = subprocess.run(
+        [sys.executable, "-m", "splitwise_local", "--connector", "nixl"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "invalid choice: 'nixl'" in result.stderr
