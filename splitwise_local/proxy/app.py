@@ -192,9 +192,16 @@ class Proxy:
     # -- routes ------------------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
-        record = self.metrics.start(request.url.path)
+        route = request.url.path
+        record = self.metrics.start(route)
         try:
-            response = await self._until_disconnect(request, self._complete(request, record))
+            accepted = await self._accept(request)
+            if isinstance(accepted, Response):
+                response: Response | None = accepted
+            else:
+                raw, body = accepted
+                forward = self._forward(route, raw, body, self._headers(request), record)
+                response = await self._until_disconnect(request, forward)
         except BaseException:
             record.finish(500)
             raise
@@ -242,7 +249,8 @@ class Proxy:
 
     # -- one completion ----------------------------------------------------------------------
 
-    async def _complete(self, request: Request, record: RequestRecord) -> Response:
+    async def _accept(self, request: Request) -> tuple[bytes, dict] | Response:
+        """The caller's raw body and its parsed JSON object, or the error answer for it."""
         if (denied := self._deny(request)) is not None:
             return denied
         try:
@@ -262,7 +270,11 @@ class Proxy:
         if not isinstance(body, dict):
             self.metrics.errors.labels("bad_request").inc()
             return error_response(400, "request body must be a JSON object", "invalid_json")
-        route, headers = request.url.path, self._headers(request)
+        return raw, body
+
+    async def _forward(
+        self, route: str, raw: bytes, body: dict, headers: dict[str, str], record: RequestRecord
+    ) -> Response:
         refused = await self._prefill(route, body, headers)
         if refused is not None:
             return refused
@@ -425,7 +437,10 @@ class Proxy:
     async def _until_disconnect(
         self, request: Request, work: Awaitable[Response]
     ) -> Response | None:
-        """Runs `work`, cancelling it if the caller disconnects first (then returns None)."""
+        """Runs `work`, cancelling it if the caller disconnects first (then returns None).
+
+        Only once the body is read: until then `receive` carries the body, not disconnects.
+        """
         response: Response | None = None
 
         async def watch(scope: anyio.CancelScope) -> None:

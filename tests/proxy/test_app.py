@@ -1,0 +1,314 @@
+"""The proxy's request walk against real fake-engine servers: happy paths and every failure."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "three word prompt"}]}
+COMPLETION = {"model": "fake-model", "prompt": "a five word long prompt"}
+
+
+def sse_events(text: str) -> list[dict | str]:
+    events = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def metric(base: str, line_start: str) -> float:
+    """The value of the first /metrics sample line that starts with `line_start`."""
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def settle(base: str) -> None:
+    """Waits until the proxy has finished accounting for every request (streams end late)."""
+    deadline = time.monotonic() + 3
+    while metric(base, "splitwise_proxy_in_flight_requests") and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    return error
+
+
+@pytest.fixture
+def pair(fake, proxy):
+    """A prefill fake, a decode fake and a proxy in front of them."""
+    prefill, prefill_url = fake(name="prefill")
+    decode, decode_url = fake(name="decode", tokens=4)
+    return prefill, decode, proxy(prefill=[prefill_url], decode=[decode_url])
+
+
+def test_whole_chat_prefills_one_token_then_returns_decode_answer(pair):
+    prefill, decode, base = pair
+    body = {**CHAT, "max_completion_tokens": 3, "min_tokens": 2, "temperature": 0}
+    response = httpx.post(base + "/v1/chat/completions", json=body, headers={"x-request-id": "r1"})
+
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["choices"][0]["message"]["content"] == " decode0 decode1 decode2"
+    assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    [(path, sent, headers)] = prefill.record.requests
+    assert path == "/v1/chat/completions"
+    expected = {k: v for k, v in body.items() if k != "min_tokens"}
+    assert sent == {**expected, "max_tokens": 1, "max_completion_tokens": 1, "stream": False}
+    assert headers["x-request-id"] == "r1"
+    [(_, decoded, _)] = decode.record.requests
+    assert decoded == body
+
+
+def test_streamed_completion_passes_decode_events_through(pair):
+    prefill, decode, base = pair
+    body = {**COMPLETION, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", base + "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response.read().decode())
+
+    assert (
+        "".join(e["choices"][0]["text"] for e in events[:4]) == " decode0 decode1 decode2 decode3"
+    )
+    assert events[4]["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    assert events[5] == "[DONE]"
+    [(_, sent, _)] = prefill.record.requests
+    assert sent["stream"] is False and "stream_options" not in sent and sent["max_tokens"] == 1
+    assert decode.record.requests[0][1] == body
+    assert decode.record.streams_completed == 1
+
+
+def test_models_come_from_decode_pool(pair):
+    _, _, base = pair
+    [model] = httpx.get(base + "/v1/models").json()["data"]
+    assert model["owned_by"] == "decode"
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "kind"),
+    [({"fail_status": 500}, "error"), ({"delay_s": 5.0}, "timeout"), (None, "unreachable")],
+)
+def test_prefill_failure_falls_back_to_decode(fake, proxy, dead_url, behaviour, kind):
+    if behaviour is None:
+        prefill, prefill_url = None, dead_url()
+    else:
+        prefill, prefill_url = fake(name="prefill", **behaviour)
+    _, decode_url = fake(name="decode", tokens=2)
+    base = proxy(prefill=[prefill_url], decode=[decode_url], prefill_timeout_s=0.3)
+
+    started = time.monotonic()
+    response = httpx.post(base + "/v1/chat/completions", json=CHAT)
+
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == " decode0 decode1"
+    assert time.monotonic() - started < 3
+    assert metric(base, "splitwise_proxy_prefill_fallbacks_total") == 1
+    assert metric(base, f'splitwise_proxy_errors_total{{kind="prefill_{kind}"}}') == 1
+    if kind == "timeout":
+        assert prefill.record.cut.wait(2), "the timed-out prefill request was not closed"
+
+
+def test_prefill_engine_marked_down_is_skipped_until_back_off_ends(fake, proxy, dead_url):
+    _, decode_url = fake(name="decode")
+    base = proxy(prefill=[dead_url()], decode=[decode_url], backoff_initial_s=60)
+    for _ in range(3):
+        assert httpx.post(base + "/v1/completions", json=COMPLETION).status_code == 200
+    assert metric(base, "splitwise_proxy_engine_failures_total") == 1
+    assert metric(base, "splitwise_proxy_engine_up{") == 0
+    assert metric(base, "splitwise_proxy_prefill_fallbacks_total") == 3
+
+
+def test_no_fallback_passes_prefill_error_or_fails_in_openai_format(fake, proxy):
+    _, prefill_url = fake(name="prefill", fail_status=500)
+    decode, decode_url = fake(name="decode")
+    base = proxy(prefill=[prefill_url], decode=[decode_url], fallback_to_decode=False)
+    response = httpx.post(base + "/v1/completions", json=COMPLETION)
+    assert response.status_code == 500
+    assert response.json()["error"]["message"] == "fake engine failure"
+
+    timed_out = proxy(
+        prefill=[fake(delay_s=5.0)[1]],
+        decode=[decode_url],
+        fallback_to_decode=False,
+        prefill_timeout_s=0.2,
+    )
+    error = assert_openai_error(httpx.post(timed_out + "/v1/completions", json=COMPLETION), 504)
+    assert error["code"] == "prefill_timeout"
+    assert decode.record.requests == []
+
+
+def test_no_decode_engine_reachable_is_503(fake, proxy, dead_url):
+    _, prefill_url = fake(name="prefill")
+    base = proxy(prefill=[prefill_url], decode=[dead_url(), dead_url()])
+    error = assert_openai_error(httpx.post(base + "/v1/chat/completions", json=CHAT), 503)
+    assert error["type"] == "server_error"
+    assert "no decode engine reachable" in error["message"]
+    # Both are now marked down: the next request is refused without trying them.
+    error = assert_openai_error(httpx.post(base + "/v1/chat/completions", json=CHAT), 503)
+    assert "marked down" in error["message"]
+
+
+def test_decode_retries_another_engine_when_one_is_unreachable(fake, proxy, dead_url):
+    _, prefill_url = fake(name="prefill")
+    decode, decode_url = fake(name="decode")
+    base = proxy(prefill=[prefill_url], decode=[dead_url(), decode_url])
+    for _ in range(2):
+        assert httpx.post(base + "/v1/completions", json=COMPLETION).status_code == 200
+    assert len(decode.record.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({**CHAT, "model": "no-such-model"}, 404),
+        ({**CHAT, "messages": [{"role": "user", "content": "word " * 50}]}, 400),
+    ],
+)
+def test_engine_client_errors_pass_through_unchanged(fake, proxy, body, status):
+    _, prefill_url = fake(name="prefill", max_prompt_words=10)
+    _, decode_url = fake(name="decode", max_prompt_words=10)
+    base = proxy(prefill=[prefill_url], decode=[decode_url])
+    direct = httpx.post(decode_url + "/v1/chat/completions", json=body)
+    for stream in (False, True):
+        response = httpx.post(base + "/v1/chat/completions", json={**body, "stream": stream})
+        assert response.status_code == status
+        assert response.content == direct.content
+        assert response.headers["content-type"] == direct.headers["content-type"]
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "code"),
+    [
+        (b'{"model": "fake-model", "messages": [', 400, "invalid_json"),
+        (b"\xff\xfe not utf-8", 400, "invalid_json"),
+        (b"[1, 2, 3]", 400, "invalid_json"),
+        (b'{"prompt": "' + b"x" * 2000 + b'"}', 413, "body_too_large"),
+    ],
+)
+def test_bad_bodies_get_openai_errors(proxy, content, status, code):
+    base = proxy(prefill=["http://127.0.0.1:9"], decode=["http://127.0.0.1:9"], max_body_bytes=1000)
+    response = httpx.post(base + "/v1/completions", content=content)
+    assert assert_openai_error(response, status)["code"] == code
+
+
+def test_body_over_limit_without_content_length_is_413(proxy):
+    base = proxy(prefill=["http://127.0.0.1:9"], decode=["http://127.0.0.1:9"], max_body_bytes=1000)
+
+    def chunks():
+        for _ in range(10):
+            yield b"x" * 500
+
+    response = httpx.post(base + "/v1/completions", content=chunks())
+    assert assert_openai_error(response, 413)["code"] == "body_too_large"
+
+
+def test_api_key_is_required_and_forwarded(fake, proxy):
+    prefill, prefill_url = fake(name="prefill")
+    decode, decode_url = fake(name="decode")
+    base = proxy(prefill=[prefill_url], decode=[decode_url], api_key="s3cret")
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+        response = httpx.post(base + "/v1/completions", json=COMPLETION, headers=headers)
+        assert assert_openai_error(response, 401)["code"] == "invalid_api_key"
+        assert httpx.get(base + "/v1/models", headers=headers).status_code == 401
+    good = {"authorization": "Bearer s3cret"}
+    assert httpx.post(base + "/v1/completions", json=COMPLETION, headers=good).status_code == 200
+    assert httpx.get(base + "/v1/models", headers=good).status_code == 200
+    assert prefill.record.requests[0][2]["authorization"] == "Bearer s3cret"
+    assert decode.record.requests[0][2]["authorization"] == "Bearer s3cret"
+    assert httpx.get(base + "/health").status_code == 200
+
+
+def test_health_says_which_engines_are_down(fake, proxy, dead_url):
+    _, prefill_url = fake(name="prefill")
+    _, decode_url = fake(name="decode")
+    dead = dead_url()
+    healthy = httpx.get(proxy(prefill=[prefill_url], decode=[decode_url, dead]) + "/health")
+    assert healthy.status_code == 200
+    assert healthy.json() == {
+        "status": "ok",
+        "prefill": {prefill_url: "up"},
+        "decode": {decode_url: "up", dead: "down"},
+        "down": [dead],
+    }
+    sick = httpx.get(proxy(prefill=[prefill_url], decode=[dead]) + "/health")
+    assert sick.status_code == 503
+    assert sick.json()["status"] == "unavailable" and sick.json()["down"] == [dead]
+
+
+def test_requests_spread_round_robin_over_idle_engines(fake, proxy):
+    engines = [fake(name=f"d{i}") for i in range(3)]
+    _, prefill_url = fake(name="prefill")
+    base = proxy(prefill=[prefill_url], decode=[url for _, url in engines])
+    for _ in range(6):
+        assert httpx.post(base + "/v1/completions", json=COMPLETION).status_code == 200
+    assert [len(engine.record.requests) for engine, _ in engines] == [2, 2, 2]
+
+
+def test_caller_disconnect_mid_stream_cancels_upstream(fake, proxy):
+    _, prefill_url = fake(name="prefill")
+    decode, decode_url = fake(name="decode", tokens=500, token_interval_s=0.01)
+    base = proxy(prefill=[prefill_url], decode=[decode_url])
+    body = {**CHAT, "stream": True}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body) as response:
+        next(response.iter_bytes())
+    assert decode.record.cut.wait(3), "the decode stream kept running after the caller left"
+    assert decode.record.streams_cut == 1 and decode.record.streams_completed == 0
+    settle(base)
+    assert metric(base, "splitwise_proxy_in_flight_requests") == 0
+    assert metric(base, 'splitwise_proxy_engine_in_flight{engine="' + decode_url) == 0
+    assert metric(base, 'splitwise_proxy_errors_total{kind="client_disconnected"}') == 1
+
+
+def test_caller_disconnect_during_prefill_cancels_it(fake, proxy):
+    prefill, prefill_url = fake(name="prefill", delay_s=5.0)
+    decode, decode_url = fake(name="decode")
+    base = proxy(prefill=[prefill_url], decode=[decode_url])
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", json=COMPLETION, timeout=0.3)
+    assert prefill.record.cut.wait(3), "the prefill request kept running after the caller left"
+    time.sleep(0.1)
+    assert decode.record.requests == []
+
+
+def test_decode_stalling_mid_stream_ends_with_an_error_event(fake, proxy):
+    _, prefill_url = fake(name="prefill")
+    decode, decode_url = fake(name="decode", tokens=5, token_interval_s=2.0)
+    base = proxy(prefill=[prefill_url], decode=[decode_url], decode_timeout_s=0.3)
+    with httpx.stream("POST", base + "/v1/completions", json={**COMPLETION, "stream": True}) as r:
+        events = sse_events(r.read().decode())
+    assert events[0]["choices"][0]["text"] == " decode0"
+    assert events[1]["error"]["type"] == "server_error"
+    assert "ReadTimeout" in events[1]["error"]["message"]
+    assert events[2] == "[DONE]"
+    assert decode.record.cut.wait(3)
+
+
+def test_unknown_route_and_method_are_openai_errors(pair):
+    _, _, base = pair
+    assert_openai_error(httpx.get(base + "/v1/nothing"), 404)
+    assert_openai_error(httpx.get(base + "/v1/completions"), 405)
+
+
+def test_metrics_expose_latencies_per_engine(pair):
+    _, _, base = pair
+    httpx.post(base + "/v1/completions", json=COMPLETION)
+    with httpx.stream("POST", base + "/v1/completions", json={**COMPLETION, "stream": True}) as r:
+        r.read()
+    settle(base)
+    text = httpx.get(base + "/metrics").text
+    for name in (
+        'splitwise_proxy_requests_total{route="/v1/completions",status="200"} 2.0',
+        "splitwise_proxy_prefill_seconds_count{engine=",
+        "splitwise_proxy_decode_ttft_seconds_count{engine=",
+        'splitwise_proxy_request_seconds_count{route="/v1/completions"} 2.0',
+        "splitwise_proxy_in_flight_requests 0.0",
+        'splitwise_proxy_engine_requests_total{engine="',
+    ):
+        assert name in text
