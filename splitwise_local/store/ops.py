@@ -8,7 +8,6 @@ run the very same request logic through their own small drivers.
 from __future__ import annotations
 
 import os
-
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -66,7 +65,7 @@ def put(items: Sequence[tuple[bytes, memoryview]]) -> Flow[None]:
 
 def get(keys: Sequence[bytes], allocate: Callable[[int], memoryview]) -> Flow[list]:
     """Values in key order (None for a miss), each received into `allocate(length)`."""
-    header, meta = yield from call(p.Op.GET, len(keys), p.encode_keys(keys))
+    _, meta = yield from call(p.Op.GET, len(keys), p.encode_keys(keys))
     values: list[memoryview | None] = []
     for length in p.decode_lengths(meta, len(keys)):
         if length < 0:

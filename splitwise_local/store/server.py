@@ -12,11 +12,13 @@ port can later also speak LMCache's own `lm://` (see `_dispatch`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import selectors
 import signal
 import socket
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -111,10 +113,8 @@ class StoreServer:
         with self._lock:
             connections = dict(self._connections)
         for sock in connections:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         for thread in connections.values():
             thread.join(timeout=5)
         for sock in (self._tcp, self._unix, self._wake_r, self._wake_w):
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = StoreServer(settings_from_args(args))
     except (OSError, ValueError) as exc:
-        print(f"store: cannot start: {exc}", flush=True)
+        print(f"store: cannot start: {exc}", file=sys.stderr, flush=True)
         return 1
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

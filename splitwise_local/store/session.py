@@ -171,6 +171,7 @@ class Session:
         self._check_sizes(items)
         for key, length in items:
             slot = self.ctx.index.reserve(key, length)
+            self.ctx.arena.populate(slot.extents)
             try:
                 for offset, size in slot.extents:
                     recv_into_exact(self.sock, self.ctx.arena.view[offset : offset + size])
