@@ -155,6 +155,11 @@ class StoreIndex:
             self._unlink(slot)
             return True
 
+    def keys(self) -> list[bytes]:
+        """The visible keys, least recently used first (the eviction order)."""
+        with self._lock:
+            return list(self._index)
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             page_size = self.allocator.page_size
