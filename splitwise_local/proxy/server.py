@@ -84,7 +84,8 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise ValueError(f"invalid {where}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ValueError(f"invalid {where}: {message}") from None
 
 
 def environment(cwd: Path) -> dict[str, str]:

@@ -1,0 +1,63 @@
+"""Settings validation and where the `proxy` subcommand takes its endpoints from."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from pydantic import ValidationError
+
+from splitwise_local.proxy.server import add_arguments, environment, settings_from_args
+from splitwise_local.proxy.settings import ProxySettings
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_flags_win_over_environment():
+    env = {"PREFILL_ENDPOINTS": "http://a:1", "DECODE_ENDPOINTS": "http://b:2, http://c:3/"}
+    settings = settings_from_args(parse("--prefill", "http://p:9/v1", "--no-fallback"), env)
+    assert settings.prefill == ["http://p:9"]
+    assert settings.decode == ["http://b:2", "http://c:3"]
+    assert settings.fallback_to_decode is False
+    assert settings.api_key is None
+
+
+def test_dotenv_file_is_read_and_environment_wins(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text(
+        "PREFILL_ENDPOINTS=http://from-file:1\nDECODE_ENDPOINTS=http://from-file:2\n"
+        "PROXY_API_KEY=k1\n"
+    )
+    monkeypatch.setenv("DECODE_ENDPOINTS", "http://from-env:3")
+    monkeypatch.delenv("PREFILL_ENDPOINTS", raising=False)
+    monkeypatch.delenv("PROXY_API_KEY", raising=False)
+    settings = settings_from_args(parse("--decode-timeout", "7"), environment(tmp_path))
+    assert settings.prefill == ["http://from-file:1"]
+    assert settings.decode == ["http://from-env:3"]
+    assert settings.api_key == "k1"
+    assert settings.decode_timeout_s == 7
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--decode", "http://d:1"], "no prefill engines: pass --prefill"),
+        (["--prefill", "http://p:1", "--decode", "d:1"], "is not an http"),
+        (["--prefill", "http://p:1", "--decode", "http://d:x"], "invalid decode"),
+        (["--prefill", "http://p:1/api", "--decode", "http://d:1"], "base URL"),
+        (["--prefill", "http://p:1,http://p:1", "--decode", "http://d:1"], "listed twice"),
+    ],
+)
+def test_bad_endpoints_are_named(argv, message):
+    with pytest.raises(ValueError, match=message):
+        settings_from_args(parse(*argv), {})
+
+
+def test_settings_reject_unknown_keys_and_empty_pools():
+    with pytest.raises(ValidationError):
+        ProxySettings(prefill=["http://p:1"], decode=[])
+    with pytest.raises(ValidationError):
+        ProxySettings(prefill=["http://p:1"], decode=["http://d:1"], retries=3)
