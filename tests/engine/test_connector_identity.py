@@ -14,8 +14,8 @@ import warnings
 
 import pytest
 
+from splitwise_local.bench.engines import Engine, start_system
 from splitwise_local.config import SplitwiseConfig
-from tests.engine.harness import Engine, start_system
 
 pytestmark = pytest.mark.engine
 

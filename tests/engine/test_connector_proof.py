@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
+from splitwise_local.bench.engines import start_system
 from splitwise_local.config import SplitwiseConfig
-from tests.engine.harness import start_system
 
 pytestmark = pytest.mark.engine
 

@@ -1,4 +1,4 @@
-"""Real vLLM CPU engines for the end-to-end tests: start, ask, read their logs, stop.
+"""Real vLLM engines with our store, for benchmarks and end-to-end tests: start, ask, stop.
 
 A `System` is our store plus a prefill engine (kv_producer) and a decode engine (kv_consumer)
 with a given config; the reference is a plain engine with no connector. Every engine runs with
@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from splitwise_local.supervisor import Readiness, Supervisor
 ENGINE_START_TIMEOUT_S = 420
 REQUEST_TIMEOUT_S = 300
 NEW_TOKENS = 64
-PROSE = Path(__file__).resolve().parents[2] / "splitwise_local" / "data" / "prose.txt"
+PROSE = Path(__file__).resolve().parents[1] / "data" / "prose.txt"
 
 
 def free_port() -> int:
@@ -62,6 +63,23 @@ class Engine:
         reply = httpx.post(f"{self.url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S)
         reply.raise_for_status()
         return reply.json()
+
+    def time_to_first_token(self, prompt: list[int]) -> float:
+        """Seconds from sending a streamed completion to its first token arriving."""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": 2, "temperature": 0,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        started = time.perf_counter()
+        with httpx.stream(
+            "POST", f"{self.url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S
+        ) as reply:
+            reply.raise_for_status()
+            for line in reply.iter_lines():
+                if line.startswith("data: ") and '"text"' in line:
+                    first = time.perf_counter() - started
+                    for _ in reply.iter_lines():
+                        pass
+                    return first
+        raise RuntimeError("the stream ended without a token")
 
     def chat(self, text: str, max_tokens: int = NEW_TOKENS) -> dict:
         body = {
