@@ -114,13 +114,14 @@ class Child:
             os.killpg(self.popen.pid, sig)
 
     def reap(self, timeout: float = 5.0) -> None:
-        """Collects the exit status and lets the log copier finish the last lines."""
-        if self.popen is None:
-            return
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return
+        """Collects the exit status, so the child does not linger as a zombie."""
+        if self.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout)
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Waits for the last lines of output to reach the log (the pipe closes once every
+        process that inherited it has exited)."""
         if self._pump is not None:
             self._pump.join(timeout)
 
@@ -138,12 +139,17 @@ def alive(processes: Sequence[psutil.Process]) -> list[psutil.Process]:
 
 
 def stop_together(children: Sequence[Child], grace: float, hurry: threading.Event) -> None:
-    """SIGTERM to each child's process group, wait up to `grace` seconds (less once `hurry` is
-    set), then SIGKILL whatever of them or their descendants is left."""
+    """SIGTERM to each child's process group and descendants, wait up to `grace` seconds (less
+    once `hurry` is set), then SIGKILL whatever of them is left."""
     started = [c for c in children if c.popen is not None]
     processes = [p for child in started for p in child.family()]
     for child in started:
         child.signal_group(signal.SIGTERM)
+    groups = {child.popen.pid for child in started}
+    for process in alive(processes):  # those that left the group got nothing yet
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            if os.getpgid(process.pid) not in groups:
+                process.terminate()
     deadline = time.monotonic() + grace
     while alive(processes) and time.monotonic() < deadline and not hurry.is_set():
         for child in started:
@@ -152,10 +158,8 @@ def stop_together(children: Sequence[Child], grace: float, hurry: threading.Even
     for child in started:
         child.signal_group(signal.SIGKILL)
     for process in alive(processes):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-        except psutil.NoSuchProcess:
-            continue
     for child in started:
         child.reap()
 

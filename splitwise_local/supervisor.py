@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +49,11 @@ class Readiness:
             return bool(self.check())
         except Exception:
             return False
+
+
+def quoted_tail(child: Child) -> str:
+    """The end of a child's log, indented so it reads as a quote under the launcher's line."""
+    return textwrap.indent(child.tail(), "  | ", lambda line: True)
 
 
 def describe_exit(child: Child) -> str:
@@ -92,7 +98,7 @@ class Supervisor:
                 elif not child.running:
                     raise StartupError(
                         f"{describe_exit(child)} before it was ready; "
-                        f"last lines of {child.log_path}:\n{child.tail()}"
+                        f"last lines of {child.log_path}:\n{quoted_tail(child)}"
                     )
             now = time.monotonic()
             if waiting and now - began > timeout:
@@ -100,7 +106,7 @@ class Supervisor:
                 raise StartupError(
                     f"{child.name} was not ready within {timeout:.0f} s "
                     f"({readiness.what} never succeeded); "
-                    f"last lines of {child.log_path}:\n{child.tail()}"
+                    f"last lines of {child.log_path}:\n{quoted_tail(child)}"
                 )
             if waiting and now >= next_progress:
                 names = ", ".join(child.name for child in waiting)
@@ -116,12 +122,13 @@ class Supervisor:
     def report_death(self, child: Child) -> None:
         self.say(
             f"{describe_exit(child)} while serving; stopping everything. "
-            f"Last lines of {child.log_path}:\n{child.tail()}"
+            f"Last lines of {child.log_path}:\n{quoted_tail(child)}"
         )
 
     def stop_all(self) -> None:
         """Stops the stages newest first; a second Ctrl-C or SIGTERM skips the grace periods."""
         with self._signals(lambda *_: self._hurry.set()):
+            children = self.children
             for stage in reversed(self.stages):
                 running = [child for child in stage if child.popen is not None]
                 if not running:
@@ -130,6 +137,8 @@ class Supervisor:
                 stop_together(running, self.stop_grace, self._hurry)
             self.stages.clear()
             self._sweep()
+            for child in children:
+                child.drain()
 
     def _sweep(self) -> None:
         """Kills what a child left behind after it exited on its own (say, a crashed engine's
