@@ -96,15 +96,14 @@ class Launch:
                 return process
         raise AssertionError(f"no child of the launcher runs {marker!r}")
 
-    def kill_if_running(self) -> None:
+    def stop(self) -> None:
+        """SIGTERM if still running; the caller then checks `leftovers`."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
-                self.popen.wait(60)
+                self.popen.wait(120)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
-        for process in tagged(str(self.run_dir)):
-            process.kill()
 
 
 def leftovers(run_dir: Path) -> list[str]:
@@ -113,6 +112,12 @@ def leftovers(run_dir: Path) -> list[str]:
     while (found := tagged(str(run_dir))) and time.monotonic() < deadline:
         time.sleep(0.1)
     return [f"{p.pid} {' '.join(p.cmdline())}" for p in found]
+
+
+def sweep(run_dir: Path) -> None:
+    """Kills whatever a failed test left of a run, so one failure does not starve the rest."""
+    for process in tagged(str(run_dir)):
+        process.kill()
 
 
 def events(path: Path) -> list[dict]:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
-from tests.launcher.helpers import Launch, Ports, events, fake_env, leftovers
+from tests.launcher.helpers import Launch, Ports, events, fake_env, leftovers, sweep
 
 pytestmark = pytest.mark.timeout(120)
 READY = "ready: http://"
@@ -41,7 +41,8 @@ def launched():
     started: list[Launch] = []
     yield started
     for one in started:
-        one.kill_if_running()
+        one.stop()
+        sweep(one.run_dir)
 
 
 def test_serves_then_stops_proxy_engines_store_in_order(tmp_path, ports, fake_model, launched):
