@@ -163,7 +163,10 @@ class Supervisor:
     @staticmethod
     @contextmanager
     def _signals(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
-        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+        """Installs `handler`, except for signals this process was told to ignore (nohup's
+        SIGHUP, SIGINT for a background job), which stay ignored."""
+        wanted = [sig for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+        previous = {sig: signal.signal(sig, handler) for sig in wanted}
         try:
             yield
         finally:
