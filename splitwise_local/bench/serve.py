@@ -148,11 +148,13 @@ async def stream_request(
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise ValueError(f"malformed chunk: {data[:200]}")
                 if "error" in chunk:
                     result.error = f"error in stream: {chunk['error']}"
                     return result
                 if chunk.get("usage"):
-                    result.usage = chunk["usage"]
+                    result.usage = dict(chunk["usage"])
                 tokens = sum(_chunk_tokens(choice) for choice in chunk.get("choices") or [])
                 if tokens:
                     result.chunk_s.append(now - sent)
@@ -161,14 +163,16 @@ async def stream_request(
         result.end_s = time.perf_counter() - sent
         if not result.chunk_s:
             result.error = "the stream carried no tokens"
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except (httpx.HTTPError, ValueError, TypeError) as exc:  # incl. malformed JSON
         result.error = f"{type(exc).__name__}: {exc}"
     return result
 
 
-def _chunk_tokens(choice: dict[str, Any]) -> int:
+def _chunk_tokens(choice: Any) -> int:
     """Tokens in one streamed choice: its token ids when the server sends them (vLLM), else
     one per chunk that carries text."""
+    if not isinstance(choice, dict):
+        raise ValueError(f"malformed choice in stream: {choice!r:.200}")
     if choice.get("token_ids") is not None:
         return len(choice["token_ids"])
     return 1 if choice.get("text") else 0

@@ -14,7 +14,7 @@ import asyncio
 import json
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -39,8 +39,8 @@ class Knobs:
 
 
 class FakeVLLM:
-    def __init__(self, tokenizer, knobs: Knobs) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, count_tokens: Callable[[str], int], knobs: Knobs) -> None:
+        self.count_tokens = count_tokens
         self.knobs = knobs
         self.requests: list[dict] = []
         self.registry = CollectorRegistry()
@@ -71,7 +71,7 @@ class FakeVLLM:
             return JSONResponse({"error": {"message": "fake failure"}}, status_code=500)
         if body.get("model") != MODEL:
             return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
-        prompt_tokens = len(self.tokenizer(body["prompt"])["input_ids"])
+        prompt_tokens = self.count_tokens(body["prompt"])
         self.kv_bytes.inc(prompt_tokens * KV_BYTES_PER_PROMPT_TOKEN)
         self.kv_seconds.observe(0.25)
         return StreamingResponse(
@@ -106,7 +106,7 @@ class FakeVLLM:
 @contextmanager
 def serve_fake(tokenizer, knobs: Knobs | None = None) -> Iterator[tuple[str, FakeVLLM]]:
     """Runs a FakeVLLM on a free 127.0.0.1 port in a thread; yields its URL and the fake."""
-    fake = FakeVLLM(tokenizer, knobs or Knobs())
+    fake = FakeVLLM(lambda text: len(tokenizer(text)["input_ids"]), knobs or Knobs())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -123,3 +123,24 @@ def serve_fake(tokenizer, knobs: Knobs | None = None) -> Iterator[tuple[str, Fak
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def main() -> None:
+    """`python serve_fake.py --port P`: one fake in the foreground (the experiment script's
+    test starts it where the script would start a real engine or the launcher)."""
+    import argparse
+
+    from tokenizers import Tokenizer  # starts in a blink, unlike transformers
+
+    from splitwise_local.model import resolve_model
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    tokenizer = Tokenizer.from_file(str(resolve_model(None) / "tokenizer.json"))
+    fake = FakeVLLM(lambda text: len(tokenizer.encode(text).ids), Knobs())
+    uvicorn.run(fake.app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
+
+
+if __name__ == "__main__":
+    main()
