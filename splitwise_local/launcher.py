@@ -92,16 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Plan:
     """Everything decided before the first process starts."""
 
-    model: Path
-    device: str
     run_dir: Path
-    proxy_socket: socket.socket
-    proxy_url: str
-    served_model: str
     store: tuple[Child, Readiness] | None
     engines: list[tuple[Child, Readiness]]
     prefill_url: str
     decode_url: str
+    served_model: str
+    proxy_url: str
+    proxy_socket: socket.socket
 
 
 def pick_run_dir(requested: str | None) -> Path:
@@ -211,9 +209,63 @@ def child_env(base: dict[str, str], run_dir: Path) -> dict[str, str]:
     return {**base, RUN_ENV: str(run_dir), "PYTHONUNBUFFERED": "1"}
 
 
+def announce(console: Console, args: argparse.Namespace, model: Path, device: str) -> None:
+    """One line: what is served, and where."""
+    where = "on GPUs" if device == "cuda" else "on the CPU"
+    if device == "cpu" and args.device == "auto":
+        where += " (no GPU found)"
+    which = f"the embedded model {model.name}" if args.model is None else f"model {model.name}"
+    console.say(LAUNCHER, f"serving {which} {where} ({model})")
+
+
+def placement(args: argparse.Namespace, device: str, console: Console) -> dict[str, dict]:
+    """Per engine role: its GPUs (CUDA_VISIBLE_DEVICES) or its CPU cores (OMP binding)."""
+    if device == "cuda":
+        import torch
+
+        count = torch.cuda.device_count()
+        return {
+            "prefill": {"gpus": check_gpus("prefill", args.prefill_gpus or "0", count)},
+            "decode": {"gpus": check_gpus("decode", args.decode_gpus or "1", count)},
+        }
+    if args.prefill_gpus or args.decode_gpus:
+        console.say(LAUNCHER, "--prefill-gpus/--decode-gpus have no effect on the CPU")
+    prefill, decode = split_cores(sorted(os.sched_getaffinity(0)))
+    return {"prefill": {"cpu_cores": prefill}, "decode": {"cpu_cores": decode}}
+
+
+def store_member(
+    config: SplitwiseConfig, port: int, shm_url: str, run_dir: Path, console: Console
+) -> tuple[tuple[Child, Readiness], Path]:
+    """The store child, and the per-run config that points the engines at its arena."""
+    from splitwise_local.config import dump_config
+
+    engines_config = config.model_copy(update={"remote_url": shm_url})
+    config_file = dump_config(engines_config, run_dir / "splitwise.yaml")
+    # The store reads its capacity and auth token from the same file: no secret in `ps`.
+    command = [sys.executable, "-m", "splitwise_local", "store", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--shm-name", shm_url.removeprefix("shm://")]
+    command += ["--config", str(config_file)]
+    child = Child(
+        "store", command, child_env(dict(os.environ), run_dir), run_dir / "store.log", console
+    )
+    ready = Readiness(lambda: store_responds(shm_url, engines_config), f"stats() on {shm_url}")
+    return (child, ready), config_file
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The proxy's listening socket, bound now so no other process can take the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise LaunchError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 def make_plan(args: argparse.Namespace, console: Console) -> Plan:
-    """Resolves and checks everything; raises LaunchError. Binds the proxy's socket last."""
-    from splitwise_local.config import ConfigError, dump_config, load_config
+    """Resolves and checks everything; raises LaunchError. Creates only the run folder and,
+    last, the proxy's listening socket."""
+    from splitwise_local.config import ConfigError, load_config
     from splitwise_local.engine import EngineSpec, detect_device, merge_args
     from splitwise_local.model import ModelError, default_model_dir, resolve_model
 
@@ -225,11 +277,7 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         model = resolve_model(args.model)
     except (ConfigError, ModelError) as exc:
         raise LaunchError(str(exc)) from None
-    where = "on the CPU" + (" (no GPU found)" if args.device == "auto" else "")
-    if device == "cuda":
-        where = "on GPUs"
-    which = f"the embedded model {model.name}" if args.model is None else f"model {model.name}"
-    console.say(LAUNCHER, f"serving {which} {where} ({model})")
+    announce(console, args, model, device)
 
     wanted = {
         "proxy": (args.host, args.port, "--port"),
@@ -241,41 +289,16 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         store_port, shm_url = store_url(config.remote_url, args.store_port)
         wanted["store"] = ("127.0.0.1", store_port, "--store-port")
     check_ports(wanted)
-
-    gpus: dict[str, str | None] = {"prefill": None, "decode": None}
-    cores: dict[str, str | None] = {"prefill": None, "decode": None}
-    if device == "cuda":
-        import torch
-
-        count = torch.cuda.device_count()
-        gpus["prefill"] = check_gpus("prefill", args.prefill_gpus or "0", count)
-        gpus["decode"] = check_gpus("decode", args.decode_gpus or "1", count)
-    else:
-        if args.prefill_gpus or args.decode_gpus:
-            console.say(LAUNCHER, "--prefill-gpus/--decode-gpus have no effect on the CPU")
-        cores["prefill"], cores["decode"] = split_cores(sorted(os.sched_getaffinity(0)))
+    where = placement(args, device, console)
 
     run_dir = pick_run_dir(args.run_dir)
-    config_file = None
-    store = None
+    store, config_file = None, None
     if use_store:
-        config_file = dump_config(
-            config.model_copy(update={"remote_url": shm_url}), run_dir / "splitwise.yaml"
-        )
-        # The store reads its capacity and auth token from the same file: no secret in `ps`.
-        command = [sys.executable, "-m", "splitwise_local", "store", "--host", "127.0.0.1"]
-        command += ["--port", str(store_port), "--shm-name", shm_url.removeprefix("shm://")]
-        command += ["--config", str(config_file)]
-        env = child_env(dict(os.environ), run_dir)
-        store = (
-            Child("store", command, env, run_dir / "store.log", console),
-            Readiness(lambda: store_responds(shm_url, config), f"stats() on {shm_url}"),
-        )
+        store, config_file = store_member(config, store_port, shm_url, run_dir, console)
 
     extra = merge_args(["--served-model-name", model.name], args.extra)
-    served_model = flag_value(extra, "--served-model-name") or model.name
-    engines = []
-    urls = {}
+    engines: dict[str, tuple[Child, Readiness]] = {}
+    urls: dict[str, str] = {}
     for role, port in (("prefill", args.prefill_port), ("decode", args.decode_port)):
         spec = EngineSpec(
             model=model,
@@ -283,42 +306,28 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
             role=role if use_store else "plain",
             config_file=config_file,
             device=device,  # type: ignore[arg-type]
-            gpus=gpus[role],
-            cpu_cores=cores[role],
             kv_cache_gb=args.kv_cache_gb,
             extra_args=extra,
+            **where[role],
         )
         env = child_env(spec.environment(), run_dir)
         if args.disable_mla:
             env["VLLM_MLA_DISABLE"] = "1"
-        name = f"{role} engine"
+        child = Child(f"{role} engine", spec.command(), env, run_dir / f"{role}.log", console)
+        health = f"{spec.url}/health"
+        engines[role] = (child, Readiness(lambda url=health: http_ok(url), f"GET {health}"))
         urls[role] = spec.url
-        engines.append(
-            (
-                Child(name, spec.command(), env, run_dir / f"{role}.log", console),
-                Readiness(lambda url=spec.url: http_ok(f"{url}/health"), f"GET {spec.url}/health"),
-            )
-        )
 
-    try:
-        proxy_socket = socket.create_server(
-            (args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET
-        )
-    except OSError as exc:
-        raise LaunchError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    proxy_url = f"http://{shown_host}:{args.port}"
     return Plan(
-        model,
-        device,
-        run_dir,
-        proxy_socket,
-        proxy_url,
-        served_model,
-        store,
-        engines,
-        urls["prefill"],
-        urls["decode"],
+        run_dir=run_dir,
+        store=store,
+        engines=list(engines.values()),
+        prefill_url=urls["prefill"],
+        decode_url=urls["decode"],
+        served_model=flag_value(extra, "--served-model-name") or model.name,
+        proxy_url=f"http://{shown_host}:{args.port}",
+        proxy_socket=listen(args.host, args.port),
     )
 
 
