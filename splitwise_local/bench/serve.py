@@ -21,7 +21,7 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -384,38 +384,54 @@ def print_results(label: str, results: dict[str, Any]) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class Plan:
+    """A run decided before the first request: where, which model, what, and when."""
+
+    base_url: str
+    model: str
+    settings: WorkloadSettings
+    specs: list[RequestSpec]
+    warmup: list[RequestSpec]
+    arrivals: list[float] | None
+
+
+def plan_run(args: argparse.Namespace) -> Plan:
+    """Checks everything that can be checked before sending (raises with one line)."""
     from transformers import AutoTokenizer
 
-    from splitwise_local.model import ModelError, resolve_model
+    from splitwise_local.model import resolve_model
 
     settings = settings_from_args(args)
+    if args.rate is None and args.concurrency < 1:
+        raise WorkloadError(f"concurrency must be at least 1 (got {args.concurrency})")
     base_url = normalize_url(args.url)
+    served, max_model_len = server_model(base_url, args.wait_ready)
+    settings.validate(max_model_len)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    specs = build_workload(settings, tokenizer)
+    return Plan(
+        base_url=base_url,
+        model=args.served_model_name or served,
+        settings=settings,
+        specs=specs,
+        warmup=warmup_requests(settings, tokenizer, args.warmup),
+        arrivals=None if args.rate is None else poisson_arrivals(len(specs), args.rate, args.seed),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from splitwise_local.model import ModelError
+
     try:
-        if args.concurrency is not None and args.concurrency < 1:
-            raise WorkloadError(f"concurrency must be at least 1 (got {args.concurrency})")
-        served, max_model_len = server_model(base_url, args.wait_ready)
-        settings.validate(max_model_len)
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
-        specs = build_workload(settings, tokenizer)
-        warmup = warmup_requests(settings, tokenizer, args.warmup)
-        arrivals = poisson_arrivals(len(specs), args.rate, args.seed) if args.rate else None
+        plan = plan_run(args)
     except (WorkloadError, ServerError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    model = args.served_model_name or served
-
-    if warmup:
+    load = {"timeout_s": args.timeout, "concurrency": args.concurrency}
+    if plan.warmup:
         done, _ = asyncio.run(
-            run_load(
-                base_url,
-                model,
-                warmup,
-                arrivals=None,
-                concurrency=1,
-                timeout_s=args.timeout,
-                progress=False,
-            )
+            run_load(plan.base_url, plan.model, plan.warmup, arrivals=None, progress=False, **load)
         )
         failed = [r.error for r in done if not r.ok]
         if failed:
@@ -424,25 +440,24 @@ def run(args: argparse.Namespace) -> int:
     before = kv_cost.snapshot(args.store_url, args.metrics_url)
     results, duration = asyncio.run(
         run_load(
-            base_url,
-            model,
-            specs,
-            arrivals=arrivals,
-            concurrency=args.concurrency or 1,
-            timeout_s=args.timeout,
+            plan.base_url,
+            plan.model,
+            plan.specs,
+            arrivals=plan.arrivals,
             progress=not args.no_progress,
+            **load,
         )
     )
     after = kv_cost.snapshot(args.store_url, args.metrics_url)
     summary = summarize(results, duration, args.slo_ttft_ms, args.slo_itl_ms)
     payload = {
         "label": args.label,
-        "url": base_url,
-        "model": model,
+        "url": plan.base_url,
+        "model": plan.model,
         "settings": {
-            **vars(settings),
+            **asdict(plan.settings),
             "rate": args.rate,
-            "concurrency": None if args.rate else args.concurrency,
+            "concurrency": None if args.rate is not None else args.concurrency,
             "warmup": args.warmup,
             "slo_ttft_ms": args.slo_ttft_ms,
             "slo_itl_ms": args.slo_itl_ms,

@@ -114,3 +114,14 @@ def test_workload_too_long_for_the_server_is_refused_before_sending(tokenizer, t
         code = main(["bench", "serve", "--url", url, *SMALL, "--long-prompt-len", "2046"])
     assert code == 1 and not fake.requests
     assert "max_model_len of 2048" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--rate", "0"], "rate must be positive"), (["--concurrency", "0"], "concurrency must be")],
+)
+def test_impossible_load_is_refused_before_sending(tokenizer, tmp_path, capsys, flags, message):
+    with serve_fake(tokenizer) as (url, fake):
+        code = main(["bench", "serve", "--url", url, *SMALL, *flags])
+    assert code == 1 and not fake.requests
+    assert message in capsys.readouterr().err
