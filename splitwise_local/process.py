@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -23,6 +24,8 @@ import psutil
 from splitwise_local.console import LEVELS, Console, line_level
 
 RUN_ENV = "SPLITWISE_RUN_DIR"  # set in every child and inherited below: finds a run's processes
+# "ModuleNotFoundError: No module named 'x'", also behind vLLM's "(Worker pid=1) ERROR ..." prefix.
+_EXCEPTION_LINE = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -33,6 +36,20 @@ def log_tail(path: Path, lines: int = 30) -> str:
     except OSError:
         return f"(no log at {path})"
     return b"".join(last).decode(errors="replace").rstrip() or f"({path} is empty)"
+
+
+def first_exception(path: Path) -> str | None:
+    """The first Python exception line in a log: the root cause, where the tail usually shows
+    only what it caused (vLLM's "Engine core initialization failed. See root cause above")."""
+    try:
+        with path.open("rb") as file:
+            for raw in file:
+                match = _EXCEPTION_LINE.search(raw.decode(errors="replace").rstrip())
+                if match:
+                    return f"{match.group(1)}: {match.group(2)}"
+    except OSError:
+        return None
+    return None
 
 
 class Child:
@@ -93,8 +110,11 @@ class Child:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def tail(self, lines: int = 30) -> str:
+    def tail(self, lines: int = 20) -> str:
         return log_tail(self.log_path, lines)
+
+    def first_exception(self) -> str | None:
+        return first_exception(self.log_path)
 
     def family(self) -> list[psutil.Process]:
         """The child and every process below it, found now (they reparent once it exits)."""

@@ -56,10 +56,15 @@ def quoted_tail(child: Child) -> str:
     return textwrap.indent(child.tail(), "  | ", lambda line: True)
 
 
-def describe_exit(child: Child) -> str:
+def describe_exit(child: Child, when: str) -> str:
+    """ "decode engine exited (1) before it was ready (ModuleNotFoundError: ...); last lines..."."""
     code = child.returncode
     how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited ({code})"
-    return f"{child.name} {how}"
+    cause = child.first_exception()
+    cause = f" ({cause})" if cause else ""
+    return (
+        f"{child.name} {how} {when}{cause}; last lines of {child.log_path}:\n{quoted_tail(child)}"
+    )
 
 
 class Supervisor:
@@ -96,10 +101,7 @@ class Supervisor:
                     self.say(f"{child.name} ready after {time.monotonic() - began:.1f} s")
                     del waiting[child]
                 elif not child.running:
-                    raise StartupError(
-                        f"{describe_exit(child)} before it was ready; "
-                        f"last lines of {child.log_path}:\n{quoted_tail(child)}"
-                    )
+                    raise StartupError(describe_exit(child, "before it was ready"))
             now = time.monotonic()
             if waiting and now - began > timeout:
                 child, readiness = next(iter(waiting.items()))
@@ -120,10 +122,7 @@ class Supervisor:
         return next((child for child in self.children if child.returncode is not None), None)
 
     def report_death(self, child: Child) -> None:
-        self.say(
-            f"{describe_exit(child)} while serving; stopping everything. "
-            f"Last lines of {child.log_path}:\n{quoted_tail(child)}"
-        )
+        self.console.error(LAUNCHER, describe_exit(child, "while serving, so everything stops"))
 
     def stop_all(self) -> None:
         """Stops the stages newest first; a second Ctrl-C or SIGTERM skips the grace periods."""

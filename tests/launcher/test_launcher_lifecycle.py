@@ -102,10 +102,14 @@ def test_engine_crash_at_startup_stops_the_rest(tmp_path, ports, fake_model, lau
     system = launch(tmp_path, ports, fake_model, modes={ports.decode: "crash"})
     launched.append(system)
     assert system.finish(timeout=60) == 1
-    assert "error: decode engine exited (3) before it was ready" in system.err
-    assert "ERROR fake engine: cannot load the model" in system.err  # the log's tail
-    # The default console level shows the engine's error line, not its info lines.
-    assert "[decode engine] ERROR fake engine: cannot load the model" in system.out
+    assert (
+        "error: decode engine exited (1) before it was ready "
+        "(RuntimeError: fake engine cannot load the model); last lines of"
+    ) in system.err
+    assert "  | ERROR fake engine: giving up" in system.err  # the log's tail
+    # The default console level shows the engine's errors, not its info lines.
+    assert "[decode engine] ERROR fake engine: giving up" in system.out
+    assert "[decode engine] RuntimeError: fake engine cannot load the model" in system.out
     assert "[decode engine] INFO" not in system.out
     assert leftovers(system.run_dir) == []
 
@@ -129,8 +133,8 @@ def test_child_death_while_serving_stops_everything(tmp_path, ports, fake_model,
     system.wait_for(READY, 60)
     system.child(f"--port {ports.decode}").send_signal(signal.SIGKILL)
     assert system.finish(timeout=60) == 1
-    assert "decode engine was killed by signal 9 while serving; stopping everything" in system.out
-    assert f"fake engine on port {ports.decode}" in system.out  # its log's tail
+    assert "decode engine was killed by signal 9 while serving, so everything stops" in system.err
+    assert f"  | INFO fake engine on port {ports.decode}" in system.err  # its log's tail
     assert leftovers(system.run_dir) == []
 
 

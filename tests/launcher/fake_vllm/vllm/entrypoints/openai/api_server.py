@@ -1,8 +1,8 @@
 """Fake engine: the proxy's fake OpenAI server, started the way the launcher starts vLLM.
 
 Behaviour per engine port, from the environment (set by the tests):
-- `FAKE_ENGINE_MODE_<port>`: `ok` (default); `crash` (prints an error and exits 3 before
-  listening); `hang` (never listens); `stubborn` (ignores SIGTERM, so only SIGKILL stops it).
+- `FAKE_ENGINE_MODE_<port>`: `ok` (default); `crash` (raises, so exits 1, before listening);
+  `hang` (never listens); `stubborn` (ignores SIGTERM, so only SIGKILL stops it).
 - `FAKE_ENGINE_EVENTS`: a file; on SIGTERM the engine appends one JSON line saying whether the
   proxy (`FAKE_PROXY_PORT`) and the store (`FAKE_STORE_PORT`) still accept connections.
 Like vLLM, it starts helper processes of its own; one of them leaves the process group
@@ -66,8 +66,8 @@ def main() -> None:
     print(f"INFO fake engine on port {args.port}, mode {mode}", flush=True)
     start_helpers()
     if mode == "crash":
-        print("ERROR fake engine: cannot load the model", flush=True)
-        sys.exit(3)
+        print("ERROR fake engine: giving up", flush=True)
+        raise RuntimeError("fake engine cannot load the model")
     app = FakeEngine(FakeBehaviour(model=args.served_model_name)).app
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     stopping = threading.Event()
