@@ -93,8 +93,8 @@ class Session:
                 )
         except (StoreError, ValueError) as exc:
             self._refuse(exc)
-        except OSError as exc:
-            log.warning("store: connection from %s failed: %s", self.peer, exc)
+        except OSError as exc:  # logged as text: a kept exception would pin arena views
+            log.warning("store: connection from %s failed: %s", self.peer, str(exc))
         except Exception as exc:
             log.exception("store: internal error serving %s", self.peer)
             self._refuse(exc)
@@ -118,7 +118,7 @@ class Session:
     def _refuse(self, exc: Exception) -> None:
         """Answers the error, then swallows what the client still sends so it reads the answer."""
         status = _status_of(exc)
-        log.warning("store: closing connection from %s: %s: %s", self.peer, status.name, exc)
+        log.warning("store: closing connection from %s: %s: %s", self.peer, status.name, str(exc))
         try:
             self.sock.settimeout(_DRAIN_SECONDS)
             send_all(self.sock, [p.frame(status, 0, str(exc).encode())])

@@ -60,11 +60,15 @@ def store_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Sto
 
 
 def make_value(seed: str, size: int) -> bytes:
-    """A value whose first 8 bytes checksum the rest, so a torn read is detectable."""
-    body = (xxhash.xxh64_digest(seed.encode()) * (size // 8 + 1))[: max(size - 8, 0)]
+    """`size` bytes (at least the header) naming `seed`, whose first 8 bytes checksum the rest,
+    so a torn or mixed-up read is detectable from the value alone."""
+    tag = seed.encode() + b"|"
+    body = tag + (xxhash.xxh64_digest(tag) * (size // 8 + 1))[: max(size - 8 - len(tag), 0)]
     return xxhash.xxh64_digest(body) + body
 
 
-def is_whole(value: bytes | memoryview) -> bool:
+def seed_of(value: bytes | memoryview) -> str:
+    """The seed a whole value was made from; AssertionError if the value is torn."""
     data = bytes(value)
-    return xxhash.xxh64_digest(data[8:]) == data[:8]
+    assert xxhash.xxh64_digest(data[8:]) == data[:8], "torn value"
+    return data[8:].split(b"|", 1)[0].decode()

@@ -1,0 +1,234 @@
+"""A store that outlives bad clients: fuzzed frames, clients killed mid-put, crowds of writers."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from splitwise_local.store import open_backend
+from splitwise_local.store import protocol as p
+from splitwise_local.store.server import ServerSettings, StoreServer
+from splitwise_local.store.transport import control_address
+from tests.store.helpers import make_value, seed_of, unique_name
+
+MiB = 1024 * 1024
+CANARIES = {f"canary-{i}": make_value(f"canary-{i}", 100_000 * (i + 1)) for i in range(4)}
+
+
+def settle(server: StoreServer) -> dict:
+    """Waits until no connection is open and nothing is pending or pinned; returns stats."""
+    deadline = time.monotonic() + 10
+    while True:
+        stats = server.index.stats()
+        busy = server._server_stats()["connections"]
+        if not busy and not stats["pending"] and not stats["pinned"]:
+            return stats
+        assert time.monotonic() < deadline, f"server did not settle: {stats}, {busy} open"
+        time.sleep(0.01)
+
+
+def assert_serves_correct_data(server: StoreServer) -> None:
+    with open_backend(server.tcp_url) as tcp, open_backend(server.shm_url) as shm:
+        for key, value in CANARIES.items():
+            assert bytes(tcp.get(key)) == value
+            assert bytes(shm.get(key)) == value
+        shm.put("fresh", b"f" * 300_000)
+        assert bytes(tcp.get("fresh")) == b"f" * 300_000
+    stats = settle(server)
+    assert stats["bytes"] <= stats["capacity"]
+
+
+@pytest.fixture(scope="module")
+def fuzz_server():
+    """Small pages and a 1 MiB value cap, so no fuzzed put can evict the canaries."""
+    server = StoreServer(
+        ServerSettings(
+            capacity=16 * MiB, port=0, shm_name=unique_name(), page_size=4096, max_value=MiB
+        )
+    ).start()
+    with open_backend(server.tcp_url) as tcp:
+        tcp.put_many(list(CANARIES.items()))
+    yield server
+    server.stop()
+
+
+fuzz_key = st.binary(min_size=1, max_size=20).map(lambda key: b"fz" + key)
+put_frame = st.builds(
+    lambda key, size: p.frame(p.Op.PUT, 1, p.encode_sized_keys([(key, size)])) + b"v" * size,
+    fuzz_key,
+    st.integers(0, 200_000),
+)
+keys_frame = st.builds(  # reads may name the canaries (a LEASE pins them); deletes may not
+    lambda op, keys: p.frame(op, len(keys), p.encode_keys(keys)),
+    st.sampled_from([p.Op.GET, p.Op.EXISTS, p.Op.LEASE]),
+    st.lists(fuzz_key | st.sampled_from([k.encode() for k in CANARIES]), max_size=4),
+) | st.builds(lambda keys: p.frame(p.Op.DELETE, len(keys), p.encode_keys(keys)), st.lists(fuzz_key))
+alloc_frame = st.builds(
+    lambda key, size: p.frame(p.Op.ALLOC, 1, p.encode_sized_keys([(key, size)])),
+    fuzz_key,
+    st.integers(0, 200_000),
+)
+random_frame = st.builds(
+    lambda code, count, meta, tail: p.encode_header(code, count, len(meta)) + meta + tail,
+    st.sampled_from(list(p.Op)) | st.integers(0, 255),
+    st.integers(0, 8) | st.integers(0, 2**32 - 1),
+    st.binary(max_size=300),
+    st.binary(max_size=300),
+)
+garbage = st.binary(min_size=1, max_size=400)
+
+
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    over_unix=st.booleans(),
+    greet=st.booleans(),
+    frames=st.lists(
+        put_frame | keys_frame | alloc_frame | random_frame | garbage, min_size=1, max_size=4
+    ),
+    data=st.data(),
+)
+def test_fuzzed_and_truncated_frames_leave_the_store_serving_correct_data(
+    fuzz_server, over_unix, greet, frames, data
+):
+    sent = (p.frame(p.Op.HELLO) if greet else b"") + b"".join(frames)
+    cut = data.draw(st.none() | st.integers(1, len(sent)), label="cut")
+    if cut is not None:  # truncated: the connection ends mid-frame
+        sent = sent[:cut]
+    if over_unix:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(control_address(fuzz_server.shm_name))
+    else:
+        sock = socket.create_connection(("127.0.0.1", fuzz_server.port))
+    with contextlib.suppress(OSError):  # the server may hang up first: that is allowed
+        sock.sendall(sent)
+    sock.close()
+    assert_serves_correct_data(fuzz_server)
+
+
+KILLED_TCP_WRITER = """
+import socket, sys
+from splitwise_local.store import protocol as p
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+meta = p.encode_sized_keys([(b"partial", 4 << 20)])
+sock.sendall(p.frame(p.Op.HELLO))
+sock.sendall(p.frame(p.Op.PUT, 1, meta) + b"x" * (1 << 20))
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+KILLED_SHM_WRITER = """
+import sys
+from splitwise_local.store import ops
+from splitwise_local.store.arena import SharedArena
+from splitwise_local.store.client import Connection
+from splitwise_local.store.transport import connect_unix
+conn = Connection(connect_unix(sys.argv[1], 5), None)
+info, fds = conn.run(ops.attach())
+arena = SharedArena.attach(fds[0], info["size"])
+(grant,) = conn.run(ops.alloc([(b"partial", 4 << 20)]))
+arena.write(grant.extents[:1], b"x" * grant.extents[0][1])
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("writer", [KILLED_TCP_WRITER, KILLED_SHM_WRITER], ids=["tcp", "shm"])
+def test_client_killed_mid_put_leaves_no_visible_partial_value(server, writer):
+    address = str(server.port) if writer is KILLED_TCP_WRITER else server.shm_name
+    child = subprocess.Popen(
+        [sys.executable, "-c", writer, address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline() == "sent\n"
+        with open_backend(server.tcp_url) as tcp:
+            assert tcp.get("partial") is None and tcp.exists(["partial"]) == 0
+            assert server.index.stats()["pending"] == 1
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        stats = settle(server)
+        assert stats["pending"] == 0 and stats["used_bytes"] == 0 and stats["aborted"] == 1
+        with open_backend(server.shm_url) as shm:
+            assert shm.get("partial") is None
+    finally:
+        child.kill()
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+
+
+def test_threads_sharing_clients_never_see_torn_or_lost_values(make_server):
+    server = make_server(capacity=64 * MiB)  # room for everything: nothing may go missing
+    tcp, shm = open_backend(server.tcp_url), open_backend(server.shm_url)
+    errors: list[BaseException] = []
+
+    def work(thread: int) -> None:
+        try:
+            for i in range(30):
+                client = tcp if (thread + i) % 2 else shm
+                own = f"t{thread}-{i}"
+                client.put(own, make_value(own, 20_000 + 7919 * i))
+                shared = f"shared-{i % 3}"
+                client.put(shared, make_value(f"{shared}@{thread}.{i}", 150_000 + thread))
+                for key, value in zip([own, shared], client.get_many([own, shared]), strict=True):
+                    assert seed_of(value).split("@")[0] == key
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    for thread in range(6):
+        keys = [f"t{thread}-{i}" for i in range(30)]
+        assert [seed_of(v) for v in tcp.get_many(keys)] == keys
+    tcp.close()
+    shm.close()
+
+
+def process_worker(tcp_url: str, shm_url: str, worker: int) -> None:
+    with open_backend(tcp_url) as tcp, open_backend(shm_url) as shm:
+        for i in range(20):
+            client = (tcp, shm)[i % 2]
+            key = f"p{worker}-{i}"
+            client.put_many(
+                [(key, make_value(key, 90_000 + i)), ("hot", make_value("hot", 1 << 20))]
+            )
+            for other in range(3):
+                value = shm.get(f"p{other}-{i}")
+                assert value is None or seed_of(value) == f"p{other}-{i}"
+            assert seed_of(tcp.get("hot")) == "hot"
+
+
+def test_processes_on_both_paths_never_see_torn_or_lost_values(make_server):
+    server = make_server(capacity=64 * MiB)
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=process_worker, args=(server.tcp_url, server.shm_url, w))
+        for w in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    with open_backend(server.shm_url) as shm:
+        keys = [f"p{w}-{i}" for w in range(3) for i in range(20)]
+        assert [seed_of(v) for v in shm.get_many(keys)] == keys
+    settle(server)
