@@ -19,8 +19,8 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import aiohttp
 import anyio
-import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -32,6 +32,13 @@ from splitwise_local.proxy.errors import error_body, error_response
 from splitwise_local.proxy.metrics import ProxyMetrics, RequestRecord
 from splitwise_local.proxy.pool import Endpoint, EnginePool
 from splitwise_local.proxy.settings import ProxySettings
+from splitwise_local.proxy.upstream import (
+    UPSTREAM_ERRORS,
+    Upstream,
+    UpstreamFailure,
+    open_session,
+    timeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,42 +48,11 @@ HOP_HEADERS = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
      "proxy-authenticate", "content-length", "date", "server"}
 )  # fmt: skip
-# Keep-alive connections are dropped before uvicorn's (vLLM's server) 5 s idle timeout closes
-# them, so a request never lands on a connection the engine is closing.
-KEEPALIVE_EXPIRY_S = 4.0
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the caller left first", used in metrics only
-FAILURE_STATUS = {"unreachable": 503, "pool_exhausted": 503, "timeout": 504, "transport": 502}
-
-
-class UpstreamFailure(Exception):
-    """No answer from an engine of `role`; `kind` names why (for metrics and the status)."""
-
-    def __init__(self, role: str, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.role = role
-        self.kind = kind
-
-    @property
-    def metric_kind(self) -> str:
-        return f"{self.role}_{self.kind}"
-
-    def response(self) -> JSONResponse:
-        return error_response(FAILURE_STATUS.get(self.kind, 502), str(self), code=self.metric_kind)
 
 
 class BodyTooLarge(Exception):
     pass
-
-
-def failure_kind(exc: httpx.HTTPError) -> str:
-    """Sorts transport failures into what the proxy does about them."""
-    if isinstance(exc, httpx.PoolTimeout):
-        return "pool_exhausted"
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return "unreachable"
-    if isinstance(exc, httpx.TimeoutException):
-        return "timeout"
-    return "transport"
 
 
 def prefill_body(request: dict) -> bytes:
@@ -92,24 +68,13 @@ def prefill_body(request: dict) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def relayed_headers(upstream: httpx.Response) -> dict[str, str]:
+def relayed_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
     return {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
 
 
-def passthrough(upstream: httpx.Response) -> Response:
-    """An engine's (already read) answer, status and body unchanged."""
-    return Response(upstream.content, upstream.status_code, headers=relayed_headers(upstream))
-
-
-async def close_shielded(upstream: httpx.Response) -> None:
-    """Closes an upstream response even while the caller's task is being cancelled.
-
-    Closing a response that is not fully read drops its connection, which is what tells the
-    engine to abort the request; under anyio's cancellation a plain await here would be
-    cancelled again before the socket is closed.
-    """
-    with anyio.CancelScope(shield=True):
-        await upstream.aclose()
+def passthrough(upstream: aiohttp.ClientResponse, body: bytes) -> Response:
+    """An engine's answer, status and body unchanged."""
+    return Response(body, upstream.status, headers=relayed_headers(upstream))
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -136,10 +101,10 @@ class RelayResponse(StreamingResponse):
     def __init__(
         self,
         content: AsyncGenerator[bytes, None],
-        upstream: httpx.Response,
+        upstream: aiohttp.ClientResponse,
         record: RequestRecord,
     ) -> None:
-        super().__init__(content, upstream.status_code, headers=relayed_headers(upstream))
+        super().__init__(content, upstream.status, headers=relayed_headers(upstream))
         self._content = content
         self._record = record
 
@@ -153,7 +118,7 @@ class RelayResponse(StreamingResponse):
 
 
 class Proxy:
-    """The routes' shared state: settings, engine pools, metrics and the upstream client."""
+    """The routes' shared state: settings, engine pools, metrics and the upstream session."""
 
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
@@ -162,32 +127,24 @@ class Proxy:
         self.decode = EnginePool("decode", settings.decode, *backoff)
         self.metrics = ProxyMetrics([self.prefill, self.decode])
         connect = settings.connect_timeout_s
-        self._prefill_timeout = httpx.Timeout(settings.prefill_timeout_s, connect=connect)
-        self._decode_timeout = httpx.Timeout(settings.decode_timeout_s, connect=connect)
-        self._client: httpx.AsyncClient | None = None
+        self._prefill_timeout = timeout(connect, settings.prefill_timeout_s)
+        self._decode_timeout = timeout(connect, settings.decode_timeout_s)
+        self._upstream: Upstream | None = None
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        limits = httpx.Limits(
-            max_connections=self.settings.max_connections,
-            max_keepalive_connections=self.settings.max_connections,
-            keepalive_expiry=KEEPALIVE_EXPIRY_S,
-        )
-        # identity: engines' bytes are relayed raw, so they must not arrive compressed.
-        async with httpx.AsyncClient(
-            limits=limits, timeout=self._decode_timeout, headers={"accept-encoding": "identity"}
-        ) as client:
-            self._client = client
+        async with open_session(self.settings.max_connections) as session:
+            self._upstream = Upstream(session)
             try:
                 yield
             finally:
-                self._client = None
+                self._upstream = None
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def upstream(self) -> Upstream:
+        if self._upstream is None:
             raise RuntimeError("the proxy app is used outside its lifespan")
-        return self._client
+        return self._upstream
 
     # -- routes ------------------------------------------------------------------------------
 
@@ -217,22 +174,19 @@ class Proxy:
         if (denied := self._deny(request)) is not None:
             return denied
         try:
-            headers = self._headers(request)
-            endpoint, upstream = await self._send(
-                self.decode,
-                lambda e: self.client.build_request("GET", e.url + "/v1/models", headers=headers),
-                stream=False,
+            endpoint, answer = await self.upstream.send(
+                self.decode, "GET", "/v1/models", self._headers(request), self._decode_timeout
             )
+            body = await self.upstream.read(self.decode, endpoint, answer)
         except UpstreamFailure as failure:
             self.metrics.errors.labels(failure.metric_kind).inc()
             return failure.response()
-        self.decode.release(endpoint)
-        return passthrough(upstream)
+        return passthrough(answer, body)
 
     async def health(self, request: Request) -> Response:
-        timeout = self.settings.health_timeout_s
+        session, limit = self.upstream.session, self.settings.health_timeout_s
         prefill, decode = await asyncio.gather(
-            self.prefill.probe(self.client, timeout), self.decode.probe(self.client, timeout)
+            self.prefill.probe(session, limit), self.decode.probe(session, limit)
         )
         healthy = any(prefill.values()) and any(decode.values())
         body = {
@@ -282,135 +236,76 @@ class Proxy:
 
     async def _prefill(self, route: str, body: dict, headers: dict[str, str]) -> Response | None:
         """Runs prefill; None means go on to decode (prefilled, or falling back)."""
-        payload = prefill_body(body)
         started = time.perf_counter()
-        answer: httpx.Response | None = None
+        answer: aiohttp.ClientResponse | None = None
         try:
-            endpoint, answer = await self._send(
-                self.prefill,
-                lambda e: self.client.build_request(
-                    "POST",
-                    e.url + route,
-                    content=payload,
-                    headers=headers,
-                    timeout=self._prefill_timeout,
-                ),
-                stream=False,
+            endpoint, answer = await self.upstream.send(
+                self.prefill, "POST", route, headers, self._prefill_timeout, prefill_body(body)
             )
+            content = await self.upstream.read(self.prefill, endpoint, answer)
         except UpstreamFailure as exc:
-            failure = exc
+            failure, answer = exc, None
         else:
-            self.prefill.release(endpoint)
-            if answer.is_success:
-                self.metrics.prefill_seconds.labels(endpoint.url).observe(
-                    time.perf_counter() - started
-                )
+            if answer.status < 300:
+                elapsed = time.perf_counter() - started
+                self.metrics.prefill_seconds.labels(endpoint.url).observe(elapsed)
                 return None
-            kind = "rejected" if answer.is_client_error else "error"
-            failure = UpstreamFailure(
-                "prefill", kind, f"prefill engine answered {answer.status_code}"
-            )
+            kind = "rejected" if answer.status < 500 else "error"
+            failure = UpstreamFailure("prefill", kind, f"prefill engine answered {answer.status}")
         self.metrics.errors.labels(failure.metric_kind).inc()
         if self.settings.fallback_to_decode:
             self.metrics.prefill_fallbacks.inc()
             log.info("prefill failed (%s); decode computes the prompt itself", failure)
             return None
-        return passthrough(answer) if answer is not None else failure.response()
+        return passthrough(answer, content) if answer is not None else failure.response()
 
     async def _decode(
         self, route: str, raw: bytes, headers: dict[str, str], record: RequestRecord
     ) -> Response:
         started = time.perf_counter()
         try:
-            endpoint, upstream = await self._send(
-                self.decode,
-                lambda e: self.client.build_request(
-                    "POST", e.url + route, content=raw, headers=headers
-                ),
-                stream=True,
+            endpoint, answer = await self.upstream.send(
+                self.decode, "POST", route, headers, self._decode_timeout, raw
             )
+            ttft = self.metrics.decode_ttft_seconds.labels(endpoint.url)
+            if answer.content_type == "text/event-stream":
+
+                def first_chunk() -> None:
+                    ttft.observe(time.perf_counter() - started)
+
+                return RelayResponse(self._relay(answer, endpoint, first_chunk), answer, record)
+            content = await self.upstream.read(self.decode, endpoint, answer)
         except UpstreamFailure as failure:
             self.metrics.errors.labels(failure.metric_kind).inc()
             return failure.response()
-        ttft = self.metrics.decode_ttft_seconds.labels(endpoint.url)
-        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            chunks = self._relay(
-                upstream, endpoint, lambda: ttft.observe(time.perf_counter() - started)
-            )
-            return RelayResponse(chunks, upstream, record)
-        try:
-            await upstream.aread()
-        except httpx.HTTPError as exc:
-            failure = self._failed(self.decode, endpoint, exc)
-            return failure.response()
-        finally:
-            await close_shielded(upstream)
-            self.decode.release(endpoint)
         ttft.observe(time.perf_counter() - started)
-        return passthrough(upstream)
+        return passthrough(answer, content)
 
     async def _relay(
-        self, upstream: httpx.Response, endpoint: Endpoint, first_chunk: Callable[[], None]
+        self, upstream: aiohttp.ClientResponse, endpoint: Endpoint, first_chunk: Callable[[], None]
     ) -> AsyncGenerator[bytes, None]:
         """Yields the engine's bytes as they arrive; a broken stream ends with an error event."""
         waiting_first = True
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.content.iter_any():
                 if waiting_first:
                     first_chunk()
                     waiting_first = False
                 yield chunk
-        except httpx.HTTPError as exc:
-            failure = self._failed(self.decode, endpoint, exc)
+        except UPSTREAM_ERRORS as exc:
+            failure = self.upstream.failed(self.decode, endpoint, exc)
+            self.metrics.errors.labels(f"{failure.metric_kind}_mid_stream").inc()
             yield f"data: {json.dumps(error_body(502, str(failure)))}\n\ndata: [DONE]\n\n".encode()
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.errors.labels("client_disconnected").inc()
             raise
         finally:
-            await close_shielded(upstream)
+            # release() closes the connection when the answer is unfinished: the engine sees
+            # the disconnect and aborts the generation.
+            upstream.release()
             self.decode.release(endpoint)
 
     # -- helpers -----------------------------------------------------------------------------
-
-    async def _send(
-        self,
-        pool: EnginePool,
-        build: Callable[[Endpoint], httpx.Request],
-        stream: bool,
-    ) -> tuple[Endpoint, httpx.Response]:
-        """Sends to the least-loaded engine, moving on while engines cannot be reached.
-
-        Only connection failures move on (the request never left); the returned endpoint stays
-        counted in flight until the caller releases it.
-        """
-        tried: list[Endpoint] = []
-        while (endpoint := pool.acquire(exclude=tried)) is not None:
-            tried.append(endpoint)
-            try:
-                response = await self.client.send(build(endpoint), stream=stream)
-            except httpx.HTTPError as exc:
-                pool.release(endpoint)
-                failure = self._failed(pool, endpoint, exc)
-                if failure.kind == "unreachable":
-                    continue
-                raise failure from exc
-            pool.mark_up(endpoint)
-            return endpoint, response
-        if tried:
-            message = f"no {pool.role} engine reachable (tried {', '.join(e.url for e in tried)})"
-        else:
-            message = f"every {pool.role} engine is marked down after failing; retrying later"
-        raise UpstreamFailure(pool.role, "unreachable", message)
-
-    def _failed(
-        self, pool: EnginePool, endpoint: Endpoint, exc: httpx.HTTPError
-    ) -> UpstreamFailure:
-        """Marks the engine down unless the proxy itself was the bottleneck; names the failure."""
-        kind = failure_kind(exc)
-        reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        if kind != "pool_exhausted":
-            pool.mark_down(endpoint, reason)
-        return UpstreamFailure(pool.role, kind, f"{pool.role} engine {endpoint.url}: {reason}")
 
     def _deny(self, request: Request) -> Response | None:
         """A 401 unless the caller shows the configured API key (constant-time compare)."""
@@ -466,7 +361,7 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(settings: ProxySettings) -> Starlette:
-    """The proxy as an ASGI app; it opens its upstream client in its lifespan."""
+    """The proxy as an ASGI app; it opens its upstream session in its lifespan."""
     proxy = Proxy(settings)
     routes = [Route(path, proxy.completions, methods=["POST"]) for path in COMPLETION_ROUTES]
     routes += [

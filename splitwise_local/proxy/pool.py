@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +92,21 @@ class EnginePool:
     def is_up(self, endpoint: Endpoint) -> bool:
         return endpoint.available(self._clock())
 
-    async def probe(self, client: httpx.AsyncClient, timeout_s: float) -> dict[str, bool]:
+    async def probe(self, session: aiohttp.ClientSession, timeout_s: float) -> dict[str, bool]:
         """GETs every engine's `/health` at once, updates their state; {url: up}."""
+        limit = aiohttp.ClientTimeout(total=timeout_s)
 
         async def check(endpoint: Endpoint) -> bool:
             try:
-                response = await client.get(endpoint.url + "/health", timeout=timeout_s)
-            except httpx.HTTPError as exc:
+                async with session.get(endpoint.url + "/health", timeout=limit) as response:
+                    status = response.status
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 reason = f"health check failed: {type(exc).__name__}"
             else:
-                if response.status_code == 200:
+                if status == 200:
                     self.mark_up(endpoint)
                     return True
-                reason = f"health check answered {response.status_code}"
+                reason = f"health check answered {status}"
             self.mark_down(endpoint, reason)
             return False
 

@@ -285,8 +285,9 @@ def test_decode_stalling_mid_stream_ends_with_an_error_event(fake, proxy):
         events = sse_events(r.read().decode())
     assert events[0]["choices"][0]["text"] == " decode0"
     assert events[1]["error"]["type"] == "server_error"
-    assert "ReadTimeout" in events[1]["error"]["message"]
+    assert "Timeout" in events[1]["error"]["message"]
     assert events[2] == "[DONE]"
+    assert metric(base, 'splitwise_proxy_errors_total{kind="decode_timeout_mid_stream"}') == 1
     assert decode.record.cut.wait(3)
 
 

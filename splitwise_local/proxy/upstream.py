@@ -1,0 +1,124 @@
+"""Talking to engines: one pooled aiohttp session, engine choice, and what a failure means.
+
+aiohttp rather than httpx: measured here on 2 cores, httpx spent about 0.6 ms of CPU per
+request alone and 2.4 ms at 32 concurrent (its connection pool scans every connection per
+request), against aiohttp's 0.12 ms, and the proxy makes two upstream requests per call.
+
+Only a request that never reached an engine (connection refused or timed out) moves on to the
+next engine of the pool; anything after that would risk running a generation twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from splitwise_local.proxy.errors import error_response
+from splitwise_local.proxy.pool import Endpoint, EnginePool
+
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+FAILURE_STATUS = {"unreachable": 503, "timeout": 504, "transport": 502}
+# Keep-alive connections are dropped before uvicorn's (vLLM's server) 5 s idle timeout closes
+# them, so a request never lands on a connection the engine is closing.
+KEEPALIVE_S = 4.0
+
+
+class UpstreamFailure(Exception):
+    """No answer from an engine of `role`; `kind` (unreachable, timeout, transport) says why."""
+
+    def __init__(self, role: str, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.role = role
+        self.kind = kind
+
+    @property
+    def metric_kind(self) -> str:
+        return f"{self.role}_{self.kind}"
+
+    def response(self):
+        return error_response(FAILURE_STATUS.get(self.kind, 502), str(self), code=self.metric_kind)
+
+
+def failure_kind(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return "unreachable"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    return "transport"
+
+
+def timeout(connect_s: float, read_s: float) -> aiohttp.ClientTimeout:
+    """No total limit (generations run long); `read_s` bounds each wait for more bytes."""
+    return aiohttp.ClientTimeout(total=None, connect=connect_s, sock_read=read_s)
+
+
+def open_session(max_connections: int) -> aiohttp.ClientSession:
+    """The shared session; engines' bytes are relayed raw, so they must arrive uncompressed."""
+    connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=KEEPALIVE_S)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        headers={"accept-encoding": "identity"},
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+class Upstream:
+    """Sends requests to a pool's engines, marking engines down when they fail."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+
+    async def send(
+        self,
+        pool: EnginePool,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        limits: aiohttp.ClientTimeout,
+        data: bytes | None = None,
+    ) -> tuple[Endpoint, aiohttp.ClientResponse]:
+        """Sends to the least-loaded engine and returns once the answer's headers are in.
+
+        The endpoint stays counted in flight until the caller releases it.
+        """
+        tried: list[Endpoint] = []
+        while (endpoint := pool.acquire(exclude=tried)) is not None:
+            tried.append(endpoint)
+            try:
+                response = await self.session.request(
+                    method, endpoint.url + path, data=data, headers=headers, timeout=limits
+                )
+            except UPSTREAM_ERRORS as exc:
+                pool.release(endpoint)
+                failure = self.failed(pool, endpoint, exc)
+                if failure.kind == "unreachable":
+                    continue
+                raise failure from exc
+            pool.mark_up(endpoint)
+            return endpoint, response
+        if tried:
+            message = f"no {pool.role} engine reachable (tried {', '.join(e.url for e in tried)})"
+        else:
+            message = f"every {pool.role} engine is marked down after failing; retrying later"
+        raise UpstreamFailure(pool.role, "unreachable", message)
+
+    async def read(
+        self, pool: EnginePool, endpoint: Endpoint, response: aiohttp.ClientResponse
+    ) -> bytes:
+        """The whole answer; releases the connection (closed if unfinished) and the endpoint."""
+        try:
+            return await response.read()
+        except UPSTREAM_ERRORS as exc:
+            raise self.failed(pool, endpoint, exc) from exc
+        finally:
+            response.release()
+            pool.release(endpoint)
+
+    def failed(self, pool: EnginePool, endpoint: Endpoint, exc: BaseException) -> UpstreamFailure:
+        """Marks the engine down and names the failure."""
+        reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        pool.mark_down(endpoint, reason)
+        message = f"{pool.role} engine {endpoint.url}: {reason}"
+        return UpstreamFailure(pool.role, failure_kind(exc), message)
