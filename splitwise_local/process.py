@@ -16,7 +16,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -24,6 +24,7 @@ import psutil
 from splitwise_local.console import LEVELS, Console, line_level
 
 RUN_ENV = "SPLITWISE_RUN_DIR"  # set in every child and inherited below: finds a run's processes
+ORPHAN_GRACE_S = 3.0  # for what a child left running after it exited
 # "ModuleNotFoundError: No module named 'x'", also behind vLLM's "(Worker pid=1) ERROR ..." prefix.
 _EXCEPTION_LINE = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
 
@@ -158,23 +159,41 @@ def alive(processes: Sequence[psutil.Process]) -> list[psutil.Process]:
     return result
 
 
+def wait_until(
+    done: Callable[[], bool], timeout: float, hurry: threading.Event, children: Sequence[Child]
+) -> None:
+    """Polls `done()` until true, `timeout` passes or `hurry` is set, reaping `children` meanwhile
+    so an exited child stops counting as running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not hurry.is_set():
+        for child in children:
+            child.popen.poll()
+        if done():
+            return
+        time.sleep(0.1)
+
+
 def stop_together(children: Sequence[Child], grace: float, hurry: threading.Event) -> None:
-    """SIGTERM to each child's process group and descendants, wait up to `grace` seconds (less
-    once `hurry` is set), then SIGKILL whatever of them is left."""
-    started = [c for c in children if c.popen is not None]
+    """Stops children the way they expect, within `grace` seconds (less once `hurry` is set).
+
+    SIGTERM goes to each child only, not its whole group: vLLM's API server then shuts its own
+    engine core down in order (signalled together, the core dies first and the server logs an
+    engine failure). What outlives its parent gets SIGTERM once the parent has gone, and
+    whatever is left at the end, group and descendants alike, gets SIGKILL.
+    """
+    started = [child for child in children if child.popen is not None]
     processes = [p for child in started for p in child.family()]
     for child in started:
-        child.signal_group(signal.SIGTERM)
-    groups = {child.popen.pid for child in started}
-    for process in alive(processes):  # those that left the group got nothing yet
-        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-            if os.getpgid(process.pid) not in groups:
-                process.terminate()
-    deadline = time.monotonic() + grace
-    while alive(processes) and time.monotonic() < deadline and not hurry.is_set():
-        for child in started:
-            child.popen.poll()  # reap the direct children so they stop counting as running
-        time.sleep(0.1)
+        if child.running:
+            child.popen.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    wait_until(lambda: not any(c.running for c in started), grace, hurry, started)
+    orphans = alive(processes)
+    for process in orphans:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    left = max(0.0, min(ORPHAN_GRACE_S, grace - (time.monotonic() - began)))
+    wait_until(lambda: not alive(orphans), left, hurry, started)
     for child in started:
         child.signal_group(signal.SIGKILL)
     for process in alive(processes):
