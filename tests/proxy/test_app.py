@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 
+from tests.proxy.equivalence import assert_proxy_matches_decode
+
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "three word prompt"}]}
 COMPLETION = {"model": "fake-model", "prompt": "a five word long prompt"}
 
@@ -83,6 +85,16 @@ def test_streamed_completion_passes_decode_events_through(pair):
     assert sent["stream"] is False and "stream_options" not in sent and sent["max_tokens"] == 1
     assert decode.record.requests[0][1] == body
     assert decode.record.streams_completed == 1
+
+
+def test_proxy_matches_decode_alone(fake, proxy):
+    """The real-engine acceptance check, proven here on fakes."""
+    prefill, prefill_url = fake(name="prefill")
+    _, decode_url = fake(name="decode")
+    assert_proxy_matches_decode(
+        proxy(prefill=[prefill_url], decode=[decode_url]), decode_url, "fake-model"
+    )
+    assert len(prefill.record.requests) == 4
 
 
 def test_models_come_from_decode_pool(pair):
