@@ -49,8 +49,12 @@ def failure_kind(exc: BaseException) -> str:
 
 
 def timeout(connect_s: float, read_s: float) -> aiohttp.ClientTimeout:
-    """No total limit (generations run long); `read_s` bounds each wait for more bytes."""
-    return aiohttp.ClientTimeout(total=None, connect=connect_s, sock_read=read_s)
+    """No total limit (generations run long); `read_s` bounds each wait for more bytes.
+
+    Only opening a socket is bounded by `connect_s`, not waiting for a pooled connection: a
+    busy proxy queues, and a connect timeout always means the engine did not answer.
+    """
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=read_s)
 
 
 def open_session(max_connections: int) -> aiohttp.ClientSession:
@@ -96,6 +100,9 @@ class Upstream:
                 if failure.kind == "unreachable":
                     continue
                 raise failure from exc
+            except BaseException:  # cancelled: the caller left
+                pool.release(endpoint)
+                raise
             pool.mark_up(endpoint)
             return endpoint, response
         if tried:

@@ -1,0 +1,24 @@
+"""`bench proxy` runs end to end (tiny settings) and writes the numbers the issue asks for."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_proxy_writes_its_headline_numbers(tmp_path):
+    out = tmp_path / "proxy.json"
+    argv = [sys.executable, "-m", "splitwise_local", "bench", "proxy", "--json", str(out)]
+    argv += ["--tokens", "3", "--token-interval-ms", "5", "--single-client-requests", "3"]
+    argv += ["--requests-per-client", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Latency added by the proxy" in done.stdout
+    result = json.loads(out.read_text())
+    for key in ("added_p50_ms_c64", "added_p99_ms_c64", "chunks_held_back_c64", "machine"):
+        assert key in result
+    assert set(result["results"]) == {"whole_c1", "stream_c1", "whole_c64", "stream_c64"}
+    assert result["results"]["stream_c64"]["requests"] == 64
+    proxied = result["results"]["stream_c64"]["proxy"]
+    assert proxied["ttft_ms"]["p50"] <= proxied["ttft_ms"]["p99"] <= proxied["ttft_ms"]["max"]
