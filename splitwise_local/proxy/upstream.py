@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+from starlette.responses import JSONResponse
 
 from splitwise_local.proxy.errors import error_response
 from splitwise_local.proxy.pool import Endpoint, EnginePool
@@ -36,7 +37,7 @@ class UpstreamFailure(Exception):
     def metric_kind(self) -> str:
         return f"{self.role}_{self.kind}"
 
-    def response(self):
+    def response(self) -> JSONResponse:
         return error_response(FAILURE_STATUS.get(self.kind, 502), str(self), code=self.metric_kind)
 
 

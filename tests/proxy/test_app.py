@@ -285,6 +285,7 @@ def test_caller_disconnect_during_prefill_cancels_it(fake, proxy):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(base + "/v1/completions", json=COMPLETION, timeout=0.3)
     assert prefill.record.cut.wait(3), "the prefill request kept running after the caller left"
+    assert prefill.record.whole_cut == 1
     settle(base)
     assert decode.record.requests == []
     assert metric(base, 'splitwise_proxy_engine_in_flight{engine="' + prefill_url) == 0
