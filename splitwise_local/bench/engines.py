@@ -41,6 +41,12 @@ def http_ok(url: str) -> bool:
     return httpx.get(url, timeout=2).status_code == 200
 
 
+def _json(reply: httpx.Response) -> dict:
+    if reply.is_error:
+        raise RuntimeError(f"{reply.request.url} answered {reply.status_code}: {reply.text[:500]}")
+    return reply.json()
+
+
 @dataclass
 class Engine:
     """One running engine: its URL, its log, and the model name it serves."""
@@ -60,9 +66,7 @@ class Engine:
             "return_token_ids": True,
             **extra,
         }
-        reply = httpx.post(f"{self.url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S)
-        reply.raise_for_status()
-        return reply.json()
+        return _json(httpx.post(f"{self.url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S))
 
     def time_to_first_token(self, prompt: list[int]) -> float:
         """Seconds from sending a streamed completion to its first token arriving."""
@@ -90,15 +94,33 @@ class Engine:
             "ignore_eos": True,
             "return_token_ids": True,
         }
-        reply = httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S)
-        reply.raise_for_status()
-        return reply.json()
+        url = f"{self.url}/v1/chat/completions"
+        return _json(httpx.post(url, json=body, timeout=REQUEST_TIMEOUT_S))
 
     def new_log(self) -> str:
         """Log lines written since the previous call (the connector logs one line per request)."""
-        text = self.child.log_path.read_bytes()[self._log_offset :].decode(errors="replace")
-        self._log_offset += len(text.encode())
-        return text
+        data = self.child.log_path.read_bytes()[self._log_offset :]
+        self._log_offset += len(data)
+        return data.decode(errors="replace")
+
+    def wait_log(self, until: str, timeout: float = 15.0) -> str:
+        """New log text, read until a line matching `until` is in it (or `timeout` passed).
+
+        The log reaches its file through a pipe and a copying thread, so a line the engine wrote
+        before answering may land a moment after the answer.
+        """
+        regex, text = re.compile(until), ""
+        deadline = time.monotonic() + timeout
+        while True:
+            text += self.new_log()
+            if regex.search(text) or time.monotonic() > deadline:
+                return text
+            time.sleep(0.2)
+
+    def expect_log(self, pattern: str, timeout: float = 15.0) -> list[tuple[str, ...]]:
+        """The groups of every new log line matching `pattern`, waiting for the first one."""
+        text = self.wait_log(pattern, timeout)
+        return [m.groups() or (m.group(0),) for m in re.finditer(pattern, text)]
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics", timeout=10).text

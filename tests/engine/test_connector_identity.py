@@ -82,7 +82,7 @@ def completion_tokens(reply: dict) -> list[int]:
 
 def assert_loaded(decode: Engine, prompt_len: int) -> None:
     """The decode engine loaded all but the last prompt token, and read back the same bytes."""
-    loads = LOAD_LINE.findall(decode.new_log())
+    loads = decode.expect_log(LOAD_LINE.pattern)
     assert loads, "the decode engine loaded nothing from the store"
     tokens, _chunks, size, verified = loads[-1]
     assert int(tokens) == prompt_len - 1

@@ -30,8 +30,9 @@ def tokens_of(reply: dict) -> list[int]:
     return reply["choices"][0]["token_ids"]
 
 
-def saved_keys(log: str) -> list[str]:
-    return [key for _, _, key in SAVE_KEY.findall(log)]
+def saved_keys(engine) -> list[str]:
+    """Keys the prefill engine stored for its last request (its summary line comes last)."""
+    return [key for _, _, key in SAVE_KEY.findall(engine.wait_log(r"splitwise save req="))]
 
 
 def test_store_serves_the_chunks_and_decode_counts_external_hits(system, prose_tokens, reference):
@@ -42,7 +43,7 @@ def test_store_serves_the_chunks_and_decode_counts_external_hits(system, prose_t
     hits_before = decode.metric("vllm:external_prefix_cache_hits_total")
     prefill.new_log()
     prefill.complete(prompt, max_tokens=1)
-    keys = saved_keys(prefill.new_log())
+    keys = saved_keys(prefill)
     assert len(keys) == 4  # 256 + 256 + 256 + 232 tokens
     assert backend.exists(keys) == 4
     answer = tokens_of(decode.complete(prompt))
@@ -58,10 +59,10 @@ def test_poisoned_chunks_change_the_output_and_restoring_them_restores_it(system
     from splitwise_local.connector.transfer import ChunkCodec
 
     prefill, decode = system.engines["prefill"], system.engines["decode"]
-    prompt = prose_tokens[5000:5600]
+    prompt = prose_tokens[4200:4800]
     prefill.new_log()
     prefill.complete(prompt, max_tokens=1)
-    keys = saved_keys(prefill.new_log())
+    keys = saved_keys(prefill)
     clean = tokens_of(decode.complete(prompt))
 
     backend = system.backend()
@@ -82,9 +83,9 @@ def test_poisoned_chunks_change_the_output_and_restoring_them_restores_it(system
 
 def test_prompts_with_a_common_prefix_share_its_chunks(system, prose_tokens, reference):
     prefill, decode = system.engines["prefill"], system.engines["decode"]
-    prefix = prose_tokens[7000:7768]  # three whole 256-token chunks
-    first = prefix + prose_tokens[8000:8100]
-    second = prefix + prose_tokens[8200:8300]
+    prefix = prose_tokens[:768]  # three whole 256-token chunks
+    first = prefix + prose_tokens[1000:1100]
+    second = prefix + prose_tokens[1200:1300]
     backend = system.backend()
     added = []
     for prompt in (first, second):
@@ -98,12 +99,12 @@ def test_prompts_with_a_common_prefix_share_its_chunks(system, prose_tokens, ref
 
 def test_a_dead_store_costs_the_cache_not_the_request(system, prose_tokens, reference):
     prefill, decode = system.engines["prefill"], system.engines["decode"]
-    prompt = prose_tokens[9000:9400]
+    prompt = prose_tokens[5000:5400]
     system.store_child.signal_group(9)
     system.store_child.reap()
     prefill.new_log()
     decode.new_log()
     prefill.complete(prompt, max_tokens=1)
-    assert "chunk saves failed" in prefill.new_log()
+    assert prefill.expect_log("chunk saves failed")
     assert tokens_of(decode.complete(prompt)) == tokens_of(reference.complete(prompt))
-    assert "splitwise store unavailable" in decode.new_log()
+    assert decode.expect_log("splitwise store unavailable")
