@@ -1,4 +1,4 @@
-"""Compressed KV through real engines: kivi and cachegen give coherent answers from smaller values."""
+"""Compressed KV through real engines: kivi and cachegen answer coherently from smaller values."""
 
 from __future__ import annotations
 
