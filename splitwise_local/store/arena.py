@@ -85,13 +85,19 @@ class SharedArena:
                 self._mapped[granule] = 1
 
     def write(self, extents: Sequence[Extent], data: bytes | bytearray | memoryview) -> None:
-        """Copies `data` into the extents, in order (the one memcpy of a shared-memory put)."""
-        self.populate(extents)
+        """Copies `data` into the extents, in order, as far as it goes (a slot may be larger
+        than the value): the one memcpy of a shared-memory put."""
         src = memoryview(data).cast("B")
         pos = 0
         for offset, length in extents:
-            self.view[offset : offset + length] = src[pos : pos + length]
-            pos += length
+            take = min(length, len(src) - pos)
+            if take <= 0:
+                break
+            self.populate([(offset, take)])
+            self.view[offset : offset + take] = src[pos : pos + take]
+            pos += take
+        if pos < len(src):
+            raise ValueError(f"{len(src)} bytes do not fit extents of {pos}")
 
     def read_into(self, extents: Sequence[Extent], out: memoryview) -> None:
         """Copies the extents, in order, into `out` (the one memcpy of a shared-memory get)."""

@@ -34,7 +34,6 @@ from splitwise_local.store.transport import (
 T = TypeVar("T")
 Value = bytes | bytearray | memoryview
 DEFAULT_TIMEOUT = 30.0
-INLINE_PUT_BYTES = 64 * 1024  # smaller shm batches travel in the frame (ALLOC+COMMIT is 2 RTT)
 
 
 def new_buffer(size: int) -> memoryview:
@@ -48,7 +47,8 @@ class Connection:
     def __init__(self, sock: socket.socket, token: str | None) -> None:
         self.sock = sock
         self.used = False
-        self.arena: SharedArena | None = None
+        self.arena: SharedArena | None = None  # shm:// only: the mapped arena
+        self.spare: p.Grant | None = None  # shm:// only: a slot reserved for the next put
         self.info: dict[str, Any] = self.run(ops.hello(token))
 
     def run(self, flow: ops.Flow[T]) -> T:
@@ -263,36 +263,39 @@ class ShmClient(StoreClient):
         return max(1, self._connection().info["capacity"] // 4)
 
     def _put_batch(self, conn: Connection, batch: list[tuple[bytes, memoryview]]) -> None:
-        if sum(len(value) for _, value in batch) <= INLINE_PUT_BYTES:
-            super()._put_batch(conn, batch)  # one round trip beats the memcpy it would save
-            return
+        """ALLOC (skipped when the spare fits), one memcpy per value, COMMIT (+ next spare)."""
         arena = conn.arena
         assert arena is not None
-        grants = conn.run(ops.alloc([(key, len(value)) for key, value in batch]))
-        tickets = [grant.ticket for grant in grants]
+        lengths = [len(value) for _, value in batch]
+        grants: list[p.Grant | None] = [None] * len(batch)
+        spare, conn.spare = conn.spare, None
+        if spare is not None and spare.length >= lengths[0]:
+            grants[0], spare = spare, None
+        missing = [i for i, grant in enumerate(grants) if grant is None]
+        if missing:
+            stale = [spare.ticket] if spare is not None else []
+            fresh = conn.run(ops.alloc([lengths[i] for i in missing], abort=stale))
+            for i, grant in zip(missing, fresh, strict=True):
+                grants[i] = grant
+        done = [grant for grant in grants if grant is not None]
         try:
-            for grant, (_, value) in zip(grants, batch, strict=True):
+            for grant, (_, value) in zip(done, batch, strict=True):
                 arena.write(grant.extents, value)
         except BaseException:
-            conn.run(ops.abort(tickets))
+            conn.run(ops.abort([grant.ticket for grant in done]))
             raise
-        conn.run(ops.commit(tickets))
+        items = [(g.ticket, key, len(v)) for g, (key, v) in zip(done, batch, strict=True)]
+        conn.spare = conn.run(ops.commit(items, spare=lengths[-1]))
 
     def _get_batch(self, conn: Connection, keys: list[bytes]) -> list[memoryview | None]:
         arena = conn.arena
         assert arena is not None
-        grants = conn.run(ops.lease(keys))
         values: list[memoryview | None] = []
-        try:
-            for grant in grants:
-                if grant.length < 0:
-                    values.append(None)
-                    continue
-                buffer = new_buffer(grant.length)
-                arena.read_into(grant.extents, buffer)
-                values.append(buffer)
-        finally:
-            leased = [grant.ticket for grant in grants if grant.length >= 0]
-            if leased:
-                conn.run(ops.release(leased))
+        for grant in conn.run(ops.lease(keys)):  # pinned until our next frame
+            if grant.length < 0:
+                values.append(None)
+                continue
+            buffer = new_buffer(grant.length)
+            arena.read_into(grant.extents, buffer)
+            values.append(buffer)
         return values

@@ -1,7 +1,8 @@
 """Which key lives where in the arena: the LRU index, pins, eviction and the counters.
 
-A value goes through three states. `reserve` gives it pages but nobody can see it (pending);
-`commit` makes it visible to every reader at once, replacing an older value of the same key;
+A value goes through three states. `reserve` gives pages but nobody can see them (pending);
+`commit` names them with a key and makes the value visible to every reader at once, replacing
+an older value of the same key;
 `abort` (or a writer that vanished) frees it unseen. So a put that did not complete is never
 visible, and a put that returned is visible to all. Readers `acquire` values, which pins them:
 eviction skips pinned values and a deleted or replaced value keeps its pages until the last
@@ -32,12 +33,13 @@ class SlotState(Enum):
 
 @dataclass(eq=False)
 class Slot:
-    """One value's pages; `extents` is where its bytes are, in order."""
+    """One value's pages; `extents` is where its bytes are, in order. A pending slot has no
+    key yet and `length` is what it can hold."""
 
-    key: bytes
     length: int
     runs: list[Run]
     extents: list[Extent]
+    key: bytes = b""
     pins: int = 0
     state: SlotState = SlotState.PENDING
 
@@ -73,7 +75,7 @@ class StoreIndex:
         self._pending = 0
         self._pinned = 0
 
-    def reserve(self, key: bytes, length: int) -> Slot:
+    def reserve(self, length: int) -> Slot:
         """Pages for a value about to be written, evicting LRU values to make room."""
         need = self.allocator.pages_for(length)
         with self._lock:
@@ -88,14 +90,19 @@ class StoreIndex:
             runs = self.allocator.allocate(need)
             assert runs is not None  # _make_room freed enough
             self._pending += 1
-            return Slot(key, length, runs, self.allocator.extents(runs, length))
+            return Slot(length, runs, self.allocator.extents(runs, length))
 
-    def commit(self, slot: Slot) -> None:
-        """Makes a reserved value visible to every reader, replacing any older one."""
+    def commit(self, slot: Slot, key: bytes, length: int) -> None:
+        """Makes the first `length` bytes of a reserved slot visible under `key` to every
+        reader, replacing any older value; pages beyond `length` go back to the free pool."""
         with self._lock:
             if slot.state is not SlotState.PENDING:
                 raise ValueError(f"cannot commit a {slot.state.value} slot")
+            if length > slot.length:
+                raise ValueError(f"{length} bytes do not fit a slot of {slot.length}")
             self._pending -= 1
+            self._trim(slot, length)
+            slot.key = key
             old = self._index.pop(slot.key, None)
             if old is not None:
                 self._unlink(old)
@@ -203,6 +210,20 @@ class StoreIndex:
             slot.state = SlotState.DROPPED
         else:
             self._free(slot)
+
+    def _trim(self, slot: Slot, length: int) -> None:
+        keep = self.allocator.pages_for(length)
+        runs: list[Run] = []
+        for first, count in slot.runs:
+            take = min(count, keep)
+            if take:
+                runs.append((first, take))
+            if count > take:
+                self.allocator.release([(first + take, count - take)])
+            keep -= take
+        slot.runs = runs
+        slot.length = length
+        slot.extents = self.allocator.extents(runs, length)
 
     def _free(self, slot: Slot) -> None:
         slot.state = SlotState.FREED

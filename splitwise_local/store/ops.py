@@ -109,27 +109,41 @@ def attach() -> Flow[tuple[dict[str, Any], list[int]]]:
     return info, fds
 
 
-def alloc(items: Sequence[tuple[bytes, int]]) -> Flow[list[p.Grant]]:
-    _, meta = yield from call(p.Op.ALLOC, len(items), p.encode_sized_keys(items))
-    return p.decode_grants(meta, len(items))
+def alloc(lengths: Sequence[int], abort: Sequence[int] = ()) -> Flow[list[p.Grant]]:
+    """Pending slots of these sizes; `abort` tickets are given back in the same round trip."""
+    frames = [p.frame(p.Op.ABORT, len(abort), p.encode_u64s(abort))] if abort else []
+    frames.append(p.frame(p.Op.ALLOC, len(lengths), p.encode_u64s(lengths)))
+    yield Send(frames)
+    if abort:
+        yield from response()
+    _, meta = yield from response()
+    return p.decode_grants(meta, len(lengths))
 
 
-def commit(tickets: Sequence[int]) -> Flow[None]:
-    yield from call(p.Op.COMMIT, len(tickets), p.encode_tickets(tickets))
+def commit(items: Sequence[tuple[int, bytes, int]], spare: int = 0) -> Flow[p.Grant | None]:
+    """Makes (ticket, key, length) values visible. With `spare`, the same round trip also
+    reserves a slot of that size for the next put (best effort: None if there is no room),
+    so a steady stream of shared-memory puts costs one round trip each, not two."""
+    frames = [p.frame(p.Op.COMMIT, len(items), p.encode_commits(items))]
+    if spare:
+        frames.append(p.frame(p.Op.ALLOC, 1, p.encode_u64s([spare]), p.Flag.BEST_EFFORT))
+    yield Send(frames)
+    yield from response()
+    if not spare:
+        return None
+    _, meta = yield from response()
+    (grant,) = p.decode_grants(meta, 1)
+    return grant if grant.length >= 0 else None
 
 
 def abort(tickets: Sequence[int]) -> Flow[None]:
-    yield from call(p.Op.ABORT, len(tickets), p.encode_tickets(tickets))
+    yield from call(p.Op.ABORT, len(tickets), p.encode_u64s(tickets))
 
 
 def lease(keys: Sequence[bytes]) -> Flow[list[p.Grant]]:
+    """Where the values are; they stay pinned until this connection's next frame."""
     _, meta = yield from call(p.Op.LEASE, len(keys), p.encode_keys(keys))
     return p.decode_grants(meta, len(keys))
-
-
-def release(tickets: Sequence[int]) -> Flow[None]:
-    """Fire and forget: the server does not answer RELEASE, saving a round trip per get."""
-    yield Send([p.frame(p.Op.RELEASE, len(tickets), p.encode_tickets(tickets))])
 
 
 def batches(items: Sequence[T], max_bytes: int = 0, size: Callable[[T], int] = len) -> list:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Sequence
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 from typing import Any, NamedTuple
 
 from splitwise_local.store.errors import (
@@ -24,17 +24,17 @@ from splitwise_local.store.errors import (
 
 MAGIC = b"SWKV"
 VERSION = 1
-HEADER = struct.Struct("<4sBB2xII")  # magic, version, opcode|status, reserved, count, meta_len
+HEADER = struct.Struct("<4sBBHII")  # magic, version, opcode|status, flags, count, meta_len
 MAX_COUNT = 65536  # items in one batch
 MAX_META = 16 * 1024 * 1024  # bytes of metadata in one frame
 MAX_KEY = 512  # bytes of one key
 
 _U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
 _U64 = struct.Struct("<Q")
 _EXTENT = struct.Struct("<QQ")  # offset, length
 _GRANT = struct.Struct("<qQI")  # value length (-1: miss), ticket, number of extents
+_COMMIT = struct.Struct("<QQ")  # ticket, value length; then the key
 
 
 class Op(IntEnum):
@@ -51,10 +51,15 @@ class Op(IntEnum):
     COMMIT = 18
     ABORT = 19
     LEASE = 20
-    RELEASE = 21  # the one request without a response
 
 
-SHM_OPS = frozenset({Op.ATTACH, Op.ALLOC, Op.COMMIT, Op.ABORT, Op.LEASE, Op.RELEASE})
+SHM_OPS = frozenset({Op.ATTACH, Op.ALLOC, Op.COMMIT, Op.ABORT, Op.LEASE})
+
+
+class Flag(IntFlag):
+    """Request flags; unknown bits are refused so they stay free for later versions."""
+
+    BEST_EFFORT = 1  # ALLOC: answer length -1 for a value that finds no room, not an error
 
 
 class Status(IntEnum):
@@ -82,23 +87,24 @@ class Header(NamedTuple):
     code: int  # an Op in requests, a Status in responses
     count: int
     meta_len: int
+    flags: int = 0
 
 
 class Grant(NamedTuple):
     """A value's place in the shared arena, handed to a Unix-socket client (ALLOC, LEASE)."""
 
-    length: int  # -1: the key is missing (LEASE only)
-    ticket: int  # names the allocation or pin in COMMIT / ABORT / RELEASE
+    length: int  # bytes it holds; -1: missing key (LEASE), no room (best-effort ALLOC)
+    ticket: int  # names the allocation in COMMIT / ABORT
     extents: list[tuple[int, int]]  # (offset, length) in the arena, in value order
 
 
-def encode_header(code: int, count: int = 0, meta_len: int = 0) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, code, count, meta_len)
+def encode_header(code: int, count: int = 0, meta_len: int = 0, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, code, flags, count, meta_len)
 
 
 def decode_header(data: bytes | bytearray | memoryview) -> Header:
     """Checks magic, version and limits; raises FrameError naming what is wrong."""
-    magic, version, code, count, meta_len = HEADER.unpack(data)
+    magic, version, code, flags, count, meta_len = HEADER.unpack(data)
     if magic != MAGIC:
         raise FrameError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != VERSION:
@@ -110,11 +116,13 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         raise FrameError(f"count {count} exceeds {MAX_COUNT}")
     if meta_len > MAX_META:
         raise FrameError(f"metadata length {meta_len} exceeds {MAX_META}")
-    return Header(code, count, meta_len)
+    if flags & ~int(Flag.BEST_EFFORT):
+        raise FrameError(f"unknown flags {flags:#x}")
+    return Header(code, count, meta_len, flags)
 
 
-def frame(code: int, count: int = 0, meta: bytes = b"") -> bytes:
-    return encode_header(code, count, len(meta)) + meta
+def frame(code: int, count: int = 0, meta: bytes = b"", flags: int = 0) -> bytes:
+    return encode_header(code, count, len(meta), flags) + meta
 
 
 def key_bytes(key: str | bytes) -> bytes:
@@ -185,14 +193,32 @@ def decode_lengths(meta: bytes | memoryview, count: int) -> list[int]:
     return list(struct.unpack(f"<{count}q", meta))
 
 
-def encode_tickets(tickets: Sequence[int]) -> bytes:
-    return struct.pack(f"<{len(tickets)}Q", *tickets)
+def encode_u64s(numbers: Sequence[int]) -> bytes:
+    """Tickets (ABORT) and sizes (ALLOC)."""
+    return struct.pack(f"<{len(numbers)}Q", *numbers)
 
 
-def decode_tickets(meta: bytes | memoryview, count: int) -> list[int]:
+def decode_u64s(meta: bytes | memoryview, count: int) -> list[int]:
     if len(meta) != 8 * count:
-        raise FrameError(f"expected {count} tickets, got {len(meta)} bytes")
+        raise FrameError(f"expected {count} numbers, got {len(meta)} bytes")
     return list(struct.unpack(f"<{count}Q", meta))
+
+
+def encode_commits(items: Sequence[tuple[int, bytes, int]]) -> bytes:
+    """COMMIT: (ticket, key, length) per value."""
+    return b"".join(
+        _COMMIT.pack(ticket, length) + _U16.pack(len(key)) + key for ticket, key, length in items
+    )
+
+
+def decode_commits(meta: bytes | memoryview, count: int) -> list[tuple[int, bytes, int]]:
+    reader = _Reader(meta)
+    items = []
+    for _ in range(count):
+        ticket, length = reader.unpack(_COMMIT)
+        items.append((ticket, reader.key(), length))
+    reader.done()
+    return items
 
 
 def encode_grants(grants: Sequence[Grant]) -> bytes:

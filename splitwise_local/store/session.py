@@ -59,9 +59,9 @@ class Session:
         self.peer = peer
         self.unix = unix
         self._greeted = False
-        self._next_ticket = 1
-        self._pending: dict[int, Slot] = {}  # ALLOC'd, not yet COMMIT'ed
-        self._leases: dict[int, Slot] = {}  # LEASE'd, not yet RELEASE'd
+        self._last_ticket = 0
+        self._pending: dict[int, Slot] = {}  # ALLOC'd, not yet COMMIT'ed, by ticket
+        self._leased: list[Slot] = []  # pinned by the last LEASE, until the next frame
         self._handlers: dict[int, Callable[[p.Header, memoryview], None]] = {
             p.Op.HELLO: self._hello,
             p.Op.PUT: self._put,
@@ -74,18 +74,17 @@ class Session:
             p.Op.COMMIT: self._commit,
             p.Op.ABORT: self._abort,
             p.Op.LEASE: self._lease,
-            p.Op.RELEASE: self._release,
         }
 
     def serve(self, first: bytes) -> None:
         """Runs until the connection ends; `first` is the magic the dispatcher already read."""
+        self.sock.settimeout(self.ctx.io_timeout)
         try:
             header = first + recv_exact(self.sock, p.HEADER.size - len(first))
             while True:
-                self.sock.settimeout(self.ctx.io_timeout)  # a frame, once begun, must flow
+                self._end_lease()
                 self._handle(p.decode_header(header))
-                self.sock.settimeout(None)  # idle between frames for as long as it likes
-                header = recv_exact(self.sock, p.HEADER.size, first=True)
+                header = self._next_header()
         except PeerClosed as exc:
             if not exc.clean:
                 log.warning(
@@ -100,6 +99,27 @@ class Session:
             self._refuse(exc)
         finally:
             self._cleanup()
+
+    def _next_header(self) -> bytearray:
+        """Waits for the next frame as long as the client likes; once it starts, the rest of
+        it must arrive within the I/O timeout."""
+        header = bytearray(p.HEADER.size)
+        while True:
+            try:
+                got = self.sock.recv_into(header)
+                break
+            except TimeoutError:
+                continue  # idle between frames
+        if got == 0:
+            raise PeerClosed(clean=True)
+        recv_into_exact(self.sock, memoryview(header)[got:])
+        return header
+
+    def _end_lease(self) -> None:
+        """A client sends its next frame only after copying what it leased: unpin that."""
+        if self._leased:
+            self.ctx.index.release(self._leased)
+            self._leased = []
 
     def _handle(self, header: p.Header) -> None:
         handler = self._handlers.get(header.code)
@@ -133,13 +153,8 @@ class Session:
     def _cleanup(self) -> None:
         for slot in self._pending.values():
             self.ctx.index.abort(slot)
-        self.ctx.index.release(list(self._leases.values()))
         self._pending.clear()
-        self._leases.clear()
-
-    def _ticket(self) -> int:
-        self._next_ticket += 1
-        return self._next_ticket - 1
+        self._end_lease()
 
     # -- operations on any connection ------------------------------------------------------
 
@@ -168,9 +183,9 @@ class Session:
 
     def _put(self, header: p.Header, meta: memoryview) -> None:
         items = p.decode_sized_keys(meta, header.count)
-        self._check_sizes(items)
+        self._check_sizes([length for _, length in items])
         for key, length in items:
-            slot = self.ctx.index.reserve(key, length)
+            slot = self.ctx.index.reserve(length)
             self.ctx.arena.populate(slot.extents)
             try:
                 for offset, size in slot.extents:
@@ -178,7 +193,7 @@ class Session:
             except BaseException:
                 self.ctx.index.abort(slot)
                 raise
-            self.ctx.index.commit(slot)
+            self.ctx.index.commit(slot, key, length)
         self._reply(header.count)
 
     def _get(self, header: p.Header, meta: memoryview) -> None:
@@ -214,59 +229,62 @@ class Session:
         socket.send_fds(self.sock, [p.frame(p.Status.OK, 0, p.encode_json(info))], [arena.fd])
 
     def _alloc(self, header: p.Header, meta: memoryview) -> None:
-        items = p.decode_sized_keys(meta, header.count)
-        self._check_sizes(items)
+        """Pending slots for the client to fill; best effort answers -1 where none fits."""
+        lengths = p.decode_u64s(meta, header.count)
+        best_effort = bool(header.flags & p.Flag.BEST_EFFORT)
+        if not best_effort:
+            self._check_sizes(lengths)
         grants = []
-        reserved: list[Slot] = []
-        try:
-            for key, length in items:
-                reserved.append(self.ctx.index.reserve(key, length))
-        except StoreError:
-            for slot in reserved:
-                self.ctx.index.abort(slot)
-            raise
-        for slot in reserved:
-            ticket = self._ticket()
-            self._pending[ticket] = slot
-            grants.append(p.Grant(slot.length, ticket, slot.extents))
+        for length in lengths:
+            try:
+                slot = self.ctx.index.reserve(length)
+            except (StoreFull, ValueTooLarge):
+                if not best_effort:
+                    raise  # the session's cleanup aborts what this batch reserved so far
+                grants.append(p.Grant(-1, 0, []))
+                continue
+            self._last_ticket += 1
+            self._pending[self._last_ticket] = slot
+            grants.append(p.Grant(slot.length, self._last_ticket, slot.extents))
         self._reply(header.count, p.encode_grants(grants))
 
     def _commit(self, header: p.Header, meta: memoryview) -> None:
-        for slot in self._take(self._pending, p.decode_tickets(meta, header.count)):
-            self.ctx.index.commit(slot)
+        items = p.decode_commits(meta, header.count)
+        slots = self._take([ticket for ticket, _, _ in items])
+        for slot, (_, key, length) in zip(slots, items, strict=True):
+            if length > slot.length:
+                raise p.FrameError(
+                    f"commit of {length} bytes into {slot.length}", p.Status.BAD_REQUEST
+                )
+            self.ctx.index.commit(slot, key, length)
         self._reply(header.count)
 
     def _abort(self, header: p.Header, meta: memoryview) -> None:
-        for slot in self._take(self._pending, p.decode_tickets(meta, header.count)):
+        for slot in self._take(p.decode_u64s(meta, header.count)):
             self.ctx.index.abort(slot)
         self._reply(header.count)
 
     def _lease(self, header: p.Header, meta: memoryview) -> None:
+        """Pins values where they are; the pins end when the client's next frame arrives."""
         grants = []
         for slot in self.ctx.index.acquire(p.decode_keys(meta, header.count)):
             if slot is None:
                 grants.append(p.Grant(-1, 0, []))
             else:
-                ticket = self._ticket()
-                self._leases[ticket] = slot
-                grants.append(p.Grant(slot.length, ticket, slot.extents))
+                self._leased.append(slot)
+                grants.append(p.Grant(slot.length, 0, slot.extents))
         self._reply(header.count, p.encode_grants(grants))
-
-    def _release(self, header: p.Header, meta: memoryview) -> None:
-        self.ctx.index.release(self._take(self._leases, p.decode_tickets(meta, header.count)))
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _check_sizes(self, items: list[tuple[bytes, int]]) -> None:
+    def _check_sizes(self, lengths: list[int]) -> None:
         """Refuses a batch with any oversized value before a single byte is stored."""
         limit = self.ctx.index.max_value
-        for key, length in items:
-            if length > limit:
-                raise ValueTooLarge(f"value of {length} bytes for {key!r} exceeds {limit}")
+        if lengths and max(lengths) > limit:
+            raise ValueTooLarge(f"value of {max(lengths)} bytes exceeds {limit}")
 
-    @staticmethod
-    def _take(table: dict[int, Slot], tickets: list[int]) -> list[Slot]:
-        unknown = [t for t in tickets if t not in table]
-        if unknown:
-            raise p.FrameError(f"unknown tickets {unknown[:4]}", p.Status.BAD_REQUEST)
-        return [table.pop(t) for t in tickets]
+    def _take(self, tickets: list[int]) -> list[Slot]:
+        unknown = [t for t in tickets if t not in self._pending]
+        if unknown or len(set(tickets)) != len(tickets):
+            raise p.FrameError(f"unknown or repeated tickets {tickets[:4]}", p.Status.BAD_REQUEST)
+        return [self._pending.pop(t) for t in tickets]

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import xxhash
+
+from splitwise_local.store.server import SpawnedStore, spawn
 
 _counter = itertools.count()
 
@@ -20,43 +18,13 @@ def unique_name(prefix: str = "t") -> str:
     return f"{prefix}{os.getpid()}-{next(_counter)}"
 
 
-@dataclass
-class StoreProcess:
-    proc: subprocess.Popen
-    tcp_url: str
-    shm_url: str
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
 @contextmanager
-def store_process(*args: str, env: dict[str, str] | None = None) -> Iterator[StoreProcess]:
-    """`python -m splitwise_local store --port 0 ...` until its ready line; killed at exit."""
-    command = [sys.executable, "-m", "splitwise_local", "store", "--port", "0", *args]
+def store_process(*args: str) -> Iterator[SpawnedStore]:
+    """A `store` subprocess with a unique shm name unless one is given."""
     if "--shm-name" not in args:
-        command += ["--shm-name", unique_name("p")]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        line = proc.stdout.readline()
-        if not line.startswith("store ready on "):
-            proc.kill()
-            raise RuntimeError(f"store did not start: {line!r} {proc.stderr.read()}")
-        _, _, _, tcp_url, shm_url = line.split()
-        yield StoreProcess(proc, tcp_url, shm_url)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        args = (*args, "--shm-name", unique_name("p"))
+    with spawn(*args) as store:
+        yield store
 
 
 def make_value(seed: str, size: int) -> bytes:

@@ -16,7 +16,7 @@ def make_index(pages: int = 8, max_value: int | None = None) -> StoreIndex:
 
 
 def put(index: StoreIndex, key: bytes, pages: int = 1) -> None:
-    index.commit(index.reserve(key, pages * PAGE))
+    index.commit(index.reserve(pages * PAGE), key, pages * PAGE)
 
 
 def test_allocator_returns_runs_and_reuses_freed_pages_whole():
@@ -56,12 +56,26 @@ def test_arena_write_and_read_across_extents():
 
 def test_reserved_value_is_invisible_until_commit_and_abort_frees_it():
     index = make_index()
-    slot = index.reserve(b"a", 100)
-    assert index.exists_prefix([b"a"]) == 0 and index.acquire([b"a"]) == [None]
+    slot = index.reserve(100)
+    assert index.stats()["pending"] == 1 and index.acquire([b"a"]) == [None]
     index.abort(slot)
     assert index.stats()["used_bytes"] == 0 and index.stats()["aborted"] == 1
-    index.commit(index.reserve(b"a", 100))
+    slot = index.reserve(100)
+    index.commit(slot, b"a", 100)
     assert index.exists_prefix([b"a"]) == 1 and index.stats()["bytes"] == 100
+    with pytest.raises(ValueError):
+        index.commit(slot, b"b", 100)  # committed once only
+
+
+def test_commit_of_a_shorter_value_gives_surplus_pages_back():
+    index = make_index(pages=8)
+    slot = index.reserve(5 * PAGE)
+    assert index.stats()["used_bytes"] == 5 * PAGE
+    with pytest.raises(ValueError):
+        index.commit(slot, b"a", 5 * PAGE + 1)
+    index.commit(slot, b"a", PAGE + 1)
+    assert index.stats()["used_bytes"] == 2 * PAGE and slot.length == PAGE + 1
+    assert sum(n for _, n in slot.runs) == 2 and sum(n for _, n in slot.extents) == PAGE + 1
 
 
 def test_evicts_least_recently_used_first():
@@ -86,10 +100,10 @@ def test_pinned_value_survives_eviction_pressure_and_frees_on_release():
             put(index, key + bytes([round_]))
     assert index.exists_prefix([b"a"]) == 1 and pinned.state is SlotState.LIVE
     with pytest.raises(StoreFull):
-        index.reserve(b"big", 4 * PAGE)  # only 3 of 4 pages could ever be freed
+        index.reserve(4 * PAGE)  # only 3 of 4 pages could ever be freed
     assert index.exists_prefix([b"a"]) == 1
     index.release([pinned])
-    index.commit(index.reserve(b"big", 4 * PAGE))
+    put(index, b"big", pages=4)
     assert index.exists_prefix([b"a"]) == 0
 
 
@@ -113,7 +127,7 @@ def test_oversized_value_is_refused_and_nothing_is_evicted():
     index = make_index(pages=4, max_value=2 * PAGE)
     put(index, b"a")
     with pytest.raises(ValueTooLarge):
-        index.reserve(b"b", 2 * PAGE + 1)
+        index.reserve(2 * PAGE + 1)
     assert index.exists_prefix([b"a"]) == 1 and index.stats()["refused"] == 1
     assert make_index(pages=4).max_value == 4 * PAGE  # never above the capacity
 

@@ -13,7 +13,9 @@ from splitwise_local.store.errors import AuthError, ProtocolError, StoreFull, Va
 def test_header_round_trip_and_size():
     raw = p.encode_header(p.Op.PUT, 3, 99)
     assert len(raw) == 16 and raw[:4] == b"SWKV" and raw[4] == p.VERSION
-    assert p.decode_header(raw) == p.Header(p.Op.PUT, 3, 99)
+    assert p.decode_header(raw) == p.Header(p.Op.PUT, 3, 99, 0)
+    flagged = p.encode_header(p.Op.ALLOC, 1, 8, p.Flag.BEST_EFFORT)
+    assert p.decode_header(flagged).flags == p.Flag.BEST_EFFORT
 
 
 @pytest.mark.parametrize(
@@ -21,8 +23,9 @@ def test_header_round_trip_and_size():
     [
         (b"XXXX" + p.encode_header(1)[4:], p.Status.BAD_FRAME),
         (p.encode_header(1)[:4] + b"\x09" + p.encode_header(1)[5:], p.Status.UNSUPPORTED_VERSION),
-        (p.HEADER.pack(p.MAGIC, p.VERSION, 1, p.MAX_COUNT + 1, 0), p.Status.BAD_FRAME),
-        (p.HEADER.pack(p.MAGIC, p.VERSION, 1, 0, p.MAX_META + 1), p.Status.BAD_FRAME),
+        (p.HEADER.pack(p.MAGIC, p.VERSION, 1, 0, p.MAX_COUNT + 1, 0), p.Status.BAD_FRAME),
+        (p.HEADER.pack(p.MAGIC, p.VERSION, 1, 0, 0, p.MAX_META + 1), p.Status.BAD_FRAME),
+        (p.HEADER.pack(p.MAGIC, p.VERSION, 1, 2, 0, 0), p.Status.BAD_FRAME),  # unknown flag
     ],
 )
 def test_bad_headers_are_refused_with_the_right_status(raw, status):
@@ -37,7 +40,9 @@ def test_metadata_codecs_round_trip():
     sized = [(b"x", 0), (b"y", 2**40)]
     assert p.decode_sized_keys(p.encode_sized_keys(sized), 2) == sized
     assert p.decode_lengths(p.encode_lengths([-1, 5]), 2) == [-1, 5]
-    assert p.decode_tickets(p.encode_tickets([1, 2**63]), 2) == [1, 2**63]
+    assert p.decode_u64s(p.encode_u64s([1, 2**63]), 2) == [1, 2**63]
+    commits = [(1, b"k", 0), (2**40, b"x" * p.MAX_KEY, 2**33)]
+    assert p.decode_commits(p.encode_commits(commits), 2) == commits
     grants = [p.Grant(-1, 0, []), p.Grant(70000, 7, [(0, 65536), (131072, 4464)])]
     assert p.decode_grants(p.encode_grants(grants), 2) == grants
     assert p.decode_json(p.encode_json({"a": 1})) == {"a": 1}
@@ -52,7 +57,8 @@ def test_metadata_codecs_round_trip():
         (p.decode_keys, struct.pack("<H", p.MAX_KEY + 1) + b"k" * (p.MAX_KEY + 1), 1),
         (p.decode_sized_keys, p.encode_keys([b"abc"]), 1),  # length missing
         (p.decode_lengths, b"\0" * 7, 1),
-        (p.decode_tickets, b"\0" * 9, 1),
+        (p.decode_u64s, b"\0" * 9, 1),
+        (p.decode_commits, p.encode_commits([(1, b"k", 1)])[:-1], 1),
         (p.decode_grants, p.encode_grants([p.Grant(1, 1, [(0, 1)])])[:-3], 1),
         (p.decode_json, b"\xff{", None),
         (p.decode_json, b"[1]", None),

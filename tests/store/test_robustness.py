@@ -73,10 +73,13 @@ keys_frame = st.builds(  # reads may name the canaries (a LEASE pins them); dele
     st.sampled_from([p.Op.GET, p.Op.EXISTS, p.Op.LEASE]),
     st.lists(fuzz_key | st.sampled_from([k.encode() for k in CANARIES]), max_size=4),
 ) | st.builds(lambda keys: p.frame(p.Op.DELETE, len(keys), p.encode_keys(keys)), st.lists(fuzz_key))
-alloc_frame = st.builds(
-    lambda key, size: p.frame(p.Op.ALLOC, 1, p.encode_sized_keys([(key, size)])),
-    fuzz_key,
-    st.integers(0, 200_000),
+shm_frame = st.builds(
+    lambda sizes, flags: p.frame(p.Op.ALLOC, len(sizes), p.encode_u64s(sizes), flags),
+    st.lists(st.integers(0, 200_000), max_size=3),
+    st.sampled_from([0, p.Flag.BEST_EFFORT]),
+) | st.builds(  # tickets count from 1 on each connection, so some of these are real
+    lambda items: p.frame(p.Op.COMMIT, len(items), p.encode_commits(items)),
+    st.lists(st.tuples(st.integers(1, 4), fuzz_key, st.integers(0, 200_000)), max_size=3),
 )
 random_frame = st.builds(
     lambda code, count, meta, tail: p.encode_header(code, count, len(meta)) + meta + tail,
@@ -95,7 +98,7 @@ garbage = st.binary(min_size=1, max_size=400)
     over_unix=st.booleans(),
     greet=st.booleans(),
     frames=st.lists(
-        put_frame | keys_frame | alloc_frame | random_frame | garbage, min_size=1, max_size=4
+        put_frame | keys_frame | shm_frame | random_frame | garbage, min_size=1, max_size=4
     ),
     data=st.data(),
 )
@@ -137,7 +140,7 @@ from splitwise_local.store.transport import connect_unix
 conn = Connection(connect_unix(sys.argv[1], 5), None)
 info, fds = conn.run(ops.attach())
 arena = SharedArena.attach(fds[0], info["size"])
-(grant,) = conn.run(ops.alloc([(b"partial", 4 << 20)]))
+(grant,) = conn.run(ops.alloc([4 << 20]))
 arena.write(grant.extents[:1], b"x" * grant.extents[0][1])
 print("sent", flush=True)
 sys.stdin.read()

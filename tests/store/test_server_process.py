@@ -31,8 +31,8 @@ def test_ready_line_then_clean_exit_on_signal_leaving_nothing_behind(signum):
         with open_backend(store.shm_url) as shm, open_backend(store.tcp_url) as tcp:
             shm.put("k", b"v" * 100_000)
             assert tcp.stats()["items"] == 1
-            store.proc.send_signal(signum)
-            assert store.proc.wait(timeout=10) == 0
+            store.process.send_signal(signum)
+            assert store.process.wait(timeout=10) == 0
     assert shm_entries() == before
     with store_process("--max-size-gb", "0.05", "--shm-name", name):  # the name is free again
         pass
@@ -44,8 +44,8 @@ def test_killed_server_leaks_no_shared_memory_and_frees_its_name():
     with store_process("--max-size-gb", "0.05", "--shm-name", name) as store:
         with open_backend(store.tcp_url) as tcp:
             tcp.put("k", b"v" * MiB)
-        store.proc.send_signal(signal.SIGKILL)
-        store.proc.wait(timeout=10)
+        store.process.send_signal(signal.SIGKILL)
+        store.process.wait(timeout=10)
     assert shm_entries() == before
     with (
         store_process("--max-size-gb", "0.05", "--shm-name", name) as again,
@@ -87,7 +87,7 @@ def test_fill_past_capacity_keeps_rss_within_cap_and_counts_evictions():
             for i in range(4 * cap // MiB):
                 (tcp, shm)[i % 2].put(f"k{i}", value)
             stats = tcp.stats()
-        rss = psutil.Process(store.pid).memory_info().rss
+        rss = psutil.Process(store.process.pid).memory_info().rss
         assert rss <= cap * 1.1 + 100 * MiB, f"store RSS {rss / MiB:.0f} MiB"
         assert stats["evictions"] >= 3 * cap // MiB - 1
         assert stats["bytes"] <= stats["capacity"] == cap

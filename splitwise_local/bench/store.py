@@ -1,0 +1,323 @@
+"""`bench store`: the KV store's throughput and latency against baselines measured in the run.
+
+- TCP path: put and get of 1 MiB and 16 MiB values against a raw socket that moves the same
+  bytes over loopback (length prefix, one-byte acknowledgement, buffers allocated once).
+  Goal: at least 0.7 of the baseline.
+- Shared-memory path: put and get against a plain memcpy of the same bytes. Goal: 0.5.
+- Small values: 4 KiB gets, one per call and 64 per call, on both paths: ops/s, p50, p99.
+- Fill past capacity: a store's RSS after four times its capacity went through it.
+
+Each throughput is the best of `--repeats` interleaved rounds (store and baseline alternate,
+so a busy neighbour slows both alike); warm-up rounds run first, so every page of the arena is
+already mapped and the numbers are the steady state, not first-touch page faults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+MiB = 1024 * 1024
+SIZES = (1 * MiB, 16 * MiB)
+SMALL = 4096
+BATCH = 64
+TCP_GOAL = 0.7
+SHM_GOAL = 0.5
+_REQUEST = struct.Struct("<cQ")  # baseline: b"P" or b"G", then the byte count
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mb", type=int, default=256, help="MiB moved per measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; the best one counts")
+    parser.add_argument("--small-ops", type=int, default=3000, help="4 KiB gets per mode")
+    parser.add_argument("--fill-cap-mb", type=int, default=256, help="capacity in the fill run")
+
+
+def _socket_baseline_server(listener: socket.socket) -> None:
+    """The raw-socket baseline: receives into and sends from buffers allocated once."""
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = memoryview(bytearray(max(SIZES)))
+    with conn:
+        while head := _recv_exact(conn, memoryview(bytearray(_REQUEST.size))):
+            op, size = _REQUEST.unpack(head)
+            if op == b"P":
+                _recv_exact(conn, buffer[:size])
+                conn.sendall(b"k")
+            else:
+                conn.sendall(buffer[:size])
+
+
+def _recv_exact(conn: socket.socket, view: memoryview) -> memoryview | None:
+    pos = 0
+    while pos < len(view):
+        got = conn.recv_into(view[pos:])
+        if not got:
+            return None
+        pos += got
+    return view
+
+
+class SocketBaseline:
+    """A client of `_socket_baseline_server`, running in a process of its own like the store."""
+
+    def __init__(self) -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        context = multiprocessing.get_context("spawn")
+        self.process = context.Process(target=_socket_baseline_server, args=(listener,))
+        self.process.start()
+        self.sock = socket.create_connection(listener.getsockname())
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listener.close()
+        self.buffer = memoryview(bytearray(max(SIZES)))
+
+    def put(self, value: memoryview) -> None:
+        self.sock.sendmsg([_REQUEST.pack(b"P", len(value))])
+        self.sock.sendall(value)
+        _recv_exact(self.sock, self.buffer[:1])
+
+    def get(self, size: int) -> None:
+        self.sock.sendall(_REQUEST.pack(b"G", size))
+        _recv_exact(self.sock, self.buffer[:size])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.process.join(timeout=10)
+
+
+def _each(items: Sequence[str], call: Callable[[str], Any]) -> Callable[[], None]:
+    """An action that makes one call per item (one value moved per call)."""
+
+    def action() -> None:
+        for item in items:
+            call(item)
+
+    return action
+
+
+def _gbps(action: Callable[[], None], total_bytes: int) -> float:
+    start = time.perf_counter()
+    action()
+    return total_bytes / (time.perf_counter() - start) / 1e9
+
+
+def _best(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {name: max(r[name] for r in rounds) for name in rounds[0]}
+
+
+def _copy(target: memoryview, value: memoryview) -> None:
+    target[:] = value
+
+
+def _warm_up(tcp: Any, shm: Any) -> None:
+    """Writes the whole arena through both paths once, so both processes have every page
+    mapped and the measurements see the steady state rather than first-touch page faults."""
+    value = memoryview(bytearray(max(SIZES)))
+    for client in (tcp, shm):
+        for i in range(tcp.stats()["capacity"] // len(value)):
+            client.put(f"warm-{i}", value)
+
+
+def _throughput(args: argparse.Namespace, tcp: Any, shm: Any) -> list[dict[str, Any]]:
+    _warm_up(tcp, shm)
+    baseline = SocketBaseline()
+    rows = []
+    try:
+        for size in SIZES:
+            count = max(4, args.mb * MiB // size)
+            value = memoryview(os.urandom(size))
+            keys = [f"bench-{size}-{i}" for i in range(count)]
+            # The memcpy baseline writes distinct destinations, as the store writes distinct
+            # pages: copying into one buffer again and again would measure the CPU cache.
+            region = memoryview(bytearray(count * size))
+            targets = {key: region[i * size : (i + 1) * size] for i, key in enumerate(keys)}
+
+            cases: dict[str, Callable[[], None]] = {
+                "tcp put": _each(keys, lambda key, v=value: tcp.put(key, v)),
+                "socket put": _each(keys, lambda _, v=value: baseline.put(v)),
+                "tcp get": _each(keys, tcp.get),
+                "socket get": _each(keys, lambda _, n=size: baseline.get(n)),
+                "shm put": _each(keys, lambda key, v=value: shm.put(key, v)),
+                "shm get": _each(keys, shm.get),
+                "memcpy": _each(keys, lambda key, v=value, t=targets: _copy(t[key], v)),
+            }
+            for action in cases.values():  # warm-up: every destination written once
+                action()
+            rounds = [
+                {name: _gbps(action, count * size) for name, action in cases.items()}
+                for _ in range(args.repeats)
+            ]
+            best = _best(rounds)
+            for path, op, base in [
+                ("tcp", "put", "socket put"),
+                ("tcp", "get", "socket get"),
+                ("shm", "put", "memcpy"),
+                ("shm", "get", "memcpy"),
+            ]:
+                store_gbps = best[f"{path} {op}"]
+                goal = TCP_GOAL if path == "tcp" else SHM_GOAL
+                rows.append(
+                    {
+                        "path": path,
+                        "op": op,
+                        "size_mib": size // MiB,
+                        "store_gbps": store_gbps,
+                        "baseline": base.split()[0],
+                        "baseline_gbps": best[base],
+                        "ratio": store_gbps / best[base],
+                        "goal": goal,
+                    }
+                )
+    finally:
+        baseline.close()
+    return rows
+
+
+def _each_call(call: Callable[[Any], Any], arguments: Sequence[Any]) -> Callable[[], None]:
+    """A callable making one call per invocation, cycling through `arguments`."""
+    cycle = itertools.cycle(arguments)
+    return lambda: call(next(cycle))
+
+
+def _latencies(call: Callable[[], Any], calls: int) -> list[float]:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _small(args: argparse.Namespace, tcp: Any, shm: Any) -> list[dict[str, Any]]:
+    import numpy as np
+
+    keys = [f"small-{i}" for i in range(1024)]
+    tcp.put_many([(key, os.urandom(SMALL)) for key in keys])
+    rows = []
+    for path, client in (("tcp", tcp), ("shm", shm)):
+        for mode, per_call in (("single", 1), (f"batch of {BATCH}", BATCH)):
+            calls = max(10, args.small_ops // per_call)
+            batches = [keys[i : i + per_call] for i in range(0, len(keys), per_call)]
+            call = _each_call(client.get_many, batches)
+            _latencies(call, calls // 10)  # warm-up
+            times = np.array(_latencies(call, calls))
+            rows.append(
+                {
+                    "path": path,
+                    "mode": mode,
+                    "ops_per_s": calls * per_call / times.sum(),
+                    "p50_us": float(np.percentile(times, 50) * 1e6),
+                    "p99_us": float(np.percentile(times, 99) * 1e6),
+                }
+            )
+    return rows
+
+
+def _fill(args: argparse.Namespace, shm_name: str) -> dict[str, Any]:
+    import psutil
+
+    from splitwise_local.store import open_backend
+    from splitwise_local.store.server import spawn
+
+    cap = args.fill_cap_mb * MiB
+    value = os.urandom(MiB)
+    with spawn("--max-size-gb", str(cap / 1024**3), "--shm-name", shm_name) as store:
+        with open_backend(store.tcp_url) as tcp, open_backend(store.shm_url) as shm:
+            for i in range(4 * args.fill_cap_mb):
+                (tcp, shm)[i % 2].put(f"fill-{i}", value)
+            stats = tcp.stats()
+        rss = psutil.Process(store.process.pid).memory_info().rss
+    limit = cap * 1.1 + 100 * MiB
+    return {
+        "capacity": cap,
+        "written": 4 * cap,
+        "rss": rss,
+        "rss_limit": int(limit),
+        "rss_vs_cap": rss / cap,
+        "evictions": stats["evictions"],
+        "items": stats["items"],
+        "ok": rss <= limit,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from splitwise_local.bench import report
+    from splitwise_local.store import open_backend
+    from splitwise_local.store.server import spawn
+
+    name = f"bench-{os.getpid()}"
+    capacity_gb = 3 * args.mb / 1024  # a case's values twice over (old and new), and spare
+    with (
+        spawn("--max-size-gb", str(capacity_gb), "--shm-name", name) as store,
+        open_backend(store.tcp_url) as tcp,
+        open_backend(store.shm_url) as shm,
+    ):
+        throughput = _throughput(args, tcp, shm)
+        small = _small(args, tcp, shm)
+    fill = _fill(args, f"{name}-fill")
+
+    report.print_table(
+        "Throughput (GB/s, best of rounds; baseline measured in the same run)",
+        ["path", "op", "size", "store", "baseline", "base GB/s", "ratio", "goal", "ok"],
+        [
+            [
+                *(r["path"], r["op"], f"{r['size_mib']} MiB", r["store_gbps"], r["baseline"]),
+                *(r["baseline_gbps"], r["ratio"], r["goal"], r["ratio"] >= r["goal"]),
+            ]
+            for r in throughput
+        ],
+    )
+    report.print_table(
+        f"{SMALL // 1024} KiB gets",
+        ["path", "mode", "ops/s", "p50 us", "p99 us"],
+        [[r["path"], r["mode"], r["ops_per_s"], r["p50_us"], r["p99_us"]] for r in small],
+    )
+    report.print_table(
+        "Fill past capacity (4x the capacity written, 1 MiB values, both paths)",
+        ["capacity MiB", "RSS MiB", "limit MiB", "RSS/cap", "evictions", "ok"],
+        [
+            [
+                *(fill["capacity"] // MiB, fill["rss"] / MiB, fill["rss_limit"] / MiB),
+                *(fill["rss_vs_cap"], fill["evictions"], fill["ok"]),
+            ]
+        ],
+    )
+
+    def worst(path: str, op: str) -> float:
+        return min(r["ratio"] for r in throughput if r["path"] == path and r["op"] == op)
+
+    ratios = {
+        "tcp_put_vs_socket": worst("tcp", "put"),
+        "tcp_get_vs_socket": worst("tcp", "get"),
+        "shm_put_vs_memcpy": worst("shm", "put"),
+        "shm_get_vs_memcpy": worst("shm", "get"),
+        "rss_vs_cap": fill["rss_vs_cap"],
+        **{
+            f"{r['path']}_{r['op']}_{r['size_mib']}mib_vs_{r['baseline']}": r["ratio"]
+            for r in throughput
+        },
+    }
+    report.write_json(
+        args.json,
+        {
+            "benchmark": "store",
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "extra")},
+            "ratios": ratios,
+            "goals": {
+                "tcp_vs_socket_min": TCP_GOAL,
+                "shm_vs_memcpy_min": SHM_GOAL,
+                "rss_vs_cap_max": fill["rss_limit"] / fill["capacity"],
+            },
+            "throughput": throughput,
+            "small_values": small,
+            "fill": fill,
+        },
+    )
+    return 0
