@@ -9,7 +9,8 @@ engine (`--token-interval-ms`), so 64 streams are 64 open streams rather than a 
 would only measure how fast Python can serve requests. Reported per case: end-to-end latency,
 and for streams the time to first token and each chunk's delay from the moment the engine
 wrote it (stamped in the chunk) to the moment the caller read it. A chunk counts as held back
-when it arrives after the engine had already sent the next one.
+when it arrives after the engine had already sent the next one. Direct and proxied runs
+alternate (`--rounds`) so that both meet the same background load on a shared machine.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -50,8 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-interval-ms", type=float, default=20.0, help="fake decode pace (0: instant)"
     )
-    parser.add_argument("--requests-per-client", type=int, default=3, help="with several clients")
-    parser.add_argument("--single-client-requests", type=int, default=20)
+    parser.add_argument(
+        "--requests-per-client", type=int, default=3, help="per round, with several clients"
+    )
+    parser.add_argument("--single-client-requests", type=int, default=10, help="per round")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="direct and proxied runs alternate this many times"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
 
 
@@ -170,16 +177,19 @@ def run(args: argparse.Namespace) -> int:
                 case = f"{'stream' if stream else 'whole'}_c{clients}"
                 spread = args.tokens * args.token_interval_ms / 1000
                 case_args = (stream, clients, per_client, spread)
-                direct = asyncio.run(run_case(urls["decode"], *case_args))
-                proxy_cpu = proxy_process.cpu_times()
-                proxied = asyncio.run(run_case(urls["proxy"], *case_args))
-                cpu_s = sum(proxy_process.cpu_times()[:2]) - sum(proxy_cpu[:2])
+                direct, proxied, cpu_s = [], [], 0.0
+                for _ in range(args.rounds):  # alternating, so both see the same neighbours
+                    direct += asyncio.run(run_case(urls["decode"], *case_args))
+                    cpu_before = sum(proxy_process.cpu_times()[:2])
+                    proxied += asyncio.run(run_case(urls["proxy"], *case_args))
+                    cpu_s += sum(proxy_process.cpu_times()[:2]) - cpu_before
+                sent = len(proxied) + clients * args.rounds  # with the warm-up requests
                 results[case] = {
                     "clients": clients,
                     "requests": len(proxied),
                     "direct": summarize(direct),
                     "proxy": summarize(proxied),
-                    "proxy_cpu_ms_per_request": cpu_s * 1000 / (len(proxied) + clients),
+                    "proxy_cpu_ms_per_request": cpu_s * 1000 / sent,
                 }
                 if stream:
                     results[case]["chunks_held_back"] = held_back(proxied, args.token_interval_ms)
@@ -210,6 +220,8 @@ def report_results(args: argparse.Namespace, results: dict[str, dict]) -> int:
             "token_interval_ms": args.token_interval_ms,
             "requests_per_client": args.requests_per_client,
             "single_client_requests": args.single_client_requests,
+            "rounds": args.rounds,
+            "load_average_1m_at_end": os.getloadavg()[0],
         },
         "results": results,
     }

@@ -11,7 +11,7 @@ def test_bench_proxy_writes_its_headline_numbers(tmp_path):
     out = tmp_path / "proxy.json"
     argv = [sys.executable, "-m", "splitwise_local", "bench", "proxy", "--json", str(out)]
     argv += ["--tokens", "3", "--token-interval-ms", "5", "--single-client-requests", "3"]
-    argv += ["--requests-per-client", "1"]
+    argv += ["--requests-per-client", "1", "--rounds", "1"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Latency added by the proxy" in done.stdout
