@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +95,14 @@ def test_magic_cannot_be_mistaken_for_an_lmcache_frame():
         start = struct.pack("iiiiiiiii150s", command, 10, 1, 0, 0, 4, 0, 0, 0, b"key")
         with pytest.raises(p.FrameError):
             p.decode_header(start[: p.HEADER.size])
+
+
+def test_the_documented_example_is_what_the_codec_produces():
+    text = (Path(__file__).parents[2] / "docs" / "wire-format.md").read_text()
+    block = text.split("## Example", 1)[1].split("```", 2)[1]
+    request, response = (
+        bytes.fromhex(" ".join(re.split(r"\s{3,}", line.strip())[0] for line in part.splitlines()))
+        for part in block.replace("request:", "").split("response:")
+    )
+    assert request == p.frame(p.Op.GET, 1, p.encode_keys([b"ab"]))
+    assert response == p.frame(p.Status.OK, 1, p.encode_lengths([3])) + b"xyz"
