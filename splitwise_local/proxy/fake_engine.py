@@ -38,6 +38,7 @@ class FakeBehaviour:
     delay_s: float = 0.0
     fail_status: int | None = None
     max_prompt_words: int | None = None
+    set_cookie: bool = False
 
 
 @dataclass
@@ -85,6 +86,12 @@ class FakeEngine:
         return JSONResponse({"object": "list", "data": [model]})
 
     async def _complete(self, request: Request) -> Response:
+        response = await self._answer(request)
+        if self.behaviour.set_cookie:
+            response.set_cookie("engine_session", "secret")
+        return response
+
+    async def _answer(self, request: Request) -> Response:
         behaviour = self.behaviour
         body = await request.json()
         self.record.requests.append((request.url.path, body, dict(request.headers)))

@@ -59,10 +59,12 @@ def timeout(connect_s: float, read_s: float) -> aiohttp.ClientTimeout:
 
 
 def open_session(max_connections: int) -> aiohttp.ClientSession:
-    """The shared session; engines' bytes are relayed raw, so they must arrive uncompressed."""
+    """The shared session. Engines' bytes are relayed raw, so they must arrive uncompressed;
+    it keeps no cookies, which would otherwise leak from one caller's answer into the next."""
     connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=KEEPALIVE_S)
     return aiohttp.ClientSession(
         connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         headers={"accept-encoding": "identity"},
         timeout=aiohttp.ClientTimeout(total=None),

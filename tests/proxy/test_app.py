@@ -97,6 +97,18 @@ def test_proxy_matches_decode_alone(fake, proxy):
     assert len(prefill.record.requests) == 4
 
 
+def test_engine_cookies_are_not_replayed_to_engines(fake, proxy):
+    prefill, prefill_url = fake(name="prefill", set_cookie=True)
+    decode, decode_url = fake(name="decode", set_cookie=True)
+    # By host name: aiohttp's default jar would keep cookies from names, not from IPs.
+    by_name = [url.replace("127.0.0.1", "localhost") for url in (prefill_url, decode_url)]
+    base = proxy(prefill=by_name[:1], decode=by_name[1:])
+    for _ in range(2):
+        assert httpx.post(base + "/v1/completions", json=COMPLETION).status_code == 200
+    for engine in (prefill, decode):
+        assert "cookie" not in engine.record.requests[1][2]
+
+
 def test_models_come_from_decode_pool(pair):
     _, _, base = pair
     [model] = httpx.get(base + "/v1/models").json()["data"]
