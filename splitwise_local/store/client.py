@@ -107,6 +107,8 @@ class StoreClient:
         self.put_many([(key, value)])
 
     def put_many(self, items: Sequence[tuple[str | bytes, Value]]) -> None:
+        if not items:
+            return
         prepared = self._prepare(items)
         for batch in ops.batches(prepared, self._max_batch_bytes(), lambda item: len(item[1])):
             self._run(lambda conn, batch=batch: self._put_batch(conn, batch))
@@ -144,9 +146,9 @@ class StoreClient:
             connections, self._connections = self._connections, set()
         for conn in connections:
             conn.close()
-            if conn.arena is not None:
-                with contextlib.suppress(BufferError):  # a view is still held; the GC frees it
-                    conn.arena.close()
+        for arena in {id(c.arena): c.arena for c in connections if c.arena}.values():
+            with contextlib.suppress(BufferError):  # a caller still holds a view: GC frees it
+                arena.close()
 
     def __enter__(self) -> StoreClient:
         return self

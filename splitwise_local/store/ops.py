@@ -121,19 +121,19 @@ def alloc(lengths: Sequence[int], abort: Sequence[int] = ()) -> Flow[list[p.Gran
 
 
 def commit(items: Sequence[tuple[int, bytes, int]], spare: int = 0) -> Flow[p.Grant | None]:
-    """Makes (ticket, key, length) values visible. With `spare`, the same round trip also
+    """Makes (ticket, key, length) values visible. With `spare`, the same round trip first
     reserves a slot of that size for the next put (best effort: None if there is no room),
-    so a steady stream of shared-memory puts costs one round trip each, not two."""
-    frames = [p.frame(p.Op.COMMIT, len(items), p.encode_commits(items))]
-    if spare:
-        frames.append(p.frame(p.Op.ALLOC, 1, p.encode_u64s([spare]), p.Flag.BEST_EFFORT))
+    so a steady stream of shared-memory puts costs one round trip each, not two. The spare
+    comes first so that the room it makes is never taken from the values being committed."""
+    frames = [p.frame(p.Op.ALLOC, 1, p.encode_u64s([spare]), p.Flag.BEST_EFFORT)] if spare else []
+    frames.append(p.frame(p.Op.COMMIT, len(items), p.encode_commits(items)))
     yield Send(frames)
+    grant = None
+    if spare:
+        _, meta = yield from response()
+        (grant,) = p.decode_grants(meta, 1)
     yield from response()
-    if not spare:
-        return None
-    _, meta = yield from response()
-    (grant,) = p.decode_grants(meta, 1)
-    return grant if grant.length >= 0 else None
+    return grant if grant is not None and grant.length >= 0 else None
 
 
 def abort(tickets: Sequence[int]) -> Flow[None]:

@@ -126,3 +126,16 @@ def test_version_mismatch_is_answered_and_reported(server):
     header = p.HEADER.unpack(recv_exact(sock, p.HEADER.size))
     assert header[2] == p.Status.UNSUPPORTED_VERSION
     sock.close()
+
+
+def test_shm_puts_keep_at_most_one_spare_slot_and_never_fail_for_it(small):
+    with ShmClient(small.shm_name) as shm:
+        for i, size in enumerate([PAGE, PAGE, 10, 3 * PAGE, 0, 2 * PAGE]):
+            shm.put(f"v{i}", bytes([i]) * size)
+            assert bytes(shm.get(f"v{i}")) == bytes([i]) * size
+            stats = small.index.stats()
+            assert stats["pending"] == (1 if size else 0) and stats["used_bytes"] <= 8 * PAGE
+        shm.put("whole", b"w" * 8 * PAGE)  # no room is left for a spare: still a success
+        assert bytes(shm.get("whole")) == b"w" * 8 * PAGE
+        assert small.index.stats()["pending"] == 0
+    assert small.index.stats()["items"] == 1
