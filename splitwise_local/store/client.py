@@ -24,10 +24,10 @@ from splitwise_local.store.arena import SharedArena
 from splitwise_local.store.errors import StoreError, StoreUnavailable, ValueTooLarge
 from splitwise_local.store.transport import (
     PeerClosed,
+    SocketReader,
     connect_tcp,
     connect_unix,
     recv_exact,
-    recv_into_exact,
     send_all,
 )
 
@@ -46,6 +46,7 @@ class Connection:
 
     def __init__(self, sock: socket.socket, token: str | None) -> None:
         self.sock = sock
+        self.reader = SocketReader(sock)
         self.used = False
         self.arena: SharedArena | None = None  # shm:// only: the mapped arena
         self.spare: p.Grant | None = None  # shm:// only: a slot reserved for the next put
@@ -60,16 +61,18 @@ class Connection:
                     send_all(self.sock, step.buffers)
                     step = flow.send(None)
                 elif isinstance(step, ops.Recv):
-                    step = flow.send(recv_exact(self.sock, step.size))
+                    step = flow.send(self.reader.read(step.size))
                 elif isinstance(step, ops.RecvFds):
                     step = flow.send(self._recv_with_fds(step.size))
                 else:
-                    recv_into_exact(self.sock, step.buffer)
+                    self.reader.read_into(step.buffer)
                     step = flow.send(None)
         except StopIteration as done:
             return done.value
 
     def _recv_with_fds(self, size: int) -> tuple[bytes, list[int]]:
+        if self.reader.buffered:  # the descriptor rides on the first byte of the answer
+            raise p.FrameError("bytes arrived ahead of a descriptor-passing answer")
         data, fds, _, _ = socket.recv_fds(self.sock, size, 1)
         if not data:
             raise PeerClosed(clean=False)

@@ -20,7 +20,7 @@ from splitwise_local.store import protocol as p
 from splitwise_local.store.arena import SharedArena
 from splitwise_local.store.errors import AuthError, StoreError, StoreFull, ValueTooLarge
 from splitwise_local.store.index import Slot, StoreIndex
-from splitwise_local.store.transport import PeerClosed, recv_exact, recv_into_exact, send_all
+from splitwise_local.store.transport import PeerClosed, SocketReader, send_all
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class Session:
 
     def __init__(self, sock: socket.socket, ctx: SessionContext, peer: str, unix: bool) -> None:
         self.sock = sock
+        self.reader = SocketReader(sock)
         self.ctx = ctx
         self.peer = peer
         self.unix = unix
@@ -80,7 +81,7 @@ class Session:
         """Runs until the connection ends; `first` is the magic the dispatcher already read."""
         self.sock.settimeout(self.ctx.io_timeout)
         try:
-            header = first + recv_exact(self.sock, p.HEADER.size - len(first))
+            header = first + self.reader.read(p.HEADER.size - len(first))
             while True:
                 self._end_lease()
                 self._handle(p.decode_header(header))
@@ -100,20 +101,16 @@ class Session:
         finally:
             self._cleanup()
 
-    def _next_header(self) -> bytearray:
+    def _next_header(self) -> bytes:
         """Waits for the next frame as long as the client likes; once it starts, the rest of
         it must arrive within the I/O timeout."""
-        header = bytearray(p.HEADER.size)
-        while True:
+        while self.reader.buffered < p.HEADER.size:
             try:
-                got = self.sock.recv_into(header)
-                break
+                self.reader.fill(first=True)
             except TimeoutError:
-                continue  # idle between frames
-        if got == 0:
-            raise PeerClosed(clean=True)
-        recv_into_exact(self.sock, memoryview(header)[got:])
-        return header
+                if self.reader.buffered:
+                    raise  # a frame began and stalled
+        return self.reader.read(p.HEADER.size)
 
     def _end_lease(self) -> None:
         """A client sends its next frame only after copying what it leased: unpin that."""
@@ -129,8 +126,7 @@ class Session:
             raise p.FrameError("the first frame must be HELLO", p.Status.BAD_REQUEST)
         if header.code in p.SHM_OPS and not self.unix:
             raise p.FrameError("shared-memory opcodes need the Unix socket", p.Status.BAD_REQUEST)
-        meta = memoryview(recv_exact(self.sock, header.meta_len)) if header.meta_len else None
-        handler(header, meta if meta is not None else memoryview(b""))
+        handler(header, memoryview(self.reader.read(header.meta_len)))
 
     def _reply(self, count: int = 0, meta: bytes = b"", *payload: memoryview) -> None:
         send_all(self.sock, [p.frame(p.Status.OK, count, meta), *payload])
@@ -189,7 +185,7 @@ class Session:
             self.ctx.arena.populate(slot.extents)
             try:
                 for offset, size in slot.extents:
-                    recv_into_exact(self.sock, self.ctx.arena.view[offset : offset + size])
+                    self.reader.read_into(self.ctx.arena.view[offset : offset + size])
             except BaseException:
                 self.ctx.index.abort(slot)
                 raise

@@ -75,3 +75,52 @@ def send_all(sock: socket.socket, buffers: Iterable[bytes | bytearray | memoryvi
             else:
                 views[i] = views[i][sent:]
                 sent = 0
+
+
+class SocketReader:
+    """Reads a socket through a small buffer, so a frame's header and metadata (and any frames
+    sent right behind it) cost one system call; payloads larger than what is buffered go
+    straight into their destination, so values are never copied an extra time."""
+
+    def __init__(self, sock: socket.socket, size: int = 64 * 1024) -> None:
+        self.sock = sock
+        self._buffer = bytearray(size)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0
+
+    @property
+    def buffered(self) -> int:
+        return self._end - self._start
+
+    def fill(self, first: bool = False) -> None:
+        """One receive into the buffer; `first`: EOF with nothing buffered is a clean close."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buffer):  # move the partial frame to the front
+            rest = bytes(self._view[self._start : self._end])
+            self._view[: len(rest)] = rest
+            self._start, self._end = 0, len(rest)
+        got = self.sock.recv_into(self._view[self._end :])
+        if got == 0:
+            raise PeerClosed(clean=first and self._start == self._end)
+        self._end += got
+
+    def read(self, size: int, first: bool = False) -> bytes:
+        """Exactly `size` bytes."""
+        if size > len(self._buffer):
+            data = bytearray(size)
+            self.read_into(memoryview(data))
+            return bytes(data)
+        while self.buffered < size:
+            self.fill(first)
+        data = bytes(self._view[self._start : self._start + size])
+        self._start += size
+        return data
+
+    def read_into(self, target: memoryview) -> None:
+        """Fills `target`: first from the buffer, the rest straight from the socket."""
+        take = min(len(target), self.buffered)
+        target[:take] = self._view[self._start : self._start + take]
+        self._start += take
+        if take < len(target):
+            recv_into_exact(self.sock, target[take:])
