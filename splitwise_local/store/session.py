@@ -63,6 +63,7 @@ class Session:
         self._last_ticket = 0
         self._pending: dict[int, Slot] = {}  # ALLOC'd, not yet COMMIT'ed, by ticket
         self._leased: list[Slot] = []  # pinned by the last LEASE, until the next frame
+        self._held: list[bytes] = []  # answers waiting to leave with the next one
         self._handlers: dict[int, Callable[[p.Header, memoryview], None]] = {
             p.Op.HELLO: self._hello,
             p.Op.PUT: self._put,
@@ -129,7 +130,16 @@ class Session:
         handler(header, memoryview(self.reader.read(header.meta_len)))
 
     def _reply(self, count: int = 0, meta: bytes = b"", *payload: memoryview) -> None:
-        send_all(self.sock, [p.frame(p.Status.OK, count, meta), *payload])
+        """Sends an answer, or holds it while the client's next frame is already here, so the
+        answers to frames sent together (COMMIT with the next ALLOC) leave in one send and
+        wake the client once. Answers carrying values are sent at once: their pins end when
+        the handler returns."""
+        answer = p.frame(p.Status.OK, count, meta)
+        if not payload and self.reader.buffered >= p.HEADER.size:
+            self._held.append(answer)
+            return
+        send_all(self.sock, [*self._held, answer, *payload])
+        self._held.clear()
 
     def _refuse(self, exc: Exception) -> None:
         """Answers the error, then swallows what the client still sends so it reads the answer."""
@@ -137,7 +147,7 @@ class Session:
         log.warning("store: closing connection from %s: %s: %s", self.peer, status.name, str(exc))
         try:
             self.sock.settimeout(_DRAIN_SECONDS)
-            send_all(self.sock, [p.frame(status, 0, str(exc).encode())])
+            send_all(self.sock, [*self._held, p.frame(status, 0, str(exc).encode())])
             self.sock.shutdown(socket.SHUT_WR)
             sink = memoryview(bytearray(1 << 20))
             deadline = time.monotonic() + _DRAIN_SECONDS

@@ -1,0 +1,172 @@
+"""A `mooncake_master` bound to loopback: the metadata service of a Mooncake Store.
+
+Mooncake keeps values in memory segments that its clients (our engines) mount; the master only
+records which key lives in which segment, grants read leases and evicts. Started here it
+listens on two sockets, both on `host` (127.0.0.1 unless a multi-host setup asks otherwise):
+the RPC port that `mooncakestore://HOST:PORT` names, and an HTTP metrics page that the
+backend's `stats()` and the readiness check read. Its optional HTTP metadata server stays off
+(it would bind every interface); clients find each other by P2P handshake instead.
+
+`MasterSpec` is the command and the checks; `spawn_master` runs one for tests and benchmarks;
+`supervised_master` hands one to the launcher's `Supervisor` like any other child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+if TYPE_CHECKING:
+    from splitwise_local.console import Console
+    from splitwise_local.process import Child
+    from splitwise_local.supervisor import Readiness
+
+DEFAULT_LEASE_MS = 10_000  # Mooncake's default: a value being read cannot be removed this long
+READY_TIMEOUT_S = 30.0
+STOP_GRACE_S = 10.0
+PORT_ATTEMPTS = 3  # a free port found by binding can be taken before the master binds it
+
+
+def master_binary() -> str:
+    """The `mooncake_master` executable shipped inside the `mooncake` Python package."""
+    spec = importlib.util.find_spec("mooncake")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "mooncake_master not found: install mooncake-transfer-engine-non-cuda "
+            "(scripts/setup.sh does)"
+        )
+    binary = Path(next(iter(spec.submodule_search_locations))) / "mooncake_master"
+    if not binary.is_file():
+        raise FileNotFoundError(f"mooncake_master not found at {binary}")
+    return str(binary)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class MasterSpec:
+    """One master's addresses and settings; `url` is what engines put in `remote_url`."""
+
+    port: int
+    metrics_port: int
+    host: str = "127.0.0.1"
+    lease_ms: int = DEFAULT_LEASE_MS
+
+    @classmethod
+    def on_free_ports(cls, host: str = "127.0.0.1", lease_ms: int = DEFAULT_LEASE_MS):
+        return cls(free_port(host), free_port(host), host, lease_ms)
+
+    @property
+    def url(self) -> str:
+        return f"mooncakestore://{self.host}:{self.port}?metrics_port={self.metrics_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        return [
+            master_binary(),
+            f"--rpc_address={self.host}",
+            f"--rpc_port={self.port}",
+            f"--metrics_host={self.host}",
+            f"--metrics_port={self.metrics_port}",
+            "--enable_http_metadata_server=false",
+            f"--default_kv_lease_ttl={self.lease_ms}",
+            "--logtostderr",
+        ]
+
+    def ready(self) -> bool:
+        """Both sockets answer: the RPC port accepts and the metrics page serves."""
+        with socket.create_connection((self.host, self.port), timeout=2):
+            pass
+        return httpx.get(self.metrics_url, timeout=2).status_code == 200
+
+
+def supervised_master(
+    spec: MasterSpec, env: Mapping[str, str], log_path: Path, console: Console
+) -> tuple[Child, Readiness]:
+    """The master as a launcher child: started, health-waited and stopped by the Supervisor."""
+    from splitwise_local.process import Child
+    from splitwise_local.supervisor import Readiness
+
+    child = Child("mooncake master", spec.command(), env, log_path, console)
+    return child, Readiness(spec.ready, f"GET {spec.metrics_url}")
+
+
+@dataclass
+class SpawnedMaster:
+    spec: MasterSpec
+    process: subprocess.Popen[bytes]
+    log_path: Path | None
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def log_tail(self, chars: int = 2000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after the grace period; always reaps."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process.wait()
+
+
+def _start(spec: MasterSpec, log_path: Path | None) -> SpawnedMaster:
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(log_path.open("ab")) if log_path else subprocess.DEVNULL
+        process = subprocess.Popen(
+            spec.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    master = SpawnedMaster(spec, process, log_path)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError, httpx.HTTPError):
+            if spec.ready():
+                return master
+        time.sleep(0.05)
+    master.stop()
+    raise RuntimeError(
+        f"mooncake_master on {spec.host}:{spec.port} did not become ready "
+        f"(exit code {process.returncode}): {master.log_tail()}"
+    )
+
+
+@contextlib.contextmanager
+def spawn_master(
+    log_path: Path | None = None, lease_ms: int = DEFAULT_LEASE_MS
+) -> Iterator[SpawnedMaster]:
+    """Runs a master on free loopback ports until the block ends (tests and benchmarks; the
+    launcher uses `supervised_master`)."""
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            master = _start(MasterSpec.on_free_ports(lease_ms=lease_ms), log_path)
+            break
+        except RuntimeError:
+            if attempt == PORT_ATTEMPTS - 1:
+                raise
+    try:
+        yield master
+    finally:
+        master.stop()
