@@ -175,10 +175,13 @@ class SplitwiseConnector(KVConnectorBase_V1):
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
     ) -> None:
-        if self._transfer is not None and self.is_producer:
-            saves = self._plan().saves
-            if saves:
-                self._transfer.save_layer(saves, layer_name, kv_layer)
+        if self._transfer is None:
+            return
+        if self.is_consumer:
+            self._transfer.patch_tail(layer_name, kv_layer)
+        saves = self._plan().saves
+        if self.is_producer and saves:
+            self._transfer.save_layer(saves, layer_name, kv_layer)
 
     def wait_for_save(self) -> None:
         if self._transfer is not None and self.is_producer:

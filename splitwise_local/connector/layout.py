@@ -104,9 +104,9 @@ class CpuPackedLayout(KVLayout):
 
     def __post_init__(self) -> None:
         self.name = "cpu-packed"
-        offsets = probe_cpu_packing(self.isa, self.block_size, self.head_size, self.dtype)
+        self.offsets = probe_cpu_packing(self.isa, self.block_size, self.head_size, self.dtype)
         # permutation[(kv * block_size + t) * D + d] = packed position of (kv, t, d)
-        self.permutation = offsets.flatten()
+        self.permutation = self.offsets.flatten()
 
     def _unpack_blocks(self, cache: torch.Tensor, slots: torch.Tensor):
         """The whole blocks holding `slots`, token-major: `[U, heads, 2, block_size, D]`."""
@@ -124,12 +124,33 @@ class CpuPackedLayout(KVLayout):
         return rows[which, :, :, positions, :].permute(2, 0, 1, 3).contiguous()
 
     def scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        # Read-modify-write of whole blocks keeps the other tokens of a partial block intact.
-        unique, which, positions, unpacked = self._unpack_blocks(cache, slots)
-        unpacked[which, :, :, positions, :] = rows.permute(1, 2, 0, 3).to(cache.dtype)
-        packed = torch.empty((len(unique), self.heads, self.permutation.numel()), dtype=cache.dtype)
-        packed.index_copy_(2, self.permutation, unpacked.view(len(unique), self.heads, -1))
-        cache.view(cache.shape[0], self.heads, -1)[unique] = packed
+        """Writes exactly the given rows, nothing else in their blocks.
+
+        The forward may be writing other tokens of the same block at that moment (a pipelined
+        load runs beside it), so partial blocks are written element by element; blocks the rows
+        cover entirely are packed whole, which is ~15x faster.
+        """
+        rows = rows.to(cache.dtype)
+        blocks, positions = _split_slots(slots, self.block_size)
+        unique, which, counts = torch.unique(blocks, return_inverse=True, return_counts=True)
+        whole = counts[which] == self.block_size
+        flat = cache.view(cache.shape[0], self.heads, -1)
+        if whole.any():
+            full_blocks = unique[counts == self.block_size]
+            index = torch.searchsorted(full_blocks, blocks[whole])
+            unpacked = torch.empty(
+                (len(full_blocks), self.heads, 2, self.block_size, self.head_size),
+                dtype=cache.dtype,
+            )
+            unpacked[index, :, :, positions[whole], :] = rows[:, whole].permute(1, 2, 0, 3)
+            packed = torch.empty((len(full_blocks), self.heads, self.permutation.numel()),
+                                 dtype=cache.dtype)  # fmt: skip
+            packed.index_copy_(2, self.permutation, unpacked.view(len(full_blocks), self.heads, -1))
+            flat[full_blocks] = packed
+        if not whole.all():
+            part = ~whole
+            offsets = self.offsets[:, positions[part], :]  # [2, T, D]
+            flat[blocks[part].view(1, -1, 1), :, offsets] = rows[:, part].permute(0, 1, 3, 2)
 
 
 @dataclass

@@ -29,13 +29,20 @@ class ChunkRef:
 
 @dataclass
 class LoadPlan:
-    """Write tokens [start, end) of a prompt, from `chunks`, into the request's blocks."""
+    """Write tokens [start, end) of a prompt, from `chunks`, into the request's blocks.
+
+    `tail` is the prompt's last token when the load reaches it (end == prompt length - 1). The
+    engine computes that token itself, in a 1-row forward whose bf16 numerics differ slightly
+    from the prefill's full forward; after each layer's attention the worker overwrites its KV
+    with the prefill's, so every prompt token's KV is the prefill's, as in one engine alone.
+    """
 
     req_id: str
     chunks: list[ChunkRef]
     start: int
     end: int
     block_ids: list[int]
+    tail: int | None = None
 
 
 @dataclass
@@ -131,8 +138,10 @@ class Planner:
         chunks = self.chunks_of(req_id, token_ids)
         if req_id in self._pending_loads:
             start, end = self._pending_loads.pop(req_id)
-            needed = [c for c in chunks if c.start < end and c.end > start]
-            plan.loads.append(LoadPlan(req_id, needed, start, end, list(block_ids)))
+            tail = end if end == len(token_ids) - 1 else None
+            reach = end + 1 if tail is not None else end
+            needed = [c for c in chunks if c.start < reach and c.end > start]
+            plan.loads.append(LoadPlan(req_id, needed, start, end, list(block_ids), tail))
         if not self.saves:
             return
         # Chunks already in the store (a shared prefix, a load) are not saved again.

@@ -114,6 +114,7 @@ class KVTransfer:
         self._pending: list[Future] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitwise-kv")
         self._layer_ready: dict[str, threading.Event] = {}
+        self._tails: list[tuple[torch.Tensor, torch.Tensor]] = []  # (slot, rows per layer)
         self._invalid_blocks: set[int] = set()
         self._lock = threading.Lock()
 
@@ -183,6 +184,7 @@ class KVTransfer:
     # ---- loading ------------------------------------------------------------------------
 
     def start_load(self, plans: Sequence[LoadPlan]) -> None:
+        self._tails = []
         if not plans:
             return
         if not self.pipelined:
@@ -195,6 +197,14 @@ class KVTransfer:
         event = self._layer_ready.get(layer_name)
         if event is not None:
             event.wait()
+
+    def patch_tail(self, layer_name: str, cache: torch.Tensor) -> None:
+        """After a layer's attention: the last prompt token's KV becomes the prefill's."""
+        index = self.layer_index[layer_name]
+        for slot, rows in self._tails:
+            self.layout.scatter(cache, slot, rows[index])
+        if index == len(self.layer_names) - 1:
+            self._tails = []
 
     def take_invalid_blocks(self) -> set[int]:
         with self._lock:
@@ -247,6 +257,15 @@ class KVTransfer:
             loaded_end = plan.start + stats.tokens
             if loaded_end < plan.end:
                 self._report_unloaded(plan, loaded_end)
+            elif plan.tail is not None:
+                chunk, kv = next(
+                    (c, kv)
+                    for c, kv in zip(plan.chunks, decoded, strict=False)
+                    if c.end > plan.tail
+                )
+                at = plan.tail - chunk.start
+                slot = slots_for(plan.block_ids, plan.tail, plan.tail + 1, self.layout.block_size)
+                self._tails.append((slot, kv[:, :, at : at + 1]))
             stats.seconds = time.perf_counter() - started
             work.append((plan, stats, pieces))
         for name in self.layer_names:

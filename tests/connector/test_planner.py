@@ -41,7 +41,7 @@ def test_consumer_matches_all_but_the_last_token_and_plans_the_load():
     plan = StepPlan()
     planner.new_request("r", PROMPT, [1, 2, 3], 300, plan)
     (load,) = plan.loads
-    assert (load.start, load.end, load.block_ids) == (0, 299, [1, 2, 3])
+    assert (load.start, load.end, load.block_ids, load.tail) == (0, 299, [1, 2, 3], 299)
     assert [(c.start, c.end) for c in load.chunks] == [(0, 128), (128, 256), (256, 300)]
     assert plan.saves == []
 
@@ -94,3 +94,24 @@ def test_producer_skips_the_prefix_the_store_already_holds():
     plan = StepPlan()
     planner.new_request("r", PROMPT, [1, 2, 3], 300, plan)
     assert [(c.start, c.end) for c in plan.saves[0].chunks] == [(128, 256), (256, 300)]
+
+
+def test_the_chunk_holding_only_the_last_token_is_fetched_for_the_tail():
+    prompt = list(range(129))  # chunks 0-128 and 128-129
+    stored = {c.key for c in prompt_chunks(IDENTITY, prompt)}
+    planner = Planner(IDENTITY, stored_prefix(stored), loads=True, saves=False)
+    planner.allocated("r", planner.match("r", prompt, 0))
+    plan = StepPlan()
+    planner.new_request("r", prompt, [1, 2], 129, plan)
+    (load,) = plan.loads
+    assert (load.start, load.end, load.tail) == (0, 128, 128)
+    assert [(c.start, c.end) for c in load.chunks] == [(0, 128), (128, 129)]
+
+
+def test_a_partial_match_has_no_tail_to_patch():
+    chunks = prompt_chunks(IDENTITY, PROMPT)
+    planner = Planner(IDENTITY, stored_prefix({chunks[0].key}), loads=True, saves=False)
+    planner.allocated("r", planner.match("r", PROMPT, 0))
+    plan = StepPlan()
+    planner.new_request("r", PROMPT, [1, 2, 3], 300, plan)
+    assert plan.loads[0].tail is None and plan.loads[0].end == 128
