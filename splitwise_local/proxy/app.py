@@ -235,9 +235,13 @@ class Proxy:
         return await self._decode(route, raw, headers, record)
 
     async def _prefill(self, route: str, body: dict, headers: dict[str, str]) -> Response | None:
-        """Runs prefill; None means go on to decode (prefilled, or falling back)."""
+        """Runs prefill; None means go on to decode (prefilled, or falling back).
+
+        An engine's refusal (4xx) falls back too: decode then gives its own verdict, which
+        is the answer the caller would have had from one engine.
+        """
         started = time.perf_counter()
-        answer: aiohttp.ClientResponse | None = None
+        answer: aiohttp.ClientResponse | None
         try:
             endpoint, answer = await self.upstream.send(
                 self.prefill, "POST", route, headers, self._prefill_timeout, prefill_body(body)
