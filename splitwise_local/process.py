@@ -71,6 +71,9 @@ class Child:
         self.console = console
         self.popen: subprocess.Popen[bytes] | None = None
         self._pump: threading.Thread | None = None
+        # Once asked to stop, its output goes to the log only: vLLM reports its own orderly
+        # shutdown with error tracebacks that would alarm a user who just pressed Ctrl-C.
+        self.stopping = False
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +99,8 @@ class Child:
                 log.flush()
                 line = raw.decode(errors="replace").rstrip()
                 level = line_level(line, level)
-                self.console.child_line(self.name, line, level)
+                if not self.stopping:
+                    self.console.child_line(self.name, line, level)
 
     @property
     def pid(self) -> int | None:
@@ -184,6 +188,7 @@ def stop_together(children: Sequence[Child], grace: float, hurry: threading.Even
     started = [child for child in children if child.popen is not None]
     processes = [p for child in started for p in child.family()]
     for child in started:
+        child.stopping = True
         if child.running:
             child.popen.send_signal(signal.SIGTERM)
     began = time.monotonic()

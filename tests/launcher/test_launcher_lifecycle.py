@@ -66,6 +66,9 @@ def test_serves_then_stops_proxy_engines_store_in_order(tmp_path, ports, fake_mo
     assert out.index("proxy stopped") < out.index("stopping prefill engine, decode engine")
     assert out.index("stopping prefill engine, decode engine") < out.index("stopping store")
     assert f"[decode engine] INFO fake engine on port {ports.decode}" in out
+    # What an engine prints once told to stop goes to its log, not to the console.
+    assert "Shutting down" in (system.run_dir / "decode.log").read_text()
+    assert not [line for line in out.splitlines() if "engine] INFO:     Shutting down" in line]
     assert leftovers(system.run_dir) == []
     for log in ("store.log", "prefill.log", "decode.log", "proxy.log"):
         assert (system.run_dir / log).stat().st_size > 0, log
