@@ -26,6 +26,7 @@ import math
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,8 @@ Value = bytes | bytearray | memoryview
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_METRICS_PORT = 9003  # mooncake_master's own default
 SETUP_RETRIES = 3  # Mooncake's default, 20, retries a dead master for minutes
+# A full store fails a put and evicts in the background (every 10 ms): a put waits that long.
+FULL_RETRIES, FULL_RETRY_S = 5, 0.02
 
 OK, NOT_FOUND, HAS_LEASE = 0, -704, -706
 NO_ROOM = {-200: "no segment has room", -101: "no segment is mounted"}
@@ -191,12 +194,23 @@ class MooncakeBackend:
         if empty:
             raise ValueError(f"Mooncake cannot store an empty value (key {empty[0]!r})")
         self._ready()
+        sizes = [array.nbytes for array in arrays]
+        pending = list(range(len(keys)))
         with self._registered(arrays) as pointers:
-            sizes = [array.nbytes for array in arrays]
-            codes = self._store.batch_upsert_from(keys, pointers, sizes)
-        for key, code in zip(keys, codes, strict=True):
-            if code != OK:
-                self._fail(code, f"put {key!r}")
+            for attempt in range(FULL_RETRIES + 1):
+                codes = self._store.batch_upsert_from(
+                    [keys[i] for i in pending],
+                    [pointers[i] for i in pending],
+                    [sizes[i] for i in pending],
+                )
+                failed = [(i, code) for i, code in zip(pending, codes, strict=True) if code != OK]
+                for i, code in failed:
+                    if code not in NO_ROOM or attempt == FULL_RETRIES:
+                        self._fail(code, f"put {keys[i]!r}")
+                if not failed:
+                    break
+                pending = [i for i, _ in failed]
+                time.sleep(FULL_RETRY_S)  # the master evicts in the background when full
         with self._lock:
             self._counts["puts"] += len(keys)
 
