@@ -13,6 +13,7 @@ adjacent pages), which stay long because freed runs are reused whole.
 
 from __future__ import annotations
 
+import array
 import mmap
 import os
 from collections.abc import Sequence
@@ -123,8 +124,9 @@ class PageAllocator:
             raise ValueError("the arena must hold at least one page")
         self.num_pages = num_pages
         self.page_size = page_size
-        # A stack: the most recently freed pages are reused first, keeping runs together.
-        self._free = list(range(num_pages))
+        # A stack (8 bytes a page): the most recently freed pages are reused first, which
+        # keeps a value's pages together when it replaces one of its own size.
+        self._free = array.array("Q", range(num_pages))
 
     @property
     def free_pages(self) -> int:

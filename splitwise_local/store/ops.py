@@ -1,8 +1,8 @@
 """Each client operation as a sans-I/O flow: what to send, what to read, what it means.
 
-A flow is a generator that yields I/O steps (`Send`, `Recv`, `RecvInto`) and returns the
-operation's result, so the sync client (blocking sockets) and the asyncio client (event loop)
-run the very same request logic through their own small drivers.
+A flow is a generator that yields I/O steps (`Send`, `Recv`, `RecvInto`, `RecvFds`) and
+returns the operation's result, so the sync client (blocking sockets) and the asyncio client
+(event loop) run the very same request logic through their own small drivers.
 """
 
 from __future__ import annotations

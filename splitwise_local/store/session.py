@@ -206,6 +206,9 @@ class Session:
         slots = self.ctx.index.acquire(p.decode_keys(meta, header.count))
         try:
             view = self.ctx.arena.view
+            for slot in slots:
+                if slot is not None:
+                    self.ctx.arena.populate(slot.extents)
             lengths = [-1 if slot is None else slot.length for slot in slots]
             payload = [
                 view[offset : offset + size]
