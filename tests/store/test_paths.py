@@ -10,6 +10,7 @@ import pytest
 from splitwise_local.config import SplitwiseConfig
 from splitwise_local.store import StoreUnavailable, ValueTooLarge, open_backend
 from splitwise_local.store.aio import AsyncStoreClient
+from splitwise_local.store.backend import BACKENDS
 from splitwise_local.store.client import ShmClient, StoreClient
 from tests.store.helpers import make_value
 
@@ -119,12 +120,13 @@ def test_unreachable_store_is_store_unavailable():
             client.stats()
 
 
-def test_open_backend_validates_urls_and_uses_the_config_token(make_server):
+def test_open_backend_validates_urls_and_uses_the_config_token(make_server, monkeypatch):
     for bad in ("lm://127.0.0.1", "lm://:80", "shm://a/b", "nope", "redis://h:1"):
         with pytest.raises(ValueError):
             open_backend(bad)
+    monkeypatch.setitem(BACKENDS, "later", "splitwise_local.store.not_written_yet:open_later")
     with pytest.raises(ValueError, match="not available"):
-        open_backend("mooncakestore://127.0.0.1:50051")
+        open_backend("later://somewhere")
     server = make_server(auth_token="s3cret")
     config = SplitwiseConfig(store_auth_token="s3cret")
     with open_backend(server.tcp_url, config) as client:
