@@ -34,8 +34,8 @@ _REQUEST = struct.Struct("<cQ")  # baseline: b"P" or b"G", then the byte count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mb", type=int, default=256, help="MiB moved per measurement")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds; the best one counts")
+    parser.add_argument("--mb", type=int, default=128, help="MiB moved per measurement")
+    parser.add_argument("--repeats", type=int, default=10, help="rounds; the best one counts")
     parser.add_argument("--small-ops", type=int, default=3000, help="4 KiB gets per mode")
     parser.add_argument("--fill-cap-mb", type=int, default=256, help="capacity in the fill run")
 
