@@ -66,20 +66,27 @@ class StoreServer:
             PageAllocator(num_pages, settings.page_size),
             settings.max_value or settings.capacity,
         )
-        self._tcp = socket.create_server((settings.host, settings.port), reuse_port=False)
-        self.port = self._tcp.getsockname()[1]
-        self.shm_name = settings.shm_name or f"splitwise-{self.port}"
-        self._unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._unix.bind(control_address(self.shm_name))
-        except OSError as exc:
-            self._tcp.close()
-            self._unix.close()
-            raise OSError(f"shm name {self.shm_name!r} is taken by another store: {exc}") from exc
-        self._unix.listen()
-        self.arena = SharedArena.create(
-            f"splitwise-store-{self.shm_name}", num_pages * settings.page_size, settings.prefault
-        )
+        with contextlib.ExitStack() as undo:  # on any failure, close what was opened
+            family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+            self._tcp = socket.create_server((settings.host, settings.port), family=family)
+            undo.callback(self._tcp.close)
+            self.port = self._tcp.getsockname()[1]
+            self.shm_name = settings.shm_name or f"splitwise-{self.port}"
+            self._unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            undo.callback(self._unix.close)
+            try:
+                self._unix.bind(control_address(self.shm_name))
+            except OSError as exc:
+                raise OSError(
+                    f"shm name {self.shm_name!r} is taken by another store: {exc}"
+                ) from exc
+            self._unix.listen()
+            self.arena = SharedArena.create(
+                f"splitwise-store-{self.shm_name}",
+                num_pages * settings.page_size,
+                settings.prefault,
+            )
+            undo.pop_all()
         self._context = SessionContext(
             index=self.index,
             arena=self.arena,
