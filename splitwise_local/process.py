@@ -25,8 +25,9 @@ from splitwise_local.console import LEVELS, Console, line_level
 
 RUN_ENV = "SPLITWISE_RUN_DIR"  # set in every child and inherited below: finds a run's processes
 ORPHAN_GRACE_S = 3.0  # for what a child left running after it exited
-# "ModuleNotFoundError: No module named 'x'", also behind vLLM's "(Worker pid=1) ERROR ..." prefix.
-_EXCEPTION_LINE = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+# "ModuleNotFoundError: No module named 'x'" opening a line or a vLLM message ("... [file.py:1] ");
+# elsewhere in a line it is prose ("fd limit errors like `OSError: ...`").
+_EXCEPTION_LINE = re.compile(r"(?:^|\] )([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

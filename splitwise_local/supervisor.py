@@ -59,8 +59,9 @@ def quoted_tail(child: Child) -> str:
 def describe_exit(child: Child, when: str) -> str:
     """ "decode engine exited (1) before it was ready (ModuleNotFoundError: ...); last lines..."."""
     code = child.returncode
-    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited ({code})"
-    cause = child.first_exception()
+    killed = code is not None and code < 0
+    how = f"was killed by signal {-code}" if killed else f"exited ({code})"
+    cause = None if killed else child.first_exception()  # a kill has no exception to show
     cause = f" ({cause})" if cause else ""
     return (
         f"{child.name} {how} {when}{cause}; last lines of {child.log_path}:\n{quoted_tail(child)}"

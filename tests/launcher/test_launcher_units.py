@@ -1,4 +1,4 @@
-"""The launcher's pure decisions: cores, GPUs, ports, store address, flags, log levels."""
+"""The launcher's pure decisions: cores, GPUs, ports, store address, flags, log levels, causes."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from splitwise_local.launcher import (
     split_cores,
     store_url,
 )
+from splitwise_local.process import first_exception
 
 
 def test_cores_are_halved_between_prefill_and_decode():
@@ -92,3 +93,19 @@ def test_bad_arguments_are_refused_by_the_parser():
     )
     assert result.returncode == 2
     assert "invalid choice: 'nixl'" in result.stderr
+
+
+def test_first_exception_finds_the_root_cause_not_prose(tmp_path):
+    log = tmp_path / "engine.log"
+    log.write_text(
+        "(APIServer pid=1) WARNING 11-25 [system_utils.py:255] fd limit errors like "
+        "`OSError: [Errno 24] Too many open files`. Consider increasing with ulimit -n\n"
+        "(Worker pid=2) ERROR 11-25 [multiproc_executor.py:1063] Traceback (most recent call):\n"
+        "(Worker pid=2) ERROR 11-25 [multiproc_executor.py:1063] ModuleNotFoundError: No module "
+        "named 'splitwise_local.serde'\n"
+        "RuntimeError: Engine core initialization failed. See root cause above.\n"
+    )
+    assert first_exception(log) == "ModuleNotFoundError: No module named 'splitwise_local.serde'"
+    log.write_text("RuntimeError: fake\n")
+    assert first_exception(log) == "RuntimeError: fake"
+    assert first_exception(tmp_path / "missing.log") is None
