@@ -7,6 +7,7 @@ samples are checked in test_launcher_engine.py.
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ FAKE_TOKEN = FakeBehaviour().name + "0"  # the fake engine's first answer token
 
 
 def run_demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**env, "SPLITWISE_PYTHON": sys.executable}  # the interpreter running these tests
     return subprocess.run(
         ["bash", str(DEMO), *args], env=env, capture_output=True, text=True, timeout=100
     )
