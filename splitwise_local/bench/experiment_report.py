@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -218,7 +218,7 @@ def markdown(
         "# Splitwise on the CPU: disaggregated against colocated",
         "",
         f"Written by `scripts/splitwise_experiment.sh` on "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Each system got the same requests "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Each system got the same requests "
         "(same prompts, lengths and Poisson arrival times, from one seed) through "
         "`python -m splitwise_local bench serve`.",
         "",

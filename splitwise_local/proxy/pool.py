@@ -100,7 +100,7 @@ class EnginePool:
             try:
                 async with session.get(endpoint.url + "/health", timeout=limit) as response:
                     status = response.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 reason = f"health check failed: {type(exc).__name__}"
             else:
                 if status == 200:

@@ -102,7 +102,7 @@ class AsyncStoreClient:
             except StoreError:
                 sock.close()  # the server closes a connection after an error answer
                 raise
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 sock.close()
                 if attempt == 0 and reused and isinstance(exc, ConnectionError):
                     continue
@@ -120,7 +120,7 @@ class AsyncStoreClient:
             if self._family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             info = await asyncio.wait_for(_drive(sock, ops.hello(self._token)), self._timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             sock.close()
             raise StoreUnavailable(f"{self.url}: cannot connect: {exc!r}") from exc
         except BaseException:

@@ -1,0 +1,40 @@
+"""The command line: subcommands listed, `serve` the default, extra vLLM args after `--`."""
+
+import subprocess
+import sys
+
+from splitwise_local.cli import SUBCOMMANDS, split_extra
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "splitwise_local", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_help_lists_every_subcommand():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for name in ("serve", "store", "proxy", "engine", "model", "bench"):
+        assert name in SUBCOMMANDS
+        assert name in result.stdout
+
+
+def test_each_subcommand_has_its_own_help():
+    for name in SUBCOMMANDS:
+        result = run_cli(name, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "usage:" in result.stdout
+
+
+def test_options_without_a_subcommand_go_to_serve():
+    result = run_cli("--port", "not-a-number")
+    assert result.returncode == 2
+    assert "splitwise_local serve: error: argument --port" in result.stderr
+
+
+def test_everything_after_a_double_dash_is_for_vllm():
+    assert split_extra(["--port", "1", "--", "--max-model-len", "512"]) == (
+        ["--port", "1"],
+        ["--max-model-len", "512"],
+    )
+    assert split_extra(["store"]) == (["store"], [])
