@@ -57,7 +57,8 @@ def quoted_tail(child: Child) -> str:
 
 
 def describe_exit(child: Child, when: str) -> str:
-    """ "decode engine exited (1) before it was ready (ModuleNotFoundError: ...); last lines..."."""
+    """How `child` ended and when, with the exception that made it exit and the end of its log:
+    the one message a user needs to fix a failed start."""
     code = child.returncode
     killed = code is not None and code < 0
     how = f"was killed by signal {-code}" if killed else f"exited ({code})"
