@@ -6,7 +6,7 @@
 SIGTERM or SIGINT. Each connection gets a thread (there are few: one per engine worker thread),
 so a slow or huge transfer on one never stalls another, and the socket calls that move the
 bytes release the GIL. The first four bytes of a connection choose its protocol, so the same
-port can later also speak LMCache's own `lm://` (see `_dispatch`).
+port also speaks LMCache's own `lm://` (lmcache_protocol.py, chosen in `_dispatch`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 from splitwise_local.store import protocol as p
 from splitwise_local.store.arena import PageAllocator, SharedArena
 from splitwise_local.store.index import StoreIndex
+from splitwise_local.store.lmcache_protocol import LMCacheFrontend, speaks_lmcache
 from splitwise_local.store.session import Session, SessionContext
 from splitwise_local.store.transport import PeerClosed, control_address, recv_exact
 
@@ -95,6 +96,7 @@ class StoreServer:
             io_timeout=settings.io_timeout,
             server_stats=self._server_stats,
         )
+        self._lmcache = LMCacheFrontend(self._context)
         self._wake_r, self._wake_w = socket.socketpair()
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -193,6 +195,8 @@ class StoreServer:
             return
         if first == p.MAGIC:
             Session(sock, self._context, peer, unix).serve(first)
+        elif speaks_lmcache(first):
+            self._lmcache.serve(sock, first, peer)
         else:
             log.warning("store: %s speaks an unknown protocol (first bytes %r)", peer, first)
 

@@ -1,0 +1,233 @@
+"""LMCache's own `lm://` protocol (lmcache 0.5.6, `lmcache/v1/protocol.py`), served by our store.
+
+Users of the seed point LMCache's remote connector at `lm://host:port` and expect LMCache's
+server there; the store answers on the same port, told apart from our protocol by the first
+four bytes (`StoreServer._dispatch`), so one address serves both kinds of client. LMCache
+values go into the same arena and index as ours, so capacity, LRU eviction, pins and stats
+apply to them unchanged.
+
+Frames (native byte order in LMCache; little-endian on every host it runs on):
+- request, 186 bytes: int32 command, length, fmt, dtype, location, shape[4]; a 150-byte key,
+  space-padded. PUT is followed by `length` bytes of value and gets no reply.
+- reply, 36 bytes: int32 code (200 or 400), length, fmt, dtype, shape[4], location; a GET
+  that found its key is followed by `length` bytes of value.
+
+Keys: an LMCache key (`CacheEngineKey.to_string()`, e.g. `model@1@0@4d2@bfloat16`) is stored
+under the very same bytes, padding stripped, so our own client's `exists`/`get` of that
+string sees the value LMCache put, byte for byte. LMCache keys always contain `@`; the
+connector's keys are hex digests, so the two never collide.
+
+The fmt, dtype and shape a value was put with are kept beside it (`LMCacheFrontend.tags`,
+keyed by the value's index slot, so they live exactly as long as the value) and come back in
+the GET reply; a value our own protocol stored is described as a flat uint8 tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import weakref
+from enum import IntEnum
+from typing import NamedTuple
+
+from splitwise_local.store.errors import StoreFull, ValueTooLarge
+from splitwise_local.store.index import Slot
+from splitwise_local.store.session import SessionContext
+from splitwise_local.store.transport import PeerClosed, SocketReader, send_all
+
+log = logging.getLogger(__name__)
+
+MAX_KEY = 150  # lmcache.v1.protocol.MAX_KEY_LENGTH
+REQUEST = struct.Struct(f"<9i{MAX_KEY}s")  # ClientMetaMessage
+REPLY = struct.Struct("<9i")  # ServerMetaMessage
+SUCCESS = 200  # ServerReturnCode
+FAIL = 400
+# The ranges LMCache 0.5.6 can decode: MemoryFormat values, DTYPE_TO_INT, LOCATION_TO_INT.
+FORMATS = range(9)
+DTYPES = range(9)
+LOCATIONS = range(3)
+UNDEFINED_FORMAT = 0
+UINT8 = 6
+_DISCARD_CHUNK = 1 << 20
+
+
+class Command(IntEnum):
+    """lmcache.v1.protocol.ClientCommand."""
+
+    PUT = 1
+    GET = 2
+    EXIST = 3
+    LIST = 4
+    HEALTH = 5
+
+
+class Tag(NamedTuple):
+    """What LMCache keeps beside a value and hands back with it."""
+
+    fmt: int
+    dtype: int
+    shape: tuple[int, int, int, int]
+
+    @classmethod
+    def flat_bytes(cls, length: int) -> Tag:
+        """A value stored through our protocol: `length` uint8 elements, no memory format."""
+        return cls(UNDEFINED_FORMAT, UINT8, (length, 0, 0, 0))
+
+
+class Request(NamedTuple):
+    command: Command
+    length: int
+    tag: Tag
+    key: bytes
+
+
+# LMCache's own server answers misses and status queries with these fields.
+_STATUS_TAG = Tag(1, 2, (0, 0, 0, 0))
+
+
+class MalformedRequest(ValueError):
+    """A request LMCache's protocol cannot contain; the connection is closed."""
+
+
+def speaks_lmcache(first: bytes) -> bool:
+    """Whether a connection's first four bytes start an LMCache request (a command 1..5)."""
+    return len(first) == 4 and int.from_bytes(first, "little") in Command._value2member_map_
+
+
+def decode_request(data: bytes) -> Request:
+    """Parses and checks one ClientMetaMessage; the key is returned with its padding stripped."""
+    command, length, fmt, dtype, location, *shape, raw_key = REQUEST.unpack(data)
+    if command not in Command._value2member_map_:
+        raise MalformedRequest(f"unknown command {command}")
+    key = raw_key.strip()
+    if not key:
+        raise MalformedRequest("empty key")
+    if command == Command.PUT:
+        if length < 0 or min(shape) < 0:
+            raise MalformedRequest(f"negative length or shape ({length}, {shape})")
+        if fmt not in FORMATS or dtype not in DTYPES or location not in LOCATIONS:
+            raise MalformedRequest(f"unknown format {fmt}, dtype {dtype} or location {location}")
+    return Request(Command(command), length, Tag(fmt, dtype, tuple(shape)), key)  # type: ignore[arg-type]
+
+
+def encode_reply(code: int, length: int = 0, tag: Tag = _STATUS_TAG) -> bytes:
+    return REPLY.pack(code, length, tag.fmt, tag.dtype, *tag.shape, 0)
+
+
+class LMCacheFrontend:
+    """What every LMCache connection to one server shares: the store and the values' tags.
+
+    Tags are keyed weakly by the index's `Slot`: a slot is one stored version of one value,
+    so a replaced, evicted or deleted value takes its tag with it and a key re-put through
+    our protocol is never described by a stale LMCache tag. Reads and writes of the weak
+    dictionary are single dict operations, atomic under the GIL.
+    """
+
+    def __init__(self, ctx: SessionContext) -> None:
+        self.ctx = ctx
+        self.tags: weakref.WeakKeyDictionary[Slot, Tag] = weakref.WeakKeyDictionary()
+
+    def serve(self, sock: socket.socket, first: bytes, peer: str) -> None:
+        """Runs one LMCache connection until it closes; `first` is what the dispatcher read."""
+        if self.ctx.auth_token:
+            log.warning(
+                "store: refusing LMCache client %s: this store requires a token and "
+                "LMCache's protocol cannot carry one",
+                peer,
+            )
+            return
+        LMCacheSession(sock, self, peer).serve(first)
+
+
+class LMCacheSession:
+    """One LMCache client connection; anything malformed ends this connection only."""
+
+    def __init__(self, sock: socket.socket, frontend: LMCacheFrontend, peer: str) -> None:
+        self.sock = sock
+        self.reader = SocketReader(sock)
+        self.frontend = frontend
+        self.index = frontend.ctx.index
+        self.arena = frontend.ctx.arena
+        self.peer = peer
+
+    def serve(self, first: bytes) -> None:
+        self.sock.settimeout(self.frontend.ctx.io_timeout)
+        try:
+            data = first + self.reader.read(REQUEST.size - len(first))
+            while True:
+                self._handle(decode_request(data))
+                data = self._next_request()
+        except PeerClosed as exc:
+            if not exc.clean:
+                log.warning("store: LMCache client %s vanished mid-frame", self.peer)
+        except MalformedRequest as exc:
+            log.warning("store: closing LMCache client %s: %s", self.peer, exc)
+        except OSError as exc:
+            log.warning("store: LMCache client %s failed: %s", self.peer, str(exc))
+        except Exception:
+            log.exception("store: internal error serving LMCache client %s", self.peer)
+
+    def _next_request(self) -> bytes:
+        """Idles as long as the client likes; a started request must finish within the I/O
+        timeout."""
+        while not self.reader.buffered:
+            try:
+                self.reader.fill(first=True)
+            except TimeoutError:
+                continue
+        return self.reader.read(REQUEST.size)
+
+    def _handle(self, request: Request) -> None:
+        if request.command == Command.PUT:
+            self._put(request)
+        elif request.command == Command.GET:
+            self._get(request.key)
+        elif request.command == Command.EXIST:
+            found = self.index.exists_prefix([request.key]) == 1
+            send_all(self.sock, [encode_reply(SUCCESS if found else FAIL)])
+        elif request.command == Command.HEALTH:
+            send_all(self.sock, [encode_reply(SUCCESS)])
+        else:  # LIST: LMCache's server never answers it either, so no client can rely on it
+            raise MalformedRequest("LIST is not implemented by LMCache's protocol")
+
+    def _put(self, request: Request) -> None:
+        """Stores the value straight into arena pages; visible once every byte is in. A value
+        the store cannot take is read and dropped (PUT has no reply to refuse it with), so the
+        client's stream stays in step."""
+        try:
+            slot = self.index.reserve(request.length)
+        except (ValueTooLarge, StoreFull) as exc:
+            log.warning("store: dropping LMCache put from %s: %s", self.peer, exc)
+            self._discard(request.length)
+            return
+        try:
+            self.arena.populate(slot.extents)
+            for offset, size in slot.extents:
+                self.reader.read_into(self.arena.view[offset : offset + size])
+        except BaseException:
+            self.index.abort(slot)
+            raise
+        self.frontend.tags[slot] = request.tag  # before commit: no reader sees it untagged
+        self.index.commit(slot, request.key, request.length)
+
+    def _get(self, key: bytes) -> None:
+        (slot,) = self.index.acquire([key])
+        if slot is None:
+            send_all(self.sock, [encode_reply(FAIL)])
+            return
+        try:
+            tag = self.frontend.tags.get(slot) or Tag.flat_bytes(slot.length)
+            self.arena.populate(slot.extents)
+            view = self.arena.view
+            payload = [view[offset : offset + size] for offset, size in slot.extents]
+            send_all(self.sock, [encode_reply(SUCCESS, slot.length, tag), *payload])
+        finally:
+            self.index.release([slot])
+
+    def _discard(self, length: int) -> None:
+        sink = memoryview(bytearray(min(length, _DISCARD_CHUNK)))
+        while length:
+            take = min(length, len(sink))
+            self.reader.read_into(sink[:take])
+            length -= take
