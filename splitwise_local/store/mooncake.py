@@ -15,13 +15,14 @@ A put replaces an existing value (Mooncake's upsert), as our store does.
 
 Bounded: Mooncake's RPC, connect and TCP transfer deadlines are set from `timeout` (unless
 already set in the environment: they are per process), the master is probed before the client
-starts and after any failure (a dead master then fails in microseconds, not after Mooncake's
-reconnect attempts), and `close()` waits at most `timeout`. Failures raise `StoreUnavailable`.
+starts, after any failure and before closing (a dead master then fails in microseconds, not
+after Mooncake's reconnect attempts). Failures raise `StoreUnavailable`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import socket
@@ -188,8 +189,9 @@ class MooncakeBackend:
     def put_many(self, items: Sequence[tuple[str, Value]]) -> None:
         if not items:
             return
-        keys = [key for key, _ in items]
-        arrays = [byte_array(value) for _, value in items]
+        latest = dict(items)  # a key given twice keeps its last value, as with two puts
+        keys = list(latest)
+        arrays = [byte_array(value) for value in latest.values()]
         empty = [key for key, array in zip(keys, arrays, strict=True) if array.nbytes == 0]
         if empty:
             raise ValueError(f"Mooncake cannot store an empty value (key {empty[0]!r})")
@@ -221,23 +223,9 @@ class MooncakeBackend:
         if not keys:
             return []
         self._ready()
-        sizes = self._sizes(keys)
-        present = [i for i, size in enumerate(sizes) if size is not None]
-        values: list[memoryview | None] = [None] * len(keys)
-        if present:
-            offsets = np.cumsum([0] + [sizes[i] for i in present])
-            block = np.empty(int(offsets[-1]), dtype=np.uint8)
-            with self._registered([block]) as (base,):
-                codes = self._store.batch_get_into(
-                    [keys[i] for i in present],
-                    [base + int(offset) for offset in offsets[:-1]],
-                    [sizes[i] for i in present],
-                )
-            for i, start, code in zip(present, offsets[:-1], codes, strict=True):
-                if code >= 0:
-                    values[i] = memoryview(block[int(start) : int(start) + code])
-                elif code != NOT_FOUND:  # NOT_FOUND: evicted or deleted since the lookup
-                    self._fail(code, f"get {keys[i]!r}")
+        unique = list(dict.fromkeys(keys))  # Mooncake fills one buffer per key of a batch
+        fetched = dict(zip(unique, self._fetch(unique), strict=True))
+        values = [fetched[key] for key in keys]
         found = sum(value is not None for value in values)
         with self._lock:
             self._counts["hits"] += found
@@ -305,15 +293,23 @@ class MooncakeBackend:
         }
 
     def close(self) -> None:
-        """Unmounts this client's segment (its values go with it); waits at most `timeout`,
-        since a dead master makes Mooncake retry the unmount for a long while."""
+        """Unmounts this client's segment (its values go with it), in about 2 s.
+
+        If the master is gone, Mooncake would retry the unmount for tens of seconds while
+        holding the GIL (freezing every thread of an engine that is shutting down), and again
+        when the client is destroyed; such a client is left unclosed and never destroyed
+        instead: the operating system reclaims it with the process.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        closer = threading.Thread(target=self._store.close, name="mooncake-close", daemon=True)
-        closer.start()
-        closer.join(self.timeout)
+        try:
+            self._probe()
+        except StoreUnavailable:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self._store))
+            return
+        self._store.close()
 
     def __enter__(self) -> MooncakeBackend:
         return self
@@ -344,6 +340,28 @@ class MooncakeBackend:
         self._suspect = True
         reason = CODE_NAMES.get(code, "Mooncake error")
         raise StoreUnavailable(f"{self.endpoint}: {what}: {reason} ({code})")
+
+    def _fetch(self, keys: list[str]) -> list[memoryview | None]:
+        """Distinct keys' values, read into one buffer registered for the call."""
+        sizes = self._sizes(keys)
+        present = [i for i, size in enumerate(sizes) if size is not None]
+        values: list[memoryview | None] = [None] * len(keys)
+        if not present:
+            return values
+        offsets = np.cumsum([0] + [sizes[i] for i in present])
+        block = np.empty(int(offsets[-1]), dtype=np.uint8)
+        with self._registered([block]) as (base,):
+            codes = self._store.batch_get_into(
+                [keys[i] for i in present],
+                [base + int(offset) for offset in offsets[:-1]],
+                [sizes[i] for i in present],
+            )
+        for i, start, code in zip(present, offsets[:-1], codes, strict=True):
+            if code >= 0:
+                values[i] = memoryview(block[int(start) : int(start) + code])
+            elif code != NOT_FOUND:  # NOT_FOUND: evicted or deleted since the lookup
+                self._fail(code, f"get {keys[i]!r}")
+        return values
 
     def _sizes(self, keys: Sequence[str]) -> list[int | None]:
         """Each value's size, None for a missing key. Mooncake's lookup leaves out both missing

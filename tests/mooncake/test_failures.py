@@ -1,0 +1,121 @@
+"""Failures: no master, a master killed or frozen mid-run, a closed client, and the connector
+recomputing (never failing a request) when the store goes away."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import pytest
+import torch
+
+from splitwise_local.connector.keys import KeyIdentity
+from splitwise_local.connector.layout import KvFirstLayout
+from splitwise_local.connector.planner import LoadPlan, SavePlan, prompt_chunks
+from splitwise_local.connector.transfer import ChunkCodec, KVTransfer
+from splitwise_local.store import StoreUnavailable
+from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend
+from splitwise_local.store.mooncake_master import free_port
+from tests.mooncake.conftest import OPTIONS, TIMEOUT_S
+
+pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI run
+
+OPERATIONS = {
+    "get": lambda b: b.get("k"),
+    "get_many": lambda b: b.get_many(["k", "other"]),
+    "exists": lambda b: b.exists(["k"]),
+    "put": lambda b: b.put("new", b"v"),
+    "put_many": lambda b: b.put_many([("n1", b"1"), ("n2", b"2")]),
+    "delete": lambda b: b.delete("k"),
+    "stats": lambda b: b.stats(),
+}
+
+
+def test_no_master_is_a_clear_error():
+    address = MasterAddress("127.0.0.1", free_port())
+    with pytest.raises(StoreUnavailable, match="cannot reach the master"):
+        MooncakeBackend(address, OPTIONS, TIMEOUT_S)
+
+
+def test_killed_master_makes_every_call_unavailable(own_master, make_own_client):
+    client = make_own_client()
+    client.put("k", b"value")
+    own_master.process.kill()
+    own_master.process.wait()
+    for name, operation in OPERATIONS.items():
+        with pytest.raises(StoreUnavailable, match=own_master.spec.host):
+            operation(client)
+        assert name  # every operation failed cleanly
+
+
+def test_frozen_master_times_out_and_the_client_recovers(own_master, make_own_client):
+    client = make_own_client()
+    client.put("k", b"value")
+    own_master.process.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreUnavailable, match="timed out"):
+            client.get("k")
+        with pytest.raises(StoreUnavailable, match="timed out"):
+            client.put("new", b"v")
+    finally:
+        own_master.process.send_signal(signal.SIGCONT)
+    client.put("after", b"thawed")
+    assert bytes(client.get("after")) == b"thawed"
+
+
+def test_closed_client_refuses_calls_and_closes_once(make_own_client):
+    client = make_own_client()
+    client.close()
+    client.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        client.get("k")
+
+
+@pytest.fixture
+def kv():
+    """Three layers of a small FlashAttention-layout cache, a 100-token prompt in 32-token
+    chunks, stored from blocks 0..6 and loaded into blocks 7..1."""
+    layout = KvFirstLayout(heads=2, head_size=8, block_size=16)
+    torch.manual_seed(0)
+    source = {f"layer{i}": torch.randn(2, 8, 16, 2, 8) for i in range(3)}
+    identity = KeyIdentity("test-model", "float32", layout.name, chunk_size=32)
+    chunks = prompt_chunks(identity, list(range(100)))
+    return layout, source, chunks
+
+
+def save(layout, caches, chunks, backend) -> None:
+    transfer = KVTransfer(lambda: backend, ChunkCodec("naive"), layout, caches)
+    for name, cache in caches.items():
+        transfer.save_layer([SavePlan("save", chunks, list(range(7)))], name, cache)
+    transfer.flush()
+
+
+def load(layout, chunks, backend) -> tuple[dict[str, torch.Tensor], set[int]]:
+    target = {f"layer{i}": torch.zeros(2, 8, 16, 2, 8) for i in range(3)}
+    transfer = KVTransfer(lambda: backend, ChunkCodec("naive"), layout, target, verify=True)
+    transfer.start_load([LoadPlan("load", chunks, 0, 99, [7, 6, 5, 4, 3, 2, 1])])
+    return target, transfer.take_invalid_blocks()
+
+
+def test_connector_moves_kv_through_mooncake_and_recomputes_when_the_master_dies(
+    own_master, make_own_client, kv, caplog
+):
+    layout, source, chunks = kv
+    writer, reader = make_own_client(), make_own_client()
+    save(layout, source, chunks, writer)
+    assert reader.exists([chunk.key for chunk in chunks]) == len(chunks)
+    target, invalid = load(layout, chunks, reader)
+    assert invalid == set()
+    for name in source:  # token t sits in block t // 16 there and block 7 - t // 16 here
+        for token in range(99):
+            block, offset = divmod(token, 16)
+            assert torch.equal(target[name][:, 7 - block, offset], source[name][:, block, offset])
+
+    own_master.process.kill()
+    own_master.process.wait()
+    target, invalid = load(layout, chunks, reader)
+    assert invalid == {7, 6, 5, 4, 3, 2, 1}  # every block recomputed by vLLM
+    assert all(not cache.any() for cache in target.values())
+    with caplog.at_level(logging.ERROR, logger="splitwise_local.connector"):
+        save(layout, source, chunks, writer)  # a failed save never fails the request
+    assert "chunk saves failed" in caplog.text
