@@ -33,8 +33,12 @@ class StartupError(RuntimeError):
     """A component that exited or never became ready; the message is what the user reads."""
 
 
-class StopRequested(Exception):
-    """Raised in the main thread by SIGINT, SIGTERM or SIGHUP so startup and serving unwind."""
+class StopRequested(BaseException):
+    """Raised in the main thread by SIGINT, SIGTERM or SIGHUP so startup and serving unwind.
+
+    A BaseException, like KeyboardInterrupt: code that tolerates ordinary errors (a readiness
+    probe's `except Exception`) must not swallow a stop request.
+    """
 
 
 @dataclass
