@@ -19,7 +19,8 @@ connector's keys are hex digests, so the two never collide.
 
 The fmt, dtype and shape a value was put with are kept beside it (`LMCacheFrontend.tags`,
 keyed by the value's index slot, so they live exactly as long as the value) and come back in
-the GET reply; a value our own protocol stored is described as a flat uint8 tensor.
+the GET reply; a value our own protocol stored is described as LMCache's own opaque byte
+buffer (format BINARY_BUFFER, no dtype, shape [length, 0, 0, 0]).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ FAIL = 400
 FORMATS = range(9)
 DTYPES = range(9)
 LOCATIONS = range(3)
-UNDEFINED_FORMAT = 0
-UINT8 = 6
+BINARY_BUFFER = 5  # LMCache's format for opaque bytes, received into a plain bytearray
+NO_DTYPE = 0
 _DISCARD_CHUNK = 1 << 20
 
 
@@ -70,9 +71,9 @@ class Tag(NamedTuple):
     shape: tuple[int, int, int, int]
 
     @classmethod
-    def flat_bytes(cls, length: int) -> Tag:
-        """A value stored through our protocol: `length` uint8 elements, no memory format."""
-        return cls(UNDEFINED_FORMAT, UINT8, (length, 0, 0, 0))
+    def byte_buffer(cls, length: int) -> Tag:
+        """A value stored through our protocol: `length` opaque bytes, as LMCache tags them."""
+        return cls(BINARY_BUFFER, NO_DTYPE, (length, 0, 0, 0))
 
 
 class Request(NamedTuple):
@@ -217,7 +218,7 @@ class LMCacheSession:
             send_all(self.sock, [encode_reply(FAIL)])
             return
         try:
-            tag = self.frontend.tags.get(slot) or Tag.flat_bytes(slot.length)
+            tag = self.frontend.tags.get(slot) or Tag.byte_buffer(slot.length)
             self.arena.populate(slot.extents)
             view = self.arena.view
             payload = [view[offset : offset + size] for offset, size in slot.extents]

@@ -1,0 +1,224 @@
+"""LMCache's wire protocol against our store, frame by frame, with LMCache's own message classes."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+import torch
+from lmcache.v1.memory_management import MemoryFormat
+from lmcache.v1.protocol import (
+    DTYPE_TO_INT,
+    INT_TO_DTYPE,
+    INT_TO_LOCATION,
+    MAX_KEY_LENGTH,
+    ClientCommand,
+    ClientMetaMessage,
+    ServerMetaMessage,
+    ServerReturnCode,
+)
+
+from splitwise_local.bench.store_lmcache import lmcache_server
+from splitwise_local.store import lmcache_protocol as lp
+from splitwise_local.store import open_backend
+from splitwise_local.store import protocol as p
+from splitwise_local.store.transport import recv_exact
+from tests.lmcache.helpers import closed_by_server, key, reply, request
+
+MiB = 1024 * 1024
+
+
+def test_frame_layout_and_codes_are_lmcaches() -> None:
+    assert lp.REQUEST.size == ClientMetaMessage.packlength()
+    assert lp.REPLY.size == ServerMetaMessage.packlength()
+    assert lp.MAX_KEY == MAX_KEY_LENGTH
+    assert {c.name: c.value for c in lp.Command} == {c.name: c.value for c in ClientCommand}
+    assert (lp.SUCCESS, lp.FAIL) == (ServerReturnCode.SUCCESS, ServerReturnCode.FAIL)
+    assert set(lp.FORMATS) == {f.value for f in MemoryFormat}
+    assert set(lp.DTYPES) == set(INT_TO_DTYPE)
+    assert set(lp.LOCATIONS) == set(INT_TO_LOCATION)
+    assert DTYPE_TO_INT[None] == lp.NO_DTYPE
+    assert MemoryFormat.BINARY_BUFFER.value == lp.BINARY_BUFFER
+
+
+def test_first_four_bytes_tell_the_protocols_apart() -> None:
+    for command in ClientCommand:
+        assert lp.speaks_lmcache(request(command, key(1))[:4])
+    assert not lp.speaks_lmcache(p.MAGIC)
+    assert not lp.speaks_lmcache(struct.pack("<i", 0))
+
+
+def test_a_request_decodes_to_what_lmcache_encoded() -> None:
+    data = request(ClientCommand.PUT, key(7), 123, MemoryFormat.KV_T2D, torch.float16, (3, 4, 5))
+    decoded = lp.decode_request(data)
+    assert decoded.command == lp.Command.PUT
+    assert decoded.key == key(7).to_string().encode()
+    assert decoded.length == 123
+    assert decoded.tag == lp.Tag(
+        MemoryFormat.KV_T2D.value, DTYPE_TO_INT[torch.float16], (3, 4, 5, 0)
+    )
+    answer = ServerMetaMessage.deserialize(lp.encode_reply(lp.SUCCESS, 123, decoded.tag))
+    assert (answer.code, answer.length) == (ServerReturnCode.SUCCESS, 123)
+    assert (answer.fmt, answer.dtype, answer.shape) == (
+        MemoryFormat.KV_T2D,
+        torch.float16,
+        torch.Size([3, 4, 5]),
+    )
+
+
+def test_health_exist_put_get_over_a_raw_connection(server, raw) -> None:
+    sock = raw(server.port)
+    sock.sendall(request(ClientCommand.HEALTH, key(0)))
+    assert reply(sock).code == ServerReturnCode.SUCCESS
+    sock.sendall(request(ClientCommand.EXIST, key(1)))
+    assert reply(sock).code == ServerReturnCode.FAIL
+    value = bytes(range(256)) * 16
+    put = request(ClientCommand.PUT, key(1), len(value), MemoryFormat.KV_2LTD, torch.bfloat16)
+    sock.sendall(put + value)  # no reply to a PUT
+    sock.sendall(request(ClientCommand.EXIST, key(1)))
+    assert reply(sock).code == ServerReturnCode.SUCCESS
+    sock.sendall(request(ClientCommand.GET, key(1)))
+    answer = reply(sock)
+    assert (answer.code, answer.length, answer.fmt) == (200, len(value), MemoryFormat.KV_2LTD)
+    got = b""
+    while len(got) < len(value):
+        got += sock.recv(len(value) - len(got))
+    assert got == value
+    sock.sendall(request(ClientCommand.GET, key(2)))
+    assert reply(sock).code == ServerReturnCode.FAIL
+
+
+def test_replies_match_lmcaches_own_server_byte_for_byte(server, raw) -> None:
+    """The same conversation with LMCache's server and ours gets the same 36-byte replies."""
+    value = bytes(4096)
+    put = request(
+        ClientCommand.PUT,
+        key(3),
+        len(value),
+        MemoryFormat.KV_MLA_FMT,
+        torch.bfloat16,
+        (1, 2, 8, 128),
+    )
+    conversation = [
+        (request(ClientCommand.HEALTH, key(0)), True),
+        (request(ClientCommand.EXIST, key(3)), True),
+        (request(ClientCommand.GET, key(3)), True),
+        (put + value, False),
+        (request(ClientCommand.EXIST, key(3)), True),
+        (request(ClientCommand.GET, key(3)), True),
+    ]
+
+    def replies(port: int) -> list[bytes]:
+        sock = raw(port)
+        answers = []
+        for frame, answered in conversation:
+            sock.sendall(frame)
+            if answered:
+                head = bytes(recv_exact(sock, ServerMetaMessage.packlength()))
+                answers.append(head)
+                length = ServerMetaMessage.deserialize(head).length
+                if length:
+                    answers.append(bytes(recv_exact(sock, length)))
+        return answers
+
+    with lmcache_server() as (_, url):
+        theirs = replies(int(url.rsplit(":", 1)[1]))
+    assert replies(server.port) == theirs
+
+
+def test_a_truncated_header_closes_only_that_connection(make_server, raw, lmcache_client) -> None:
+    server = make_server(io_timeout=0.5)
+    client = lmcache_client(server.tcp_url)
+    obj = client.value((2, 2, 16, 64))
+    client.put(client.key(1), obj)
+    header = request(ClientCommand.PUT, key(9), 1024)
+    cut = raw(server.port)  # half a header, then the sender goes away
+    cut.sendall(header[:100])
+    cut.shutdown(socket.SHUT_WR)
+    stalled = raw(server.port)  # half a header, then silence past the I/O timeout
+    stalled.sendall(header[:100])
+    assert closed_by_server(cut)
+    assert closed_by_server(stalled)
+    got = client.get(client.key(1))  # the connection opened before is untouched
+    assert got is not None and bytes(got.byte_array) == bytes(obj.byte_array)
+    client.free(got)
+    fresh = raw(server.port)
+    fresh.sendall(request(ClientCommand.HEALTH, key(0)))
+    assert reply(fresh).code == ServerReturnCode.SUCCESS
+    with open_backend(server.tcp_url) as ours:
+        assert ours.stats()["pending"] == 0
+
+
+def test_a_value_cut_short_is_never_visible(server, raw) -> None:
+    sock = raw(server.port)
+    sock.sendall(request(ClientCommand.PUT, key(5), MiB) + bytes(MiB // 2))
+    sock.close()
+    with open_backend(server.tcp_url) as ours:
+        deadline = time.monotonic() + 10
+        while ours.stats()["aborted"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = ours.stats()
+        assert (stats["aborted"], stats["pending"], stats["items"]) == (1, 0, 0)
+        assert ours.exists([key(5).to_string()]) == 0
+
+
+def _with_int(frame: bytes, field: int, value: int) -> bytes:
+    data = bytearray(frame)
+    struct.pack_into("<i", data, 4 * field, value)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(request(ClientCommand.LIST, key(1)), id="LIST (LMCache's server ignores it)"),
+        pytest.param(_with_int(request(ClientCommand.PUT, key(1), 8), 3, 99), id="unknown dtype"),
+        pytest.param(_with_int(request(ClientCommand.PUT, key(1), 8), 2, 99), id="unknown fmt"),
+        pytest.param(_with_int(request(ClientCommand.PUT, key(1), 8), 1, -8), id="negative length"),
+        pytest.param(request(ClientCommand.GET, key(1))[:36] + b" " * 150, id="empty key"),
+    ],
+)
+def test_malformed_requests_close_only_that_connection(server, raw, frame: bytes) -> None:
+    bad, good = raw(server.port), raw(server.port)
+    bad.sendall(frame)
+    assert closed_by_server(bad)
+    good.sendall(request(ClientCommand.HEALTH, key(0)))
+    assert reply(good).code == ServerReturnCode.SUCCESS
+
+
+def test_an_oversized_put_is_dropped_and_the_stream_stays_in_step(make_server, raw) -> None:
+    server = make_server(max_value=MiB)
+    sock = raw(server.port)
+    sock.sendall(request(ClientCommand.PUT, key(1), 2 * MiB) + bytes(2 * MiB))
+    sock.sendall(request(ClientCommand.EXIST, key(1)))
+    assert reply(sock).code == ServerReturnCode.FAIL
+    sock.sendall(request(ClientCommand.PUT, key(2), 16) + b"x" * 16)
+    sock.sendall(request(ClientCommand.EXIST, key(2)))
+    assert reply(sock).code == ServerReturnCode.SUCCESS
+    with open_backend(server.tcp_url) as ours:
+        assert ours.stats()["refused"] == 1
+
+
+def test_a_store_with_a_token_refuses_lmcache_clients(make_server, raw) -> None:
+    """LMCache's protocol has no field for a token: such clients cannot be let in."""
+    server = make_server(auth_token="s3cret")
+    sock = raw(server.port)
+    sock.sendall(request(ClientCommand.HEALTH, key(0)))
+    assert closed_by_server(sock)
+    from splitwise_local.store.client import StoreClient
+
+    with StoreClient.tcp("127.0.0.1", server.port, token="s3cret") as ours:
+        assert ours.stats()["items"] == 0
+
+
+def test_an_idle_connection_outlives_the_io_timeout(make_server, raw) -> None:
+    """The I/O timeout bounds a started request; between requests a client may idle."""
+    server = make_server(io_timeout=0.05)
+    sock = raw(server.port)
+    sock.sendall(request(ClientCommand.HEALTH, key(0)))
+    assert reply(sock).code == ServerReturnCode.SUCCESS
+    time.sleep(0.5)
+    sock.sendall(request(ClientCommand.HEALTH, key(0)))
+    assert reply(sock).code == ServerReturnCode.SUCCESS
