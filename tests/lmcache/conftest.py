@@ -20,6 +20,8 @@ MiB = 1024 * 1024
 def pytest_configure(config: pytest.Config) -> None:
     # LMCache's logging setup trips a deprecation warning inside opentelemetry, once per logger.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:opentelemetry")
+    # vLLM's import (test_config) uses torch.jit.script_method, which torch now deprecates.
+    config.addinivalue_line("filterwarnings", "ignore:.*torch.jit.script_method:DeprecationWarning")
 
 
 @pytest.fixture
