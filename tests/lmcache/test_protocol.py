@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from lmcache.utils import CacheEngineKey
 from lmcache.v1.memory_management import MemoryFormat
 from lmcache.v1.protocol import (
     DTYPE_TO_INT,
@@ -222,3 +225,21 @@ def test_an_idle_connection_outlives_the_io_timeout(make_server, raw) -> None:
     time.sleep(0.5)
     sock.sendall(request(ClientCommand.HEALTH, key(0)))
     assert reply(sock).code == ServerReturnCode.SUCCESS
+
+
+def test_the_documented_lmcache_example_is_what_lmcache_and_the_store_produce() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "wire-format.md").read_text()
+    block = text.split("Example, EXIST of `m@1@0@2a@bfloat16`", 1)[1].split("```", 2)[1]
+    documented_request, documented_reply = (
+        bytes.fromhex(" ".join(re.split(r"\s{3,}", line.strip())[0] for line in part.splitlines()))
+        for part in block.replace("request:", "").split("reply:")
+    )
+    chunk = CacheEngineKey("m", 1, 0, 0x2A, torch.bfloat16)
+    assert request(ClientCommand.EXIST, chunk).startswith(documented_request)
+    assert lp.encode_reply(lp.SUCCESS) == documented_reply
+    assert (
+        documented_reply
+        == ServerMetaMessage(
+            ServerReturnCode.SUCCESS, 0, MemoryFormat(1), torch.float16, torch.Size([0, 0, 0, 0])
+        ).serialize()
+    )
