@@ -77,13 +77,13 @@ class Engine:
             "POST", f"{self.url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S
         ) as reply:
             reply.raise_for_status()
-            for line in reply.iter_lines():
-                if line.startswith("data: ") and '"text"' in line:
+            first = None
+            for line in reply.iter_lines():  # read to the end so the request completes
+                if first is None and line.startswith("data: ") and '"text"' in line:
                     first = time.perf_counter() - started
-                    for _ in reply.iter_lines():
-                        pass
-                    return first
-        raise RuntimeError("the stream ended without a token")
+        if first is None:
+            raise RuntimeError("the stream ended without a token")
+        return first
 
     def chat(self, text: str, max_tokens: int = NEW_TOKENS) -> dict:
         body = {
