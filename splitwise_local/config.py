@@ -8,7 +8,8 @@ named, because a misspelt key that is silently ignored is the worst kind of conf
 
 Environment overrides: `SPLITWISE_<KEY>` (upper case, e.g. `SPLITWISE_CHUNK_SIZE=32`) wins over
 the file. The config file itself comes from `--config`, else `SPLITWISE_CONFIG_FILE`, else
-`LMCACHE_CONFIG_FILE` (as the seed sets it), else `configs/cpu.yaml`'s defaults.
+`LMCACHE_CONFIG_FILE` (as the seed sets it), else the defaults below, which are
+`configs/cpu.yaml`'s (tests/test_config.py keeps the two equal).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class SplitwiseConfig(BaseModel):
     )
     remote_serde: Literal["naive", "kivi", "cachegen"] = "naive"
     max_local_cpu_size: float = Field(
-        default=5.0, gt=0, le=4096, description="GB of KV the store may hold"
+        default=2.0, gt=0, le=4096, description="GB of KV the store may hold"
     )
     pipelined_backend: bool = Field(default=False, description="load KV layer by layer")
     serde_options: SerdeOptions = Field(default_factory=SerdeOptions)

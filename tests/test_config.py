@@ -109,5 +109,5 @@ def test_dump_and_load_round_trip(tmp_path):
     assert load_config(dump_config(config, tmp_path / "d.yaml"), environ={}) == config
 
 
-def test_the_cpu_default_config_loads():
-    assert load_config(CONFIGS / "cpu.yaml", environ={}).remote_url == "lm://127.0.0.1:10080"
+def test_the_cpu_config_is_the_built_in_default():
+    assert load_config(CONFIGS / "cpu.yaml", environ={}) == SplitwiseConfig()
