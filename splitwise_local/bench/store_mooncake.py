@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from splitwise_local.bench.store import SIZES, MiB, _best, _each, _gbps
+from splitwise_local.bench.store import BATCH_LARGE, SIZES, MiB, _best, _each, _gbps
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend
 
 HOLDER_START_S = 60
@@ -77,12 +77,17 @@ def mooncake_rows(args: argparse.Namespace, shm: Any) -> list[dict[str, Any]]:
             count = max(4, args.mb * MiB // size)
             value = memoryview(os.urandom(size))
             keys = [f"mooncake-{size}-{i}" for i in range(count)]
-            cases = {
-                "mooncake put": _each(keys, lambda key, v=value: mooncake.put(key, v)),
-                "mooncake get": _each(keys, mooncake.get),
-                "shm put": _each(keys, lambda key, v=value: shm.put(key, v)),
-                "shm get": _each(keys, shm.get),
-            }
+            batches = [keys[i : i + BATCH_LARGE] for i in range(0, count, BATCH_LARGE)]
+            cases = {}
+            for path, client in (("mooncake", mooncake), ("shm", shm)):
+                cases |= {
+                    f"{path} put x1": _each(keys, lambda key, c=client, v=value: c.put(key, v)),
+                    f"{path} get x1": _each(keys, client.get),
+                    f"{path} put x{BATCH_LARGE}": _each(
+                        batches, lambda b, c=client, v=value: c.put_many([(k, v) for k in b])
+                    ),
+                    f"{path} get x{BATCH_LARGE}": _each(batches, client.get_many),
+                }
             for action in cases.values():  # warm-up: every destination written once
                 action()
             best = _best(
@@ -94,16 +99,19 @@ def mooncake_rows(args: argparse.Namespace, shm: Any) -> list[dict[str, Any]]:
             if mooncake.exists(keys) != len(keys):
                 raise RuntimeError("Mooncake evicted values under measurement: gets were misses")
             for op in ("put", "get"):
-                rows.append(
-                    {
-                        "path": "mooncake",
-                        "op": op,
-                        "size_mib": size // MiB,
-                        "store_gbps": best[f"mooncake {op}"],
-                        "baseline": "shm",
-                        "baseline_gbps": best[f"shm {op}"],
-                        "ratio": best[f"mooncake {op}"] / best[f"shm {op}"],
-                        "goal": 0.0,  # none: informational
-                    }
-                )
+                for batch in (1, BATCH_LARGE):
+                    ours, theirs = best[f"mooncake {op} x{batch}"], best[f"shm {op} x{batch}"]
+                    rows.append(
+                        {
+                            "path": "mooncake",
+                            "op": op,
+                            "batch": batch,
+                            "size_mib": size // MiB,
+                            "store_gbps": ours,
+                            "baseline": "shm",
+                            "baseline_gbps": theirs,
+                            "ratio": ours / theirs,
+                            "goal": 0.0,  # none: informational
+                        }
+                    )
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from splitwise_local.bench.store import BATCH_LARGE, SIZES, MiB
 from splitwise_local.bench.store_mooncake import mooncake_rows
 from splitwise_local.store import open_backend
 from splitwise_local.store.server import spawn
@@ -18,11 +19,11 @@ def test_rows_compare_mooncake_with_the_shared_memory_path():
         open_backend(store.shm_url) as shm,
     ):
         rows = mooncake_rows(args, shm)
-    assert [(r["op"], r["size_mib"]) for r in rows] == [
-        ("put", 1),
-        ("get", 1),
-        ("put", 16),
-        ("get", 16),
+    assert [(r["op"], r["batch"], r["size_mib"]) for r in rows] == [
+        (op, batch, size // MiB)
+        for size in SIZES
+        for op in ("put", "get")
+        for batch in (1, BATCH_LARGE)
     ]
     for row in rows:
         assert row["path"] == "mooncake" and row["baseline"] == "shm"
