@@ -8,6 +8,8 @@
   headline ratios (JSON `ratios`) are the one-value-per-call rows, the worse of the sizes.
 - Small values: 4 KiB gets, one per call and 64 per call, on both paths: ops/s, p50, p99.
 - Fill past capacity: a store's RSS after four times its capacity went through it.
+- LMCache's own server against our store, both through LMCache's protocol and client
+  (store_lmcache.py). Goal: 1.5x on 16 MiB puts and gets; RSS flat where LMCache's grows.
 
 Each throughput is the best of `--repeats` interleaved rounds (store and baseline alternate,
 so a busy neighbour slows both alike); warm-up rounds run first, so every page of the arena is
@@ -259,7 +261,7 @@ def _fill(args: argparse.Namespace, shm_name: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitwise_local.bench import report
+    from splitwise_local.bench import report, store_lmcache
     from splitwise_local.store import open_backend
     from splitwise_local.store.server import spawn
 
@@ -273,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
         throughput = _throughput(args, tcp, shm)
         small = _small(args, tcp, shm)
     fill = _fill(args, f"{name}-fill")
+    lmcache = store_lmcache.measure(args)
 
     report.print_table(
         "Throughput (GB/s, best of rounds; baseline measured in the same run)",
@@ -302,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
         ],
     )
 
+    store_lmcache.print_tables(lmcache)
+
     def worst(path: str, op: str) -> float:
         """The headline: one value per call, the worse of the two sizes."""
         rows = [r for r in throughput if (r["path"], r["op"], r["batch"]) == (path, op, 1)]
@@ -313,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
         "shm_put_vs_memcpy": worst("shm", "put"),
         "shm_get_vs_memcpy": worst("shm", "get"),
         "rss_vs_cap": fill["rss_vs_cap"],
+        **lmcache["ratios"],
         **{
             f"{r['path']}_{r['op']}_x{r['batch']}_{r['size_mib']}mib_vs_{r['baseline']}": r["ratio"]
             for r in throughput
@@ -328,10 +334,12 @@ def run(args: argparse.Namespace) -> int:
                 "tcp_vs_socket_min": TCP_GOAL,
                 "shm_vs_memcpy_min": SHM_GOAL,
                 "rss_vs_cap_max": fill["rss_limit"] / fill["capacity"],
+                **lmcache["goals"],
             },
             "throughput": throughput,
             "small_values": small,
             "fill": fill,
+            "lmcache": {"throughput": lmcache["throughput"], "fill": lmcache["fill"]},
         },
     )
     return 0

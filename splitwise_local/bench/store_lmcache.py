@@ -4,7 +4,9 @@ Both servers run as processes of their own and are driven by the same client, LM
 `lm://` remote connector (built from the URL by its `CreateConnector`, receiving into its
 local CPU allocator), with the same KV-shaped values, in interleaved rounds (best of
 `--repeats`). Our store also moves the same bytes through our own protocol (TCP) and shared
-memory, alongside. Goal: our store >= 1.5x LMCache's server on 16 MiB puts and gets.
+memory, alongside, and a raw socket moving them between preallocated buffers shows the
+ceiling of any server a TCP client reads from. Goal: our store >= 1.5x LMCache's server on
+16 MiB puts and gets.
 
 - put: N puts, then one EXIST on the same connection. LMCache's PUT has no reply; both
   servers handle a connection's requests in order, so that answer is the first moment all N
@@ -30,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from splitwise_local.bench.store import _each
+from splitwise_local.bench.store import SocketBaseline, _each
 
 if TYPE_CHECKING:
     import torch
@@ -207,7 +209,9 @@ def _throughput(
     from splitwise_local.store import open_backend
 
     rows = []
+    baseline = SocketBaseline()
     with (
+        contextlib.closing(baseline),
         LMCacheClient(lmcache_url) as theirs,
         LMCacheClient(ours_urls[0]) as ours,
         open_backend(ours_urls[0]) as tcp,
@@ -224,10 +228,12 @@ def _throughput(
                 "ours put": _lm_put(ours, keys, obj),
                 "tcp put": _each(names, lambda name, v=data: tcp.put(name, v)),
                 "shm put": _each(names, lambda name, v=data: shm.put(name, v)),
+                "socket put": _each(names, lambda _, v=data: baseline.put(v)),
                 "lmcache get": _lm_get(theirs, keys),
                 "ours get": _lm_get(ours, keys),
                 "tcp get": _each(names, tcp.get),
                 "shm get": _each(names, shm.get),
+                "socket get": _each(names, lambda _, n=size: baseline.get(n)),
             }
             for action in cases.values():  # warm-up: every page touched once
                 action()
@@ -248,6 +254,7 @@ def _throughput(
                         "goal": GOAL if size // MiB == HEADLINE_MIB else None,
                         "ours_tcp_gbps": best[f"tcp {op}"],
                         "ours_shm_gbps": best[f"shm {op}"],
+                        "socket_gbps": best[f"socket {op}"],
                     }
                 )
     return rows
@@ -318,6 +325,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "ratios": {
             "ours_vs_lmcache_server_put": headline("put"),
             "ours_vs_lmcache_server_get": headline("get"),
+            **{
+                f"ours_vs_lmcache_server_{r['op']}_{r['size_mib']}mib": r["ratio"]
+                for r in throughput
+            },
+            **{
+                f"lmcache_server_vs_socket_{r['op']}_{r['size_mib']}mib": r["lmcache_server_gbps"]
+                / r["socket_gbps"]
+                for r in throughput
+            },
         },
         "goals": {"ours_vs_lmcache_server_min": GOAL},
     }
@@ -328,7 +344,7 @@ def print_tables(results: dict[str, Any]) -> None:
 
     report.print_table(
         "Through LMCache's protocol and client: LMCache's server vs our store (GB/s, best of"
-        " rounds); our own protocol and shared memory alongside",
+        " rounds); a raw socket, our own protocol and shared memory alongside",
         [
             "op",
             "size",
@@ -337,6 +353,7 @@ def print_tables(results: dict[str, Any]) -> None:
             "ratio",
             "goal",
             "ok",
+            "raw socket",
             "ours tcp",
             "ours shm",
         ],
@@ -346,7 +363,7 @@ def print_tables(results: dict[str, Any]) -> None:
                 r["ratio"],
                 r["goal"] or "-",
                 "-" if r["goal"] is None else r["ratio"] >= r["goal"],
-                *(r["ours_tcp_gbps"], r["ours_shm_gbps"]),
+                *(r["socket_gbps"], r["ours_tcp_gbps"], r["ours_shm_gbps"]),
             ]
             for r in results["throughput"]
         ],
