@@ -78,6 +78,7 @@ class LMCacheClient:
             kv_shape=(2, 2, 256, 8, 64),
         )
         self.backend = LocalCPUBackend(self.config, self.metadata)
+        self._values: list[MemoryObj] = []
         self.loop = asyncio.new_event_loop()
         try:
             self.connector = CreateConnector(
@@ -109,6 +110,7 @@ class LMCacheClient:
             raise MemoryError(f"LMCache's allocator has no room for {shape}")
         data = memoryview(obj.byte_array).cast("B")
         data[:] = os.urandom(len(data))
+        self._values.append(obj)
         return obj
 
     def put(self, key: Any, obj: MemoryObj) -> None:
@@ -127,6 +129,10 @@ class LMCacheClient:
         obj.ref_count_down()
 
     def close(self) -> None:
+        """Closes the connection and gives back the values `value` made that are still held."""
+        for obj in self._values:
+            if obj.get_ref_count() > 0:
+                obj.ref_count_down()
         with contextlib.suppress(OSError):
             self.loop.run_until_complete(self.connector.close())
         self.loop.close()
@@ -306,7 +312,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Runs both comparisons; returns rows, fill samples and the headline ratios."""
     from splitwise_local.store.server import spawn
 
-    capacity_gb = 4 * args.mb / 1024  # both key sets of both sizes, without eviction
+    # Both key sets (LMCache's protocol, ours) of both sizes, with room to spare: no eviction.
+    per_set = sum(max(4 * size, args.mb * MiB) for size in SHAPES)
+    capacity_gb = 2.5 * per_set / 1024**3
     name = f"lmc-{os.getpid()}"
     with (
         lmcache_server() as (_, lmcache_url),
