@@ -8,7 +8,8 @@ backend's `stats()` and the readiness check read. Its optional HTTP metadata ser
 (it would bind every interface); clients find each other by P2P handshake instead.
 
 `MasterSpec` is the command and the checks; `spawn_master` runs one for tests and benchmarks;
-`supervised_master` hands one to the launcher's `Supervisor` like any other child.
+`supervised_master` hands one to a `Supervisor` like any other child, and `launcher_member`
+adds the engines' per-run config for `serve --store mooncake`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 if TYPE_CHECKING:
+    from splitwise_local.config import SplitwiseConfig
     from splitwise_local.console import Console
     from splitwise_local.process import Child
     from splitwise_local.supervisor import Readiness
@@ -105,6 +107,20 @@ def supervised_master(
 
     child = Child("mooncake master", spec.command(), env, log_path, console)
     return child, Readiness(spec.ready, f"GET {spec.metrics_url}")
+
+
+def launcher_member(
+    config: SplitwiseConfig, port: int, run_dir: Path, env: Mapping[str, str], console: Console
+) -> tuple[tuple[Child, Readiness], Path]:
+    """For `serve --store mooncake`: the master on 127.0.0.1:`port`, and the per-run config
+    that points the engines at it (as `launcher.store_member` does for our store)."""
+    from splitwise_local.config import dump_config
+
+    spec = MasterSpec(port, free_port())
+    engines_config = config.model_copy(update={"remote_url": spec.url})
+    config_file = dump_config(engines_config, run_dir / "splitwise.yaml")
+    member = supervised_master(spec, env, run_dir / "mooncake_master.log", console)
+    return member, config_file
 
 
 @dataclass

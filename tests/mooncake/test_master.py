@@ -11,7 +11,13 @@ import pytest
 
 from splitwise_local.console import Console
 from splitwise_local.process import RUN_ENV
-from splitwise_local.store.mooncake_master import MasterSpec, spawn_master, supervised_master
+from splitwise_local.store.mooncake_master import (
+    MasterSpec,
+    free_port,
+    launcher_member,
+    spawn_master,
+    supervised_master,
+)
 from splitwise_local.supervisor import Supervisor
 from tests.mooncake.conftest import OPTIONS, TIMEOUT_S
 
@@ -77,3 +83,19 @@ def test_a_client_opens_two_listeners_on_every_interface(master):
 def test_command_binds_the_chosen_host_and_keeps_the_metadata_server_off(flag):
     command = MasterSpec(50051, 9003, host="10.1.2.3").command()
     assert flag in command and "--metrics_host=10.1.2.3" in command
+
+
+def test_launcher_member_points_the_engines_at_the_master(tmp_path):
+    from splitwise_local.config import MooncakeOptions, SplitwiseConfig, load_config
+
+    config = SplitwiseConfig(mooncake=MooncakeOptions(protocol="tcp", global_segment_size=1 << 20))
+    port = free_port()
+    (child, ready), config_file = launcher_member(
+        config, port, tmp_path, dict(os.environ), Console("error")
+    )
+    engines = load_config(config_file, environ={})
+    assert engines.remote_url.startswith(f"mooncakestore://127.0.0.1:{port}?metrics_port=")
+    assert engines.mooncake == config.mooncake
+    assert child.name == "mooncake master" and f"--rpc_port={port}" in child.command
+    assert child.log_path == tmp_path / "mooncake_master.log" and not child.running
+    assert not ready.ready()  # nothing started yet
