@@ -105,16 +105,8 @@ def layer_blocks(num_layers: int, per_layer: int, device: torch.device) -> list[
     return [slice(start, min(start + step, num_layers)) for start in range(0, num_layers, step)]
 
 
-def pack_payload(header: Header, body: Sequence[Any], hash_body: bool) -> bytes:
-    """Header + body parts (bytes-like objects, concatenated) as one payload, copying each once."""
-    views = [memoryview(part).cast("B") for part in body]
-    body_len = sum(v.nbytes for v in views)
-    digest = None
-    if hash_body:
-        hasher = xxhash.xxh3_64()
-        for v in views:
-            hasher.update(v)
-        digest = hasher.hexdigest()
+def header_bytes(header: Header, body_len: int, digest: str | None) -> bytes:
+    """The fixed prefix, the JSON text and the padding that put the body on a 64-byte boundary."""
     try:
         text = json.dumps(
             {
@@ -131,10 +123,21 @@ def pack_payload(header: Header, body: Sequence[Any], hash_body: bool) -> bytes:
         ).encode()
     except (TypeError, ValueError) as exc:
         raise SerdeError(f"meta must be a JSON-serialisable dict: {exc}") from None
-    start = PREFIX.size + len(text)
-    padding = -start % ALIGN
+    padding = -(PREFIX.size + len(text)) % ALIGN
     prefix = PREFIX.pack(MAGIC, VERSION, 0, len(text), xxhash.xxh32_intdigest(text), body_len)
-    return b"".join([prefix, text, bytes(padding), *views])
+    return b"".join([prefix, text, bytes(padding)])
+
+
+def pack_payload(header: Header, body: Sequence[Any], hash_body: bool) -> bytes:
+    """Header + body parts (bytes-like objects, concatenated) as one payload, copying each once."""
+    views = [memoryview(part).cast("B") for part in body]
+    digest = None
+    if hash_body:
+        hasher = xxhash.xxh3_64()
+        for v in views:
+            hasher.update(v)
+        digest = hasher.hexdigest()
+    return b"".join([header_bytes(header, sum(v.nbytes for v in views), digest), *views])
 
 
 def read_payload(data: bytes | bytearray | memoryview) -> tuple[Header, memoryview]:

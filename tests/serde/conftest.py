@@ -19,6 +19,12 @@ from splitwise_local.model import prepare_default_model
 PROMPT_TOKENS = 300  # one full 256-token chunk and a ragged 44-token one
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """The serdes are measured per core; one thread also spares a shared test machine."""
+    torch.set_num_threads(1)
+
+
 def capture_key(prompt: str) -> str:
     folder = prepare_default_model()
     parts = [

@@ -21,8 +21,9 @@ from tests.serde.helpers import mla_chunk, relative_error
 
 
 def expected_steps(chunk: torch.Tensor, layer_bits: list[int]) -> torch.Tensor:
-    """The quantization step of every element, from the scheme's definition: std of the
-    (layer, kv, segment) times 2**(2 - bits), floored so levels stay within LEVEL_LIMIT."""
+    """The coarsest step any element may get, from the scheme's definition: std of the
+    (layer, kv, segment) times 2**(2 - bits), floored so levels stay within LEVEL_LIMIT
+    (values of small tokens get finer steps still)."""
     layers, kvs, tokens = chunk.shape[:3]
     x = chunk.float().reshape(layers, kvs, tokens, -1)
     steps = torch.empty_like(x)
@@ -48,20 +49,21 @@ def header_bits(payload: bytes) -> list[int]:
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_errors_within_half_a_step_on_real_kv(real_chunk: torch.Tensor, bits: int) -> None:
-    payload = CacheGenSerde(bits=bits, group_size=32).encode(real_chunk)
+    chunk = real_chunk if bits == 4 else real_chunk[::5].contiguous()  # all layers once
+    payload = CacheGenSerde(bits=bits, group_size=32).encode(chunk)
     decoded, _ = decode_any(payload)
-    assert decoded.shape == real_chunk.shape and decoded.dtype == real_chunk.dtype
-    assert header_bits(payload) == layer_bits_schedule(real_chunk.shape[0], bits)
-    assert_within_step(real_chunk, decoded, header_bits(payload))
+    assert decoded.shape == chunk.shape and decoded.dtype == chunk.dtype
+    assert header_bits(payload) == layer_bits_schedule(chunk.shape[0], bits)
+    assert_within_step(chunk, decoded, header_bits(payload))
 
 
 def test_shallow_layers_get_more_bits_and_less_error(real_chunk: torch.Tensor) -> None:
     schedule = layer_bits_schedule(30, 4)
-    assert schedule[:10] == [5] * 10 and schedule[10:20] == [4] * 10 and schedule[20:] == [3] * 10
+    assert schedule == [5] * 10 + [4] * 20
     assert layer_bits_schedule(3, 2) == [3, 2, 2]
     decoded, _ = decode_any(CacheGenSerde(bits=4).encode(real_chunk))
     errors = [relative_error(decoded[i], real_chunk[i]) for i in range(30)]
-    assert max(errors[:10]) < min(errors[20:])
+    assert sum(errors[:10]) / 10 < 0.7 * sum(errors[10:]) / 20
     for layer, error in enumerate(errors):  # half a step is at most 2 ** (1 - bits) of the std
         assert error <= 2.0 ** (1 - schedule[layer]) + 2**-7
 
@@ -75,6 +77,15 @@ def test_explicit_layer_bits_are_recorded(ragged_chunk: torch.Tensor) -> None:
         CacheGenSerde(layer_bits=[4, 4]).encode(ragged_chunk)
 
 
+def test_small_value_tokens_keep_their_relative_precision(real_chunk: torch.Tensor) -> None:
+    chunk = real_chunk.clone()
+    chunk[:, 1, 7] /= 64  # one token's values, as small as an attention sink's
+    decoded, _ = decode_any(CacheGenSerde(bits=4).encode(chunk))
+    small = relative_error(decoded[:, 1, 7], chunk[:, 1, 7])
+    typical = relative_error(decoded[:, 1, 8:], chunk[:, 1, 8:])
+    assert small < 2 * typical
+
+
 def test_entropy_coding_beats_fixed_width_codes(real_chunk: torch.Tensor) -> None:
     cachegen = len(CacheGenSerde(bits=4, group_size=32).encode(real_chunk))
     kivi = len(KiviSerde(bits=4, group_size=32).encode(real_chunk))
@@ -82,9 +93,9 @@ def test_entropy_coding_beats_fixed_width_codes(real_chunk: torch.Tensor) -> Non
 
 
 def test_some_channels_choose_anchor_deltas(real_chunk: torch.Tensor) -> None:
-    _, body = read_payload(CacheGenSerde(bits=4, group_size=8).encode(real_chunk))
+    _, body = read_payload(CacheGenSerde(bits=4, group_size=8).encode(real_chunk[:6]))
     delta_channels, _, _ = COUNTS.unpack_from(body)
-    assert 0 < delta_channels < 30 * 2 * 192
+    assert 0 < delta_channels < 6 * 2 * 192
 
 
 @settings(max_examples=60, deadline=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitwise_local.serde import NaiveSerde, decode_any
+from splitwise_local.serde import NaiveSerde, SerdeError, decode_any
 from tests.serde.helpers import mla_chunk
 
 
@@ -50,3 +50,18 @@ def test_decode_to_a_device_copies_there(real_chunk: torch.Tensor) -> None:
         kv, _ = NaiveSerde().decode(payload, device="cuda")
         assert kv.is_cuda and torch.equal(kv.cpu(), real_chunk)
         assert torch.equal(decode_any(NaiveSerde().encode(real_chunk.cuda()))[0], real_chunk)
+
+
+def test_encode_into_writes_the_same_payload_into_a_callers_buffer(
+    real_chunk: torch.Tensor,
+) -> None:
+    payload = NaiveSerde().encode(real_chunk, meta={"n": 1})
+    slot = bytearray(len(payload) + 100)  # e.g. a store slot, larger than the payload
+    size = NaiveSerde().encode_into(real_chunk, slot, meta={"n": 1})
+    assert size == len(payload) and slot[:size] == payload
+    kv, meta = decode_any(memoryview(slot)[:size])
+    assert torch.equal(kv, real_chunk) and meta == {"n": 1}
+    with pytest.raises(SerdeError, match="writable buffer"):
+        NaiveSerde().encode_into(real_chunk, bytearray(size - 1))
+    with pytest.raises(SerdeError, match="writable buffer"):
+        NaiveSerde().encode_into(real_chunk, bytes(size))
