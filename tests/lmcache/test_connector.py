@@ -59,6 +59,7 @@ def test_an_lmcache_value_is_our_clients_value_too(server, lmcache_client) -> No
     key = client.key(7)
     value = client.value((2, 4, 32, 64))
     client.put(key, value)
+    assert client.exists(key)  # PUT has no reply: this answer means it is stored
     for url in (server.tcp_url, server.shm_url):
         with open_backend(url) as ours:
             assert ours.exists([key.to_string()]) == 1
@@ -98,6 +99,7 @@ def test_several_lmcache_clients_at_once(make_server, lmcache_client) -> None:
         try:
             for i in range(16):
                 client.put(client.key(1000 * n + i), values[n])
+            assert client.exists(client.key(1000 * n + 15))  # all 16 stored, for everyone
             barrier.wait(timeout=60)
             for other in range(len(clients)):  # everyone's values, over this connection
                 for i in range(16):
