@@ -63,6 +63,9 @@ class Command(IntEnum):
     HEALTH = 5
 
 
+COMMANDS = frozenset(int(command) for command in Command)
+
+
 class Tag(NamedTuple):
     """What LMCache keeps beside a value and hands back with it."""
 
@@ -93,13 +96,13 @@ class MalformedRequest(ValueError):
 
 def speaks_lmcache(first: bytes) -> bool:
     """Whether a connection's first four bytes start an LMCache request (a command 1..5)."""
-    return len(first) == 4 and int.from_bytes(first, "little") in Command._value2member_map_
+    return len(first) == 4 and int.from_bytes(first, "little") in COMMANDS
 
 
 def decode_request(data: bytes) -> Request:
     """Parses and checks one ClientMetaMessage; the key is returned with its padding stripped."""
     command, length, fmt, dtype, location, *shape, raw_key = REQUEST.unpack(data)
-    if command not in Command._value2member_map_:
+    if command not in COMMANDS:
         raise MalformedRequest(f"unknown command {command}")
     key = raw_key.strip()
     if not key:
