@@ -332,9 +332,10 @@ class CacheGenSerde(Serde):
         bins = np.zeros((rows, tokens), dtype=np.int32)
         coder = constriction.stream.stack.AnsCoder(words)
         decode = coder.decode
-        coded = [(row, m) for row, m in enumerate(model.categoricals(tables)) if m is not None]
-        for row, categorical in coded:
-            bins[row] = decode(categorical, tokens)
+        models = model.categoricals(tables)
+        coded = [row for row, m in enumerate(models) if m is not None]
+        if coded:
+            bins[coded] = np.stack([decode(models[row], tokens) for row in coded])
         if not coder.is_empty():
             raise SerdeError("corrupt cachegen payload: coded words left over")
         symbols = (bins << shift[:, None]) + unpack_offsets(offset_parts, shift, tokens)
