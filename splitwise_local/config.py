@@ -37,7 +37,7 @@ class SerdeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bits: Literal[2, 4, 8] = 4
-    group_size: int = Field(default=32, gt=0, le=4096)
+    group_size: int = Field(default=64, gt=0, le=4096)  # 32 cannot reach kivi's ratios
 
 
 class MooncakeOptions(BaseModel):
