@@ -69,9 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--connector",
-        choices=["splitwise", "none"],
+        choices=["splitwise", "lmcache", "none"],
         default="splitwise",
-        help="KV transfer between the engines; none: plain engines, no store",
+        help="KV transfer between the engines; lmcache: vLLM's LMCacheConnectorV1 on our store "
+        "(CUDA only); none: plain engines, no store",
     )
     parser.add_argument(
         "--disable-mla", action="store_true", help="set VLLM_MLA_DISABLE=1 (the seed's MLA setting)"
@@ -288,6 +289,17 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
     if use_store:
         store_port, shm_url = store_url(config.remote_url, args.store_port)
         wanted["store"] = ("127.0.0.1", store_port, "--store-port")
+    lmcache_url = None
+    if args.connector == "lmcache":
+        from splitwise_local.lmcache_config import LMCacheConfigError, lmcache_settings
+
+        if device == "cpu":
+            raise LaunchError("--connector lmcache runs LMCache's GPU connector: it needs CUDA")
+        lmcache_url = f"lm://127.0.0.1:{store_port}"  # LMCache speaks its own protocol there
+        try:
+            lmcache_settings(config, lmcache_url)
+        except LMCacheConfigError as exc:
+            raise LaunchError(str(exc)) from None
     check_ports(wanted)
     where = placement(args, device, console)
 
@@ -308,6 +320,8 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
             device=device,  # type: ignore[arg-type]
             kv_cache_gb=args.kv_cache_gb,
             extra_args=extra,
+            connector="lmcache" if lmcache_url else "splitwise",
+            store_url=lmcache_url,
             **where[role],
         )
         env = child_env(spec.environment(), run_dir)
