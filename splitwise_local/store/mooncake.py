@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from splitwise_local.store.errors import StoreError, StoreFull, StoreUnavailable
+from splitwise_local.store.errors import StoreError, StoreFull, StoreUnavailable, ValueTooLarge
 
 if TYPE_CHECKING:
     from splitwise_local.config import MooncakeOptions, SplitwiseConfig
@@ -44,8 +44,9 @@ Value = bytes | bytearray | memoryview
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_METRICS_PORT = 9003  # mooncake_master's own default
 SETUP_RETRIES = 3  # Mooncake's default, 20, retries a dead master for minutes
-# A full store fails a put and evicts in the background (every 10 ms): a put waits that long.
-FULL_RETRIES, FULL_RETRY_S = 5, 0.02
+# A full store fails a put and evicts in the background (every 10 ms, when its threads get a
+# core): a put that found no room tries again for up to FULL_WAIT_S.
+FULL_WAIT_S, FULL_RETRY_S = 2.0, 0.02
 
 OK, NOT_FOUND, HAS_LEASE = 0, -704, -706
 NO_ROOM = {-200: "no segment has room", -101: "no segment is mounted"}
@@ -198,8 +199,9 @@ class MooncakeBackend:
         self._ready()
         sizes = [array.nbytes for array in arrays]
         pending = list(range(len(keys)))
+        deadline, checked = time.monotonic() + FULL_WAIT_S, False
         with self._registered(arrays) as pointers:
-            for attempt in range(FULL_RETRIES + 1):
+            while pending:
                 codes = self._store.batch_upsert_from(
                     [keys[i] for i in pending],
                     [pointers[i] for i in pending],
@@ -207,12 +209,14 @@ class MooncakeBackend:
                 )
                 failed = [(i, code) for i, code in zip(pending, codes, strict=True) if code != OK]
                 for i, code in failed:
-                    if code not in NO_ROOM or attempt == FULL_RETRIES:
+                    if code not in NO_ROOM or time.monotonic() > deadline:
                         self._fail(code, f"put {keys[i]!r}")
-                if not failed:
-                    break
+                if failed and not checked:
+                    self._check_fits(max(sizes[i] for i, _ in failed))
+                    checked = True
                 pending = [i for i, _ in failed]
-                time.sleep(FULL_RETRY_S)  # the master evicts in the background when full
+                if pending:
+                    time.sleep(FULL_RETRY_S)  # the master evicts in the background
         with self._lock:
             self._counts["puts"] += len(keys)
 
@@ -261,25 +265,7 @@ class MooncakeBackend:
     def stats(self) -> dict[str, Any]:
         """The master's totals (items, bytes, capacity, evictions) and this client's hits,
         misses and puts."""
-        import httpx
-        from prometheus_client.parser import text_string_to_metric_families
-
-        url = f"http://{self.master.host}:{self.master.metrics_port}/metrics"
-        try:
-            reply = httpx.get(url, timeout=self.timeout)
-            reply.raise_for_status()
-        except httpx.HTTPError as exc:
-            raise StoreUnavailable(
-                f"{self.endpoint}: cannot read the master's {url}: {exc}"
-            ) from exc
-        metrics: dict[str, float] = {}
-        segments = 0
-        for family in text_string_to_metric_families(reply.text):
-            for sample in family.samples:
-                if sample.name == "segment_total_capacity_bytes":
-                    segments += 1
-                elif not sample.labels:
-                    metrics[sample.name] = sample.value
+        metrics, segments = self._metrics()
         with self._lock:
             counts = dict(self._counts)
         return {
@@ -288,7 +274,7 @@ class MooncakeBackend:
             "capacity": int(metrics.get("master_total_capacity_bytes", 0)),
             "evictions": int(metrics.get("master_evicted_key_count", 0)),
             "clients": int(metrics.get("master_active_clients", 0)),
-            "segments": segments,
+            "segments": len(segments),
             **counts,
         }
 
@@ -340,6 +326,41 @@ class MooncakeBackend:
         self._suspect = True
         reason = CODE_NAMES.get(code, "Mooncake error")
         raise StoreUnavailable(f"{self.endpoint}: {what}: {reason} ({code})")
+
+    def _metrics(self) -> tuple[dict[str, float], list[float]]:
+        """The master's unlabelled metrics, and each mounted segment's capacity."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://{self.master.host}:{self.master.metrics_port}/metrics"
+        try:
+            reply = httpx.get(url, timeout=self.timeout)
+            reply.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise StoreUnavailable(
+                f"{self.endpoint}: cannot read the master's {url}: {exc}"
+            ) from exc
+        metrics: dict[str, float] = {}
+        segments: list[float] = []
+        for family in text_string_to_metric_families(reply.text):
+            for sample in family.samples:
+                if sample.name == "segment_total_capacity_bytes":
+                    segments.append(sample.value)
+                elif not sample.labels:
+                    metrics[sample.name] = sample.value
+        return metrics, segments
+
+    def _check_fits(self, size: int) -> None:
+        """A value must fit in one segment: larger ones would never be stored, and every
+        attempt would make the master evict for nothing. (Unknown without the metrics page;
+        with no segment at all, the put waits for one to be mounted.)"""
+        with contextlib.suppress(StoreUnavailable):
+            segments = self._metrics()[1]
+            if segments and size > max(segments):
+                raise ValueTooLarge(
+                    f"{self.endpoint}: a {size}-byte value is larger than every segment "
+                    f"(largest {int(max(segments))} bytes)"
+                )
 
     def _fetch(self, keys: list[str]) -> list[memoryview | None]:
         """Distinct keys' values, read into one buffer registered for the call."""

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from splitwise_local.config import MooncakeOptions, SplitwiseConfig
-from splitwise_local.store import StoreError, StoreFull, open_backend
+from splitwise_local.store import StoreError, ValueTooLarge, open_backend
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend, merged_spans
 from tests.mooncake.conftest import OPTIONS, MiB
 from tests.store.helpers import make_value, seed_of
@@ -94,7 +94,7 @@ def test_bad_values_get_clear_errors_and_store_nothing(client):
         client.put("c", memoryview(bytearray(100))[::2])  # not contiguous
 
 
-def test_full_store_evicts_and_a_value_larger_than_any_segment_is_refused(make_own_client):
+def test_a_full_store_evicts_and_a_value_larger_than_any_segment_is_refused(make_own_client):
     client = make_own_client(MooncakeOptions(global_segment_size=16 * MiB, local_buffer_size=MiB))
     value = os.urandom(MiB)
     for i in range(64):  # four times the capacity
@@ -102,8 +102,9 @@ def test_full_store_evicts_and_a_value_larger_than_any_segment_is_refused(make_o
     stats = client.stats()
     assert 0 < stats["items"] < 16 and stats["bytes"] <= stats["capacity"] == 16 * MiB
     assert bytes(client.get("fill-63")) == value  # the newest survives
-    with pytest.raises(StoreFull, match="no segment has room"):
+    with pytest.raises(ValueTooLarge, match="larger than every segment"):
         client.put("huge", bytes(17 * MiB))
+    assert bytes(client.get("fill-63")) == value  # refused without evicting for it
 
 
 def test_stats_count_the_masters_items_and_this_clients_hits(make_own_client):

@@ -13,7 +13,7 @@ from splitwise_local.connector.keys import KeyIdentity
 from splitwise_local.connector.layout import KvFirstLayout
 from splitwise_local.connector.planner import LoadPlan, SavePlan, prompt_chunks
 from splitwise_local.connector.transfer import ChunkCodec, KVTransfer
-from splitwise_local.store import StoreUnavailable
+from splitwise_local.store import StoreFull, StoreUnavailable
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend
 from splitwise_local.store.mooncake_master import free_port
 from tests.mooncake.conftest import OPTIONS, TIMEOUT_S
@@ -61,6 +61,14 @@ def test_frozen_master_times_out_and_the_client_recovers(own_master, make_own_cl
         own_master.process.send_signal(signal.SIGCONT)
     client.put("after", b"thawed")
     assert bytes(client.get("after")) == b"thawed"
+
+
+def test_a_store_without_memory_is_full(make_own_client):
+    """Every client that lent memory has gone: puts wait for room, then say so."""
+    client = make_own_client(OPTIONS.model_copy(update={"global_segment_size": 0}))
+    with pytest.raises(StoreFull, match="no segment"):
+        client.put("k", b"value")
+    assert client.get("k") is None
 
 
 def test_closed_client_refuses_calls_and_closes_once(make_own_client):
