@@ -29,6 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serde", default="naive", choices=["naive", "kivi", "cachegen"])
     parser.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2)")
     parser.add_argument("--pipelined", action="store_true", help="pipelined_backend: true")
+    parser.add_argument(
+        "--new-tokens", type=int, default=64, help="greedy tokens compared for divergence"
+    )
+
+
+def token_ids(reply: dict) -> list[int]:
+    return reply["choices"][0]["token_ids"]
+
+
+def first_divergence(got: list[int], expected: list[int]) -> int:
+    """Index of the first differing greedy token; the length when all agree."""
+    pairs = zip(got, expected, strict=False)
+    return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(got), len(expected)))
 
 
 def store_get_gbps(backend, keys: list[str], repeats: int = 5) -> float:
@@ -74,13 +87,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         prefill, decode = system.engines["prefill"], system.engines["decode"]
         decode.time_to_first_token(prompts[0][:64])  # warm-up: first request pays one-off costs
-        recompute, loaded, loads = [], [], []
+        recompute, loaded, loads, divergence = [], [], [], []
         for i in range(args.repeats):
             recompute.append(decode.time_to_first_token(prompts[2 * i]))
-            prefill.complete(prompts[2 * i + 1], max_tokens=1)
+            prompt = prompts[2 * i + 1]
+            # The prefill engine's own greedy continuation is the reference (a full forward).
+            reference = prefill.complete(prompt, max_tokens=args.new_tokens)
             decode.new_log()
-            loaded.append(decode.time_to_first_token(prompts[2 * i + 1]))
-            loads += [tuple(map(float, m)) for m in LOAD_LINE.findall(decode.new_log())]
+            loaded.append(decode.time_to_first_token(prompt))
+            loads += [tuple(map(float, m)) for m in decode.expect_log(LOAD_LINE.pattern)]
+            got = decode.complete(prompt, max_tokens=args.new_tokens)
+            divergence.append(first_divergence(token_ids(got), token_ids(reference)))
         keys = re.findall(r"key=(\w+)", prefill.new_log())
         get_gbps = store_get_gbps(system.backend(), keys[-8:]) if keys else float("nan")
     finally:
@@ -103,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
         ],
     )
     print(f"\nttft_loaded_vs_recompute = {ratio:.3f} (goal <= 0.25)")
+    print(
+        f"greedy first divergence from a full forward, per prompt: {divergence} "
+        f"(of {args.new_tokens}; {args.new_tokens} = identical)"
+    )
     write_json(
         args.json,
         {
@@ -113,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             "load_ms": load_ms,
             "load_gbps": effective_gbps,
             "store_get_gbps": get_gbps,
+            "first_divergence": divergence,
             "ratios": {
                 "ttft_loaded_vs_recompute": ratio,
                 "load_vs_store_get": effective_gbps / get_gbps if get_gbps else None,

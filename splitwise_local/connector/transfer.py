@@ -80,6 +80,28 @@ class TransferStats:
     failed: list[str] = field(default_factory=list)
 
 
+def to_host(rows: torch.Tensor) -> torch.Tensor:
+    """KV leaving a GPU goes to pinned host memory, copied without blocking the forward.
+
+    On the CPU this is the identity. The CUDA branch is written from PyTorch's documented
+    semantics and has not run here (no GPU on this project's machines).
+    """
+    if rows.device.type == "cpu":
+        return rows
+    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    host.copy_(rows, non_blocking=True)
+    return host
+
+
+def copies_done(cache: torch.Tensor):
+    """A CUDA event after this step's device-to-host copies (None on the CPU)."""
+    if cache.device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 def slots_for(block_ids: Sequence[int], start: int, end: int, block_size: int) -> torch.Tensor:
     """Cache slots of tokens [start, end) of a request whose blocks are `block_ids`."""
     tokens = torch.arange(start, end)
@@ -134,14 +156,19 @@ class KVTransfer:
             for chunk in plan.chunks:
                 slots = slots_for(plan.block_ids, chunk.start, chunk.end, self.layout.block_size)
                 staged = self._staged.setdefault(chunk.key, [None] * len(self.layer_names))
-                staged[index] = self.layout.gather(cache, slots)
+                staged[index] = to_host(self.layout.gather(cache, slots))
                 if all(layer is not None for layer in staged):
                     kv = torch.stack(self._staged.pop(chunk.key))
-                    self._pending.append(self._executor.submit(self._put, plan.req_id, chunk, kv))
+                    copied = copies_done(cache)
+                    self._pending.append(
+                        self._executor.submit(self._put, plan.req_id, chunk, kv, copied)
+                    )
             stats.seconds += time.perf_counter() - started
 
-    def _put(self, req_id: str, chunk: ChunkRef, kv: torch.Tensor) -> None:
+    def _put(self, req_id: str, chunk: ChunkRef, kv: torch.Tensor, copied) -> None:
         started = time.perf_counter()
+        if copied is not None:
+            copied.synchronize()  # the GPU-to-host copies of this chunk have landed
         payload = self.codec.encode(kv)
         self.backend.put(chunk.key, payload)
         logger.debug(
