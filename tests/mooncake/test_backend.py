@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from splitwise_local.config import MooncakeOptions, SplitwiseConfig
-from splitwise_local.store import StoreError, ValueTooLarge, open_backend
+from splitwise_local.store import StoreError, StoreUnavailable, ValueTooLarge, open_backend
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend, merged_spans
 from tests.mooncake.conftest import OPTIONS, MiB
 from tests.store.helpers import make_value, seed_of
@@ -107,7 +107,7 @@ def test_a_full_store_evicts_and_a_value_larger_than_any_segment_is_refused(make
     assert bytes(client.get("fill-63")) == value  # refused without evicting for it
 
 
-def test_stats_count_the_masters_items_and_this_clients_hits(make_own_client):
+def test_stats_count_the_masters_items_and_this_clients_hits_until_closed(make_own_client):
     writer = make_own_client()
     reader = make_own_client(MooncakeOptions(global_segment_size=16 * MiB, local_buffer_size=MiB))
     writer.put_many([("a", b"1" * 100), ("b", b"2" * 200)])
@@ -118,6 +118,10 @@ def test_stats_count_the_masters_items_and_this_clients_hits(make_own_client):
     assert stats["segments"] == 2
     assert (stats["hits"], stats["misses"], stats["puts"]) == (2, 1, 0)
     assert {"evictions", "clients"} <= stats.keys()  # the master updates these on its own clock
+    reader.close()
+    reader.close()  # once is enough
+    with pytest.raises(StoreUnavailable, match="closed"):
+        reader.get("a")
 
 
 def test_threads_putting_the_same_buffer_all_succeed(client):
