@@ -1,4 +1,4 @@
-"""`python -m splitwise_local model ...`: prepare the embedded model and print its folder."""
+"""`python -m splitwise_local model ...`: prepare (or check) a model folder; print its path."""
 
 from __future__ import annotations
 
@@ -6,18 +6,28 @@ import argparse
 import sys
 
 from splitwise_local.model import ModelError, check_model_dir, prepare_default_model
+from splitwise_local.tiny_deepseek import prepare_tiny_deepseek
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("prepare", help="convert the embedded SmolLM2 once; print its folder")
+    actions.add_parser(
+        "tiny-deepseek-v2",
+        help="build a random-weight DeepSeek-V2 (MLA, MoE) once; print its folder",
+    )
     check = actions.add_parser("check", help="check that a folder is a servable checkpoint")
     check.add_argument("folder")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        folder = check_model_dir(args.folder) if args.action == "check" else prepare_default_model()
+        if args.action == "check":
+            folder = check_model_dir(args.folder)
+        elif args.action == "tiny-deepseek-v2":
+            folder = prepare_tiny_deepseek()
+        else:
+            folder = prepare_default_model()
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
