@@ -49,7 +49,7 @@ class MooncakeOptions(BaseModel):
     device_name: str = ""
     local_hostname: str = "127.0.0.1"
     metadata_server: str = "P2PHANDSHAKE"
-    global_segment_size: int = Field(default=512 * 1024 * 1024, gt=0)
+    global_segment_size: int = Field(default=512 * 1024 * 1024, ge=0)  # 0: lends no memory
     local_buffer_size: int = Field(default=128 * 1024 * 1024, gt=0)
 
 

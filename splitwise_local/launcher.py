@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(CUDA only); none: plain engines, no store",
     )
     parser.add_argument(
+        "--store",
+        choices=["splitwise", "mooncake"],
+        default="splitwise",
+        help="the KV store: ours, or a local mooncake_master (Mooncake Store over TCP)",
+    )
+    parser.add_argument(
         "--disable-mla", action="store_true", help="set VLLM_MLA_DISABLE=1 (the seed's MLA setting)"
     )
     parser.add_argument("--api-key", help="require this Bearer token from the proxy's callers")
@@ -128,6 +134,9 @@ def bind_problem(host: str, port: int) -> str | None:
         except OSError as exc:
             return "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc})"
     return None
+
+
+MOONCAKE_MASTER_PORT = 50051  # mooncake_master's own default RPC port
 
 
 def check_ports(wanted: dict[str, tuple[str, int, str]]) -> None:
@@ -286,7 +295,13 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         "decode engine": ("127.0.0.1", args.decode_port, "--decode-port"),
     }
     use_store = args.connector != "none"
-    if use_store:
+    mooncake = use_store and args.store == "mooncake"
+    if mooncake:
+        if args.connector == "lmcache":
+            raise LaunchError("--store mooncake works with --connector splitwise only")
+        store_port = args.store_port or MOONCAKE_MASTER_PORT
+        wanted["mooncake master"] = ("127.0.0.1", store_port, "--store-port")
+    elif use_store:
         store_port, shm_url = store_url(config.remote_url, args.store_port)
         wanted["store"] = ("127.0.0.1", store_port, "--store-port")
     lmcache_url = None
@@ -305,7 +320,15 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
 
     run_dir = pick_run_dir(args.run_dir)
     store, config_file = None, None
-    if use_store:
+    if mooncake:
+        from splitwise_local.store.mooncake_master import launcher_member
+
+        env = child_env(dict(os.environ), run_dir)
+        try:
+            store, config_file = launcher_member(config, store_port, run_dir, env, console)
+        except FileNotFoundError as exc:
+            raise LaunchError(f"Mooncake is not installed ({exc}): run scripts/setup.sh") from None
+    elif use_store:
         store, config_file = store_member(config, store_port, shm_url, run_dir, console)
 
     extra = merge_args(["--served-model-name", model.name], args.extra)

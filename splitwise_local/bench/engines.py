@@ -159,7 +159,8 @@ def start_system(
     """Starts the store (when `config` is given) and one engine per name in `roles`.
 
     The engines reach the store through its shared-memory arena (`transport="shm"`, what the
-    launcher does on one host) or over TCP (`"tcp"`, what engines on other hosts do).
+    launcher does on one host) or over TCP (`"tcp"`, what engines on other hosts do); with
+    `"mooncake"` a loopback mooncake_master runs instead and the engines mount the memory.
     """
     root.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(Console("error"), run=str(root), stop_grace=20)
@@ -167,7 +168,16 @@ def start_system(
     env = child_env(root)
     config_file = None
     try:
-        if config is not None:
+        if config is not None and transport == "mooncake":
+            from splitwise_local.store.mooncake_master import MasterSpec, supervised_master
+
+            master = MasterSpec.on_free_ports()
+            system.config = config.model_copy(update={"remote_url": master.url})
+            config_file = dump_config(system.config, root / "splitwise.yaml")
+            member = supervised_master(master, env, root / "master.log", supervisor.console)
+            supervisor.start_stage([member], 60)
+            system.store_child = member[0]
+        elif config is not None:
             port, shm = free_port(), f"splitwise-test-{uuid.uuid4().hex[:8]}"
             url = f"shm://{shm}" if transport == "shm" else f"lm://127.0.0.1:{port}"
             system.config = config.model_copy(update={"remote_url": url})

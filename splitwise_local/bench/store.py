@@ -261,7 +261,7 @@ def _fill(args: argparse.Namespace, shm_name: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitwise_local.bench import report, store_lmcache
+    from splitwise_local.bench import report, store_lmcache, store_mooncake
     from splitwise_local.store import open_backend
     from splitwise_local.store.server import spawn
 
@@ -273,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         open_backend(store.shm_url) as shm,
     ):
         throughput = _throughput(args, tcp, shm)
+        throughput += store_mooncake.mooncake_rows(args, shm)
         small = _small(args, tcp, shm)
     fill = _fill(args, f"{name}-fill")
     lmcache = store_lmcache.measure(args)
