@@ -9,13 +9,11 @@ engine (bf16 near-ties), reported and left out, never compared loosely.
 
 from __future__ import annotations
 
-import re
-import warnings
-
 import pytest
 
-from splitwise_local.bench.engines import Engine, start_system
+from splitwise_local.bench.engines import start_system
 from splitwise_local.config import SplitwiseConfig
+from tests.engine.checks import References, assert_loaded, completion_tokens, first_diff
 
 pytestmark = pytest.mark.engine
 
@@ -30,9 +28,6 @@ CHATS = (
     "What is the capital of France?",
     "Summarise this story in two sentences.\n\n" + "The tide clock keeper " * 60,
 )
-LOAD_LINE = re.compile(
-    r"splitwise load req=\S+ tokens=(\d+) chunks=(\d+) bytes=(\d+) .*verified=(\S+)"
-)
 
 
 @pytest.fixture(scope="session")
@@ -43,22 +38,6 @@ def prompts(prose_tokens) -> dict[int, list[int]]:
         result[length] = prose_tokens[offset : offset + length]
         offset += length + 7
     return result
-
-
-class References:
-    """The plain engine's answers, each prompt run twice; None marks an unstable prompt."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.cache: dict[str, list[int] | None] = {}
-
-    def tokens(self, key: str, ask) -> list[int] | None:
-        if key not in self.cache:
-            first, second = ask(self.engine), ask(self.engine)
-            self.cache[key] = first if first == second else None
-            if first != second:
-                warnings.warn(f"unstable on a plain engine, left out: {key}", stacklevel=2)
-        return self.cache[key]
 
 
 @pytest.fixture(scope="session")
@@ -76,20 +55,6 @@ def system(request, model_dir, tmp_path_factory):
     system.stop()
 
 
-def completion_tokens(reply: dict) -> list[int]:
-    return reply["choices"][0]["token_ids"]
-
-
-def assert_loaded(decode: Engine, prompt_len: int) -> None:
-    """The decode engine loaded all but the last prompt token, and read back the same bytes."""
-    loads = decode.expect_log(LOAD_LINE.pattern)
-    assert loads, "the decode engine loaded nothing from the store"
-    tokens, _chunks, size, verified = loads[-1]
-    assert int(tokens) == prompt_len - 1
-    assert int(size) > 0
-    assert verified == "ok"
-
-
 def test_completions_are_token_identical(system, prompts, references):
     prefill, decode = system.engines["prefill"], system.engines["decode"]
     compared = 0
@@ -104,7 +69,7 @@ def test_completions_are_token_identical(system, prompts, references):
         if expected is None:
             continue
         assert got == expected, (
-            f"{length}-token prompt diverged at token {_first_diff(got, expected)}"
+            f"{length}-token prompt diverged at token {first_diff(got, expected)}"
         )
         compared += 1
     assert compared >= len(prompts) - 1, "too many unstable prompts to call this tested"
@@ -123,9 +88,3 @@ def test_chat_is_token_identical(system, references):
         assert_loaded(decode, prompt_len)
         if expected is not None:
             assert completion_tokens(reply) == expected
-
-
-def _first_diff(a: list[int], b: list[int]) -> int:
-    return next(
-        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
-    )
