@@ -66,11 +66,25 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+MLA_ROPE_DIM = 64  # DeepSeek-V2's qk_rope_head_dim: the tail of each MLA latent row
+
+
 def cache_to_kv(cache) -> torch.Tensor:
-    """transformers' per-layer [1, heads, tokens, head_size] K and V -> one chunk-format tensor."""
+    """transformers' per-layer cache -> one chunk-format tensor.
+
+    Per-head models cache K and V as [1, heads, tokens, head_size] each: kv = 2. DeepSeek-V2's
+    MLA caches the normalised latent as "keys" [1, 1, tokens, 512] and the roped k_pe as
+    "values" [1, 1, tokens, 64]; joined they are vLLM's MLA row (latent then k_pe): kv = 1.
+    """
     import torch
 
-    layers = [torch.stack((layer.keys[0], layer.values[0])) for layer in cache.layers]
+    layers = []
+    for layer in cache.layers:
+        keys, values = layer.keys[0], layer.values[0]
+        if keys.shape[-1] != values.shape[-1]:
+            layers.append(torch.cat((keys, values), dim=-1).unsqueeze(0))
+        else:
+            layers.append(torch.stack((keys, values)))
     return torch.stack(layers).transpose(2, 3).contiguous()
 
 
@@ -78,8 +92,14 @@ def kv_to_cache(kv: torch.Tensor):
     """The inverse of `cache_to_kv`: a DynamicCache the model can continue from."""
     from transformers import DynamicCache
 
-    per_layer = kv.transpose(2, 3).unsqueeze(2)  # [layers, 2, 1, heads, tokens, head_size]
-    return DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in per_layer])
+    per_layer = kv.transpose(2, 3).unsqueeze(2)  # [layers, kv, 1, heads, tokens, head_size]
+    if kv.shape[1] == 1:  # MLA: split each row back into latent and k_pe
+        pairs = [
+            (layer[0][..., :-MLA_ROPE_DIM], layer[0][..., -MLA_ROPE_DIM:]) for layer in per_layer
+        ]
+    else:
+        pairs = [(layer[0], layer[1]) for layer in per_layer]
+    return DynamicCache(ddp_cache_data=pairs)
 
 
 def capture(model, input_ids: torch.Tensor) -> Captured:
