@@ -30,6 +30,18 @@ ORPHAN_GRACE_S = 3.0  # for what a child left running after it exited
 _EXCEPTION_LINE = re.compile(r"(?:^|\] )([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
 
 
+def terminate(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `grace` seconds; reaps it either way."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def log_tail(path: Path, lines: int = 30) -> str:
     """The last lines of a log file, or a note saying there is none."""
     try:

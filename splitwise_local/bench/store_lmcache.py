@@ -32,7 +32,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from splitwise_local.bench.store import SocketBaseline, _each
+from splitwise_local.bench.store import SocketBaseline, _each, _gbps
+from splitwise_local.process import terminate
 
 if TYPE_CHECKING:
     import torch
@@ -175,18 +176,7 @@ def lmcache_server(timeout: float = 60.0) -> Iterator[tuple[subprocess.Popen, st
                 time.sleep(0.1)
         yield process, f"lm://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _gbps(action: Callable[[], None], total_bytes: int) -> float:
-    start = time.perf_counter()
-    action()
-    return total_bytes / (time.perf_counter() - start) / 1e9
+        terminate(process)
 
 
 def _lm_put(client: LMCacheClient, keys: list, obj: MemoryObj) -> Callable[[], None]:

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from splitwise_local.process import terminate
 from splitwise_local.store import protocol as p
 from splitwise_local.store.arena import PageAllocator, SharedArena
 from splitwise_local.store.index import StoreIndex
@@ -225,13 +226,7 @@ def spawn(*args: str, env: dict[str, str] | None = None) -> Iterator[SpawnedStor
         _, _, _, tcp_url, shm_url = line.split()
         yield SpawnedStore(process, tcp_url, shm_url)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process)
         for stream in (process.stdout, process.stderr):
             if stream:
                 stream.close()
