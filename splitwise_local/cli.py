@@ -20,11 +20,13 @@ class Subcommand(NamedTuple):
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "serve": Subcommand("splitwise_local.launcher", "run store, engines and proxy (default)"),
+    "serve": Subcommand("splitwise_local.serve.launcher", "run store, engines and proxy (default)"),
     "store": Subcommand("splitwise_local.store.server", "run the KV store server"),
     "proxy": Subcommand("splitwise_local.proxy.server", "run the OpenAI-compatible proxy"),
-    "engine": Subcommand("splitwise_local.engine", "run one vLLM engine with our KV connector"),
-    "model": Subcommand("splitwise_local.model_cli", "prepare the embedded model"),
+    "engine": Subcommand(
+        "splitwise_local.serve.engine", "run one vLLM engine with our KV connector"
+    ),
+    "model": Subcommand("splitwise_local.models.cli", "prepare the embedded model"),
     "bench": Subcommand(
         "splitwise_local.bench", "benchmarks: store, proxy, connector, serde, serve"
     ),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from splitwise_local.model import (
+from splitwise_local.models.checkpoint import (
     ModelError,
     check_model_dir,
     prepare_default_model,

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     from splitwise_local.bench.engines import PROSE, start_system
     from splitwise_local.config import SplitwiseConfig
-    from splitwise_local.model import resolve_model
+    from splitwise_local.models.checkpoint import resolve_model
 
     model = resolve_model(args.model)
     tokens = AutoTokenizer.from_pretrained(model)(PROSE.read_text(), add_special_tokens=False)[

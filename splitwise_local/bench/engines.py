@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 
 from splitwise_local.config import SplitwiseConfig, dump_config
-from splitwise_local.console import Console
-from splitwise_local.engine import EngineSpec
-from splitwise_local.process import RUN_ENV, Child
-from splitwise_local.supervisor import Readiness, Supervisor
+from splitwise_local.serve.console import Console
+from splitwise_local.serve.engine import EngineSpec
+from splitwise_local.serve.process import RUN_ENV, Child
+from splitwise_local.serve.supervisor import Readiness, Supervisor
 
 ENGINE_START_TIMEOUT_S = 420
 REQUEST_TIMEOUT_S = 300
@@ -169,7 +169,7 @@ def start_system(
     config_file = None
     try:
         if config is not None and transport == "mooncake":
-            from splitwise_local.store.mooncake_master import MasterSpec, supervised_master
+            from splitwise_local.serve.mooncake_master import MasterSpec, supervised_master
 
             master = MasterSpec.on_free_ports()
             system.config = config.model_copy(update={"remote_url": master.url})

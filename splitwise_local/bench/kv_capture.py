@@ -48,7 +48,7 @@ def load_model(path: str | Path | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from splitwise_local.model import resolve_model
+    from splitwise_local.models.checkpoint import resolve_model
 
     folder = resolve_model(path)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)

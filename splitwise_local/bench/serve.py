@@ -400,7 +400,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     """Checks everything that can be checked before sending (raises with one line)."""
     from transformers import AutoTokenizer
 
-    from splitwise_local.model import resolve_model
+    from splitwise_local.models.checkpoint import resolve_model
 
     settings = settings_from_args(args)
     if args.rate is None and args.concurrency < 1:
@@ -421,7 +421,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitwise_local.model import ModelError
+    from splitwise_local.models.checkpoint import ModelError
 
     try:
         plan = plan_run(args)

@@ -20,22 +20,25 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import multiprocessing
 import os
-import socket
-import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-MiB = 1024 * 1024
-SIZES = (1 * MiB, 16 * MiB)
+from splitwise_local.bench.throughput import (
+    BATCH_LARGE,
+    SIZES,
+    MiB,
+    SocketBaseline,
+    best,
+    each,
+    gbps,
+)
+
 SMALL = 4096
 BATCH = 64  # keys per get_many in the small-value run
-BATCH_LARGE = 8  # values per put_many / get_many in the batched throughput rows
 TCP_GOAL = 0.7
 SHM_GOAL = 0.5
-_REQUEST = struct.Struct("<cQ")  # baseline: b"P" or b"G", then the byte count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,78 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="rounds; the best one counts")
     parser.add_argument("--small-ops", type=int, default=3000, help="4 KiB gets per mode")
     parser.add_argument("--fill-cap-mb", type=int, default=256, help="capacity in the fill run")
-
-
-def _socket_baseline_server(listener: socket.socket) -> None:
-    """The raw-socket baseline: receives into and sends from buffers allocated once."""
-    conn, _ = listener.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buffer = memoryview(bytearray(max(SIZES)))
-    with conn:
-        while head := _recv_exact(conn, memoryview(bytearray(_REQUEST.size))):
-            op, size = _REQUEST.unpack(head)
-            if op == b"P":
-                _recv_exact(conn, buffer[:size])
-                conn.sendall(b"k")
-            else:
-                conn.sendall(buffer[:size])
-
-
-def _recv_exact(conn: socket.socket, view: memoryview) -> memoryview | None:
-    pos = 0
-    while pos < len(view):
-        got = conn.recv_into(view[pos:])
-        if not got:
-            return None
-        pos += got
-    return view
-
-
-class SocketBaseline:
-    """A client of `_socket_baseline_server`, running in a process of its own like the store."""
-
-    def __init__(self) -> None:
-        listener = socket.create_server(("127.0.0.1", 0))
-        context = multiprocessing.get_context("spawn")
-        self.process = context.Process(target=_socket_baseline_server, args=(listener,))
-        self.process.start()
-        self.sock = socket.create_connection(listener.getsockname())
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        listener.close()
-        self.buffer = memoryview(bytearray(max(SIZES)))
-
-    def put(self, value: memoryview) -> None:
-        self.sock.sendmsg([_REQUEST.pack(b"P", len(value))])
-        self.sock.sendall(value)
-        _recv_exact(self.sock, self.buffer[:1])
-
-    def get(self, size: int) -> None:
-        self.sock.sendall(_REQUEST.pack(b"G", size))
-        _recv_exact(self.sock, self.buffer[:size])
-
-    def close(self) -> None:
-        self.sock.close()
-        self.process.join(timeout=10)
-
-
-def _each(items: Sequence[str], call: Callable[[str], Any]) -> Callable[[], None]:
-    """An action that makes one call per item (one value moved per call)."""
-
-    def action() -> None:
-        for item in items:
-            call(item)
-
-    return action
-
-
-def _gbps(action: Callable[[], None], total_bytes: int) -> float:
-    start = time.perf_counter()
-    action()
-    return total_bytes / (time.perf_counter() - start) / 1e9
-
-
-def _best(rounds: list[dict[str, float]]) -> dict[str, float]:
-    return {name: max(r[name] for r in rounds) for name in rounds[0]}
 
 
 def _copy(target: memoryview, value: memoryview) -> None:
@@ -146,25 +77,25 @@ def _throughput(args: argparse.Namespace, tcp: Any, shm: Any) -> list[dict[str, 
             batches = [keys[i : i + BATCH_LARGE] for i in range(0, count, BATCH_LARGE)]
 
             cases: dict[str, Callable[[], None]] = {
-                "tcp put": _each(keys, lambda key, v=value: tcp.put(key, v)),
-                "socket put": _each(keys, lambda _, v=value: baseline.put(v)),
-                "tcp get": _each(keys, tcp.get),
-                "socket get": _each(keys, lambda _, n=size: baseline.get(n)),
-                "shm put": _each(keys, lambda key, v=value: shm.put(key, v)),
-                "shm get": _each(keys, shm.get),
-                f"shm put x{BATCH_LARGE}": _each(
+                "tcp put": each(keys, lambda key, v=value: tcp.put(key, v)),
+                "socket put": each(keys, lambda _, v=value: baseline.put(v)),
+                "tcp get": each(keys, tcp.get),
+                "socket get": each(keys, lambda _, n=size: baseline.get(n)),
+                "shm put": each(keys, lambda key, v=value: shm.put(key, v)),
+                "shm get": each(keys, shm.get),
+                f"shm put x{BATCH_LARGE}": each(
                     batches, lambda batch, v=value: shm.put_many([(key, v) for key in batch])
                 ),
-                f"shm get x{BATCH_LARGE}": _each(batches, shm.get_many),
-                "memcpy": _each(keys, lambda key, v=value, t=targets: _copy(t[key], v)),
+                f"shm get x{BATCH_LARGE}": each(batches, shm.get_many),
+                "memcpy": each(keys, lambda key, v=value, t=targets: _copy(t[key], v)),
             }
             for action in cases.values():  # warm-up: every destination written once
                 action()
             rounds = [
-                {name: _gbps(action, count * size) for name, action in cases.items()}
+                {name: gbps(action, count * size) for name, action in cases.items()}
                 for _ in range(args.repeats)
             ]
-            best = _best(rounds)
+            top = best(rounds)
             for path, op, batch, base in [
                 ("tcp", "put", 1, "socket put"),
                 ("tcp", "get", 1, "socket get"),
@@ -173,7 +104,7 @@ def _throughput(args: argparse.Namespace, tcp: Any, shm: Any) -> list[dict[str, 
                 ("shm", "put", BATCH_LARGE, "memcpy"),
                 ("shm", "get", BATCH_LARGE, "memcpy"),
             ]:
-                store_gbps = best[f"{path} {op}" + (f" x{batch}" if batch > 1 else "")]
+                store_gbps = top[f"{path} {op}" + (f" x{batch}" if batch > 1 else "")]
                 goal = TCP_GOAL if path == "tcp" else SHM_GOAL
                 rows.append(
                     {
@@ -183,8 +114,8 @@ def _throughput(args: argparse.Namespace, tcp: Any, shm: Any) -> list[dict[str, 
                         "size_mib": size // MiB,
                         "store_gbps": store_gbps,
                         "baseline": base.split()[0],
-                        "baseline_gbps": best[base],
-                        "ratio": store_gbps / best[base],
+                        "baseline_gbps": top[base],
+                        "ratio": store_gbps / top[base],
                         "goal": goal,
                     }
                 )
@@ -236,8 +167,8 @@ def _small(args: argparse.Namespace, tcp: Any, shm: Any) -> list[dict[str, Any]]
 def _fill(args: argparse.Namespace, shm_name: str) -> dict[str, Any]:
     import psutil
 
+    from splitwise_local.serve.store_child import spawn
     from splitwise_local.store import open_backend
-    from splitwise_local.store.server import spawn
 
     cap = args.fill_cap_mb * MiB
     value = os.urandom(MiB)
@@ -262,8 +193,8 @@ def _fill(args: argparse.Namespace, shm_name: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from splitwise_local.bench import report, store_lmcache, store_mooncake
+    from splitwise_local.serve.store_child import spawn
     from splitwise_local.store import open_backend
-    from splitwise_local.store.server import spawn
 
     name = f"bench-{os.getpid()}"
     capacity_gb = 3 * args.mb / 1024  # a case's values twice over (old and new), and spare

@@ -15,8 +15,7 @@ ceiling of any server a TCP client reads from. Goal: our store >= 1.5x LMCache's
 - RSS past the cap: 4x our store's capacity of 1 MiB values goes into both servers; their
   RSS is sampled after each capacity's worth. LMCache's server never evicts.
 
-`bench store` runs this after its own measurements; `add_arguments`/`run` also let it run by
-itself with the same options.
+`bench store` runs this after its own measurements (`measure`, `print_tables`).
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from splitwise_local.bench.store import SocketBaseline, _each, _gbps
-from splitwise_local.process import terminate
+from splitwise_local.bench.throughput import SocketBaseline, each, gbps
+from splitwise_local.serve.process import terminate
 
 if TYPE_CHECKING:
     import torch
@@ -180,7 +179,7 @@ def lmcache_server(timeout: float = 60.0) -> Iterator[tuple[subprocess.Popen, st
 
 
 def _lm_put(client: LMCacheClient, keys: list, obj: MemoryObj) -> Callable[[], None]:
-    puts = _each(keys, lambda key: client.put(key, obj))
+    puts = each(keys, lambda key: client.put(key, obj))
 
     def action() -> None:
         puts()
@@ -196,7 +195,7 @@ def _lm_get(client: LMCacheClient, keys: list) -> Callable[[], None]:
             raise RuntimeError(f"{key.to_string()} missing from the server under test")
         client.free(obj)
 
-    return _each(keys, get_and_free)
+    return each(keys, get_and_free)
 
 
 def _throughput(
@@ -222,19 +221,19 @@ def _throughput(
             cases: dict[str, Callable[[], None]] = {
                 "lmcache put": _lm_put(theirs, keys, obj),
                 "ours put": _lm_put(ours, keys, obj),
-                "tcp put": _each(names, lambda name, v=data: tcp.put(name, v)),
-                "shm put": _each(names, lambda name, v=data: shm.put(name, v)),
-                "socket put": _each(names, lambda _, v=data: baseline.put(v)),
+                "tcp put": each(names, lambda name, v=data: tcp.put(name, v)),
+                "shm put": each(names, lambda name, v=data: shm.put(name, v)),
+                "socket put": each(names, lambda _, v=data: baseline.put(v)),
                 "lmcache get": _lm_get(theirs, keys),
                 "ours get": _lm_get(ours, keys),
-                "tcp get": _each(names, tcp.get),
-                "shm get": _each(names, shm.get),
-                "socket get": _each(names, lambda _, n=size: baseline.get(n)),
+                "tcp get": each(names, tcp.get),
+                "shm get": each(names, shm.get),
+                "socket get": each(names, lambda _, n=size: baseline.get(n)),
             }
             for action in cases.values():  # warm-up: every page touched once
                 action()
             rounds = [
-                {name: _gbps(action, count * size) for name, action in cases.items()}
+                {name: gbps(action, count * size) for name, action in cases.items()}
                 for _ in range(args.repeats)
             ]
             best = {name: max(r[name] for r in rounds) for name in cases}
@@ -260,7 +259,7 @@ def _fill(args: argparse.Namespace, lmcache: subprocess.Popen, lmcache_url: str)
     """The same 1 MiB values into both servers until 4x our capacity went through."""
     import psutil
 
-    from splitwise_local.store.server import spawn
+    from splitwise_local.serve.store_child import spawn
 
     cap_mb = args.fill_cap_mb
     samples = []
@@ -300,7 +299,7 @@ def _fill(args: argparse.Namespace, lmcache: subprocess.Popen, lmcache_url: str)
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Runs both comparisons; returns rows, fill samples and the headline ratios."""
-    from splitwise_local.store.server import spawn
+    from splitwise_local.serve.store_child import spawn
 
     # Both key sets (LMCache's protocol, ours) of both sizes, with room to spare: no eviction.
     per_set = sum(max(4 * size, args.mb * MiB) for size in SHAPES)
@@ -378,22 +377,3 @@ def print_tables(results: dict[str, Any]) -> None:
         f"(limit {fill['ours_rss_limit_mib']:.0f} MiB, grew {fill['ours_growth_mib']:.0f} MiB);"
         f" LMCache's server grew {fill['lmcache_growth_mib']:.0f} MiB"
     )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from splitwise_local.bench.store import add_arguments as store_arguments
-
-    store_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    from splitwise_local.bench import report
-
-    results = measure(args)
-    print_tables(results)
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "extra")}
-    report.write_json(
-        getattr(args, "json", None),
-        {"benchmark": "store_lmcache", "settings": settings, **results},
-    )
-    return 0

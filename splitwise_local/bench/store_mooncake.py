@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from splitwise_local.bench.store import BATCH_LARGE, SIZES, MiB, _best, _each, _gbps
+from splitwise_local.bench.throughput import BATCH_LARGE, SIZES, MiB, best, each, gbps
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend
 
 HOLDER_START_S = 60
@@ -39,7 +39,7 @@ def _hold_segment(url: str, size: int, ready: Any, stop: Any) -> None:
 def mooncake_client(segment_bytes: int) -> Iterator[MooncakeBackend]:
     """A client of a fresh local master whose only memory is another process's segment."""
     from splitwise_local.config import MooncakeOptions
-    from splitwise_local.store.mooncake_master import spawn_master
+    from splitwise_local.serve.mooncake_master import spawn_master
 
     context = multiprocessing.get_context("spawn")
     ready, stop = context.Event(), context.Event()
@@ -81,18 +81,18 @@ def mooncake_rows(args: argparse.Namespace, shm: Any) -> list[dict[str, Any]]:
             cases = {}
             for path, client in (("mooncake", mooncake), ("shm", shm)):
                 cases |= {
-                    f"{path} put x1": _each(keys, lambda key, c=client, v=value: c.put(key, v)),
-                    f"{path} get x1": _each(keys, client.get),
-                    f"{path} put x{BATCH_LARGE}": _each(
+                    f"{path} put x1": each(keys, lambda key, c=client, v=value: c.put(key, v)),
+                    f"{path} get x1": each(keys, client.get),
+                    f"{path} put x{BATCH_LARGE}": each(
                         batches, lambda b, c=client, v=value: c.put_many([(k, v) for k in b])
                     ),
-                    f"{path} get x{BATCH_LARGE}": _each(batches, client.get_many),
+                    f"{path} get x{BATCH_LARGE}": each(batches, client.get_many),
                 }
             for action in cases.values():  # warm-up: every destination written once
                 action()
-            best = _best(
+            top = best(
                 [
-                    {name: _gbps(action, count * size) for name, action in cases.items()}
+                    {name: gbps(action, count * size) for name, action in cases.items()}
                     for _ in range(args.repeats)
                 ]
             )
@@ -100,7 +100,7 @@ def mooncake_rows(args: argparse.Namespace, shm: Any) -> list[dict[str, Any]]:
                 raise RuntimeError("Mooncake evicted values under measurement: gets were misses")
             for op in ("put", "get"):
                 for batch in (1, BATCH_LARGE):
-                    ours, theirs = best[f"mooncake {op} x{batch}"], best[f"shm {op} x{batch}"]
+                    ours, theirs = top[f"mooncake {op} x{batch}"], top[f"shm {op} x{batch}"]
                     rows.append(
                         {
                             "path": "mooncake",

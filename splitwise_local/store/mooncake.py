@@ -5,7 +5,7 @@ its clients mount, with a master (`HOST:PORT`, its RPC port) recording where eac
 client reads and writes other clients' segments directly over TCP or RDMA. It is the backend for
 KV shared across hosts. Settings come from the YAML `mooncake:` section, named as in Mooncake's
 own config; `?metrics_port=N` (Mooncake's default 9003) names the master's metrics page, which
-`stats()` reads. A local master: `splitwise_local.store.mooncake_master`.
+`stats()` reads. A local master: `splitwise_local.serve.mooncake_master`.
 
 Zero copy: a put sends straight from the caller's buffers (registered with the transfer engine
 for the call, `batch_upsert_from`); a get looks the sizes up (`batch_get_replica_desc`) and

@@ -18,15 +18,12 @@ import os
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-from splitwise_local.process import terminate
 from splitwise_local.store import protocol as p
 from splitwise_local.store.arena import PageAllocator, SharedArena
 from splitwise_local.store.index import StoreIndex
@@ -200,36 +197,6 @@ class StoreServer:
             self._lmcache.serve(sock, first, peer)
         else:
             log.warning("store: %s speaks an unknown protocol (first bytes %r)", peer, first)
-
-
-class SpawnedStore(NamedTuple):
-    process: subprocess.Popen
-    tcp_url: str
-    shm_url: str
-
-
-@contextlib.contextmanager
-def spawn(*args: str, env: dict[str, str] | None = None) -> Iterator[SpawnedStore]:
-    """Runs `python -m splitwise_local store --port 0 ARGS` as a child until its ready line;
-    stops it (SIGTERM, then SIGKILL) on exit. For benchmarks and tests; the launcher has its
-    own supervised children."""
-    command = [sys.executable, "-m", "splitwise_local", "store", "--port", "0", *args]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        line = process.stdout.readline() if process.stdout else ""
-        if not line.startswith("store ready on "):
-            process.kill()
-            error = process.stderr.read() if process.stderr else ""
-            raise RuntimeError(f"store did not start: {line.strip()} {error.strip()}")
-        _, _, _, tcp_url, shm_url = line.split()
-        yield SpawnedStore(process, tcp_url, shm_url)
-    finally:
-        terminate(process)
-        for stream in (process.stdout, process.stderr):
-            if stream:
-                stream.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -132,7 +132,7 @@ def main() -> None:
 
     from tokenizers import Tokenizer  # starts in a blink, unlike transformers
 
-    from splitwise_local.model import resolve_model
+    from splitwise_local.models.checkpoint import resolve_model
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)

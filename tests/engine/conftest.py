@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from splitwise_local.bench.engines import PROSE, Engine, start_system
-from splitwise_local.model import prepare_default_model
+from splitwise_local.models.checkpoint import prepare_default_model
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ SAVE_KEY = re.compile(r"splitwise save-key req=\S+ tokens=\d+-\d+ key=(\w+)")
 
 @pytest.fixture(scope="module")
 def tiny_dir():
-    from splitwise_local.tiny_deepseek import prepare_tiny_deepseek
+    from splitwise_local.models.tiny_deepseek import prepare_tiny_deepseek
 
     return prepare_tiny_deepseek()
 

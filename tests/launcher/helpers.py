@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from splitwise_local.process import tagged
+from splitwise_local.serve.process import tagged
 
 FAKE_VLLM = Path(__file__).parent / "fake_vllm"
 

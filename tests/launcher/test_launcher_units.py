@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from splitwise_local.console import LEVELS, line_level
-from splitwise_local.launcher import (
+from splitwise_local.serve.console import LEVELS, line_level
+from splitwise_local.serve.launcher import (
     LaunchError,
     check_gpus,
     check_ports,
@@ -17,7 +17,7 @@ from splitwise_local.launcher import (
     split_cores,
     store_url,
 )
-from splitwise_local.process import first_exception
+from splitwise_local.serve.process import first_exception
 
 
 def test_cores_are_halved_between_prefill_and_decode():

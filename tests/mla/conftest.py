@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from splitwise_local.model import DEFAULT_MODEL_NAME, prepare_default_model
-from splitwise_local.tiny_deepseek import prepare_tiny_deepseek
+from splitwise_local.models.checkpoint import DEFAULT_MODEL_NAME, prepare_default_model
+from splitwise_local.models.tiny_deepseek import prepare_tiny_deepseek
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitwise_local.model import ModelError, check_model_dir, models_dir, publish_atomically
-from splitwise_local.tiny_deepseek import (
+from splitwise_local.models.checkpoint import (
+    ModelError,
+    check_model_dir,
+    models_dir,
+    publish_atomically,
+)
+from splitwise_local.models.tiny_deepseek import (
     NAME,
     RECIPE,
     TOKENIZER_FILES,

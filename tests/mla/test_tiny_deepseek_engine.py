@@ -1,6 +1,6 @@
 """Greedy output of the tiny DeepSeek-V2 (MLA on) is the same from two cold plain vLLM engines.
 
-The recipe in `splitwise_local.tiny_deepseek` was chosen so bf16 near-ties rarely decide a
+The recipe in `splitwise_local.models.tiny_deepseek` was chosen so bf16 near-ties rarely decide a
 greedy step; this measures what matters to the identity tests that use the model as their
 reference: each prompt, asked of one engine and then of a fresh one, gives the same 32 tokens.
 The smallest top-1/top-2 logit margin per prompt is printed (`-s`) to show how close it came.

@@ -7,8 +7,8 @@ import os
 
 from splitwise_local.bench.store import BATCH_LARGE, SIZES, MiB
 from splitwise_local.bench.store_mooncake import mooncake_rows
+from splitwise_local.serve.store_child import spawn
 from splitwise_local.store import open_backend
-from splitwise_local.store.server import spawn
 
 
 def test_rows_compare_mooncake_with_the_shared_memory_path():

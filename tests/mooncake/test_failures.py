@@ -13,9 +13,9 @@ from splitwise_local.connector.keys import KeyIdentity
 from splitwise_local.connector.layout import KvFirstLayout
 from splitwise_local.connector.planner import LoadPlan, SavePlan, prompt_chunks
 from splitwise_local.connector.transfer import ChunkCodec, KVTransfer
+from splitwise_local.serve.mooncake_master import free_port
 from splitwise_local.store import StoreFull, StoreUnavailable
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend
-from splitwise_local.store.mooncake_master import free_port
 from tests.mooncake.conftest import OPTIONS, TIMEOUT_S
 
 pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI run

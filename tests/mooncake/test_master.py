@@ -9,16 +9,16 @@ import os
 import psutil
 import pytest
 
-from splitwise_local.console import Console
-from splitwise_local.process import RUN_ENV
-from splitwise_local.store.mooncake_master import (
+from splitwise_local.serve.console import Console
+from splitwise_local.serve.mooncake_master import (
     MasterSpec,
     free_port,
     launcher_member,
     spawn_master,
     supervised_master,
 )
-from splitwise_local.supervisor import Supervisor
+from splitwise_local.serve.process import RUN_ENV
+from splitwise_local.serve.supervisor import Supervisor
 from tests.mooncake.conftest import OPTIONS, TIMEOUT_S
 
 

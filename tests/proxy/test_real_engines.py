@@ -14,7 +14,7 @@ import pytest
 
 from splitwise_local.bench.engines import System, start_system
 from splitwise_local.config import SplitwiseConfig
-from splitwise_local.model import prepare_default_model
+from splitwise_local.models.checkpoint import prepare_default_model
 from splitwise_local.proxy.app import build_app
 from splitwise_local.proxy.settings import ProxySettings
 from tests.proxy.equivalence import assert_proxy_matches_decode

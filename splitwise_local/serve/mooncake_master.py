@@ -28,9 +28,9 @@ import httpx
 
 if TYPE_CHECKING:
     from splitwise_local.config import SplitwiseConfig
-    from splitwise_local.console import Console
-    from splitwise_local.process import Child
-    from splitwise_local.supervisor import Readiness
+    from splitwise_local.serve.console import Console
+    from splitwise_local.serve.process import Child
+    from splitwise_local.serve.supervisor import Readiness
 
 DEFAULT_LEASE_MS = 10_000  # Mooncake's default: a value being read cannot be removed this long
 READY_TIMEOUT_S = 30.0
@@ -102,8 +102,8 @@ def supervised_master(
     spec: MasterSpec, env: Mapping[str, str], log_path: Path, console: Console
 ) -> tuple[Child, Readiness]:
     """The master as a launcher child: started, health-waited and stopped by the Supervisor."""
-    from splitwise_local.process import Child
-    from splitwise_local.supervisor import Readiness
+    from splitwise_local.serve.process import Child
+    from splitwise_local.serve.supervisor import Readiness
 
     child = Child("mooncake master", spec.command(), env, log_path, console)
     return child, Readiness(spec.ready, f"GET {spec.metrics_url}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splitwise_local.model import ModelError, check_model_dir, prepare_default_model
-from splitwise_local.tiny_deepseek import prepare_tiny_deepseek
+from splitwise_local.models.checkpoint import ModelError, check_model_dir, prepare_default_model
+from splitwise_local.models.tiny_deepseek import prepare_tiny_deepseek
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

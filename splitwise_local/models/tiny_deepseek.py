@@ -16,7 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from splitwise_local.model import (
+from splitwise_local.models.checkpoint import (
     ModelError,
     check_model_dir,
     models_dir,

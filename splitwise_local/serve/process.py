@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from splitwise_local.console import LEVELS, Console, line_level
+from splitwise_local.serve.console import LEVELS, Console, line_level
 
 RUN_ENV = "SPLITWISE_RUN_DIR"  # set in every child and inherited below: finds a run's processes
 ORPHAN_GRACE_S = 3.0  # for what a child left running after it exited

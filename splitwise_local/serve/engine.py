@@ -58,7 +58,7 @@ def kv_transfer_config(
     if role == "plain":
         return None
     if connector == "lmcache":
-        from splitwise_local.lmcache_config import kv_transfer_config as lmcache_kv_config
+        from splitwise_local.serve.lmcache_config import kv_transfer_config as lmcache_kv_config
 
         return lmcache_kv_config(KV_ROLES[role], extra_config)
     extra = {"config_file": str(config_file)} if config_file else {}
@@ -133,7 +133,7 @@ class EngineSpec:
         if self.config_file is not None:
             env["SPLITWISE_CONFIG_FILE"] = str(self.config_file)
         if self.connector == "lmcache" and self.role != "plain":
-            from splitwise_local.lmcache_config import CONFIG_ENV_VAR
+            from splitwise_local.serve.lmcache_config import CONFIG_ENV_VAR
 
             env[CONFIG_ENV_VAR] = str(self.lmcache_config_file(env))
         if self.device == "cpu":
@@ -148,7 +148,7 @@ class EngineSpec:
         """Writes the LMCache config generated from ours (the file named by `config_file`,
         else by the environment, as `load_config` finds it) and returns its path."""
         from splitwise_local.config import load_config
-        from splitwise_local.lmcache_config import write_lmcache_config
+        from splitwise_local.serve.lmcache_config import write_lmcache_config
 
         return write_lmcache_config(load_config(self.config_file, environ), self.store_url)
 
@@ -175,8 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from splitwise_local.config import ConfigError, load_config
-    from splitwise_local.lmcache_config import LMCacheConfigError
-    from splitwise_local.model import ModelError, resolve_model
+    from splitwise_local.models.checkpoint import ModelError, resolve_model
+    from splitwise_local.serve.lmcache_config import LMCacheConfigError
 
     device = detect_device()
     if args.connector == "lmcache" and device == "cpu":

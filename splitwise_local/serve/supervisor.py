@@ -20,8 +20,8 @@ from types import FrameType
 
 import psutil
 
-from splitwise_local.console import Console
-from splitwise_local.process import Child, stop_together, tagged
+from splitwise_local.serve.console import Console
+from splitwise_local.serve.process import Child, stop_together, tagged
 
 LAUNCHER = "launcher"
 PROGRESS_EVERY_S = 30.0

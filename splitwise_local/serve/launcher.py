@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from splitwise_local.console import LEVELS, Console, ConsoleHandler
-from splitwise_local.process import RUN_ENV, Child
-from splitwise_local.supervisor import (
+from splitwise_local.serve.console import LEVELS, Console, ConsoleHandler
+from splitwise_local.serve.process import RUN_ENV, Child
+from splitwise_local.serve.supervisor import (
     LAUNCHER,
     POLL_S,
     Readiness,
@@ -276,8 +276,8 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
     """Resolves and checks everything; raises LaunchError. Creates only the run folder and,
     last, the proxy's listening socket."""
     from splitwise_local.config import ConfigError, load_config
-    from splitwise_local.engine import EngineSpec, detect_device, merge_args
-    from splitwise_local.model import ModelError, default_model_dir, resolve_model
+    from splitwise_local.models.checkpoint import ModelError, default_model_dir, resolve_model
+    from splitwise_local.serve.engine import EngineSpec, detect_device, merge_args
 
     device = detect_device() if args.device == "auto" else args.device
     try:
@@ -306,7 +306,7 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         wanted["store"] = ("127.0.0.1", store_port, "--store-port")
     lmcache_url = None
     if args.connector == "lmcache":
-        from splitwise_local.lmcache_config import LMCacheConfigError, lmcache_settings
+        from splitwise_local.serve.lmcache_config import LMCacheConfigError, lmcache_settings
 
         if device == "cpu":
             raise LaunchError("--connector lmcache runs LMCache's GPU connector: it needs CUDA")
@@ -321,7 +321,7 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
     run_dir = pick_run_dir(args.run_dir)
     store, config_file = None, None
     if mooncake:
-        from splitwise_local.store.mooncake_master import launcher_member
+        from splitwise_local.serve.mooncake_master import launcher_member
 
         env = child_env(dict(os.environ), run_dir)
         try:

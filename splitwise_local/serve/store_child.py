@@ -1,0 +1,45 @@
+"""The KV store as a throwaway child process, for benchmarks and tests.
+
+The launcher supervises its own store (`launcher.store_member`); this is the bare version: start
+`python -m splitwise_local store --port 0`, read its ready line, stop it on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from splitwise_local.serve.process import terminate
+
+
+class SpawnedStore(NamedTuple):
+    process: subprocess.Popen
+    tcp_url: str
+    shm_url: str
+
+
+@contextlib.contextmanager
+def spawn(*args: str, env: dict[str, str] | None = None) -> Iterator[SpawnedStore]:
+    """Runs `python -m splitwise_local store --port 0 ARGS` as a child until its ready line;
+    stops it (SIGTERM, then SIGKILL) on exit. For benchmarks and tests; the launcher has its
+    own supervised children."""
+    command = [sys.executable, "-m", "splitwise_local", "store", "--port", "0", *args]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        line = process.stdout.readline() if process.stdout else ""
+        if not line.startswith("store ready on "):
+            process.kill()
+            error = process.stderr.read() if process.stderr else ""
+            raise RuntimeError(f"store did not start: {line.strip()} {error.strip()}")
+        _, _, _, tcp_url, shm_url = line.split()
+        yield SpawnedStore(process, tcp_url, shm_url)
+    finally:
+        terminate(process)
+        for stream in (process.stdout, process.stderr):
+            if stream:
+                stream.close()
