@@ -1,11 +1,12 @@
 """`python -m splitwise_local [serve]`: the whole system on one host, in one command.
 
-Start order: the KV store, then the prefill and decode engines together (each on its own GPUs,
-or its own half of the CPU cores), then the proxy, served in this process. Everything that can
-be checked before a process starts is checked first (model folder, config, free ports), so a
-mistake costs no startup time and leaves nothing behind. Each child logs to a file in the run
-folder and, at the chosen level, to the console. Ctrl-C or SIGTERM stops the proxy, then the
-engines, then the store; a child that dies while serving stops everything, with a non-zero exit.
+Start order: the KV store, then every engine together (`--prefill N --decode M`, one prefill and
+one decode by default, each on its own GPUs or its own CPU cores), then the proxy, served in
+this process. Everything that can be checked before a process starts is checked first (model
+folder, config, free ports), so a mistake costs no startup time and leaves nothing behind. Each
+child logs to a file in the run folder and, at the chosen level, to the console. Ctrl-C or
+SIGTERM stops the proxy, then the engines, then the store; a child that dies while serving
+stops everything, with a non-zero exit.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from splitwise_local.serve.supervisor import (
 
 if TYPE_CHECKING:
     from splitwise_local.config import SplitwiseConfig
+    from splitwise_local.serve.engine import EngineSpec
 
 DEFAULT_STORE_PORT = 10080
 PROXY_LOGGERS = ("uvicorn", "splitwise_local.proxy")
@@ -48,6 +50,17 @@ class LaunchError(RuntimeError):
     """A problem found before anything started; the message is one line for the user."""
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "Arguments after a bare `--` go to both vLLM engines unchanged."
     parser.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2)")
@@ -56,14 +69,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--port", type=int, default=8030, help="the proxy's port")
     parser.add_argument("--host", default="127.0.0.1", help="the proxy's address")
-    parser.add_argument("--prefill-port", type=int, default=8010)
-    parser.add_argument("--decode-port", type=int, default=8020)
+    parser.add_argument(
+        "--prefill", type=positive, default=1, metavar="N", help="prefill engines (default 1)"
+    )
+    parser.add_argument(
+        "--decode", type=positive, default=1, metavar="M", help="decode engines (default 1)"
+    )
+    parser.add_argument(
+        "--prefill-port",
+        type=int,
+        default=8010,
+        help="the first prefill engine's port; the others take the next ones",
+    )
+    parser.add_argument(
+        "--decode-port",
+        type=int,
+        default=8020,
+        help="the first decode engine's port; the others take the next ones",
+    )
     parser.add_argument(
         "--store-port", type=int, help="the store's TCP port (default: the config's lm:// port)"
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--prefill-gpus", help="CUDA_VISIBLE_DEVICES of the prefill engine (0)")
-    parser.add_argument("--decode-gpus", help="CUDA_VISIBLE_DEVICES of the decode engine (1)")
+    parser.add_argument(
+        "--prefill-gpus",
+        help="GPUs of the prefill engines, split evenly between them (default: the first ones)",
+    )
+    parser.add_argument(
+        "--decode-gpus",
+        help="GPUs of the decode engines, split evenly between them (default: the next ones)",
+    )
+    parser.add_argument(
+        "--tp", type=positive, metavar="K", help="GPUs per engine (tensor-parallel size)"
+    )
     parser.add_argument(
         "--kv-cache-gb", type=int, default=1, help="on the CPU: each engine's KV cache space"
     )
@@ -95,18 +133,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-grace", type=float, default=15.0, metavar="SECONDS")
 
 
+@dataclass(frozen=True)
+class EngineMember:
+    """One engine of the plan: where it runs, how it is started and how its readiness shows."""
+
+    role: str  # "prefill" or "decode"
+    index: int
+    name: str  # "decode engine", or "decode engine 1" when the role has several
+    spec: EngineSpec
+    child: Child
+    readiness: Readiness
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+
 @dataclass
 class Plan:
     """Everything decided before the first process starts."""
 
     run_dir: Path
     store: tuple[Child, Readiness] | None
-    engines: list[tuple[Child, Readiness]]
-    prefill_url: str
-    decode_url: str
+    engines: list[EngineMember]
     served_model: str
     proxy_url: str
     proxy_socket: socket.socket
+
+    def urls(self, role: str) -> list[str]:
+        return [engine.url for engine in self.engines if engine.role == role]
 
 
 def pick_run_dir(requested: str | None) -> Path:
@@ -153,23 +208,75 @@ def check_ports(wanted: dict[str, tuple[str, int, str]]) -> None:
         raise LaunchError("; ".join(problems))
 
 
-def split_cores(cores: list[int]) -> tuple[str, str]:
-    """The CPU cores this process may use, halved: the first half prefills, the rest decodes."""
-    if len(cores) < 2:
-        return str(cores[0]), str(cores[0])
-    half = len(cores) // 2
-    return ",".join(map(str, cores[:half])), ",".join(map(str, cores[half:]))
+def engine_name(role: str, index: int, count: int) -> str:
+    """`decode engine` when the role has one engine (its log: decode.log), else `decode engine
+    0`, `decode engine 1`, ... (decode-0.log, ...)."""
+    return f"{role} engine" if count == 1 else f"{role} engine {index}"
 
 
-def check_gpus(role: str, value: str, count: int) -> str:
+def log_name(role: str, index: int, count: int) -> str:
+    return f"{role}.log" if count == 1 else f"{role}-{index}.log"
+
+
+def split_cores(cores: list[int], prefill: int, decode: int) -> tuple[list[str], list[str]]:
+    """Each engine's CPU cores (VLLM_CPU_OMP_THREADS_BIND), prefill engines first.
+
+    With at least one core per engine, every engine gets its own contiguous cores, as evenly
+    as they divide (the remainder goes to the last, decode, engines). With fewer cores than
+    engines, prefill and decode still get cores of their own (in proportion to their engine
+    counts; one shared core if there is only one), and the engines of a role share their
+    role's cores, one core each in turn: prefill work never slows decoding, which is the
+    point of disaggregating.
+    """
+    engines = prefill + decode
+    if len(cores) >= engines:
+        base, extra = divmod(len(cores), engines)
+        groups, start = [], 0
+        for i in range(engines):
+            size = base + (i >= engines - extra)
+            groups.append(",".join(map(str, cores[start : start + size])))
+            start += size
+        return groups[:prefill], groups[prefill:]
+    if len(cores) == 1:
+        return [str(cores[0])] * prefill, [str(cores[0])] * decode
+    ours = min(max(1, round(len(cores) * prefill / engines)), len(cores) - 1)
+    prefill_cores, decode_cores = cores[:ours], cores[ours:]
+    return (
+        [str(prefill_cores[i % len(prefill_cores)]) for i in range(prefill)],
+        [str(decode_cores[i % len(decode_cores)]) for i in range(decode)],
+    )
+
+
+def gpu_list(option: str, value: str, count: int) -> list[int]:
     if not GPU_LIST.match(value):
-        raise LaunchError(f"--{role}-gpus {value!r}: expected GPU numbers like 0 or 0,1")
-    missing = [gpu for gpu in map(int, value.split(",")) if gpu >= count]
-    if missing:
+        raise LaunchError(f"{option} {value!r}: expected GPU numbers like 0 or 0,1")
+    gpus = [int(gpu) for gpu in value.split(",")]
+    if any(gpu >= count for gpu in gpus):
+        raise LaunchError(f"{option} {value}: this machine has {count} GPU(s) (numbered from 0)")
+    return gpus
+
+
+def split_gpus(
+    role: str, value: str | None, engines: int, tp: int | None, first: int, count: int
+) -> list[str]:
+    """Each engine's CUDA_VISIBLE_DEVICES: `value` (by default `engines * tp` GPUs from `first`
+    on) split evenly between the role's engines."""
+    option = f"--{role}-gpus"
+    if value is None:
+        value = ",".join(str(gpu) for gpu in range(first, first + engines * (tp or 1)))
+    gpus = gpu_list(option, value, count)
+    if len(gpus) % engines:
         raise LaunchError(
-            f"--{role}-gpus {value}: this machine has {count} GPU(s) (numbered from 0)"
+            f"{option} {value}: {len(gpus)} GPU(s) do not split evenly between "
+            f"{engines} {role} engines"
         )
-    return value
+    each = len(gpus) // engines
+    if tp is not None and each != tp:
+        raise LaunchError(
+            f"{option} {value}: {engines} {role} engine(s) with --tp {tp} need "
+            f"{engines * tp} GPU(s), not {len(gpus)}"
+        )
+    return [",".join(map(str, gpus[i * each : (i + 1) * each])) for i in range(engines)]
 
 
 def store_url(config_url: str, store_port: int | None) -> tuple[int, str]:
@@ -228,20 +335,99 @@ def announce(console: Console, args: argparse.Namespace, model: Path, device: st
     console.say(LAUNCHER, f"serving {which} {where} ({model})")
 
 
-def placement(args: argparse.Namespace, device: str, console: Console) -> dict[str, dict]:
-    """Per engine role: its GPUs (CUDA_VISIBLE_DEVICES) or its CPU cores (OMP binding)."""
+Placement = dict[str, str]  # {"gpus": "0,1"} or {"cpu_cores": "0"}: EngineSpec's fields
+
+
+def placement(
+    args: argparse.Namespace, device: str, console: Console
+) -> dict[str, list[Placement]]:
+    """Per role, each engine's GPUs (CUDA_VISIBLE_DEVICES) or CPU cores (OMP binding)."""
     if device == "cuda":
         import torch
 
         count = torch.cuda.device_count()
+        prefill = split_gpus("prefill", args.prefill_gpus, args.prefill, args.tp, 0, count)
+        after = 1 + max(int(gpu) for group in prefill for gpu in group.split(","))
+        decode = split_gpus("decode", args.decode_gpus, args.decode, args.tp, after, count)
+        shared = set(",".join(prefill).split(",")) & set(",".join(decode).split(","))
+        if shared:
+            raise LaunchError(
+                f"GPU(s) {','.join(sorted(shared))} would serve both prefill and decode engines "
+                "(--prefill-gpus and --decode-gpus must not overlap)"
+            )
         return {
-            "prefill": {"gpus": check_gpus("prefill", args.prefill_gpus or "0", count)},
-            "decode": {"gpus": check_gpus("decode", args.decode_gpus or "1", count)},
+            "prefill": [{"gpus": gpus} for gpus in prefill],
+            "decode": [{"gpus": gpus} for gpus in decode],
         }
-    if args.prefill_gpus or args.decode_gpus:
-        console.say(LAUNCHER, "--prefill-gpus/--decode-gpus have no effect on the CPU")
-    prefill, decode = split_cores(sorted(os.sched_getaffinity(0)))
-    return {"prefill": {"cpu_cores": prefill}, "decode": {"cpu_cores": decode}}
+    if args.prefill_gpus or args.decode_gpus or args.tp:
+        console.say(LAUNCHER, "--prefill-gpus, --decode-gpus and --tp have no effect on the CPU")
+    cores = sorted(os.sched_getaffinity(0))
+    prefill, decode = split_cores(cores, args.prefill, args.decode)
+    engines = args.prefill + args.decode
+    if len(cores) < engines:
+        console.say(
+            LAUNCHER,
+            f"{engines} engines on {len(cores)} CPU core(s): engines of a role share its cores "
+            f"(prefill on {', '.join(sorted(set(prefill)))}; decode on "
+            f"{', '.join(sorted(set(decode)))})",
+        )
+    return {
+        "prefill": [{"cpu_cores": group} for group in prefill],
+        "decode": [{"cpu_cores": group} for group in decode],
+    }
+
+
+@dataclass(frozen=True)
+class EngineDefaults:
+    """What every engine of a run shares; `engine_member` adds what is each engine's own."""
+
+    model: Path
+    device: str
+    config_file: Path | None
+    kv_cache_gb: int
+    extra_args: list[str]
+    use_store: bool
+    lmcache_url: str | None
+    disable_mla: bool
+    run_dir: Path
+
+
+def engine_member(
+    defaults: EngineDefaults,
+    role: str,
+    index: int,
+    count: int,
+    port: int,
+    where: Placement,
+    console: Console,
+) -> EngineMember:
+    """The one place an engine child is built: its vLLM command, environment, log, readiness."""
+    from splitwise_local.serve.engine import EngineSpec, merge_args
+
+    extra = defaults.extra_args
+    if (gpus := where.get("gpus")) and (tp := len(gpus.split(","))) > 1:
+        extra = merge_args(["--tensor-parallel-size", str(tp)], extra)
+    spec = EngineSpec(
+        model=defaults.model,
+        port=port,
+        role=role if defaults.use_store else "plain",  # type: ignore[arg-type]
+        config_file=defaults.config_file,
+        device=defaults.device,  # type: ignore[arg-type]
+        kv_cache_gb=defaults.kv_cache_gb,
+        extra_args=extra,
+        connector="lmcache" if defaults.lmcache_url else "splitwise",
+        store_url=defaults.lmcache_url,
+        **where,
+    )
+    env = child_env(spec.environment(), defaults.run_dir)
+    if defaults.disable_mla:
+        env["VLLM_MLA_DISABLE"] = "1"
+    name = engine_name(role, index, count)
+    log_path = defaults.run_dir / log_name(role, index, count)
+    child = Child(name, spec.command(), env, log_path, console)
+    health = f"{spec.url}/health"
+    readiness = Readiness(lambda: http_ok(health), f"GET {health}")
+    return EngineMember(role, index, name, spec, child, readiness)
 
 
 def store_member(
@@ -277,7 +463,7 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
     last, the proxy's listening socket."""
     from splitwise_local.config import ConfigError, load_config
     from splitwise_local.models.checkpoint import ModelError, default_model_dir, resolve_model
-    from splitwise_local.serve.engine import EngineSpec, detect_device, merge_args
+    from splitwise_local.serve.engine import detect_device, merge_args
 
     device = detect_device() if args.device == "auto" else args.device
     try:
@@ -289,11 +475,15 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         raise LaunchError(str(exc)) from None
     announce(console, args, model, device)
 
-    wanted = {
-        "proxy": (args.host, args.port, "--port"),
-        "prefill engine": ("127.0.0.1", args.prefill_port, "--prefill-port"),
-        "decode engine": ("127.0.0.1", args.decode_port, "--decode-port"),
-    }
+    counts = {"prefill": args.prefill, "decode": args.decode}
+    first_ports = {"prefill": args.prefill_port, "decode": args.decode_port}
+    wanted = {"proxy": (args.host, args.port, "--port")}
+    for role, count in counts.items():
+        for index in range(count):
+            option = f"--{role}-port" + (f"; engine {index} uses it + {index}" if index else "")
+            wanted[engine_name(role, index, count)] = (
+                "127.0.0.1", first_ports[role] + index, option
+            )  # fmt: skip
     use_store = args.connector != "none"
     mooncake = use_store and args.store == "mooncake"
     if mooncake:
@@ -332,36 +522,28 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         store, config_file = store_member(config, store_port, shm_url, run_dir, console)
 
     extra = merge_args(["--served-model-name", model.name], args.extra)
-    engines: dict[str, tuple[Child, Readiness]] = {}
-    urls: dict[str, str] = {}
-    for role, port in (("prefill", args.prefill_port), ("decode", args.decode_port)):
-        spec = EngineSpec(
-            model=model,
-            port=port,
-            role=role if use_store else "plain",
-            config_file=config_file,
-            device=device,  # type: ignore[arg-type]
-            kv_cache_gb=args.kv_cache_gb,
-            extra_args=extra,
-            connector="lmcache" if lmcache_url else "splitwise",
-            store_url=lmcache_url,
-            **where[role],
-        )
-        env = child_env(spec.environment(), run_dir)
-        if args.disable_mla:
-            env["VLLM_MLA_DISABLE"] = "1"
-        child = Child(f"{role} engine", spec.command(), env, run_dir / f"{role}.log", console)
-        health = f"{spec.url}/health"
-        engines[role] = (child, Readiness(lambda url=health: http_ok(url), f"GET {health}"))
-        urls[role] = spec.url
+    defaults = EngineDefaults(
+        model=model,
+        device=device,
+        config_file=config_file,
+        kv_cache_gb=args.kv_cache_gb,
+        extra_args=extra,
+        use_store=use_store,
+        lmcache_url=lmcache_url,
+        disable_mla=args.disable_mla,
+        run_dir=run_dir,
+    )
+    engines = [
+        engine_member(defaults, role, index, count, first_ports[role] + index, spot, console)
+        for role, count in counts.items()
+        for index, spot in enumerate(where[role])
+    ]
 
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     return Plan(
         run_dir=run_dir,
         store=store,
-        engines=list(engines.values()),
-        prefill_url=urls["prefill"],
-        decode_url=urls["decode"],
+        engines=engines,
         served_model=flag_value(extra, "--served-model-name") or model.name,
         proxy_url=f"http://{shown_host}:{args.port}",
         proxy_socket=listen(args.host, args.port),
@@ -377,9 +559,20 @@ def banner(plan: Plan, api_key: str | None) -> str:
     return (
         f"ready: {plan.proxy_url} (OpenAI-compatible; logs in {plan.run_dir}; "
         "Ctrl-C stops everything)\n"
-        f"  curl {plan.proxy_url}/v1/chat/completions -H 'Content-Type: application/json' "
+        + "".join(f"  {line}\n" for line in engine_lines(plan))
+        + f"  curl {plan.proxy_url}/v1/chat/completions -H 'Content-Type: application/json' "
         f"{auth}-d {shlex.quote(body)}"
     )
+
+
+def engine_lines(plan: Plan) -> list[str]:
+    """One line per engine: its name, URL and where it runs."""
+    lines = []
+    for engine in plan.engines:
+        spec = engine.spec
+        where = f"GPUs {spec.gpus}" if spec.gpus is not None else f"CPU cores {spec.cpu_cores}"
+        lines.append(f"{engine.name}: {engine.url} ({where}, log {engine.child.log_path.name})")
+    return lines
 
 
 def proxy_logging(console: Console, log_path: Path) -> list[logging.Handler]:
@@ -407,7 +600,9 @@ def serve_proxy(plan: Plan, supervisor: Supervisor, api_key: str | None) -> bool
     from splitwise_local.proxy.app import build_app
     from splitwise_local.proxy.settings import ProxySettings
 
-    settings = ProxySettings(prefill=[plan.prefill_url], decode=[plan.decode_url], api_key=api_key)
+    settings = ProxySettings(
+        prefill=plan.urls("prefill"), decode=plan.urls("decode"), api_key=api_key
+    )
     config = uvicorn.Config(build_app(settings), log_config=None, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     handlers = proxy_logging(supervisor.console, plan.run_dir / "proxy.log")
@@ -462,7 +657,8 @@ def run(args: argparse.Namespace) -> int:
         with supervisor.stop_requests_raise():
             if plan.store is not None:
                 supervisor.start_stage([plan.store], args.startup_timeout)
-            supervisor.start_stage(plan.engines, args.startup_timeout)
+            engines = [(engine.child, engine.readiness) for engine in plan.engines]
+            supervisor.start_stage(engines, args.startup_timeout)
             if serve_proxy(plan, supervisor, args.api_key):
                 code = 1
     except StartupError as exc:

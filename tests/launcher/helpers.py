@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +32,40 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def free_run(count: int, avoid: Sequence[int] = ()) -> int:
+    """The first of `count` consecutive ports that are all free now (and not in `avoid`)."""
+    for _ in range(100):
+        first = free_ports(1)[0]
+        run = range(first, first + count)
+        if first + count > 65535 or set(run) & set(avoid):
+            continue
+        sockets = [socket.socket() for _ in run]
+        try:
+            for sock, port in zip(sockets, run, strict=True):
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return first
+    raise AssertionError(f"no {count} consecutive free ports found")
+
+
 @dataclass
 class Ports:
     proxy: int
     prefill: int
     decode: int
     store: int
+
+    @classmethod
+    def for_engines(cls, prefill: int, decode: int) -> Ports:
+        """Free ports for the proxy, the store and runs of `prefill` and `decode` engines."""
+        proxy, store = free_ports(2)
+        first_prefill = free_run(prefill, [proxy, store])
+        taken = [proxy, store, *range(first_prefill, first_prefill + prefill)]
+        return cls(proxy, first_prefill, free_run(decode, taken), store)
 
     def args(self) -> list[str]:
         return [

@@ -1,9 +1,11 @@
 """End to end on real vLLM CPU engines: `python -m splitwise_local` as a user starts it.
 
-One launch serves every test of this module (engines take a minute or more to start on two
-cores): the sample requests whole and streamed, the long prompt's KV through the store, the
-run folder, and, last, killing the decode engine, which must bring the whole system down with a
-non-zero exit and nothing left running.
+One launch per topology serves every test of this module (engines take a minute or more to
+start on two cores): one prefill and two decode engines, then two prefill and one decode (three
+engines on two cores: the doubled role shares its core). Each runs the sample requests whole
+and streamed, sends the long prompt's KV through the store, checks that both engines of the
+doubled role got requests, looks at the run folder, and, last, kills a decode engine, which must
+bring the whole system down with a non-zero exit and nothing left running.
 """
 
 from __future__ import annotations
@@ -18,22 +20,37 @@ import pytest
 import yaml
 
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
-from tests.launcher.helpers import Launch, Ports, free_ports, leftovers, sweep
+from tests.launcher.helpers import Launch, Ports, leftovers, sweep
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
 STARTUP_TIMEOUT_S = 900
 LONG = next(sample for sample in SAMPLES if sample.name == "long")
+TOPOLOGIES = [(1, 2), (2, 1)]
 
 
 @dataclass
 class Running:
     launch: Launch
     ports: Ports
+    counts: dict[str, int]
     url: str
     model: str
 
-    def metric(self, port: int, name: str) -> float:
-        """Sum of a Prometheus counter over its label sets, read from an engine."""
+    def engine_ports(self, role: str) -> list[int]:
+        first = self.ports.prefill if role == "prefill" else self.ports.decode
+        return [first + index for index in range(self.counts[role])]
+
+    def log_names(self, role: str) -> list[str]:
+        count = self.counts[role]
+        return [f"{role}.log"] if count == 1 else [f"{role}-{i}.log" for i in range(count)]
+
+    def metric(self, role: str, name: str) -> float:
+        """Sum of a Prometheus counter over its label sets and over the role's engines."""
+        return sum(self.metric_of(port, name) for port in self.engine_ports(role))
+
+    @staticmethod
+    def metric_of(port: int, name: str) -> float:
+        """Sum of a Prometheus counter over its label sets, read from one engine."""
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         return sum(
             float(line.rsplit(" ", 1)[1])
@@ -42,16 +59,19 @@ class Running:
         )
 
 
-@pytest.fixture(scope="module")
-def system(tmp_path_factory) -> Iterator[Running]:
-    root = tmp_path_factory.mktemp("launcher-e2e")
-    ports = Ports(*free_ports(4))
-    launch = Launch(ports.args(), root / "run")
+@pytest.fixture(scope="module", params=TOPOLOGIES, ids=lambda t: f"{t[0]}P{t[1]}D")
+def system(request, tmp_path_factory) -> Iterator[Running]:
+    prefill, decode = request.param
+    root = tmp_path_factory.mktemp(f"launcher-{prefill}p{decode}d")
+    ports = Ports.for_engines(prefill, decode)
+    counts = ["--prefill", str(prefill), "--decode", str(decode)]
+    launch = Launch([*ports.args(), *counts], root / "run")
     try:
         launch.wait_for("ready: http://", STARTUP_TIMEOUT_S)
         url = f"http://127.0.0.1:{ports.proxy}"
         with httpx.Client(timeout=30) as client:
-            yield Running(launch, ports, url, served_model(client, url))
+            model = served_model(client, url)
+        yield Running(launch, ports, {"prefill": prefill, "decode": decode}, url, model)
         launch.stop()
         assert leftovers(launch.run_dir) == []
     finally:
@@ -74,7 +94,7 @@ def test_long_prompt_kv_goes_through_the_store(system, client):
     store = open_backend(config.remote_url, config)
     items_before = store.stats()["items"]
     hits = "vllm:external_prefix_cache_hits_total"
-    hits_before = system.metric(system.ports.decode, hits)
+    hits_before = system.metric("decode", hits)
     reply = client.post(f"{system.url}/v1/chat/completions", json=chat_request(system.model, LONG))
     reply.raise_for_status()
     answer = reply.json()
@@ -85,7 +105,7 @@ def test_long_prompt_kv_goes_through_the_store(system, client):
     chunks = math.ceil(prompt_tokens / config.chunk_size)
     assert store.stats()["items"] - items_before >= chunks
     # The decode engine computed only the last prompt token itself.
-    assert system.metric(system.ports.decode, hits) - hits_before == prompt_tokens - 1
+    assert system.metric("decode", hits) - hits_before == prompt_tokens - 1
     store.close()
 
 
@@ -100,22 +120,38 @@ def test_sample_requests_get_sensible_answers(system, client, sample, stream):
         assert "san francisco" in text.lower(), text
 
 
+def test_every_engine_received_requests(system, client):
+    """After the samples: the proxy spread them over both engines of the doubled role."""
+    text = client.get(f"{system.url}/metrics").text
+    for role in ("prefill", "decode"):
+        for port in system.engine_ports(role):
+            line = f'splitwise_proxy_engine_requests_total{{engine="http://127.0.0.1:{port}"'
+            sent = [row for row in text.splitlines() if row.startswith(line)]
+            assert sent and float(sent[0].rsplit(" ", 1)[1]) >= 1, (role, port, text)
+    # And by each engine's own count, it finished requests.
+    for role in ("prefill", "decode"):
+        for port in system.engine_ports(role):
+            assert system.metric_of(port, "vllm:request_success_total") >= 1, (role, port)
+
+
 def test_run_folder_holds_every_log_and_the_config(system):
     run_dir = system.launch.run_dir
-    for name in ("store.log", "prefill.log", "decode.log", "proxy.log"):
+    logs = ["store.log", "proxy.log", *system.log_names("prefill"), *system.log_names("decode")]
+    for name in logs:
         assert (run_dir / name).stat().st_size > 0, name
     written = yaml.safe_load((run_dir / "splitwise.yaml").read_text())
     assert written["remote_url"].startswith("shm://")
     assert "POST /v1/chat/completions" in (run_dir / "proxy.log").read_text()
 
 
-def test_killing_the_decode_engine_stops_everything(system):
+def test_killing_a_decode_engine_stops_everything(system):
     """Last of the module: it ends the shared system."""
-    decode = system.launch.child(f"--port {system.ports.decode}")
-    decode.send_signal(signal.SIGKILL)
+    port = system.engine_ports("decode")[0]
+    name = "decode engine" if system.counts["decode"] == 1 else "decode engine 0"
+    system.launch.child(f"--port {port} ").send_signal(signal.SIGKILL)
     assert system.launch.popen.wait(180) == 1
     out = system.launch.out
-    assert "decode engine was killed by signal 9 while serving" in system.launch.err
-    assert "stopping prefill engine, decode engine" in out
-    assert out.index("stopping prefill engine, decode engine") < out.index("stopping store")
+    assert f"{name} was killed by signal 9 while serving" in system.launch.err
+    stopping_engines = next(line for line in out.splitlines() if "stopping prefill engine" in line)
+    assert out.index(stopping_engines) < out.index("stopping store")
     assert leftovers(system.launch.run_dir) == []

@@ -161,3 +161,48 @@ def test_ctrl_c_during_startup_stops_what_started(tmp_path, ports, fake_model, l
     assert system.finish(signal.SIGINT) == 0
     assert "SIGINT received" in system.out
     assert leftovers(system.run_dir) == []
+
+
+def engine_requests(url: str) -> dict[str, float]:
+    """The proxy's per-engine request counts, by engine URL."""
+    counts = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("splitwise_proxy_engine_requests_total{"):
+            engine = line.split('engine="', 1)[1].split('"', 1)[0]
+            counts[engine] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+@pytest.mark.parametrize("prefill, decode", [(2, 1), (1, 2)], ids=["2P1D", "1P2D"])
+def test_xpyd_starts_uses_and_stops_every_engine(tmp_path, fake_model, launched, prefill, decode):
+    ports = Ports.for_engines(prefill, decode)
+    counts = ["--prefill", str(prefill), "--decode", str(decode)]
+    system = launch(tmp_path, ports, fake_model, *counts)
+    launched.append(system)
+    system.wait_for(READY, 60)
+    engine_ports = {
+        "prefill": [ports.prefill + i for i in range(prefill)],
+        "decode": [ports.decode + i for i in range(decode)],
+    }
+    out = system.out
+    for role, role_ports in engine_ports.items():
+        for index, port in enumerate(role_ports):
+            name = f"{role} engine {index}" if len(role_ports) > 1 else f"{role} engine"
+            log = f"{role}-{index}.log" if len(role_ports) > 1 else f"{role}.log"
+            # Every engine's port is printed with its placement; on two cores a role shares.
+            assert f"  {name}: http://127.0.0.1:{port} (CPU cores " in out, out
+            assert f"log {log})" in out
+            assert (system.run_dir / log).stat().st_size > 0
+    url = f"http://127.0.0.1:{ports.proxy}"
+    with httpx.Client(timeout=30) as client:
+        model = served_model(client, url)
+        for stream in (False, True, False, True):
+            assert ask(client, url, chat_request(model, SAMPLES[0], stream)).strip()
+    requests = engine_requests(url)
+    for port in engine_ports["prefill"] + engine_ports["decode"]:
+        assert requests.get(f"http://127.0.0.1:{port}", 0) >= 1, requests
+
+    assert system.finish(signal.SIGTERM) == 0
+    stopped = sorted(e["port"] for e in events(tmp_path / "events.jsonl"))
+    assert stopped == sorted(engine_ports["prefill"] + engine_ports["decode"])
+    assert leftovers(system.run_dir) == []
