@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,7 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from splitwise_local.config import SplitwiseConfig, load_config
-from splitwise_local.connector.keys import KeyIdentity
+from splitwise_local.connector.keys import KeyIdentity, key_identity, mla_layout, per_head_layout
 from splitwise_local.connector.layout import layout_for
 from splitwise_local.connector.planner import Planner, StepPlan
 from splitwise_local.connector.transfer import ChunkCodec, KVTransfer
@@ -68,28 +67,27 @@ def connector_config(vllm_config: VllmConfig) -> SplitwiseConfig:
     return load_config(extra.get("config_file"))
 
 
-def key_identity(vllm_config: VllmConfig, config: SplitwiseConfig) -> KeyIdentity:
-    """Everything two engines must share for their chunks to be interchangeable."""
+def engine_key_identity(
+    vllm_config: VllmConfig, config: SplitwiseConfig, *, tp_rank: int = 0, pp_rank: int = 0
+) -> KeyIdentity:
+    """This engine's key identity, built from vLLM's config by the proxy's own function."""
     model = vllm_config.model_config
-    hf = model.hf_config
-    name = "|".join(
-        str(part)
-        for part in (
-            Path(model.model).name,
-            ",".join(getattr(hf, "architectures", None) or []),
-            model.get_num_layers(vllm_config.parallel_config),
-            getattr(hf, "hidden_size", ""),
-            getattr(hf, "vocab_size", ""),
-        )
-    )
+    parallel = vllm_config.parallel_config
     cache_dtype = vllm_config.cache_config.cache_dtype
-    dtype = str(model.dtype) if cache_dtype == "auto" else cache_dtype
     if model.use_mla:
-        layout = f"mla-latent/{model.get_head_size()}"
+        layout = mla_layout(model.get_head_size())
     else:
-        heads = model.get_num_kv_heads(vllm_config.parallel_config)
-        layout = f"per-head/{heads}x{model.get_head_size()}"
-    return KeyIdentity(name, dtype, layout, config.chunk_size)
+        layout = per_head_layout(model.get_num_kv_heads(parallel), model.get_head_size())
+    return key_identity(
+        model.model,
+        dtype=model.dtype if cache_dtype == "auto" else cache_dtype,
+        layout=layout,
+        chunk_size=config.chunk_size,
+        tp_size=parallel.tensor_parallel_size,
+        tp_rank=tp_rank,
+        pp_size=parallel.pipeline_parallel_size,
+        pp_rank=pp_rank,
+    )
 
 
 class SplitwiseConnector(KVConnectorBase_V1):
@@ -105,7 +103,7 @@ class SplitwiseConnector(KVConnectorBase_V1):
         self.is_producer = transfer_config.is_kv_producer
         self.is_consumer = transfer_config.is_kv_consumer
         self.block_size = vllm_config.cache_config.block_size
-        self.identity = key_identity(vllm_config, self.config)
+        self.identity = engine_key_identity(vllm_config, self.config)
         extra = transfer_config.kv_connector_extra_config or {}
         self.verify = bool(extra.get("verify_loads", False))
         self._warned: set[str] = set()
@@ -116,6 +114,7 @@ class SplitwiseConnector(KVConnectorBase_V1):
             self._planner = Planner(
                 self.identity, self._exists, loads=self.is_consumer, saves=self.is_producer
             )
+            logger.info("splitwise key identity %s", self.identity.describe())
         logger.info(
             "splitwise connector role=%s producer=%s consumer=%s store=%s serde=%s chunk=%d",
             role.name, self.is_producer, self.is_consumer, self.config.remote_url,
@@ -137,7 +136,15 @@ class SplitwiseConnector(KVConnectorBase_V1):
     # ==============================
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
         model = self._vllm_config.model_config
+        rank = engine_key_identity(
+            self._vllm_config,
+            self.config,
+            tp_rank=get_tensor_model_parallel_rank(),
+            pp_rank=get_pp_group().rank_in_group,
+        ).rank_index
         first = next(iter(kv_caches.values()))
         layout = layout_for(
             first,
@@ -151,6 +158,7 @@ class SplitwiseConnector(KVConnectorBase_V1):
             ChunkCodec(self.config.remote_serde, self.config.serde_options),
             layout,
             kv_caches,
+            rank=rank,
             pipelined=self.config.pipelined_backend,
             verify=self.verify,
         )

@@ -20,11 +20,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ChunkRef:
-    """One stored chunk: its key and the prompt tokens [start, end) it holds."""
+    """One stored chunk: the prompt tokens [start, end) it holds and its key on every rank.
 
-    key: str
+    `keys[r]` is the key of rank r's share (`KeyIdentity.rank_index`); one rank per engine
+    unless tensor or pipeline parallelism splits the KV.
+    """
+
+    keys: tuple[str, ...]
     start: int
     end: int
+
+    @property
+    def key(self) -> str:
+        """Rank 0's key: the one the proxy derives and a single-rank engine uses."""
+        return self.keys[0]
 
 
 @dataclass
@@ -70,9 +79,20 @@ class _Tracked:
 
 
 def prompt_chunks(identity: KeyIdentity, token_ids: Sequence[int]) -> list[ChunkRef]:
-    keys = chunk_keys(identity, token_ids)
+    per_rank = [chunk_keys(rank, token_ids) for rank in identity.all_ranks()]
     spans = chunk_spans(len(token_ids), identity.chunk_size)
-    return [ChunkRef(key, start, end) for key, (start, end) in zip(keys, spans, strict=True)]
+    return [
+        ChunkRef(tuple(keys), start, end)
+        for keys, (start, end) in zip(zip(*per_rank, strict=True), spans, strict=True)
+    ]
+
+
+def stored_chunks(exists: Callable[[Sequence[str]], int], chunks: Sequence[ChunkRef]) -> int:
+    """How many of `chunks`, from the first, the store holds on every rank (one query)."""
+    if not chunks:
+        return 0
+    ranks = len(chunks[0].keys)
+    return exists([key for chunk in chunks for key in chunk.keys]) // ranks
 
 
 class Planner:
@@ -113,7 +133,7 @@ class Planner:
         if not self.loads or len(token_ids) < 2:
             return 0
         chunks = self.chunks_of(req_id, token_ids)
-        present = self.exists([c.key for c in chunks])
+        present = stored_chunks(self.exists, chunks)
         covered = chunks[present - 1].end if present else 0
         matched = min(covered, len(token_ids) - 1)
         self._matched[req_id] = (num_computed, matched)
@@ -171,7 +191,7 @@ class Planner:
         if not chunks:
             return 0
         try:
-            return self.exists([c.key for c in chunks])
+            return stored_chunks(self.exists, chunks)
         except Exception as exc:  # the store's errors: saving again is the safe answer
             logger.debug("exists failed while planning saves: %s", exc)
             return 0

@@ -119,6 +119,7 @@ class KVTransfer:
         layout: KVLayout,
         caches: dict[str, torch.Tensor],
         *,
+        rank: int = 0,
         pipelined: bool = False,
         verify: bool = False,
     ) -> None:
@@ -129,6 +130,7 @@ class KVTransfer:
         self.caches = caches
         self.layer_names = list(caches)
         self.layer_index = {name: i for i, name in enumerate(self.layer_names)}
+        self.rank = rank  # which of each chunk's per-rank keys is ours
         self.pipelined = pipelined
         self.verify = verify
         self._staged: dict[str, list[torch.Tensor | None]] = {}
@@ -155,10 +157,11 @@ class KVTransfer:
             started = time.perf_counter()
             for chunk in plan.chunks:
                 slots = slots_for(plan.block_ids, chunk.start, chunk.end, self.layout.block_size)
-                staged = self._staged.setdefault(chunk.key, [None] * len(self.layer_names))
+                key = chunk.keys[self.rank]
+                staged = self._staged.setdefault(key, [None] * len(self.layer_names))
                 staged[index] = to_host(self.layout.gather(cache, slots))
                 if all(layer is not None for layer in staged):
-                    kv = torch.stack(self._staged.pop(chunk.key))
+                    kv = torch.stack(self._staged.pop(key))
                     copied = copies_done(cache)
                     self._pending.append(
                         self._executor.submit(self._put, plan.req_id, chunk, kv, copied)
@@ -170,13 +173,13 @@ class KVTransfer:
         if copied is not None:
             copied.synchronize()  # the GPU-to-host copies of this chunk have landed
         payload = self.codec.encode(kv)
-        self.backend.put(chunk.key, payload)
+        self.backend.put(chunk.keys[self.rank], payload)
         logger.debug(
             "splitwise save-key req=%s tokens=%d-%d key=%s",
             req_id,
             chunk.start,
             chunk.end,
-            chunk.key,
+            chunk.keys[self.rank],
         )
         with self._lock:
             stats = self._save_stats[req_id]
@@ -241,7 +244,7 @@ class KVTransfer:
     def _fetch(self, plan: LoadPlan, stats: TransferStats) -> list[torch.Tensor]:
         """The plan's chunks, decoded, up to the first one that is missing or corrupt."""
         try:
-            values = self.backend.get_many([c.key for c in plan.chunks])
+            values = self.backend.get_many([c.keys[self.rank] for c in plan.chunks])
         except Exception as exc:  # store down: load nothing, recompute everything
             stats.failed.append(f"store: {exc}")
             return []

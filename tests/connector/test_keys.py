@@ -1,11 +1,26 @@
 """Chunk keys: chained, deterministic across processes, sensitive to everything that matters."""
 
+import json
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
+from types import SimpleNamespace
 
-from splitwise_local.connector.keys import KeyIdentity, chunk_keys, chunk_spans
+import pytest
 
-IDENTITY = KeyIdentity("SmolLM2|LlamaForCausalLM|30", "torch.bfloat16", "per-head/3x64", 32)
+from splitwise_local.connector.keys import (
+    KeyIdentity,
+    chunk_keys,
+    chunk_spans,
+    key_identity,
+    mla_layout,
+    model_fingerprint,
+    per_head_layout,
+)
+from splitwise_local.connector.planner import prompt_chunks, stored_chunks
+
+IDENTITY = KeyIdentity("SmolLM2|LlamaForCausalLM|30", "bfloat16", "per-head/3x64", 32)
 
 
 def test_spans_cover_the_prompt_with_a_partial_last_chunk():
@@ -29,19 +44,27 @@ def test_partial_chunk_differs_from_full_chunk_with_same_start():
     assert chunk_keys(IDENTITY, list(range(40)))[1] != chunk_keys(IDENTITY, list(range(64)))[1]
 
 
-def test_identity_fields_all_change_the_keys():
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": "other-model"},
+        {"dtype": "float16"},
+        {"layout": "mla-latent/576"},
+        {"chunk_size": 16},
+        {"tp_size": 2},
+        {"tp_size": 2, "tp_rank": 1},
+        {"pp_size": 2},
+        {"pp_size": 2, "pp_rank": 1},
+    ],
+)
+def test_every_identity_field_changes_the_keys(change):
     tokens = list(range(50))
-    base = chunk_keys(IDENTITY, tokens)
-    for other in (
-        KeyIdentity("other-model", IDENTITY.dtype, IDENTITY.layout, 32),
-        KeyIdentity(IDENTITY.model, "torch.float16", IDENTITY.layout, 32),
-        KeyIdentity(IDENTITY.model, IDENTITY.dtype, "mla-latent/576", 32),
-    ):
-        assert chunk_keys(other, tokens)[0] != base[0]
-    assert (
-        chunk_keys(KeyIdentity(IDENTITY.model, IDENTITY.dtype, IDENTITY.layout, 16), tokens)[0]
-        != base[0]
-    )
+    assert chunk_keys(replace(IDENTITY, **change), tokens)[0] != chunk_keys(IDENTITY, tokens)[0]
+
+
+def test_ranks_outside_the_parallel_sizes_are_refused():
+    with pytest.raises(ValueError, match="rank"):
+        replace(IDENTITY, tp_size=2, tp_rank=2)
 
 
 def test_keys_do_not_depend_on_the_process_or_hash_seed():
@@ -61,3 +84,162 @@ def test_keys_do_not_depend_on_the_process_or_hash_seed():
     }
     assert len(outputs) == 1
     assert outputs == {chunk_keys(KeyIdentity("m", "d", "l", 32), list(range(70)))[-1]}
+
+
+def test_the_keys_module_imports_neither_vllm_nor_torch():
+    code = (
+        "import sys, splitwise_local.connector.keys;"
+        "print(sorted(m for m in ('vllm', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ---- model fingerprints --------------------------------------------------------------------
+
+
+def make_checkpoint(folder, tensors: dict, **config) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    body = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576, **config}
+    (folder / "config.json").write_text(json.dumps(body))
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "tokenizer.json").write_text("{}")
+
+
+@pytest.fixture
+def weights() -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return {
+        f"layers.{i}.{name}": torch.randn(256, 256, generator=generator).bfloat16()
+        for i in range(4)
+        for name in ("q_proj", "v_proj", "mlp")
+    }
+
+
+def test_same_named_fine_tunes_of_one_base_do_not_share_a_fingerprint(tmp_path, weights):
+    import torch
+
+    # A merged low-rank update on one projection of one layer: same names, sizes and shapes.
+    tuned = dict(weights)
+    update = torch.randn(256, 4) @ torch.randn(4, 256) * 1e-2
+    tuned["layers.2.v_proj"] = (weights["layers.2.v_proj"].float() + update).bfloat16()
+    make_checkpoint(tmp_path / "a" / "model", weights)
+    make_checkpoint(tmp_path / "b" / "model", tuned)
+    a, b = (tmp_path / "a" / "model", tmp_path / "b" / "model")
+    assert (a / "model.safetensors").stat().st_size == (b / "model.safetensors").stat().st_size
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def test_other_weight_formats_are_sampled_across_the_file(tmp_path):
+    base = bytes(range(256)) * 16384  # 4 MiB
+    tuned = bytes((x + 1) % 256 for x in base)  # a dense change, as a fine-tune makes
+    for name, data in (("a", base), ("b", tuned)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.gguf").write_bytes(data)
+    assert model_fingerprint(tmp_path / "a") != model_fingerprint(tmp_path / "b")
+
+
+def test_a_changed_config_changes_the_fingerprint(tmp_path, weights):
+    make_checkpoint(tmp_path / "a", weights)
+    make_checkpoint(tmp_path / "b", weights, rope_theta=20000.0)
+    assert model_fingerprint(tmp_path / "a") != model_fingerprint(tmp_path / "b")
+
+
+def test_a_copy_elsewhere_or_resaved_keeps_the_fingerprint(tmp_path, weights):
+    make_checkpoint(tmp_path / "original", weights, transformers_version="4.40")
+    shutil.copytree(tmp_path / "original", tmp_path / "copy-on-another-host")
+    resaved = tmp_path / "resaved"
+    make_checkpoint(resaved, weights, transformers_version="4.57", _name_or_path="/x")
+    (resaved / "tokenizer.json").write_text('{"changed": true}')  # KV depends on ids, not this
+    prints = {model_fingerprint(tmp_path / n) for n in ("original", "copy-on-another-host")}
+    prints.add(model_fingerprint(resaved))
+    assert len(prints) == 1
+
+
+def test_a_folder_without_a_model_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        model_fingerprint(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        model_fingerprint(tmp_path / "no-such-model")
+
+
+def test_key_identity_normalises_the_dtype(tmp_path, weights):
+    make_checkpoint(tmp_path / "m", weights)
+    a = key_identity(tmp_path / "m", dtype="torch.bfloat16", layout="l", chunk_size=8)
+    b = key_identity(str(tmp_path / "m"), dtype="bfloat16", layout="l", chunk_size=8)
+    assert a == b and a.dtype == "bfloat16"
+
+
+# ---- the connector builds its identity through the same function --------------------------
+
+
+def simulated_vllm_config(model_dir, *, tp=1, pp=1, kv_heads=3, use_mla=False, cache="auto"):
+    """The few vLLM config facts the connector reads, as vLLM's objects present them."""
+    import torch
+
+    model_config = SimpleNamespace(
+        model=str(model_dir),
+        dtype=torch.bfloat16,
+        use_mla=use_mla,
+        get_head_size=lambda: 576 if use_mla else 64,
+        get_num_kv_heads=lambda parallel: max(1, kv_heads // parallel.tensor_parallel_size),
+    )
+    return SimpleNamespace(
+        model_config=model_config,
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+        cache_config=SimpleNamespace(cache_dtype=cache),
+    )
+
+
+@pytest.mark.parametrize(
+    ("simulated", "facts"),
+    [
+        ({}, {"dtype": "bfloat16", "layout": per_head_layout(3, 64)}),
+        ({"cache": "fp8_e4m3"}, {"dtype": "fp8_e4m3", "layout": per_head_layout(3, 64)}),
+        ({"use_mla": True}, {"dtype": "bfloat16", "layout": mla_layout(576)}),
+        (
+            {"tp": 4, "pp": 2, "kv_heads": 8},
+            {"dtype": "bfloat16", "layout": per_head_layout(2, 64), "tp_size": 4, "pp_size": 2},
+        ),
+    ],
+)
+def test_the_engine_identity_equals_the_one_built_from_plain_facts(
+    tmp_path, weights, simulated, facts
+):
+    pytest.importorskip("vllm")
+    from splitwise_local.config import SplitwiseConfig
+    from splitwise_local.connector.connector import engine_key_identity
+
+    make_checkpoint(tmp_path / "m", weights)
+    vllm_config = simulated_vllm_config(tmp_path / "m", **simulated)
+    config = SplitwiseConfig(chunk_size=128)
+    engine = engine_key_identity(vllm_config, config)
+    assert engine == key_identity(tmp_path / "m", chunk_size=128, **facts)
+    if engine.tp_size > 1:
+        ranked = engine_key_identity(vllm_config, config, tp_rank=3, pp_rank=1)
+        assert ranked == replace(engine, tp_rank=3, pp_rank=1)
+        assert ranked.rank_index == 7
+
+
+def test_each_rank_has_its_own_chain_and_the_store_must_hold_every_rank():
+    identity = replace(IDENTITY, tp_size=2, pp_size=2)
+    tokens = list(range(80))
+    chunks = prompt_chunks(identity, tokens)
+    assert [len(set(c.keys)) for c in chunks] == [4, 4, 4]
+    ranks = identity.all_ranks()
+    assert [r.rank_index for r in ranks] == [0, 1, 2, 3]
+    for rank in ranks:
+        assert [c.keys[rank.rank_index] for c in chunks] == chunk_keys(rank, tokens)
+    assert [c.key for c in chunks] == chunk_keys(identity, tokens)  # rank 0: the proxy's keys
+
+    def exists(stored):
+        return lambda keys: next((i for i, k in enumerate(keys) if k not in stored), len(keys))
+
+    everything = {k for c in chunks for k in c.keys}
+    assert stored_chunks(exists(everything), chunks) == 3
+    one_rank_lost_chunk_1 = everything - {chunks[1].keys[3]}
+    assert stored_chunks(exists(one_rank_lost_chunk_1), chunks) == 1

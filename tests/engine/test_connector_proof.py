@@ -9,6 +9,7 @@ import torch
 
 from splitwise_local.bench.engines import start_system
 from splitwise_local.config import SplitwiseConfig
+from splitwise_local.connector.keys import chunk_keys, key_identity, per_head_layout
 
 pytestmark = pytest.mark.engine
 
@@ -33,6 +34,21 @@ def tokens_of(reply: dict) -> list[int]:
 def saved_keys(engine) -> list[str]:
     """Keys the prefill engine stored for its last request (its summary line comes last)."""
     return [key for _, _, key in SAVE_KEY.findall(engine.wait_log(r"splitwise save req="))]
+
+
+def test_the_proxy_derives_the_engines_identity_and_keys(system, model_dir, prose_tokens):
+    """`key_identity` from plain facts gives the seed both engines log and the keys they store."""
+    expected = key_identity(
+        model_dir, dtype="bfloat16", layout=per_head_layout(3, 64), chunk_size=256
+    )
+    for engine in system.engines.values():
+        logged = re.findall(r"splitwise key identity (.*)", engine.child.log_path.read_text())
+        assert logged == [expected.describe()]  # once, at startup
+    prefill = system.engines["prefill"]
+    prompt = prose_tokens[6000:6300]
+    prefill.new_log()
+    prefill.complete(prompt, max_tokens=1)
+    assert saved_keys(prefill) == chunk_keys(expected, prompt)
 
 
 def test_store_serves_the_chunks_and_decode_counts_external_hits(system, prose_tokens, reference):
