@@ -23,6 +23,7 @@ from splitwise_local.models.checkpoint import (
     prepare_default_model,
     publish_atomically,
 )
+from splitwise_local.progress import library_bars
 
 NAME = "tiny-deepseek-v2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -127,7 +128,8 @@ def build_tiny_deepseek(destination: Path, recipe: TinyDeepseekRecipe, tokenizer
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(recipe.query_gain)
-    model.to(torch.bfloat16).save_pretrained(destination)
+    with library_bars():
+        model.to(torch.bfloat16).save_pretrained(destination)
     for name in TOKENIZER_FILES:
         shutil.copy2(tokenizer_dir / name, destination / name)
 

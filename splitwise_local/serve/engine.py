@@ -159,7 +159,10 @@ class EngineSpec:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", choices=["prefill", "decode", "both", "plain"], required=True)
-    parser.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2)")
+    parser.add_argument(
+        "--model",
+        help="checkpoint folder, Hugging Face id or short name (default: the embedded SmolLM2)",
+    )
     parser.add_argument("--config", help="splitwise YAML config (connector and store settings)")
     parser.add_argument("--port", type=int, default=8010)
     parser.add_argument("--host", default="127.0.0.1")
@@ -175,7 +178,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from splitwise_local.config import ConfigError, load_config
-    from splitwise_local.models.checkpoint import ModelError, resolve_model
+    from splitwise_local.models.checkpoint import ModelError
+    from splitwise_local.models.hub import resolve_model
     from splitwise_local.serve.lmcache_config import LMCacheConfigError
 
     device = detect_device()
@@ -194,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     spec = EngineSpec(
-        model=model,
+        model=model.folder,
         port=args.port,
         role=args.role,
         config_file=Path(args.config).resolve() if args.config else None,
@@ -202,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         gpus=args.gpus,
         cpu_cores=args.cpu_cores,
-        extra_args=list(args.extra),
+        extra_args=merge_args(["--served-model-name", model.name], args.extra),
         connector=args.connector,
     )
     try:
