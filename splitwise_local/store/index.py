@@ -8,6 +8,10 @@ visible, and a put that returned is visible to all. Readers `acquire` values, wh
 eviction skips pinned values and a deleted or replaced value keeps its pages until the last
 reader releases it, so nobody ever copies bytes that are being overwritten.
 
+Every value and every counter belongs to a protocol (ours, LMCache's): the one whose client
+wrote the value or asked for it. The arena and the LRU are shared; the accounting is kept per
+protocol so a dashboard can tell whose puts fill the store and whose reads miss.
+
 All methods are thread-safe; the lock is held for bookkeeping only, never while bytes move.
 """
 
@@ -16,12 +20,16 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 from splitwise_local.store.arena import Extent, PageAllocator, Run
 from splitwise_local.store.errors import StoreFull, ValueTooLarge
+
+OURS = "splitwise"  # the protocol label of our own clients (protocol.py)
+LMCACHE = "lmcache"  # LMCache's lm:// protocol (lmcache_protocol.py)
+PROTOCOLS = (OURS, LMCACHE)
 
 
 class SlotState(Enum):
@@ -42,6 +50,7 @@ class Slot:
     key: bytes = b""
     pins: int = 0
     state: SlotState = SlotState.PENDING
+    protocol: str = OURS  # whose client wrote it
 
     @property
     def pages(self) -> int:
@@ -50,12 +59,23 @@ class Slot:
 
 @dataclass
 class Counters:
-    hits: int = 0
-    misses: int = 0
-    puts: int = 0
-    evictions: int = 0
-    aborted: int = 0
-    refused: int = 0
+    """One protocol's share: what its clients did, and what the store holds for them."""
+
+    hits: int = 0  # values asked for and found (get, lease)
+    misses: int = 0  # values asked for and absent
+    lookup_hits: int = 0  # keys an exists query found
+    lookup_misses: int = 0  # exists queries that stopped at an absent key
+    puts: int = 0  # values committed
+    evictions: int = 0  # values evicted to make room
+    aborted: int = 0  # values reserved, never committed (a failed or abandoned write)
+    refused: int = 0  # puts rejected: too large, or no room (all pinned or being written)
+    bytes_written: int = 0  # bytes of committed values
+    bytes_read: int = 0  # bytes of values handed to readers
+    items: int = 0  # values held now
+    bytes: int = 0  # bytes held now
+
+
+TOTALS = tuple(counter.name for counter in fields(Counters))
 
 
 @dataclass
@@ -64,33 +84,42 @@ class StoreIndex:
 
     allocator: PageAllocator
     max_value: int
-    counters: Counters = field(default_factory=Counters)
+    counters: dict[str, Counters] = field(
+        default_factory=lambda: {name: Counters() for name in PROTOCOLS}
+    )
 
     def __post_init__(self) -> None:
         self.capacity = self.allocator.num_pages * self.allocator.page_size
         self.max_value = min(self.max_value, self.capacity)
         self._index: OrderedDict[bytes, Slot] = OrderedDict()
         self._lock = threading.Lock()
-        self._bytes = 0
         self._pending = 0
         self._pinned = 0
 
-    def reserve(self, length: int) -> Slot:
+    def reserve(self, length: int, protocol: str = OURS) -> Slot:
         """Pages for a value about to be written, evicting LRU values to make room."""
         need = self.allocator.pages_for(length)
         with self._lock:
             if length > self.max_value:
-                self.counters.refused += 1
+                self.counters[protocol].refused += 1
                 raise ValueTooLarge(
                     f"value of {length} bytes exceeds the store's largest value ({self.max_value})"
                 )
             if not self._make_room(need):
-                self.counters.refused += 1
+                self.counters[protocol].refused += 1
                 raise StoreFull(f"no room for {length} bytes: the rest is pinned or being written")
             runs = self.allocator.allocate(need)
             assert runs is not None  # _make_room freed enough
             self._pending += 1
-            return Slot(length, runs, self.allocator.extents(runs, length))
+            return Slot(length, runs, self.allocator.extents(runs, length), protocol=protocol)
+
+    def check_sizes(self, lengths: Sequence[int], protocol: str = OURS) -> None:
+        """Refuses (and counts as refused) a batch holding any value over the largest value,
+        before a single byte of it is stored."""
+        if lengths and max(lengths) > self.max_value:
+            with self._lock:
+                self.counters[protocol].refused += 1
+            raise ValueTooLarge(f"value of {max(lengths)} bytes exceeds {self.max_value}")
 
     def commit(self, slot: Slot, key: bytes, length: int) -> None:
         """Makes the first `length` bytes of a reserved slot visible under `key` to every
@@ -108,27 +137,32 @@ class StoreIndex:
                 self._unlink(old)
             slot.state = SlotState.LIVE
             self._index[slot.key] = slot
-            self._bytes += slot.length
-            self.counters.puts += 1
+            counters = self.counters[slot.protocol]
+            counters.items += 1
+            counters.bytes += slot.length
+            counters.puts += 1
+            counters.bytes_written += slot.length
 
     def abort(self, slot: Slot) -> None:
         """Frees a reserved value nobody has seen (a failed or abandoned write)."""
         with self._lock:
             if slot.state is SlotState.PENDING:
                 self._pending -= 1
-                self.counters.aborted += 1
+                self.counters[slot.protocol].aborted += 1
                 self._free(slot)
 
-    def acquire(self, keys: Sequence[bytes]) -> list[Slot | None]:
+    def acquire(self, keys: Sequence[bytes], protocol: str = OURS) -> list[Slot | None]:
         """Pins and returns the values present (None for a miss); release each one later."""
         found: list[Slot | None] = []
         with self._lock:
+            counters = self.counters[protocol]
             for key in keys:
                 slot = self._index.get(key)
                 if slot is None:
-                    self.counters.misses += 1
+                    counters.misses += 1
                 else:
-                    self.counters.hits += 1
+                    counters.hits += 1
+                    counters.bytes_read += slot.length
                     self._index.move_to_end(key)
                     if slot.pins == 0:
                         self._pinned += 1
@@ -145,13 +179,17 @@ class StoreIndex:
                     if slot.state is SlotState.DROPPED:
                         self._free(slot)
 
-    def exists_prefix(self, keys: Sequence[bytes]) -> int:
+    def exists_prefix(self, keys: Sequence[bytes], protocol: str = OURS) -> int:
         """How many of `keys`, in order, are present; those are refreshed as recently used."""
         with self._lock:
+            counters = self.counters[protocol]
             for n, key in enumerate(keys):
                 if key not in self._index:
+                    counters.lookup_hits += n
+                    counters.lookup_misses += 1
                     return n
                 self._index.move_to_end(key)
+            counters.lookup_hits += len(keys)
             return len(keys)
 
     def delete(self, key: bytes) -> bool:
@@ -168,18 +206,21 @@ class StoreIndex:
             return list(self._index)
 
     def stats(self) -> dict[str, Any]:
+        """Totals over the protocols at the top level, each protocol's share under
+        `protocols`."""
         with self._lock:
             page_size = self.allocator.page_size
+            shares = {name: vars(counters).copy() for name, counters in self.counters.items()}
+            totals = {field: sum(share[field] for share in shares.values()) for field in TOTALS}
             return {
-                "items": len(self._index),
-                "bytes": self._bytes,
+                **totals,
                 "capacity": self.capacity,
                 "used_bytes": (self.allocator.num_pages - self.allocator.free_pages) * page_size,
                 "page_size": page_size,
                 "max_value": self.max_value,
                 "pending": self._pending,
                 "pinned": self._pinned,
-                **vars(self.counters),
+                "protocols": shares,
             }
 
     def _make_room(self, need: int) -> bool:
@@ -200,12 +241,14 @@ class StoreIndex:
         for slot in victims:
             del self._index[slot.key]
             self._unlink(slot)
-            self.counters.evictions += 1
+            self.counters[slot.protocol].evictions += 1
         return True
 
     def _unlink(self, slot: Slot) -> None:
         """A live value left the index: free it now, or when its last reader is done."""
-        self._bytes -= slot.length
+        counters = self.counters[slot.protocol]
+        counters.items -= 1
+        counters.bytes -= slot.length
         if slot.pins:
             slot.state = SlotState.DROPPED
         else:

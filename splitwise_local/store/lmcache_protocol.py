@@ -33,7 +33,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from splitwise_local.store.errors import StoreFull, ValueTooLarge
-from splitwise_local.store.index import Slot
+from splitwise_local.store.index import LMCACHE, Slot
 from splitwise_local.store.session import SessionContext
 from splitwise_local.store.transport import PeerClosed, SocketReader, send_all
 
@@ -188,7 +188,7 @@ class LMCacheSession:
         elif request.command == Command.GET:
             self._get(request.key)
         elif request.command == Command.EXIST:
-            found = self.index.exists_prefix([request.key]) == 1
+            found = self.index.exists_prefix([request.key], LMCACHE) == 1
             send_all(self.sock, [encode_reply(SUCCESS if found else FAIL)])
         elif request.command == Command.HEALTH:
             send_all(self.sock, [encode_reply(SUCCESS)])
@@ -200,7 +200,7 @@ class LMCacheSession:
         the store cannot take is read and dropped (PUT has no reply to refuse it with), so the
         client's stream stays in step."""
         try:
-            slot = self.index.reserve(request.length)
+            slot = self.index.reserve(request.length, LMCACHE)
         except (ValueTooLarge, StoreFull) as exc:
             log.warning("store: dropping LMCache put from %s: %s", self.peer, exc)
             self._discard(request.length)
@@ -216,7 +216,7 @@ class LMCacheSession:
         self.index.commit(slot, request.key, request.length)
 
     def _get(self, key: bytes) -> None:
-        (slot,) = self.index.acquire([key])
+        (slot,) = self.index.acquire([key], LMCACHE)
         if slot is None:
             send_all(self.sock, [encode_reply(FAIL)])
             return

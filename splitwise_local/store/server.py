@@ -1,12 +1,14 @@
 """The store server: one arena, a TCP listener (`lm://`) and a Unix control socket (`shm://`).
 
 `python -m splitwise_local store --port 10080 [--host 127.0.0.1] [--max-size-gb N]
-[--shm-name NAME] [--auth-token T] [--max-value-mb N] [--config FILE]` prints one line,
-`store ready on lm://HOST:PORT shm://NAME`, once both listeners accept, and exits cleanly on
-SIGTERM or SIGINT. Each connection gets a thread (there are few: one per engine worker thread),
-so a slow or huge transfer on one never stalls another, and the socket calls that move the
-bytes release the GIL. The first four bytes of a connection choose its protocol, so the same
-port also speaks LMCache's own `lm://` (lmcache_protocol.py, chosen in `_dispatch`).
+[--shm-name NAME] [--auth-token T] [--max-value-mb N] [--metrics-port N] [--config FILE]`
+prints one line, `store ready on lm://HOST:PORT shm://NAME`, once both listeners accept (then,
+with `--metrics-port`, `store metrics on http://HOST:PORT/metrics`: Prometheus's page, see
+metrics.py), and exits cleanly on SIGTERM or SIGINT. Each connection gets a thread (there
+are few: one per engine worker thread), so a slow or huge transfer on one never stalls
+another, and the socket calls that move the bytes release the GIL. The first four bytes of a
+connection choose its protocol, so the same port also speaks LMCache's own `lm://`
+(lmcache_protocol.py, chosen in `_dispatch`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import socket
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from splitwise_local.store import protocol as p
 from splitwise_local.store.arena import PageAllocator, SharedArena
-from splitwise_local.store.index import StoreIndex
+from splitwise_local.store.index import LMCACHE, OURS, PROTOCOLS, StoreIndex
 from splitwise_local.store.lmcache_protocol import LMCacheFrontend, speaks_lmcache
+from splitwise_local.store.metrics import MetricsServer
 from splitwise_local.store.session import Session, SessionContext
 from splitwise_local.store.transport import PeerClosed, control_address, recv_exact
 
@@ -48,6 +52,8 @@ class ServerSettings:
     page_size: int = DEFAULT_PAGE_KB * 1024
     prefault: bool = False
     io_timeout: float = 30.0  # seconds a started frame may stall before the connection drops
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # Prometheus's /metrics over HTTP; None: off, 0: any port
 
 
 class StoreServer:
@@ -99,6 +105,9 @@ class StoreServer:
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
         self._accepted = 0
+        self._open_by = dict.fromkeys(PROTOCOLS, 0)  # connections whose protocol is known
+        self._accepted_by = dict.fromkeys(PROTOCOLS, 0)
+        self.metrics: MetricsServer | None = None
         self._acceptor = threading.Thread(target=self._accept_loop, name="store-accept")
 
     @property
@@ -111,11 +120,17 @@ class StoreServer:
         return f"shm://{self.shm_name}"
 
     def start(self) -> StoreServer:
+        if self.settings.metrics_port is not None:
+            self.metrics = MetricsServer(
+                self.stats, self.settings.metrics_host, self.settings.metrics_port
+            )
         self._acceptor.start()
         return self
 
     def stop(self) -> None:
         """Closes the listeners and every connection, waits for their threads, frees memory."""
+        if self.metrics is not None:
+            self.metrics.stop()
         if self._acceptor.is_alive():
             self._wake_w.send(b"x")
             self._acceptor.join()
@@ -139,12 +154,19 @@ class StoreServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def stats(self) -> dict[str, Any]:
+        """What STATS answers: the index's numbers and the server's."""
+        return {**self.index.stats(), **self._server_stats()}
+
     def _server_stats(self) -> dict[str, Any]:
         with self._lock:
             connections = len(self._connections)
+            open_by, accepted_by = dict(self._open_by), dict(self._accepted_by)
         return {
             "connections": connections,
             "accepted": self._accepted,
+            "connections_by_protocol": open_by,
+            "accepted_by_protocol": accepted_by,
             "arena_resident_bytes": self.arena.resident_bytes(),
             "pid": os.getpid(),
         }
@@ -192,11 +214,25 @@ class StoreServer:
         except (PeerClosed, OSError):
             return
         if first == p.MAGIC:
-            Session(sock, self._context, peer, unix).serve(first)
+            with self._counted(OURS):
+                Session(sock, self._context, peer, unix).serve(first)
         elif speaks_lmcache(first):
-            self._lmcache.serve(sock, first, peer)
+            with self._counted(LMCACHE):
+                self._lmcache.serve(sock, first, peer)
         else:
             log.warning("store: %s speaks an unknown protocol (first bytes %r)", peer, first)
+
+    @contextlib.contextmanager
+    def _counted(self, protocol: str) -> Iterator[None]:
+        """Counts a connection under its protocol while it is served."""
+        with self._lock:
+            self._open_by[protocol] += 1
+            self._accepted_by[protocol] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open_by[protocol] -= 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,6 +245,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-kb", type=int, default=DEFAULT_PAGE_KB, help="allocation unit")
     parser.add_argument(
         "--prefault", action="store_true", help="reserve the whole capacity at start"
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus's /metrics on this port (0: any)"
+    )
+    parser.add_argument(
+        "--metrics-host", default="127.0.0.1", help="the /metrics address (default 127.0.0.1)"
     )
     parser.add_argument("--config", help="YAML config file")
 
@@ -229,6 +271,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_value=int(args.max_value_mb * 1024**2) if args.max_value_mb else None,
         page_size=args.page_kb * 1024,
         prefault=args.prefault,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -242,8 +286,19 @@ def run(args: argparse.Namespace) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    with server:
+    try:
+        server.start()
+    except OSError as exc:  # the metrics port
+        server.stop()
+        where = f"{args.metrics_host}:{args.metrics_port}"
+        print(f"store: cannot serve /metrics on {where}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
         print(f"store ready on {server.tcp_url} {server.shm_url}", flush=True)
+        if server.metrics is not None:
+            print(f"store metrics on {server.metrics.url}", flush=True)
         stopping.wait()
         log.info("store: shutting down")
+    finally:
+        server.stop()
     return 0

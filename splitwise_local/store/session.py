@@ -288,9 +288,7 @@ class Session:
 
     def _check_sizes(self, lengths: list[int]) -> None:
         """Refuses a batch with any oversized value before a single byte is stored."""
-        limit = self.ctx.index.max_value
-        if lengths and max(lengths) > limit:
-            raise ValueTooLarge(f"value of {max(lengths)} bytes exceeds {limit}")
+        self.ctx.index.check_sizes(lengths)
 
     def _take(self, tickets: list[int]) -> list[Slot]:
         unknown = [t for t in tickets if t not in self._pending]

@@ -88,6 +88,7 @@ def test_server_refuses_oversized_values_even_from_clients_that_do_not_check(mak
     assert sock.recv(1) == b""  # the connection is closed after an error
     sock.close()
     assert server.index.stats()["items"] == 0
+    assert server.index.stats()["refused"] == 1  # counted as a rejected put (/metrics)
 
 
 def test_first_frame_must_be_hello_and_shm_ops_need_the_unix_socket(server):
