@@ -5,8 +5,14 @@ A completion request walks: check the API key, read the body (size-limited), sen
 the prompt's KV), then send the caller's original bytes to the least-loaded decode engine (which
 loads that KV) and relay its answer: whole, or as server-sent events chunk by chunk as they
 arrive. If prefill fails the decode engine computes the prompt itself (unless configured to
-fail); engines' own error answers are passed through unchanged; the proxy's own errors use the
-OpenAI error shape. A caller that disconnects cancels whatever upstream request is running.
+fail); if no decode engine can be reached a prefill engine, a complete vLLM engine, serves the
+whole request, and with neither the caller gets a 503 with `Retry-After`. Engines' own error
+answers are passed through unchanged; the proxy's own errors use the OpenAI error shape. A
+caller that disconnects cancels whatever upstream request is running.
+
+The launcher, which supervises the engines, tells the proxy of every death and return
+(`engine_state`, from any thread): a dead engine gets no new request, and the answers still
+being read from it end at once, a stream with an OpenAI-format error event and `[DONE]`.
 """
 
 from __future__ import annotations
@@ -130,15 +136,18 @@ class Proxy:
         self._prefill_timeout = timeout(connect, settings.prefill_timeout_s)
         self._decode_timeout = timeout(connect, settings.decode_timeout_s)
         self._upstream: Upstream | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         async with open_session(self.settings.max_connections) as session:
             self._upstream = Upstream(session)
+            self._loop = asyncio.get_running_loop()
             try:
                 yield
             finally:
                 self._upstream = None
+                self._loop = None
 
     @property
     def upstream(self) -> Upstream:
@@ -173,33 +182,64 @@ class Proxy:
     async def models(self, request: Request) -> Response:
         if (denied := self._deny(request)) is not None:
             return denied
+        pool = self._generating_pool()
         try:
             endpoint, answer = await self.upstream.send(
-                self.decode, "GET", "/v1/models", self._headers(request), self._decode_timeout
+                pool, "GET", "/v1/models", self._headers(request), self._decode_timeout
             )
-            body = await self.upstream.read(self.decode, endpoint, answer)
+            body = await self.upstream.read(pool, endpoint, answer)
         except UpstreamFailure as failure:
             self.metrics.errors.labels(failure.metric_kind).inc()
-            return failure.response()
+            return failure.response(self.settings.retry_after_s)
         return passthrough(answer, body)
 
     async def health(self, request: Request) -> Response:
+        """200 while requests can be answered ("degraded" when some engine is down, requests
+        then routed around it), else 503."""
         session, limit = self.upstream.session, self.settings.health_timeout_s
         prefill, decode = await asyncio.gather(
             self.prefill.probe(session, limit), self.decode.probe(session, limit)
         )
-        healthy = any(prefill.values()) and any(decode.values())
+        servable = any(decode.values()) or (
+            self.settings.fallback_to_prefill and any(prefill.values())
+        )
+        everything = all(prefill.values()) and all(decode.values())
         body = {
-            "status": "ok" if healthy else "unavailable",
+            "status": "unavailable" if not servable else "ok" if everything else "degraded",
             "prefill": {url: "up" if up else "down" for url, up in prefill.items()},
             "decode": {url: "up" if up else "down" for url, up in decode.items()},
             "down": [url for states in (prefill, decode) for url, up in states.items() if not up],
         }
-        return JSONResponse(body, 200 if healthy else 503)
+        return JSONResponse(body, 200 if servable else 503)
 
     async def metrics_page(self, request: Request) -> Response:
         text, content_type = self.metrics.render()
         return Response(text, headers={"content-type": content_type})
+
+    # -- what the engines' supervisor says ---------------------------------------------------
+
+    def engine_state(self, url: str, up: bool, cause: str = "") -> None:
+        """An engine died (`up` false: out of rotation, its answers in flight closed now) or
+        serves again. Callable from any thread (the supervisor's watchers): the change is made
+        on the proxy's event loop, soon after. Unknown URLs are ignored."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._set_engine_state, url, up, cause)
+
+    def _set_engine_state(self, url: str, up: bool, cause: str) -> None:
+        if self._upstream is None:
+            return
+        for pool in (self.prefill, self.decode):
+            endpoint = pool.find(url)
+            if endpoint is None:
+                continue
+            if up:
+                pool.mark_alive(endpoint)
+            else:
+                pool.mark_dead(endpoint, cause or "its supervisor saw it die")
+                closed = self.upstream.abort(endpoint)
+                if closed:
+                    log.warning("closed %d answer(s) in flight on %s", closed, url)
 
     # -- one completion ----------------------------------------------------------------------
 
@@ -229,10 +269,27 @@ class Proxy:
     async def _forward(
         self, route: str, raw: bytes, body: dict, headers: dict[str, str], record: RequestRecord
     ) -> Response:
+        if self._generating_pool() is self.prefill:  # no decode engine up: no split either
+            self.metrics.decode_fallbacks.inc()
+            return await self._generate(self.prefill, route, raw, headers, record)
         refused = await self._prefill(route, body, headers)
         if refused is not None:
             return refused
-        return await self._decode(route, raw, headers, record)
+        fallible = self.settings.fallback_to_prefill
+        try:
+            return await self._generate(self.decode, route, raw, headers, record, fallible)
+        except UpstreamFailure as failure:  # no decode engine reachable: nothing was generated
+            self.metrics.errors.labels(failure.metric_kind).inc()
+            log.info("%s; a prefill engine serves the whole request", failure)
+            self.metrics.decode_fallbacks.inc()
+            return await self._generate(self.prefill, route, raw, headers, record)
+
+    def _generating_pool(self) -> EnginePool:
+        """The decode engines, or the prefill engines while no decode engine is in rotation
+        (and the proxy is allowed to fall back)."""
+        if self.settings.fallback_to_prefill and not self.decode.any_available():
+            return self.prefill
+        return self.decode
 
     async def _prefill(self, route: str, body: dict, headers: dict[str, str]) -> Response | None:
         """Runs prefill; None means go on to decode (prefilled, or falling back).
@@ -261,32 +318,54 @@ class Proxy:
             self.metrics.prefill_fallbacks.inc()
             log.info("prefill failed (%s); decode computes the prompt itself", failure)
             return None
-        return passthrough(answer, content) if answer is not None else failure.response()
+        if answer is not None:
+            return passthrough(answer, content)
+        return failure.response(self.settings.retry_after_s)
 
-    async def _decode(
-        self, route: str, raw: bytes, headers: dict[str, str], record: RequestRecord
+    async def _generate(
+        self,
+        pool: EnginePool,
+        route: str,
+        raw: bytes,
+        headers: dict[str, str],
+        record: RequestRecord,
+        fallible: bool = False,
     ) -> Response:
+        """The caller's request on an engine of `pool`, its answer relayed. `fallible`: when
+        no engine of the pool can be reached, raise the UpstreamFailure (the caller has another
+        pool to try) instead of answering with it."""
         started = time.perf_counter()
         try:
             endpoint, answer = await self.upstream.send(
-                self.decode, "POST", route, headers, self._decode_timeout, raw
+                pool, "POST", route, headers, self._decode_timeout, raw
             )
-            ttft = self.metrics.decode_ttft_seconds.labels(endpoint.url)
-            if answer.content_type == "text/event-stream":
+        except UpstreamFailure as failure:
+            if fallible and failure.kind == "unreachable":
+                raise
+            self.metrics.errors.labels(failure.metric_kind).inc()
+            return failure.response(self.settings.retry_after_s)
+        ttft = self.metrics.decode_ttft_seconds.labels(endpoint.url)
+        if answer.content_type == "text/event-stream":
 
-                def first_chunk() -> None:
-                    ttft.observe(time.perf_counter() - started)
+            def first_chunk() -> None:
+                ttft.observe(time.perf_counter() - started)
 
-                return RelayResponse(self._relay(answer, endpoint, first_chunk), answer, record)
-            content = await self.upstream.read(self.decode, endpoint, answer)
+            relay = self._relay(pool, answer, endpoint, first_chunk)
+            return RelayResponse(relay, answer, record)
+        try:
+            content = await self.upstream.read(pool, endpoint, answer)
         except UpstreamFailure as failure:
             self.metrics.errors.labels(failure.metric_kind).inc()
-            return failure.response()
+            return failure.response(self.settings.retry_after_s)
         ttft.observe(time.perf_counter() - started)
         return passthrough(answer, content)
 
     async def _relay(
-        self, upstream: aiohttp.ClientResponse, endpoint: Endpoint, first_chunk: Callable[[], None]
+        self,
+        pool: EnginePool,
+        upstream: aiohttp.ClientResponse,
+        endpoint: Endpoint,
+        first_chunk: Callable[[], None],
     ) -> AsyncGenerator[bytes, None]:
         """Yields the engine's bytes as they arrive; a broken stream ends with an error event."""
         waiting_first = True
@@ -297,17 +376,15 @@ class Proxy:
                     waiting_first = False
                 yield chunk
         except UPSTREAM_ERRORS as exc:
-            failure = self.upstream.failed(self.decode, endpoint, exc)
+            failure = self.upstream.failed(pool, endpoint, exc)
             self.metrics.errors.labels(f"{failure.metric_kind}_mid_stream").inc()
-            yield f"data: {json.dumps(error_body(502, str(failure)))}\n\ndata: [DONE]\n\n".encode()
+            event = error_body(502, str(failure), code=failure.metric_kind)
+            yield f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.errors.labels("client_disconnected").inc()
             raise
         finally:
-            # release() closes the connection when the answer is unfinished: the engine sees
-            # the disconnect and aborts the generation.
-            upstream.release()
-            self.decode.release(endpoint)
+            self.upstream.finish(pool, endpoint, upstream)
 
     # -- helpers -----------------------------------------------------------------------------
 

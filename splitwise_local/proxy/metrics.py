@@ -83,6 +83,11 @@ class ProxyMetrics:
             "Requests sent to decode alone because prefill failed",
             registry=self.registry,
         )
+        self.decode_fallbacks = Counter(
+            "splitwise_proxy_decode_fallbacks",
+            "Requests served whole by a prefill engine because no decode engine was reachable",
+            registry=self.registry,
+        )
         self.prefill_seconds = Histogram(
             "splitwise_proxy_prefill_seconds",
             "Successful prefill requests, by engine",

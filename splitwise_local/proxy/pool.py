@@ -5,6 +5,10 @@ was picked longest ago, which is round robin while the load is even. An engine t
 marked down for a back-off period that doubles with each consecutive failure (capped); once the
 period ends the next request tries it again, and a success or a passing health check clears it.
 No background prober: an idle proxy does not need to know, and `/health` probes on demand.
+
+Whoever supervises the engines (the launcher) may know more than failed requests tell: it says
+when an engine died (`mark_dead`) and when it serves again (`mark_alive`); in between the
+engine is out of rotation whatever its back-off says, so no request is sent to it at all.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ class Endpoint:
     down_until: float = 0.0
     last_error: str | None = None
     last_pick: int = 0
+    dead: str | None = None  # why its supervisor says it is gone, until it says it is back
 
     def available(self, now: float) -> bool:
-        return now >= self.down_until
+        return self.dead is None and now >= self.down_until
 
 
 class EnginePool:
@@ -72,6 +77,13 @@ class EnginePool:
     def release(self, endpoint: Endpoint) -> None:
         endpoint.in_flight -= 1
 
+    def find(self, url: str) -> Endpoint | None:
+        return next((e for e in self.endpoints if e.url == url), None)
+
+    def any_available(self) -> bool:
+        now = self._clock()
+        return any(e.available(now) for e in self.endpoints)
+
     def mark_down(self, endpoint: Endpoint, reason: str) -> None:
         """Takes the endpoint out of rotation for the next back-off period."""
         endpoint.failures += 1
@@ -89,6 +101,18 @@ class EnginePool:
         endpoint.down_until = 0.0
         endpoint.last_error = None
 
+    def mark_dead(self, endpoint: Endpoint, cause: str) -> None:
+        """Out of rotation until `mark_alive`: its supervisor saw it die or freeze."""
+        endpoint.dead = cause
+        endpoint.last_error = cause
+        log.warning("%s engine %s died: %s", self.role, endpoint.url, cause)
+
+    def mark_alive(self, endpoint: Endpoint) -> None:
+        """Its supervisor restarted it: back in rotation at once, back-off forgotten."""
+        endpoint.dead = None
+        self.mark_up(endpoint)
+        log.info("%s engine %s serves again", self.role, endpoint.url)
+
     def is_up(self, endpoint: Endpoint) -> bool:
         return endpoint.available(self._clock())
 
@@ -97,6 +121,8 @@ class EnginePool:
         limit = aiohttp.ClientTimeout(total=timeout_s)
 
         async def check(endpoint: Endpoint) -> bool:
+            if endpoint.dead is not None:  # its supervisor's word stands until it is back
+                return False
             try:
                 async with session.get(endpoint.url + "/health", timeout=limit) as response:
                     status = response.status

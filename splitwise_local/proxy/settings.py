@@ -52,6 +52,13 @@ class ProxySettings(BaseModel):
     fallback_to_decode: bool = Field(
         default=True, description="on a prefill failure, let decode compute the prompt itself"
     )
+    fallback_to_prefill: bool = Field(
+        default=True,
+        description="while no decode engine is reachable, a prefill engine serves whole requests",
+    )
+    retry_after_s: int = Field(
+        default=10, gt=0, description="Retry-After of a 503 (no engine to send a request to)"
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0)
     prefill_timeout_s: float = Field(default=600.0, gt=0, description="whole prefill request")
     decode_timeout_s: float = Field(

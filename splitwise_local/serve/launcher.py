@@ -5,8 +5,9 @@ one decode by default, each on its own GPUs or its own CPU cores), then the prox
 this process. Everything that can be checked before a process starts is checked first (model
 folder, config, free ports), so a mistake costs no startup time and leaves nothing behind. Each
 child logs to a file in the run folder and, at the chosen level, to the console. Ctrl-C or
-SIGTERM stops the proxy, then the engines, then the store; a child that dies while serving
-stops everything, with a non-zero exit.
+SIGTERM stops the proxy, then the engines, then the store. A child that dies or freezes while
+serving is restarted (`--restart on-failure`, the default; the proxy routes around it
+meanwhile) or stops everything with a non-zero exit (`--restart never`, or too many restarts).
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from splitwise_local.serve.process import RUN_ENV, Child
 from splitwise_local.serve.supervisor import (
     LAUNCHER,
     POLL_S,
+    RESTART_MODES,
+    ChildEvent,
     Readiness,
+    RestartPolicy,
     StartupError,
     StopRequested,
     Supervisor,
@@ -131,6 +135,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS")
     parser.add_argument("--stop-grace", type=float, default=15.0, metavar="SECONDS")
+    parser.add_argument(
+        "--restart",
+        choices=RESTART_MODES,
+        default="on-failure",
+        help="a child that dies or freezes while serving: restart it with back-off "
+        "(on-failure) or stop everything with exit 1 (never)",
+    )
+    parser.add_argument(
+        "--health-deadline",
+        type=float,
+        default=RestartPolicy.health_deadline_s,
+        metavar="SECONDS",
+        help="a child whose health check fails this long is frozen, and restarted",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=RestartPolicy.max_restarts,
+        metavar="N",
+        help="restarts of one child within 10 minutes before giving up (stop, exit 1)",
+    )
 
 
 @dataclass(frozen=True)
@@ -593,8 +618,9 @@ def proxy_logging(console: Console, log_path: Path) -> list[logging.Handler]:
 
 
 def serve_proxy(plan: Plan, supervisor: Supervisor, api_key: str | None) -> bool:
-    """Serves the proxy until a stop signal (re-raised as StopRequested) or a child's death;
-    returns True when a child died."""
+    """Serves the proxy until a stop signal (re-raised as StopRequested) or until the
+    supervisor gives up on a child; returns True in that case. The proxy hears of every
+    engine's death and return from the supervisor, and its /metrics shows the restarts."""
     import uvicorn
 
     from splitwise_local.proxy.app import build_app
@@ -603,7 +629,17 @@ def serve_proxy(plan: Plan, supervisor: Supervisor, api_key: str | None) -> bool
     settings = ProxySettings(
         prefill=plan.urls("prefill"), decode=plan.urls("decode"), api_key=api_key
     )
-    config = uvicorn.Config(build_app(settings), log_config=None, timeout_graceful_shutdown=5)
+    app = build_app(settings)
+    proxy = app.state.proxy
+    proxy.metrics.registry.register(supervisor.collector())
+    engine_urls = {engine.child: engine.url for engine in plan.engines}
+
+    def tell_proxy(event: ChildEvent) -> None:
+        if (url := engine_urls.get(event.child)) is not None:
+            proxy.engine_state(url, event.up, event.cause)
+
+    supervisor.listen(tell_proxy)
+    config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     handlers = proxy_logging(supervisor.console, plan.run_dir / "proxy.log")
     died = False
@@ -615,9 +651,8 @@ def serve_proxy(plan: Plan, supervisor: Supervisor, api_key: str | None) -> bool
             if server.started and not announced:
                 supervisor.say(banner(plan, api_key))
                 announced = True
-            dead = supervisor.first_dead()
-            if dead is not None:
-                supervisor.report_death(dead)
+            if supervisor.failed.is_set():
+                supervisor.console.error(LAUNCHER, supervisor.failure or "a child failed")
                 died = True
                 server.should_exit = True
             await asyncio.sleep(POLL_S)
@@ -652,6 +687,12 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # before any child exists: nothing to stop
         return 130
     supervisor = Supervisor(console, str(plan.run_dir), args.stop_grace)
+    policy = RestartPolicy(
+        mode=args.restart,
+        health_deadline_s=args.health_deadline,
+        max_restarts=args.max_restarts,
+        ready_timeout_s=args.startup_timeout,
+    )
     code = 0
     try:
         with supervisor.stop_requests_raise():
@@ -659,6 +700,7 @@ def run(args: argparse.Namespace) -> int:
                 supervisor.start_stage([plan.store], args.startup_timeout)
             engines = [(engine.child, engine.readiness) for engine in plan.engines]
             supervisor.start_stage(engines, args.startup_timeout)
+            supervisor.supervise(policy)
             if serve_proxy(plan, supervisor, args.api_key):
                 code = 1
     except StartupError as exc:
