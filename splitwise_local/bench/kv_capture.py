@@ -48,9 +48,9 @@ def load_model(path: str | Path | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from splitwise_local.models.checkpoint import resolve_model
+    from splitwise_local.models.hub import resolve_model
 
-    folder = resolve_model(path)
+    folder = resolve_model(None if path is None else str(path)).folder
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder)

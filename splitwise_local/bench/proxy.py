@@ -33,6 +33,7 @@ import numpy as np
 import psutil
 
 from splitwise_local.bench import report
+from splitwise_local.progress import Progress
 
 GOAL_P50_MS = 2.0
 GOAL_P99_MS = 10.0
@@ -165,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
     proxy = ["-m", "splitwise_local", "proxy", "--port", str(ports["proxy"])]
     proxy += ["--prefill", urls["prefill"], "--decode", urls["decode"], "--log-level", "warning"]
     results: dict[str, dict] = {}
+    cases = Progress(total=2 * len(args.concurrency), desc="bench proxy", unit="case")
     with ExitStack() as stack:
+        stack.callback(cases.close)
         for role in ("prefill", "decode"):
             argv = [*fake, "--name", role, "--port", str(ports[role])]
             argv += ["--token-interval-ms", paced[role]]
@@ -175,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
             per_client = args.single_client_requests if clients == 1 else args.requests_per_client
             for stream in (False, True):
                 case = f"{'stream' if stream else 'whole'}_c{clients}"
+                cases.set_postfix_str(case)
                 spread = args.tokens * args.token_interval_ms / 1000
                 case_args = (stream, clients, per_client, spread)
                 direct, proxied, cpu_s = [], [], 0.0
@@ -193,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
                 }
                 if stream:
                     results[case]["chunks_held_back"] = held_back(proxied, args.token_interval_ms)
-                print(f"  {case}: done", file=sys.stderr)
+                cases.update()
     return report_results(args, results)
 
 

@@ -295,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from splitwise_local.config import SerdeOptions
+    from splitwise_local.progress import Progress
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -323,9 +324,10 @@ def run(args: argparse.Namespace) -> int:
 
     memcpy_s = timer(memcpy)
     moved = sum(c.numel() * c.element_size() for c in chunks)
+    chosen = settings(group_size, options.bits, args.cachegen_bits)
     serdes = {
         name: measure(name, serde, cases, model, timer, memcpy_s)
-        for name, serde in settings(group_size, options.bits, args.cachegen_bits).items()
+        for name, serde in Progress(chosen.items(), desc="bench serde", unit="serde")
     }
     headers = [
         "setting",

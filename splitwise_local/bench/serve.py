@@ -190,15 +190,14 @@ async def run_load(
 ) -> tuple[list[RequestResult], float]:
     """Sends `specs` at the `arrivals` times (open loop) or `concurrency` at a time (closed
     loop); returns the results in spec order and the run's duration in seconds."""
-    from tqdm import tqdm
+    from splitwise_local.progress import Progress
 
     endpoint = f"{base_url}/v1/completions"
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(timeout_s, connect=10.0)
     gate = asyncio.Semaphore(concurrency if arrivals is None else max(len(specs), 1))
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        # disable=None: shown on a terminal only, so logs of scripted runs stay clean.
-        bar = tqdm(total=len(specs), unit="req", disable=None if progress else True)
+        bar = Progress(total=len(specs), unit="req", disable=not progress)
         start = time.perf_counter()
 
         async def one(spec: RequestSpec, at: float) -> RequestResult:
@@ -400,7 +399,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     """Checks everything that can be checked before sending (raises with one line)."""
     from transformers import AutoTokenizer
 
-    from splitwise_local.models.checkpoint import resolve_model
+    from splitwise_local.models.hub import resolve_model
 
     settings = settings_from_args(args)
     if args.rate is None and args.concurrency < 1:
@@ -408,7 +407,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     base_url = normalize_url(args.url)
     served, max_model_len = server_model(base_url, args.wait_ready)
     settings.validate(max_model_len)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model).folder)
     specs = build_workload(settings, tokenizer)
     return Plan(
         base_url=base_url,

@@ -193,21 +193,29 @@ def _fill(args: argparse.Namespace, shm_name: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from splitwise_local.bench import report, store_lmcache, store_mooncake
+    from splitwise_local.progress import Progress
     from splitwise_local.serve.store_child import spawn
     from splitwise_local.store import open_backend
 
     name = f"bench-{os.getpid()}"
     capacity_gb = 3 * args.mb / 1024  # a case's values twice over (old and new), and spare
-    with (
-        spawn("--max-size-gb", str(capacity_gb), "--shm-name", name) as store,
-        open_backend(store.tcp_url) as tcp,
-        open_backend(store.shm_url) as shm,
-    ):
-        throughput = _throughput(args, tcp, shm)
-        throughput += store_mooncake.mooncake_rows(args, shm)
-        small = _small(args, tcp, shm)
-    fill = _fill(args, f"{name}-fill")
-    lmcache = store_lmcache.measure(args)
+    # Five steps: throughput, Mooncake's column, small gets, filling past capacity, LMCache's.
+    with Progress(total=5, desc="bench store", unit="step") as bar:
+        with (
+            spawn("--max-size-gb", str(capacity_gb), "--shm-name", name) as store,
+            open_backend(store.tcp_url) as tcp,
+            open_backend(store.shm_url) as shm,
+        ):
+            throughput = _throughput(args, tcp, shm)
+            bar.update()
+            throughput += store_mooncake.mooncake_rows(args, shm)
+            bar.update()
+            small = _small(args, tcp, shm)
+            bar.update()
+        fill = _fill(args, f"{name}-fill")
+        bar.update()
+        lmcache = store_lmcache.measure(args)
+        bar.update()
 
     report.print_table(
         "Throughput (GB/s, best of rounds; baseline measured in the same run)",

@@ -117,8 +117,3 @@ def prepare_default_model() -> Path:
         return check_model_dir(destination)
     gguf = find_gguf()
     return publish_atomically(lambda tmp: convert_gguf(gguf, tmp), destination)
-
-
-def resolve_model(path: str | Path | None) -> Path:
-    """The folder to serve: the user's (checked) or the embedded default (prepared)."""
-    return prepare_default_model() if path is None else check_model_dir(path)

@@ -1,15 +1,18 @@
 """The Starlette app: one OpenAI-compatible endpoint in front of prefill and decode engines.
 
-A completion request walks: check the API key, read the body (size-limited), let the router
-decide its route (routing.py: through prefill or straight to decode, and which engines), then,
-through prefill, send a copy with `max_tokens=1`, `stream=false` to the chosen prefill engine
-(whose KV connector stores the prompt's KV), and send the caller's original bytes to the chosen
-decode engine (which loads that KV) and relay its answer: whole, or as server-sent events chunk
-by chunk as they arrive. The answer carries the decision in an `x-splitwise-route` header and
-/metrics counts it. If prefill fails the decode engine computes the prompt itself (unless
-configured to fail); engines' own error answers are passed through unchanged; the proxy's own
-errors use the OpenAI error shape. A caller that disconnects cancels whatever upstream request
-is running.
+A completion request walks: check the API key, read the body (size-limited), send a copy with
+`max_tokens=1`, `stream=false` to the least-loaded prefill engine (whose KV connector stores
+the prompt's KV), then send the caller's original bytes to the least-loaded decode engine (which
+loads that KV) and relay its answer: whole, or as server-sent events chunk by chunk as they
+arrive. If prefill fails the decode engine computes the prompt itself (unless configured to
+fail); if no decode engine can be reached a prefill engine, a complete vLLM engine, serves the
+whole request, and with neither the caller gets a 503 with `Retry-After`. Engines' own error
+answers are passed through unchanged; the proxy's own errors use the OpenAI error shape. A
+caller that disconnects cancels whatever upstream request is running.
+
+The launcher, which supervises the engines, tells the proxy of every death and return
+(`engine_state`, from any thread): a dead engine gets no new request, and the answers still
+being read from it end at once, a stream with an OpenAI-format error event and `[DONE]`.
 """
 
 from __future__ import annotations
@@ -34,13 +37,6 @@ from starlette.types import Receive, Scope, Send
 from splitwise_local.proxy.errors import error_body, error_response
 from splitwise_local.proxy.metrics import ProxyMetrics, RequestRecord
 from splitwise_local.proxy.pool import Endpoint, EnginePool
-from splitwise_local.proxy.routing import (
-    DISAGGREGATED,
-    ROUTE_HEADER,
-    Decision,
-    Router,
-    build_router,
-)
 from splitwise_local.proxy.settings import ProxySettings
 from splitwise_local.proxy.upstream import (
     UPSTREAM_ERRORS,
@@ -63,19 +59,6 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the caller left first", used 
 
 class BodyTooLarge(Exception):
     pass
-
-
-class Once:
-    """Calls `action` the first time it is called, never again (for "done" paths that can
-    each be reached: the first streamed chunk, the stream's end, a failure)."""
-
-    def __init__(self, action: Callable[[], None]) -> None:
-        self._action: Callable[[], None] | None = action
-
-    def __call__(self) -> None:
-        action, self._action = self._action, None
-        if action is not None:
-            action()
 
 
 def prefill_body(request: dict) -> bytes:
@@ -149,25 +132,22 @@ class Proxy:
         self.prefill = EnginePool("prefill", settings.prefill, *backoff)
         self.decode = EnginePool("decode", settings.decode, *backoff)
         self.metrics = ProxyMetrics([self.prefill, self.decode])
-        self.router = Router(settings, self.prefill, self.decode)
         connect = settings.connect_timeout_s
         self._prefill_timeout = timeout(connect, settings.prefill_timeout_s)
         self._decode_timeout = timeout(connect, settings.decode_timeout_s)
         self._upstream: Upstream | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        # The tokenizer (transformers, torch) takes seconds to load: off the event loop.
-        self.router = await asyncio.to_thread(
-            build_router, self.settings, self.prefill, self.decode
-        )
         async with open_session(self.settings.max_connections) as session:
             self._upstream = Upstream(session)
+            self._loop = asyncio.get_running_loop()
             try:
                 yield
             finally:
                 self._upstream = None
-                await self.router.close()
+                self._loop = None
 
     @property
     def upstream(self) -> Upstream:
@@ -202,33 +182,64 @@ class Proxy:
     async def models(self, request: Request) -> Response:
         if (denied := self._deny(request)) is not None:
             return denied
+        pool = self._generating_pool()
         try:
             endpoint, answer = await self.upstream.send(
-                self.decode, "GET", "/v1/models", self._headers(request), self._decode_timeout
+                pool, "GET", "/v1/models", self._headers(request), self._decode_timeout
             )
-            body = await self.upstream.read(self.decode, endpoint, answer)
+            body = await self.upstream.read(pool, endpoint, answer)
         except UpstreamFailure as failure:
             self.metrics.errors.labels(failure.metric_kind).inc()
-            return failure.response()
+            return failure.response(self.settings.retry_after_s)
         return passthrough(answer, body)
 
     async def health(self, request: Request) -> Response:
+        """200 while requests can be answered ("degraded" when some engine is down, requests
+        then routed around it), else 503."""
         session, limit = self.upstream.session, self.settings.health_timeout_s
         prefill, decode = await asyncio.gather(
             self.prefill.probe(session, limit), self.decode.probe(session, limit)
         )
-        healthy = any(prefill.values()) and any(decode.values())
+        servable = any(decode.values()) or (
+            self.settings.fallback_to_prefill and any(prefill.values())
+        )
+        everything = all(prefill.values()) and all(decode.values())
         body = {
-            "status": "ok" if healthy else "unavailable",
+            "status": "unavailable" if not servable else "ok" if everything else "degraded",
             "prefill": {url: "up" if up else "down" for url, up in prefill.items()},
             "decode": {url: "up" if up else "down" for url, up in decode.items()},
             "down": [url for states in (prefill, decode) for url, up in states.items() if not up],
         }
-        return JSONResponse(body, 200 if healthy else 503)
+        return JSONResponse(body, 200 if servable else 503)
 
     async def metrics_page(self, request: Request) -> Response:
         text, content_type = self.metrics.render()
         return Response(text, headers={"content-type": content_type})
+
+    # -- what the engines' supervisor says ---------------------------------------------------
+
+    def engine_state(self, url: str, up: bool, cause: str = "") -> None:
+        """An engine died (`up` false: out of rotation, its answers in flight closed now) or
+        serves again. Callable from any thread (the supervisor's watchers): the change is made
+        on the proxy's event loop, soon after. Unknown URLs are ignored."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._set_engine_state, url, up, cause)
+
+    def _set_engine_state(self, url: str, up: bool, cause: str) -> None:
+        if self._upstream is None:
+            return
+        for pool in (self.prefill, self.decode):
+            endpoint = pool.find(url)
+            if endpoint is None:
+                continue
+            if up:
+                pool.mark_alive(endpoint)
+            else:
+                pool.mark_dead(endpoint, cause or "its supervisor saw it die")
+                closed = self.upstream.abort(endpoint)
+                if closed:
+                    log.warning("closed %d answer(s) in flight on %s", closed, url)
 
     # -- one completion ----------------------------------------------------------------------
 
@@ -258,19 +269,29 @@ class Proxy:
     async def _forward(
         self, route: str, raw: bytes, body: dict, headers: dict[str, str], record: RequestRecord
     ) -> Response:
-        decision = await self.router.decide(route, body)
-        response = None
-        if decision.path == DISAGGREGATED:
-            response = await self._prefill(route, body, headers, decision)
-        if response is None:
-            response = await self._decode(route, raw, headers, record, decision)
-        response.headers[ROUTE_HEADER] = decision.header()
-        self.metrics.routes.labels(*decision.labels).inc()
-        return response
+        if self._generating_pool() is self.prefill:  # no decode engine up: no split either
+            self.metrics.decode_fallbacks.inc()
+            return await self._generate(self.prefill, route, raw, headers, record)
+        refused = await self._prefill(route, body, headers)
+        if refused is not None:
+            return refused
+        fallible = self.settings.fallback_to_prefill
+        try:
+            return await self._generate(self.decode, route, raw, headers, record, fallible)
+        except UpstreamFailure as failure:  # no decode engine reachable: nothing was generated
+            self.metrics.errors.labels(failure.metric_kind).inc()
+            log.info("%s; a prefill engine serves the whole request", failure)
+            self.metrics.decode_fallbacks.inc()
+            return await self._generate(self.prefill, route, raw, headers, record)
 
-    async def _prefill(
-        self, route: str, body: dict, headers: dict[str, str], decision: Decision
-    ) -> Response | None:
+    def _generating_pool(self) -> EnginePool:
+        """The decode engines, or the prefill engines while no decode engine is in rotation
+        (and the proxy is allowed to fall back)."""
+        if self.settings.fallback_to_prefill and not self.decode.any_available():
+            return self.prefill
+        return self.decode
+
+    async def _prefill(self, route: str, body: dict, headers: dict[str, str]) -> Response | None:
         """Runs prefill; None means go on to decode (prefilled, or falling back).
 
         An engine's refusal (4xx) falls back too: decode then gives its own verdict, which
@@ -278,82 +299,73 @@ class Proxy:
         """
         started = time.perf_counter()
         answer: aiohttp.ClientResponse | None
-        tokens = self.router.prefill_tokens(decision)
-        rank = self.router.prefill_rank(decision)
         try:
             endpoint, answer = await self.upstream.send(
-                self.prefill, "POST", route, headers, self._prefill_timeout, prefill_body(body),
-                rank, tokens,
-            )  # fmt: skip
-            decision.prefill = endpoint.url
-            try:
-                content = await self.upstream.read(self.prefill, endpoint, answer)
-            finally:
-                self.prefill.computed(endpoint, tokens)
+                self.prefill, "POST", route, headers, self._prefill_timeout, prefill_body(body)
+            )
+            content = await self.upstream.read(self.prefill, endpoint, answer)
         except UpstreamFailure as exc:
             failure, answer = exc, None
         else:
             if answer.status < 300:
                 elapsed = time.perf_counter() - started
                 self.metrics.prefill_seconds.labels(endpoint.url).observe(elapsed)
-                self.router.served(endpoint, decision)
                 return None
             kind = "rejected" if answer.status < 500 else "error"
             failure = UpstreamFailure("prefill", kind, f"prefill engine answered {answer.status}")
         self.metrics.errors.labels(failure.metric_kind).inc()
         if self.settings.fallback_to_decode:
             self.metrics.prefill_fallbacks.inc()
-            decision.fall_back("prefill_failed")
             log.info("prefill failed (%s); decode computes the prompt itself", failure)
             return None
-        return passthrough(answer, content) if answer is not None else failure.response()
+        if answer is not None:
+            return passthrough(answer, content)
+        return failure.response(self.settings.retry_after_s)
 
-    async def _decode(
+    async def _generate(
         self,
+        pool: EnginePool,
         route: str,
         raw: bytes,
         headers: dict[str, str],
         record: RequestRecord,
-        decision: Decision,
+        fallible: bool = False,
     ) -> Response:
+        """The caller's request on an engine of `pool`, its answer relayed. `fallible`: when
+        no engine of the pool can be reached, raise the UpstreamFailure (the caller has another
+        pool to try) instead of answering with it."""
         started = time.perf_counter()
-        tokens = self.router.decode_tokens(decision)
         try:
             endpoint, answer = await self.upstream.send(
-                self.decode, "POST", route, headers, self._decode_timeout, raw,
-                self.router.decode_rank(decision), tokens,
-            )  # fmt: skip
+                pool, "POST", route, headers, self._decode_timeout, raw
+            )
         except UpstreamFailure as failure:
+            if fallible and failure.kind == "unreachable":
+                raise
             self.metrics.errors.labels(failure.metric_kind).inc()
-            return failure.response()
-        decision.decode = endpoint.url
-        self.router.served(endpoint, decision)
+            return failure.response(self.settings.retry_after_s)
         ttft = self.metrics.decode_ttft_seconds.labels(endpoint.url)
-        computed = Once(lambda: self.decode.computed(endpoint, tokens))
         if answer.content_type == "text/event-stream":
 
             def first_chunk() -> None:
-                computed()
                 ttft.observe(time.perf_counter() - started)
 
-            relay = self._relay(answer, endpoint, first_chunk, computed)
+            relay = self._relay(pool, answer, endpoint, first_chunk)
             return RelayResponse(relay, answer, record)
         try:
-            content = await self.upstream.read(self.decode, endpoint, answer)
+            content = await self.upstream.read(pool, endpoint, answer)
         except UpstreamFailure as failure:
             self.metrics.errors.labels(failure.metric_kind).inc()
-            return failure.response()
-        finally:
-            computed()
+            return failure.response(self.settings.retry_after_s)
         ttft.observe(time.perf_counter() - started)
         return passthrough(answer, content)
 
     async def _relay(
         self,
+        pool: EnginePool,
         upstream: aiohttp.ClientResponse,
         endpoint: Endpoint,
         first_chunk: Callable[[], None],
-        done: Callable[[], None],
     ) -> AsyncGenerator[bytes, None]:
         """Yields the engine's bytes as they arrive; a broken stream ends with an error event."""
         waiting_first = True
@@ -364,18 +376,15 @@ class Proxy:
                     waiting_first = False
                 yield chunk
         except UPSTREAM_ERRORS as exc:
-            failure = self.upstream.failed(self.decode, endpoint, exc)
+            failure = self.upstream.failed(pool, endpoint, exc)
             self.metrics.errors.labels(f"{failure.metric_kind}_mid_stream").inc()
-            yield f"data: {json.dumps(error_body(502, str(failure)))}\n\ndata: [DONE]\n\n".encode()
+            event = error_body(502, str(failure), code=failure.metric_kind)
+            yield f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.errors.labels("client_disconnected").inc()
             raise
         finally:
-            # release() closes the connection when the answer is unfinished: the engine sees
-            # the disconnect and aborts the generation.
-            upstream.release()
-            self.decode.release(endpoint)
-            done()
+            self.upstream.finish(pool, endpoint, upstream)
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -51,11 +51,6 @@ class EngineCollector(Collector):
         up = GaugeMetricFamily(
             "splitwise_proxy_engine_up", "1 while an engine is in rotation", labels=labels
         )
-        pending = GaugeMetricFamily(
-            "splitwise_proxy_engine_pending_tokens",
-            "Prompt tokens sent to each engine that it has not answered yet",
-            labels=labels,
-        )
         for pool in self._pools:
             for endpoint in pool.endpoints:
                 values = [pool.role, endpoint.url]
@@ -63,8 +58,7 @@ class EngineCollector(Collector):
                 failures.add_metric(values, endpoint.failures)
                 in_flight.add_metric(values, endpoint.in_flight)
                 up.add_metric(values, float(pool.is_up(endpoint)))
-                pending.add_metric(values, endpoint.pending_tokens)
-        yield from (requests, failures, in_flight, up, pending)
+        yield from (requests, failures, in_flight, up)
 
 
 class ProxyMetrics:
@@ -89,11 +83,9 @@ class ProxyMetrics:
             "Requests sent to decode alone because prefill failed",
             registry=self.registry,
         )
-        self.routes = Counter(
-            "splitwise_proxy_routes",
-            "Routing decisions by disagg policy, path (disaggregated: prefill then decode; "
-            "direct: decode alone) and reason",
-            ["policy", "path", "reason"],
+        self.decode_fallbacks = Counter(
+            "splitwise_proxy_decode_fallbacks",
+            "Requests served whole by a prefill engine because no decode engine was reachable",
             registry=self.registry,
         )
         self.prefill_seconds = Histogram(

@@ -1,12 +1,14 @@
 """The engines of one role: which to send the next request to, and which are down.
 
-Picking is least-loaded by default: the endpoint with the fewest requests in flight, ties broken
-by whoever was picked longest ago, which is round robin while the load is even; the router
-(routing.py) passes its own ranking instead, over the same state plus the prompt tokens each
-engine still has to compute (`pending_tokens`). An engine that fails is
+Picking is least-loaded: the endpoint with the fewest requests in flight, ties broken by whoever
+was picked longest ago, which is round robin while the load is even. An engine that fails is
 marked down for a back-off period that doubles with each consecutive failure (capped); once the
 period ends the next request tries it again, and a success or a passing health check clears it.
 No background prober: an idle proxy does not need to know, and `/health` probes on demand.
+
+Whoever supervises the engines (the launcher) may know more than failed requests tell: it says
+when an engine died (`mark_dead`) and when it serves again (`mark_alive`); in between the
+engine is out of rotation whatever its back-off says, so no request is sent to it at all.
 """
 
 from __future__ import annotations
@@ -36,17 +38,10 @@ class Endpoint:
     down_until: float = 0.0
     last_error: str | None = None
     last_pick: int = 0
-    pending_tokens: int = 0  # prompt tokens sent to it that it has not answered yet
+    dead: str | None = None  # why its supervisor says it is gone, until it says it is back
 
     def available(self, now: float) -> bool:
-        return now >= self.down_until
-
-
-Rank = Callable[[Endpoint], tuple]
-
-
-def least_loaded(endpoint: Endpoint) -> tuple:
-    return (endpoint.in_flight, endpoint.last_pick)
+        return self.dead is None and now >= self.down_until
 
 
 class EnginePool:
@@ -67,28 +62,27 @@ class EnginePool:
         self._clock = clock
         self._picks = itertools.count(1)
 
-    def acquire(
-        self, exclude: Container[Endpoint] = (), rank: Rank | None = None, tokens: int = 0
-    ) -> Endpoint | None:
-        """Picks the available endpoint that ranks lowest (default: fewest in flight, then
-        longest since picked), counts a request and `tokens` pending on it; None if none is."""
+    def acquire(self, exclude: Container[Endpoint] = ()) -> Endpoint | None:
+        """Picks an available endpoint and counts a request in flight on it; None if none is."""
         now = self._clock()
         candidates = [e for e in self.endpoints if e not in exclude and e.available(now)]
         if not candidates:
             return None
-        chosen = min(candidates, key=rank or least_loaded)
+        chosen = min(candidates, key=lambda e: (e.in_flight, e.last_pick))
         chosen.last_pick = next(self._picks)
         chosen.in_flight += 1
         chosen.requests += 1
-        chosen.pending_tokens += tokens
         return chosen
 
     def release(self, endpoint: Endpoint) -> None:
         endpoint.in_flight -= 1
 
-    def computed(self, endpoint: Endpoint, tokens: int) -> None:
-        """`tokens` acquired with a request are computed (or will never be)."""
-        endpoint.pending_tokens -= tokens
+    def find(self, url: str) -> Endpoint | None:
+        return next((e for e in self.endpoints if e.url == url), None)
+
+    def any_available(self) -> bool:
+        now = self._clock()
+        return any(e.available(now) for e in self.endpoints)
 
     def mark_down(self, endpoint: Endpoint, reason: str) -> None:
         """Takes the endpoint out of rotation for the next back-off period."""
@@ -107,6 +101,18 @@ class EnginePool:
         endpoint.down_until = 0.0
         endpoint.last_error = None
 
+    def mark_dead(self, endpoint: Endpoint, cause: str) -> None:
+        """Out of rotation until `mark_alive`: its supervisor saw it die or freeze."""
+        endpoint.dead = cause
+        endpoint.last_error = cause
+        log.warning("%s engine %s died: %s", self.role, endpoint.url, cause)
+
+    def mark_alive(self, endpoint: Endpoint) -> None:
+        """Its supervisor restarted it: back in rotation at once, back-off forgotten."""
+        endpoint.dead = None
+        self.mark_up(endpoint)
+        log.info("%s engine %s serves again", self.role, endpoint.url)
+
     def is_up(self, endpoint: Endpoint) -> bool:
         return endpoint.available(self._clock())
 
@@ -115,6 +121,8 @@ class EnginePool:
         limit = aiohttp.ClientTimeout(total=timeout_s)
 
         async def check(endpoint: Endpoint) -> bool:
+            if endpoint.dead is not None:  # its supervisor's word stands until it is back
+                return False
             try:
                 async with session.get(endpoint.url + "/health", timeout=limit) as response:
                     status = response.status

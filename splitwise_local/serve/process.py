@@ -3,7 +3,9 @@
 Each child runs in a session of its own, so a Ctrl-C in the terminal reaches only the launcher
 (which then stops the children in order) and so a signal sent to the child's process group also
 reaches whatever the child spawned itself (vLLM's engine-core process). Its output goes, line by
-line, to its log file and to the console.
+line, to its log file and to the console. A child may be started again after it exited (the
+supervisor's restarts); its log then continues, and what it says about its cause of death is
+read from the current run's part of the log only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import psutil
 from splitwise_local.serve.console import LEVELS, Console, line_level
 
 RUN_ENV = "SPLITWISE_RUN_DIR"  # set in every child and inherited below: finds a run's processes
+COMPONENT_ENV = "SPLITWISE_COMPONENT"  # the child's name, likewise: finds one child's leftovers
 ORPHAN_GRACE_S = 3.0  # for what a child left running after it exited
 # "ModuleNotFoundError: No module named 'x'" opening a line or a vLLM message ("... [file.py:1] ");
 # elsewhere in a line it is prose ("fd limit errors like `OSError: ...`").
@@ -52,11 +55,13 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return b"".join(last).decode(errors="replace").rstrip() or f"({path} is empty)"
 
 
-def first_exception(path: Path) -> str | None:
-    """The first Python exception line in a log: the root cause, where the tail usually shows
-    only what it caused (vLLM's "Engine core initialization failed. See root cause above")."""
+def first_exception(path: Path, offset: int = 0) -> str | None:
+    """The first Python exception line in a log from byte `offset` on: the root cause, where the
+    tail usually shows only what it caused (vLLM's "Engine core initialization failed. See root
+    cause above")."""
     try:
         with path.open("rb") as file:
+            file.seek(offset)
             for raw in file:
                 match = _EXCEPTION_LINE.search(raw.decode(errors="replace").rstrip())
                 if match:
@@ -84,15 +89,27 @@ class Child:
         self.console = console
         self.popen: subprocess.Popen[bytes] | None = None
         self._pump: threading.Thread | None = None
+        self._log_offset = 0  # where this run of the child begins in its log
+        self.starts = 0
         # Once asked to stop, its output goes to the log only: vLLM reports its own orderly
         # shutdown with error tracebacks that would alarm a user who just pressed Ctrl-C.
         self.stopping = False
 
-    def start(self) -> None:
+    def start(self, note: str | None = None) -> None:
+        """Starts the child (again, after it exited); `note` goes into its log first, so a
+        reader of the log sees where one run ends and the next begins."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._pump is not None:
+            self._pump.join(2.0)  # the previous run's last lines land before the note
+        with self.log_path.open("ab") as log:
+            if note:
+                log.write(f"----- {note} -----\n".encode())
+            self._log_offset = log.tell()
+        self.stopping = False
+        self.starts += 1
         self.popen = subprocess.Popen(
             self.command,
-            env=self.env,
+            env={**self.env, COMPONENT_ENV: self.name},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -132,7 +149,8 @@ class Child:
         return log_tail(self.log_path, lines)
 
     def first_exception(self) -> str | None:
-        return first_exception(self.log_path)
+        """The root cause in this run's part of the log (not an earlier run's)."""
+        return first_exception(self.log_path, self._log_offset)
 
     def family(self) -> list[psutil.Process]:
         """The child and every process below it, found now (they reparent once it exits)."""
@@ -150,6 +168,20 @@ class Child:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILLs the child and everything it left anywhere (its group, and processes that
+        left the group, found by their run and component tags), and reaps it: nothing of a dead
+        or frozen child may hold its port, memory or shared segments when it starts again."""
+        if self.popen is None:
+            return
+        self.stopping = True
+        self.signal_group(signal.SIGKILL)
+        run = self.env.get(RUN_ENV)
+        for process in tagged(run, self.name) if run else []:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        self.reap()
 
     def reap(self, timeout: float = 5.0) -> None:
         """Collects the exit status, so the child does not linger as a zombie."""
@@ -221,13 +253,16 @@ def stop_together(children: Sequence[Child], grace: float, hurry: threading.Even
         child.reap()
 
 
-def tagged(run: str) -> list[psutil.Process]:
-    """Every live process whose environment says it belongs to `run` (its `RUN_ENV` value),
-    however it left its parent's process group or was reparented."""
+def tagged(run: str, component: str | None = None) -> list[psutil.Process]:
+    """Every live process whose environment says it belongs to `run` (its `RUN_ENV` value), and
+    to `component` if given, however it left its parent's process group or was reparented."""
     found = []
     for process in psutil.process_iter():
         try:
-            if process.pid != os.getpid() and process.environ().get(RUN_ENV) == run:
+            if process.pid == os.getpid():
+                continue
+            env = process.environ()
+            if env.get(RUN_ENV) == run and component in (None, env.get(COMPONENT_ENV)):
                 found.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

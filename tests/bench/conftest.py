@@ -9,6 +9,6 @@ import pytest
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from splitwise_local.models.checkpoint import resolve_model
+    from splitwise_local.models.checkpoint import prepare_default_model
 
-    return AutoTokenizer.from_pretrained(resolve_model(None))
+    return AutoTokenizer.from_pretrained(prepare_default_model())

@@ -132,12 +132,12 @@ def main() -> None:
 
     from tokenizers import Tokenizer  # starts in a blink, unlike transformers
 
-    from splitwise_local.models.checkpoint import resolve_model
+    from splitwise_local.models.checkpoint import prepare_default_model
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    tokenizer = Tokenizer.from_file(str(resolve_model(None) / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(prepare_default_model() / "tokenizer.json"))
     fake = FakeVLLM(lambda text: len(tokenizer.encode(text).ids), Knobs())
     uvicorn.run(fake.app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
 

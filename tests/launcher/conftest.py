@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher.helpers import Ports, free_ports
+from tests.launcher.helpers import Launch, Ports, free_ports, sweep
 
 
 @pytest.fixture
@@ -24,3 +24,13 @@ def fake_model(tmp_path: Path) -> Path:
     (folder / "model.safetensors").write_bytes(b"")
     (folder / "tokenizer.json").write_text("{}")
     return folder
+
+
+@pytest.fixture
+def launched():
+    """Collects launches so a failing test never leaves a system running."""
+    started: list[Launch] = []
+    yield started
+    for one in started:
+        one.stop()
+        sweep(one.run_dir)

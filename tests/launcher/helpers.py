@@ -18,6 +18,7 @@ import psutil
 from splitwise_local.serve.process import tagged
 
 FAKE_VLLM = Path(__file__).parent / "fake_vllm"
+READY = "ready: http://"
 
 
 def free_ports(count: int) -> list[int]:
@@ -165,3 +166,16 @@ def fake_env(tmp_path: Path, ports: Ports, modes: dict[int, str] | None = None) 
     for port, mode in (modes or {}).items():
         env[f"FAKE_ENGINE_MODE_{port}"] = mode
     return env
+
+
+def launch_fake(
+    tmp_path: Path,
+    ports: Ports,
+    model: Path,
+    *extra: str,
+    modes: dict[int, str] | None = None,
+    connector: str = "splitwise",
+) -> Launch:
+    """The launcher on the CPU with fake_vllm's engines (and the real store and proxy)."""
+    args = ["--device", "cpu", "--model", str(model), "--connector", connector, *ports.args()]
+    return Launch([*args, *extra], tmp_path / "run", fake_env(tmp_path, ports, modes))

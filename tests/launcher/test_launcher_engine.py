@@ -4,8 +4,9 @@ One launch per topology serves every test of this module (engines take a minute 
 start on two cores): one prefill and two decode engines, then two prefill and one decode (three
 engines on two cores: the doubled role shares its core). Each runs the sample requests whole
 and streamed, sends the long prompt's KV through the store, checks that both engines of the
-doubled role got requests, looks at the run folder, and, last, kills a decode engine, which must
-bring the whole system down with a non-zero exit and nothing left running.
+doubled role got requests, looks at the run folder, and, last, kills a decode engine, which under
+`--restart never` must bring the whole system down with a non-zero exit and nothing left running
+(restarts: tests/chaos/).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def system(request, tmp_path_factory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp(f"launcher-{prefill}p{decode}d")
     ports = Ports.for_engines(prefill, decode)
     counts = ["--prefill", str(prefill), "--decode", str(decode)]
-    launch = Launch([*ports.args(), *counts], root / "run")
+    launch = Launch([*ports.args(), *counts, "--restart", "never"], root / "run")
     try:
         launch.wait_for("ready: http://", STARTUP_TIMEOUT_S)
         url = f"http://127.0.0.1:{ports.proxy}"

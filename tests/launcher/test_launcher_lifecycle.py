@@ -11,42 +11,18 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
-from tests.launcher.helpers import Launch, Ports, events, fake_env, leftovers, sweep
+from tests.launcher.helpers import READY, Ports, events, launch_fake, leftovers
 
 pytestmark = pytest.mark.timeout(120)
-READY = "ready: http://"
-
-
-def launch(
-    tmp_path: Path,
-    ports: Ports,
-    model: Path,
-    *extra: str,
-    modes: dict[int, str] | None = None,
-    connector: str = "splitwise",
-) -> Launch:
-    args = ["--device", "cpu", "--model", str(model), "--connector", connector, *ports.args()]
-    return Launch([*args, *extra], tmp_path / "run", fake_env(tmp_path, ports, modes))
-
-
-@pytest.fixture
-def launched():
-    """Collects launches so a failing test never leaves a system running."""
-    started: list[Launch] = []
-    yield started
-    for one in started:
-        one.stop()
-        sweep(one.run_dir)
 
 
 def test_serves_then_stops_proxy_engines_store_in_order(tmp_path, ports, fake_model, launched):
-    system = launch(tmp_path, ports, fake_model, "--log-level", "info")
+    system = launch_fake(tmp_path, ports, fake_model, "--log-level", "info")
     launched.append(system)
     system.wait_for(READY, 60)
     url = f"http://127.0.0.1:{ports.proxy}"
@@ -78,7 +54,7 @@ def test_serves_then_stops_proxy_engines_store_in_order(tmp_path, ports, fake_mo
 def test_broken_model_folder_is_one_error_and_starts_nothing(tmp_path, ports, launched):
     empty = tmp_path / "empty-model"
     empty.mkdir()
-    system = launch(tmp_path, ports, empty)
+    system = launch_fake(tmp_path, ports, empty)
     launched.append(system)
     assert system.finish(timeout=30) == 1
     assert system.err.strip().splitlines() == [
@@ -90,7 +66,7 @@ def test_broken_model_folder_is_one_error_and_starts_nothing(tmp_path, ports, la
 
 def test_port_in_use_is_named_before_anything_starts(tmp_path, ports, fake_model, launched):
     with socket.create_server(("127.0.0.1", ports.decode)):
-        system = launch(tmp_path, ports, fake_model)
+        system = launch_fake(tmp_path, ports, fake_model)
         launched.append(system)
         assert system.finish(timeout=30) == 1
     assert system.err.strip().splitlines() == [
@@ -102,7 +78,7 @@ def test_port_in_use_is_named_before_anything_starts(tmp_path, ports, fake_model
 
 
 def test_engine_crash_at_startup_stops_the_rest(tmp_path, ports, fake_model, launched):
-    system = launch(tmp_path, ports, fake_model, modes={ports.decode: "crash"})
+    system = launch_fake(tmp_path, ports, fake_model, modes={ports.decode: "crash"})
     launched.append(system)
     assert system.finish(timeout=60) == 1
     assert (
@@ -119,7 +95,7 @@ def test_engine_crash_at_startup_stops_the_rest(tmp_path, ports, fake_model, lau
 
 def test_engine_that_never_answers_times_out_by_name(tmp_path, ports, fake_model, launched):
     modes = {ports.prefill: "hang"}
-    system = launch(tmp_path, ports, fake_model, "--startup-timeout", "3", modes=modes)
+    system = launch_fake(tmp_path, ports, fake_model, "--startup-timeout", "3", modes=modes)
     launched.append(system)
     assert system.finish(timeout=60) == 1
     assert (
@@ -131,7 +107,7 @@ def test_engine_that_never_answers_times_out_by_name(tmp_path, ports, fake_model
 
 
 def test_child_death_while_serving_stops_everything(tmp_path, ports, fake_model, launched):
-    system = launch(tmp_path, ports, fake_model)
+    system = launch_fake(tmp_path, ports, fake_model, "--restart", "never")
     launched.append(system)
     system.wait_for(READY, 60)
     system.child(f"--port {ports.decode}").send_signal(signal.SIGKILL)
@@ -143,7 +119,7 @@ def test_child_death_while_serving_stops_everything(tmp_path, ports, fake_model,
 
 def test_engine_ignoring_sigterm_is_killed_after_the_grace(tmp_path, ports, fake_model, launched):
     modes = {ports.prefill: "stubborn"}
-    system = launch(tmp_path, ports, fake_model, "--stop-grace", "1", modes=modes)
+    system = launch_fake(tmp_path, ports, fake_model, "--stop-grace", "1", modes=modes)
     launched.append(system)
     system.wait_for(READY, 60)
     began = time.monotonic()
@@ -154,7 +130,7 @@ def test_engine_ignoring_sigterm_is_killed_after_the_grace(tmp_path, ports, fake
 
 
 def test_ctrl_c_during_startup_stops_what_started(tmp_path, ports, fake_model, launched):
-    system = launch(tmp_path, ports, fake_model, modes={ports.decode: "hang"})
+    system = launch_fake(tmp_path, ports, fake_model, modes={ports.decode: "hang"})
     launched.append(system)
     system.wait_for("starting decode engine", 60)
     time.sleep(1.0)  # let the engines spawn their helpers
@@ -177,7 +153,7 @@ def engine_requests(url: str) -> dict[str, float]:
 def test_xpyd_starts_uses_and_stops_every_engine(tmp_path, fake_model, launched, prefill, decode):
     ports = Ports.for_engines(prefill, decode)
     counts = ["--prefill", str(prefill), "--decode", str(decode)]
-    system = launch(tmp_path, ports, fake_model, *counts)
+    system = launch_fake(tmp_path, ports, fake_model, *counts)
     launched.append(system)
     system.wait_for(READY, 60)
     engine_ports = {

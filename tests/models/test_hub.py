@@ -4,13 +4,8 @@ otherwise one line saying what to run."""
 
 from __future__ import annotations
 
-import fcntl
-import os
-import pty
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import pytest
@@ -22,6 +17,7 @@ from tests.models.conftest import (
     get_model,
     hub_env,
 )
+from tests.terminal import run_on_a_terminal
 
 
 def snapshot_of(cache: Path, repo_id: str) -> Path:
@@ -78,7 +74,10 @@ def test_a_folder_is_still_a_folder(hub_cache, tmp_path):
 @pytest.mark.parametrize("how", ["unreachable", "HF_HUB_OFFLINE"])
 @pytest.mark.parametrize(
     "command",
-    [["engine", "--role", "plain"]],
+    [
+        [],  # the launcher: `python -m splitwise_local --model DeepSeek-V2-Lite`
+        ["engine", "--role", "plain"],
+    ],
 )
 def test_offline_and_not_cached_is_one_line_that_says_what_to_run(tmp_path, how, command):
     env = hub_env(tmp_path / "empty-home")
@@ -116,25 +115,6 @@ def test_a_name_that_is_neither_is_one_line(tmp_path):
     assert "neither a Hugging Face id like org/name nor a known name" in result.stderr
     assert "DeepSeek-V2-Lite" in result.stderr
     assert len(result.stderr.splitlines()) == 1
-
-
-def run_on_a_terminal(command: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Runs `command` with stdout and stderr on a pseudo-terminal 100 columns wide."""
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
-    process = subprocess.Popen(command, env=env, stdout=follower, stderr=follower)
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    return process.wait(timeout=300), b"".join(chunks).decode(errors="replace")
 
 
 def test_a_download_shows_progress_on_a_terminal_and_not_in_a_log(fake_hub_url, tmp_path):

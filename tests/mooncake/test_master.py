@@ -18,7 +18,7 @@ from splitwise_local.serve.mooncake_master import (
     supervised_master,
 )
 from splitwise_local.serve.process import RUN_ENV
-from splitwise_local.serve.supervisor import Supervisor
+from splitwise_local.serve.supervisor import RestartPolicy, Supervisor
 from tests.mooncake.conftest import OPTIONS, TIMEOUT_S
 
 
@@ -55,10 +55,14 @@ def test_supervisor_waits_for_the_master_reports_its_death_and_leaves_nothing(tm
     child, ready = supervised_master(spec, env, tmp_path / "master.log", supervisor.console)
     try:
         supervisor.start_stage([(child, ready)], timeout=30)
-        assert ready.ready() and supervisor.first_dead() is None
+        events = []
+        supervisor.listen(events.append)
+        supervisor.supervise(RestartPolicy(mode="never"))
+        assert ready.ready() and not supervisor.failed.is_set()
         child.popen.kill()
-        child.popen.wait()
-        assert supervisor.first_dead() is child
+        assert supervisor.failed.wait(10)
+        assert [(event.child, event.up) for event in events] == [(child, False)]
+        assert child.name in supervisor.failure
     finally:
         supervisor.stop_all()
     assert child.returncode is not None and not child.family()

@@ -168,12 +168,14 @@ def test_no_fallback_passes_prefill_error_or_fails_in_openai_format(fake, proxy)
     assert decode.record.requests == []
 
 
-def test_no_decode_engine_reachable_is_503(fake, proxy, dead_url):
+def test_no_decode_engine_reachable_is_503_without_prefill_fallback(fake, proxy, dead_url):
     _, prefill_url = fake(name="prefill")
-    base = proxy(prefill=[prefill_url], decode=[dead_url(), dead_url()])
-    error = assert_openai_error(httpx.post(base + "/v1/chat/completions", json=CHAT), 503)
+    base = proxy(prefill=[prefill_url], decode=[dead_url(), dead_url()], fallback_to_prefill=False)
+    response = httpx.post(base + "/v1/chat/completions", json=CHAT)
+    error = assert_openai_error(response, 503)
     assert error["type"] == "server_error"
     assert "no decode engine reachable" in error["message"]
+    assert response.headers["retry-after"] == "10"
     # Both are now marked down: the next request is refused without trying them.
     error = assert_openai_error(httpx.post(base + "/v1/chat/completions", json=CHAT), 503)
     assert "marked down" in error["message"]
@@ -253,15 +255,21 @@ def test_health_says_which_engines_are_down(fake, proxy, dead_url):
     _, prefill_url = fake(name="prefill")
     _, decode_url = fake(name="decode")
     dead = dead_url()
-    healthy = httpx.get(proxy(prefill=[prefill_url], decode=[decode_url, dead]) + "/health")
-    assert healthy.status_code == 200
-    assert healthy.json() == {
-        "status": "ok",
+    healthy = httpx.get(proxy(prefill=[prefill_url], decode=[decode_url]) + "/health")
+    assert healthy.status_code == 200 and healthy.json()["status"] == "ok"
+    degraded = httpx.get(proxy(prefill=[prefill_url], decode=[decode_url, dead]) + "/health")
+    assert degraded.status_code == 200
+    assert degraded.json() == {
+        "status": "degraded",
         "prefill": {prefill_url: "up"},
         "decode": {decode_url: "up", dead: "down"},
         "down": [dead],
     }
-    sick = httpx.get(proxy(prefill=[prefill_url], decode=[dead]) + "/health")
+    # No decode engine, but the prefill engine can serve whole requests.
+    no_decode = httpx.get(proxy(prefill=[prefill_url], decode=[dead]) + "/health")
+    assert no_decode.status_code == 200 and no_decode.json()["status"] == "degraded"
+    sick = proxy(prefill=[prefill_url], decode=[dead], fallback_to_prefill=False)
+    sick = httpx.get(sick + "/health")
     assert sick.status_code == 503
     assert sick.json()["status"] == "unavailable" and sick.json()["down"] == [dead]
 

@@ -2,7 +2,8 @@
 
 Behaviour per engine port, from the environment (set by the tests):
 - `FAKE_ENGINE_MODE_<port>`: `ok` (default); `crash` (raises, so exits 1, before listening);
-  `hang` (never listens); `stubborn` (ignores SIGTERM, so only SIGKILL stops it).
+  `hang` (never listens); `stubborn` (ignores SIGTERM, so only SIGKILL stops it); `flaky`
+  (serves for 3 s, then exits 1, every time it is started).
 - `FAKE_ENGINE_EVENTS`: a file; on SIGTERM the engine appends one JSON line saying whether the
   proxy (`FAKE_PROXY_PORT`) and the store (`FAKE_STORE_PORT`) still accept connections.
 Like vLLM, it starts helper processes of its own; one of them leaves the process group
@@ -81,6 +82,10 @@ def main() -> None:
     if mode != "hang":
         # In a thread, uvicorn leaves signal handling to this main thread.
         threading.Thread(target=server.run, daemon=True).start()
+    if mode == "flaky":
+        time.sleep(3.0)
+        print("ERROR fake engine: lost its device", flush=True)
+        raise RuntimeError("fake engine lost its device")
     while not stopping.wait(0.1):
         pass
     server.should_exit = True
