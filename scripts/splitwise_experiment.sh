@@ -10,7 +10,7 @@
 #
 # Settings (environment, defaults in brackets): SEED [0], RATE requests/s [0.5], REQUESTS [60],
 # PROMPT_LEN [128], OUTPUT_LEN [64], LONG_PROMPT_LEN [1024], LONG_OUTPUT_LEN [16],
-# LONG_FRACTION [0.25], SLO_TTFT_MS [2000], SLO_ITL_MS [100], MODEL (checkpoint folder; default
+# LONG_FRACTION [0.25], SLO_TTFT_MS [2000], SLO_TPOT_MS [100], MODEL (checkpoint folder; default
 # the embedded SmolLM2), OUT [docs/benchmarks/splitwise-cpu], RUN_DIR [runs/experiment-<time>],
 # READY_TIMEOUT seconds [600], PYTHON [.venv/bin/python],
 # ports PLAIN_PORT [8101], PROXY_PORT [8030], PREFILL_PORT [8010], DECODE_PORT [8020],
@@ -29,7 +29,7 @@ LONG_PROMPT_LEN=${LONG_PROMPT_LEN:-1024}
 LONG_OUTPUT_LEN=${LONG_OUTPUT_LEN:-16}
 LONG_FRACTION=${LONG_FRACTION:-0.25}
 SLO_TTFT_MS=${SLO_TTFT_MS:-2000}
-SLO_ITL_MS=${SLO_ITL_MS:-100}
+SLO_TPOT_MS=${SLO_TPOT_MS:-100}
 OUT=${OUT:-docs/benchmarks/splitwise-cpu}
 READY_TIMEOUT=${READY_TIMEOUT:-600}
 PLAIN_PORT=${PLAIN_PORT:-8101}
@@ -52,7 +52,7 @@ WORKLOAD=(
   --workload mixed --num-requests "$REQUESTS" --rate "$RATE" --seed "$SEED"
   --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN"
   --long-prompt-len "$LONG_PROMPT_LEN" --long-output-len "$LONG_OUTPUT_LEN"
-  --long-fraction "$LONG_FRACTION" --slo-ttft-ms "$SLO_TTFT_MS" --slo-itl-ms "$SLO_ITL_MS"
+  --long-fraction "$LONG_FRACTION" --slo-ttft-ms "$SLO_TTFT_MS" --slo-tpot-ms "$SLO_TPOT_MS"
   --warmup 2 --model "$MODEL_DIR"
 )
 

@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "connector": "decode TTFT with KV loaded from the store against recomputing the prompt",
     "serde": "size, speed and quality of the KV compression serdes on real KV",
     "serve": "load generator against any OpenAI-compatible URL",
+    "sweep": "SLO attainment of one server across request rates and seeds (DistServe's metric)",
 }
 
 

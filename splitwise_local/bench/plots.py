@@ -1,9 +1,11 @@
-"""PNG plots of `bench serve` results: latency CDFs and inter-token latency over time.
+"""PNG plots of `bench serve` and `bench sweep` results.
 
-Each function takes several labelled runs (one for a plain `bench serve`, two for the Splitwise
-experiment) in the JSON shape `bench serve` writes, so one picture compares systems directly.
-The ITL-over-time plot marks when long-prompt requests were sent: under the mixed workload that
-is where a colocated engine's decode stalls behind prefill, the effect disaggregation removes.
+Latency CDFs and inter-token latency over time take several labelled runs (one for a plain
+`bench serve`, one per system for the Splitwise experiment) in the JSON shape `bench serve`
+writes, so one picture compares systems directly. The ITL-over-time plot marks when long-prompt
+requests were sent: under the mixed workload that is where a colocated engine's decode stalls
+behind prefill, the effect disaggregation removes. The attainment plot takes `bench sweep`
+results: SLO attainment against request rate per system, with the spread across seeds.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 LATENCY_CDF = "latency-cdf.png"
 ITL_OVER_TIME = "itl-over-time.png"
+ATTAINMENT = "attainment.png"
 
 
 def _pyplot():
@@ -102,3 +105,41 @@ def write_plots(
         plot_latency_cdfs(runs, out_dir / f"{prefix}{LATENCY_CDF}"),
         plot_itl_over_time(runs, out_dir / f"{prefix}{ITL_OVER_TIME}"),
     ]
+
+
+def plot_attainment(sweeps: Mapping[str, Mapping[str, Any]], path: Path, goal: float = 0.9) -> Path:
+    """SLO attainment (both SLOs, TTFT only, TPOT only) and ITL p99 against the request rate,
+    one line per system: the mean over seeds, bars from the lowest to the highest seed."""
+    plt = _pyplot()
+    panels = (
+        ("attainment", "TTFT and TPOT SLOs met"),
+        ("attainment_ttft", "TTFT SLO met"),
+        ("attainment_tpot", "TPOT SLO met"),
+        ("itl_p99_ms", "ITL p99 (ms, log)"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(19, 4.4))
+    for label, sweep in sweeps.items():
+        rates = np.array([point["rate"] for point in sweep["curve"]])
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            spread = [point[key] for point in sweep["curve"]]
+            mean = np.array([np.nan if s["mean"] is None else s["mean"] for s in spread])
+            low = np.array([np.nan if s["min"] is None else s["min"] for s in spread])
+            high = np.array([np.nan if s["max"] is None else s["max"] for s in spread])
+            ax.errorbar(
+                rates, mean, yerr=[mean - low, high - mean], marker="o", capsize=3, label=label
+            )
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        ax.set(title=title, xlabel="request rate (req/s)")
+        ax.grid(True, alpha=0.3)
+        if key == "itl_p99_ms":
+            ax.set_yscale("log")
+            _log_axis(ax.yaxis)
+        else:
+            ax.set_ylim(-0.02, 1.02)
+            ax.axhline(goal, color="grey", linestyle="--", linewidth=0.8)
+        ax.legend()
+    axes[0].set_ylabel("share of requests")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

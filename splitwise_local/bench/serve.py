@@ -3,9 +3,12 @@
 It sends a workload (bench/workloads.py) to `/v1/completions` with `stream=true` and usage in
 the stream, at Poisson arrivals of a given rate or at a fixed concurrency, and times every
 chunk as it arrives: time to first token (TTFT), the gaps between chunks (inter-token latency,
-ITL) and end-to-end latency (E2E), with throughput and goodput (requests/s meeting both SLOs).
-The same command measures our proxy, a plain vLLM server or anything else that speaks the API,
-so comparisons are like for like.
+ITL), the mean time per output token after the first (TPOT, what SLOs are set on, as in
+DistServe) and end-to-end latency (E2E), with throughput, SLO attainment (the share of sent
+requests meeting the TTFT SLO, the TPOT SLO, both) and goodput (requests/s meeting both). The
+same command measures our proxy, a plain vLLM server or anything else that speaks the API, so
+comparisons are like for like. Each run also records how much CPU other processes on the
+machine used meanwhile (bench/host_load.py), so a report can tell a quiet run from a noisy one.
 
 Output lengths are made exact with two vLLM extensions, `ignore_eos` and `return_token_ids`
 (tokens per chunk, since vLLM may coalesce tokens into one chunk when the client lags). Every
@@ -19,16 +22,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 
-from splitwise_local.bench import kv_cost, report
+from splitwise_local.bench import host_load, kv_cost, report
 from splitwise_local.bench.workloads import (
     WORKLOADS,
     RequestSpec,
@@ -107,6 +112,7 @@ class RequestResult:
             "output_len": self.spec.output_len,
             "start_s": round(self.start_s, 6),
             "ttft_ms": round(self.ttft_s * 1e3, 3) if self.ok else None,
+            "tpot_ms": round(self.tpot_s * 1e3, 3) if self.ok else None,
             "e2e_ms": round(self.end_s * 1e3, 3) if self.ok and self.end_s else None,
             "chunk_ms": [round(t * 1e3, 3) for t in self.chunk_s],
             "output_tokens": self.output_tokens,
@@ -227,18 +233,34 @@ def latency_summary(results: list[RequestResult]) -> dict[str, Any]:
     return {
         "count": len(done),
         "ttft_ms": percentiles_ms([r.ttft_s for r in done]),
+        "tpot_ms": percentiles_ms([r.tpot_s for r in done if r.output_tokens > 1]),
         "itl_ms": percentiles_ms([gap for r in done for gap in r.itl_s]),
         "e2e_ms": percentiles_ms([r.end_s for r in done if r.end_s is not None]),
     }
 
 
+def attainment(
+    results: list[RequestResult], slo_ttft_ms: float, slo_tpot_ms: float
+) -> dict[str, float]:
+    """Shares of all sent requests that met the TTFT SLO, the TPOT SLO and both (DistServe's
+    SLO attainment); a failed request meets neither."""
+    sent = max(len(results), 1)
+    ttft = [r.ok and r.ttft_s * 1e3 <= slo_ttft_ms for r in results]
+    tpot = [r.ok and r.tpot_s * 1e3 <= slo_tpot_ms for r in results]
+    return {
+        "ttft": sum(ttft) / sent,
+        "tpot": sum(tpot) / sent,
+        "both": sum(a and b for a, b in zip(ttft, tpot, strict=True)) / sent,
+    }
+
+
 def summarize(
-    results: list[RequestResult], duration_s: float, slo_ttft_ms: float, slo_itl_ms: float
+    results: list[RequestResult], duration_s: float, slo_ttft_ms: float, slo_tpot_ms: float
 ) -> dict[str, Any]:
     """The run's numbers: pooled latency percentiles, per request kind too, throughput,
-    goodput (requests meeting the TTFT SLO and, per token after the first, the ITL SLO)."""
+    SLO attainment and goodput (requests meeting the TTFT SLO and the TPOT SLO)."""
     done = [r for r in results if r.ok]
-    good = [r for r in done if r.ttft_s * 1e3 <= slo_ttft_ms and r.tpot_s * 1e3 <= slo_itl_ms]
+    met = attainment(results, slo_ttft_ms, slo_tpot_ms)
     problems = {r.spec.index: r.problems() for r in done if r.problems()}
     kinds = sorted({r.spec.kind for r in results})
     duration = max(duration_s, 1e-9)
@@ -249,8 +271,9 @@ def summarize(
         "failed": len(results) - len(done),
         "requests_per_s": len(done) / duration,
         "output_tokens_per_s": sum(r.output_tokens for r in done) / duration,
-        "goodput_requests_per_s": len(good) / duration,
-        "slo_met": len(good),
+        "goodput_requests_per_s": met["both"] * len(results) / duration,
+        "slo_met": round(met["both"] * len(results)),
+        "attainment": met,
         **{k: v for k, v in latency_summary(results).items() if k != "count"},
         "by_kind": {
             kind: latency_summary([r for r in results if r.spec.kind == kind]) for kind in kinds
@@ -289,16 +312,29 @@ def server_model(base_url: str, wait_s: float) -> tuple[str, int | None]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8030", help="server base URL")
-    parser.add_argument("--model", help="tokenizer folder (default: the embedded SmolLM2)")
-    parser.add_argument("--served-model-name", help="model name to send (default: /v1/models)")
-    parser.add_argument("--label", default="run", help="name of this run in tables and plots")
-    parser.add_argument("--workload", choices=WORKLOADS, default="mixed")
-    parser.add_argument("--num-requests", type=int, default=32)
+    add_common_arguments(parser)
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--rate", type=float, help="Poisson arrivals, requests per second")
     load.add_argument("--concurrency", type=int, default=4, help="requests in flight (default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot-dir", type=Path, help="write latency CDF and ITL PNGs here")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `bench serve` shares with `bench sweep`: the server, the workload, the SLOs and
+    what to read around the run; not the load (rate, concurrency) or the seed."""
+    parser.add_argument("--url", default="http://127.0.0.1:8030", help="server base URL")
+    parser.add_argument("--model", help="tokenizer folder (default: the embedded SmolLM2)")
+    parser.add_argument("--served-model-name", help="model name to send (default: /v1/models)")
+    parser.add_argument("--label", default="run", help="name of this run in tables and plots")
+    parser.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="mixed",
+        help="fixed (short prompts: --prompt-len below the disaggregation threshold), mixed, "
+        "shared-prefix, multi-turn (each turn resends its conversation's history)",
+    )
+    parser.add_argument("--num-requests", type=int, default=32)
     defaults = WorkloadSettings()
     parser.add_argument("--prompt-len", type=int, default=defaults.prompt_len)
     parser.add_argument("--output-len", type=int, default=defaults.output_len)
@@ -307,8 +343,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-fraction", type=float, default=defaults.long_fraction)
     parser.add_argument("--prefix-len", type=int, default=defaults.prefix_len)
     parser.add_argument("--num-prefixes", type=int, default=defaults.num_prefixes)
+    parser.add_argument(
+        "--turns", type=int, default=defaults.turns, help="multi-turn: turns per conversation"
+    )
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    parser.add_argument("--slo-itl-ms", type=float, default=100.0)
+    parser.add_argument(
+        "--slo-tpot-ms",
+        type=float,
+        default=100.0,
+        help="SLO on each request's mean time per output token after the first",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured requests first")
     parser.add_argument(
         "--wait-ready",
@@ -323,13 +367,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=600.0,
         help="seconds without data before a request is given up",
     )
-    parser.add_argument("--plot-dir", type=Path, help="write latency CDF and ITL PNGs here")
     parser.add_argument("--store-url", help="KV store to read stats from before and after")
     parser.add_argument(
         "--metrics-url",
         action="append",
         default=[],
         help="Prometheus endpoint to diff before and after (repeatable)",
+    )
+    parser.add_argument(
+        "--ours-pid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PID",
+        help="a process (with its descendants) whose CPU is the benchmark's own, not other "
+        "load: the system under test when it is not the process listening at --url",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -345,6 +397,7 @@ def settings_from_args(args: argparse.Namespace) -> WorkloadSettings:
         long_fraction=args.long_fraction,
         prefix_len=args.prefix_len,
         num_prefixes=args.num_prefixes,
+        turns=args.turns,
         seed=args.seed,
     )
 
@@ -352,7 +405,12 @@ def settings_from_args(args: argparse.Namespace) -> WorkloadSettings:
 def print_results(label: str, results: dict[str, Any]) -> None:
     rows = [
         [name, *(results[key][f"p{p}"] for p in PERCENTILES), results[key]["mean"]]
-        for name, key in (("TTFT ms", "ttft_ms"), ("ITL ms", "itl_ms"), ("E2E ms", "e2e_ms"))
+        for name, key in (
+            ("TTFT ms", "ttft_ms"),
+            ("TPOT ms", "tpot_ms"),
+            ("ITL ms", "itl_ms"),
+            ("E2E ms", "e2e_ms"),
+        )
     ]
     report.print_table(
         f"bench serve: {label} latency", ["metric", "p50", "p90", "p99", "mean"], rows
@@ -367,7 +425,9 @@ def print_results(label: str, results: dict[str, Any]) -> None:
             "req/s",
             "output tok/s",
             "goodput req/s",
+            "SLO attainment",
             "count mismatches",
+            "other CPU %",
         ],
         [
             [
@@ -377,10 +437,34 @@ def print_results(label: str, results: dict[str, Any]) -> None:
                 results["requests_per_s"],
                 results["output_tokens_per_s"],
                 results["goodput_requests_per_s"],
+                results["attainment"]["both"],
                 checks["requests_with_count_mismatch"],
+                100 * results["host_load"]["foreign_fraction"],
             ]
         ],
     )
+
+
+@dataclass
+class Target:
+    """The server under test, as found before the first request."""
+
+    base_url: str
+    model: str  # the name to send
+    max_model_len: int | None
+    tokenizer: Any
+
+
+def connect(args: argparse.Namespace) -> Target:
+    """Finds the served model and loads the tokenizer (raises with one line)."""
+    from transformers import AutoTokenizer
+
+    from splitwise_local.models.hub import resolve_model
+
+    base_url = normalize_url(args.url)
+    served, max_model_len = server_model(base_url, args.wait_ready)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model).folder)
+    return Target(base_url, args.served_model_name or served, max_model_len, tokenizer)
 
 
 @dataclass
@@ -395,61 +479,76 @@ class Plan:
     arrivals: list[float] | None
 
 
-def plan_run(args: argparse.Namespace) -> Plan:
+def plan_run(args: argparse.Namespace, target: Target | None = None) -> Plan:
     """Checks everything that can be checked before sending (raises with one line)."""
-    from transformers import AutoTokenizer
-
-    from splitwise_local.models.hub import resolve_model
-
     settings = settings_from_args(args)
     if args.rate is None and args.concurrency < 1:
         raise WorkloadError(f"concurrency must be at least 1 (got {args.concurrency})")
-    base_url = normalize_url(args.url)
-    served, max_model_len = server_model(base_url, args.wait_ready)
-    settings.validate(max_model_len)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model).folder)
-    specs = build_workload(settings, tokenizer)
+    target = target or connect(args)
+    settings.validate(target.max_model_len)
+    specs = build_workload(settings, target.tokenizer)
     return Plan(
-        base_url=base_url,
-        model=args.served_model_name or served,
+        base_url=target.base_url,
+        model=target.model,
         settings=settings,
         specs=specs,
-        warmup=warmup_requests(settings, tokenizer, args.warmup),
+        warmup=warmup_requests(settings, target.tokenizer, args.warmup),
         arrivals=None if args.rate is None else poisson_arrivals(len(specs), args.rate, args.seed),
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from splitwise_local.models.checkpoint import ModelError
+class WarmupFailed(RuntimeError):
+    """A warm-up request failed: the server is not ready to be measured."""
 
-    try:
-        plan = plan_run(args)
-    except (WorkloadError, ServerError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    load = {"timeout_s": args.timeout, "concurrency": args.concurrency}
-    if plan.warmup:
-        done, _ = asyncio.run(
-            run_load(plan.base_url, plan.model, plan.warmup, arrivals=None, progress=False, **load)
-        )
-        failed = [r.error for r in done if not r.ok]
-        if failed:
-            print(f"error: warm-up request failed: {failed[0]}", file=sys.stderr)
-            return 1
-    before = kv_cost.snapshot(args.store_url, args.metrics_url)
-    results, duration = asyncio.run(
+
+def host_roots(base_url: str, extra: list[int] | None = None) -> list[int]:
+    """Processes whose CPU is the benchmark's own: this one, `extra`, and the server listening
+    at `base_url` (with their descendants), when it runs on this host."""
+    roots = [os.getpid(), *(extra or [])]
+    port = urlsplit(base_url).port
+    if port is not None and (pid := host_load.listener_pid(port)) is not None:
+        roots.append(pid)
+    return roots
+
+
+def warm_up(plan: Plan, args: argparse.Namespace) -> None:
+    """Sends the plan's warm-up requests, unmeasured; raises WarmupFailed if one fails."""
+    done, _ = asyncio.run(
         run_load(
             plan.base_url,
             plan.model,
-            plan.specs,
-            arrivals=plan.arrivals,
-            progress=not args.no_progress,
-            **load,
+            plan.warmup,
+            arrivals=None,
+            concurrency=args.concurrency,
+            timeout_s=args.timeout,
+            progress=False,
         )
     )
+    failed = [r.error for r in done if not r.ok]
+    if failed:
+        raise WarmupFailed(f"warm-up request failed: {failed[0]}")
+
+
+def measure(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    """Warms the server up, sends the plan's requests and returns the run's full results."""
+    load = {"timeout_s": args.timeout, "concurrency": args.concurrency}
+    if plan.warmup:
+        warm_up(plan, args)
+    before = kv_cost.snapshot(args.store_url, args.metrics_url)
+    with host_load.HostLoad(host_roots(plan.base_url, args.ours_pid)) as machine_load:
+        results, duration = asyncio.run(
+            run_load(
+                plan.base_url,
+                plan.model,
+                plan.specs,
+                arrivals=plan.arrivals,
+                progress=not args.no_progress,
+                **load,
+            )
+        )
     after = kv_cost.snapshot(args.store_url, args.metrics_url)
-    summary = summarize(results, duration, args.slo_ttft_ms, args.slo_itl_ms)
-    payload = {
+    summary = summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+    return {
         "label": args.label,
         "url": plan.base_url,
         "model": plan.model,
@@ -459,12 +558,24 @@ def run(args: argparse.Namespace) -> int:
             "concurrency": None if args.rate is not None else args.concurrency,
             "warmup": args.warmup,
             "slo_ttft_ms": args.slo_ttft_ms,
-            "slo_itl_ms": args.slo_itl_ms,
+            "slo_tpot_ms": args.slo_tpot_ms,
         },
         **summary,
         "kv_cost": kv_cost.compare(before, after, summary["completed"]),
+        "host_load": machine_load.result,
         "per_request": [r.as_dict() for r in results],
     }
+
+
+def run(args: argparse.Namespace) -> int:
+    from splitwise_local.models.checkpoint import ModelError
+
+    try:
+        plan = plan_run(args)
+        payload = measure(plan, args)
+    except (WorkloadError, ServerError, ModelError, WarmupFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print_results(args.label, payload)
     report.write_json(args.json, payload)
     if args.plot_dir:

@@ -7,6 +7,12 @@ names (the load generator checks them again against the server's usage counts). 
 comes from one seed, split into independent streams for prompts, arrivals and warm-up, so the same
 seed gives the same prompts and, at the same rate, the same arrival times: two systems measured
 with one seed see the same load.
+
+The workloads: `fixed` (one prompt and output length; with a short prompt, the short-prompt
+workload of conditional disaggregation), `mixed` (short chats decoding while long prompts
+arrive: the Splitwise interference case), `shared-prefix` (groups of requests share a long
+prefix, e.g. a system prompt) and `multi-turn` (conversations whose every turn resends the
+whole history: what prefix caching and KV-aware routing are for).
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-WorkloadKind = Literal["fixed", "mixed", "shared-prefix"]
-WORKLOADS: tuple[WorkloadKind, ...] = ("fixed", "mixed", "shared-prefix")
+WorkloadKind = Literal["fixed", "mixed", "shared-prefix", "multi-turn"]
+WORKLOADS: tuple[WorkloadKind, ...] = ("fixed", "mixed", "shared-prefix", "multi-turn")
 CORPUS_FILE = "prose.txt"
 # A window whose text does not round-trip (a merge across its edges) is rare (~1%); this many
 # misses in a row means the tokenizer cannot produce the length at all.
@@ -41,17 +47,21 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class WorkloadSettings:
-    """The knobs of all three workloads; each workload reads the ones it needs."""
+    """The knobs of all the workloads; each workload reads the ones it needs."""
 
     kind: WorkloadKind = "mixed"
     num_requests: int = 32
-    prompt_len: int = 128  # fixed and mixed-short prompts; the unique suffix in shared-prefix
+    # fixed and mixed-short prompts; the unique suffix in shared-prefix; in multi-turn the new
+    # question of each turn after the first
+    prompt_len: int = 128
     output_len: int = 64
     long_prompt_len: int = 1024  # mixed: long-prompt requests that arrive while others decode
     long_output_len: int = 16
     long_fraction: float = 0.25
-    prefix_len: int = 512  # shared-prefix: tokens every request of a group shares
+    # shared-prefix: tokens every request of a group shares; multi-turn: the first turn's prompt
+    prefix_len: int = 512
     num_prefixes: int = 4
+    turns: int = 4  # multi-turn: turns per conversation
     seed: int = 0
 
     def shapes(self) -> list[tuple[int, int]]:
@@ -63,7 +73,18 @@ class WorkloadSettings:
                 (self.prompt_len, self.output_len),
                 (self.long_prompt_len, self.long_output_len),
             ]
-        return [(self.prefix_len + self.prompt_len, self.output_len)]
+        if self.kind == "shared-prefix":
+            return [(self.prefix_len + self.prompt_len, self.output_len)]
+        return [(self.turn_len(turn), self.output_len) for turn in range(self.turns)]
+
+    def turn_len(self, turn: int) -> int:
+        """multi-turn: prompt tokens of turn `turn` (0-based): the first prompt, then for each
+        earlier turn its answer (output_len tokens) and the next question (prompt_len)."""
+        return self.prefix_len + turn * (self.output_len + self.prompt_len)
+
+    def conversations(self) -> int:
+        """multi-turn: conversations needed to send num_requests turns."""
+        return -(-self.num_requests // self.turns)
 
     def validate(self, max_model_len: int | None = None) -> None:
         """Raises WorkloadError naming the first setting that cannot work."""
@@ -77,6 +98,7 @@ class WorkloadSettings:
             "long_output_len": self.long_output_len,
             "prefix_len": self.prefix_len,
             "num_prefixes": self.num_prefixes,
+            "turns": self.turns,
         }
         for name, value in positive.items():
             if value < 1:
@@ -97,10 +119,11 @@ class RequestSpec:
     """One request of a workload: its text and the exact token counts it must produce."""
 
     index: int
-    kind: str  # "fixed", "short", "long" or "shared-prefix"
+    kind: str  # "fixed", "short", "long", "shared-prefix" or "turn-N" (multi-turn, 1-based)
     prompt: str
     prompt_len: int
     output_len: int
+    conversation: int | None = None  # multi-turn: which conversation this turn belongs to
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,13 +195,41 @@ def build_workload(
             else:
                 shape = (settings.prompt_len, settings.output_len)
             specs.append(RequestSpec(i, str(kind), cutter.cut(shape[0]), *shape))
-    else:
+    elif settings.kind == "shared-prefix":
         prefixes = [cutter.cut(settings.prefix_len) for _ in range(settings.num_prefixes)]
         total = settings.prefix_len + settings.prompt_len
         for i in range(n):
             prefix = prefixes[int(rng.integers(len(prefixes)))]
             prompt = cutter.cut(total, prefix=prefix)
             specs.append(RequestSpec(i, "shared-prefix", prompt, total, settings.output_len))
+    else:
+        specs = _multi_turn(settings, cutter)
+    return specs
+
+
+def _multi_turn(settings: WorkloadSettings, cutter: PromptCutter) -> list[RequestSpec]:
+    """Conversations whose turn t+1 is turn t's prompt, a stand-in for its answer and a new
+    question. The stand-in is corpus text of the answer's length, not the model's own words, so
+    the prompts are fixed before the run and every system sees the same tokens; what a KV cache
+    can reuse (the whole previous prompt) is the same as in a real chat. Turns are sent round
+    robin over the conversations (turn 1 of each, then turn 2 of each, ...), so at rate r a
+    conversation's next turn arrives about conversations/r seconds after its last one."""
+    count = settings.conversations()
+    histories: list[str] = [""] * count
+    specs: list[RequestSpec] = []
+    for turn in range(settings.turns):
+        for conversation in range(count):
+            if len(specs) == settings.num_requests:
+                return specs
+            length = settings.turn_len(turn)
+            prompt = cutter.cut(length, prefix=histories[conversation])
+            histories[conversation] = prompt
+            specs.append(
+                RequestSpec(
+                    len(specs), f"turn-{turn + 1}", prompt, length, settings.output_len,
+                    conversation,
+                )
+            )  # fmt: skip
     return specs
 
 

@@ -53,6 +53,7 @@ class FakeVLLM:
         self.app = Starlette(
             routes=[
                 Route("/v1/models", self.models),
+                Route("/health", self.health),
                 Route("/v1/completions", self.complete, methods=["POST"]),
                 Route("/metrics", self.metrics),
             ]
@@ -60,6 +61,9 @@ class FakeVLLM:
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"data": [{"id": MODEL, "max_model_len": MAX_MODEL_LEN}]})
+
+    async def health(self, request: Request) -> Response:
+        return Response(status_code=200)
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type="text/plain")

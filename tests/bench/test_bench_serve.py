@@ -56,6 +56,23 @@ def test_mixed_run_numbers_are_consistent(tokenizer, tmp_path):
     assert all((tmp_path / "p" / n).read_bytes()[:4] == b"\x89PNG" for n in pngs)
 
 
+def test_attainment_counts_each_slo_on_its_own(tokenizer, tmp_path):
+    # 10 ms per token: TPOT about 10 ms, TTFT about one token's time
+    with serve_fake(tokenizer, Knobs(token_interval_s=0.01)) as (url, _):
+        _, loose = bench(url, tmp_path, "--workload", "fixed", "--slo-tpot-ms", "50")
+        _, strict_tpot = bench(url, tmp_path, "--workload", "fixed", "--slo-tpot-ms", "5")
+        _, strict_ttft = bench(url, tmp_path, "--workload", "fixed", "--slo-ttft-ms", "1")
+    assert loose["attainment"] == {"ttft": 1.0, "tpot": 1.0, "both": 1.0}
+    assert strict_tpot["attainment"] == {"ttft": 1.0, "tpot": 0.0, "both": 0.0}
+    assert strict_ttft["attainment"] == {"ttft": 0.0, "tpot": 1.0, "both": 0.0}
+    assert strict_tpot["goodput_requests_per_s"] == 0.0
+    for record in loose["per_request"]:  # TPOT: (last chunk - first) / (tokens - 1)
+        gaps = record["chunk_ms"][-1] - record["chunk_ms"][0]
+        assert record["tpot_ms"] == pytest.approx(gaps / (record["output_tokens"] - 1), abs=1e-3)
+    assert loose["tpot_ms"]["p50"] > 8  # each token sleeps 10 ms
+    assert set(loose["host_load"]) >= {"foreign_fraction", "ours_core_s", "quiet"}
+
+
 def test_coalesced_chunks_count_every_token(tokenizer, tmp_path):
     with serve_fake(tokenizer, Knobs(coalesce_every=3)) as (url, _):
         code, result = bench(url, tmp_path, "--workload", "fixed", "--concurrency", "3")
@@ -79,6 +96,8 @@ def test_failed_requests_are_counted_not_measured(tokenizer, tmp_path):
         code, result = bench(url, tmp_path, "--workload", "fixed", "--concurrency", "1")
     assert code == 1
     assert result["failed"] == 2 and result["completed"] == 4
+    # a failed request meets no SLO: 4 of the 6 sent met both (fast fake, default SLOs)
+    assert result["attainment"] == {"ttft": 4 / 6, "tpot": 4 / 6, "both": 4 / 6}
     assert result["requests_per_s"] == pytest.approx(4 / result["duration_s"])
     assert any("HTTP 500" in e for e in result["errors"])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,7 @@ def token_count(tokenizer, text: str) -> int:
     return len(tokenizer(text)["input_ids"])
 
 
-@pytest.mark.parametrize("kind", ["fixed", "mixed", "shared-prefix"])
+@pytest.mark.parametrize("kind", ["fixed", "mixed", "shared-prefix", "multi-turn"])
 def test_prompts_have_the_exact_token_lengths_asked_for(tokenizer, kind):
     settings = WorkloadSettings(
         kind=kind, num_requests=12, prompt_len=37, long_prompt_len=700, prefix_len=200, seed=3
@@ -50,6 +52,30 @@ def test_shared_prefix_prompts_share_their_group_prefix_tokens(tokenizer):
     suffixes = {tuple(i[150:]) for i in ids}
     assert len(prefixes) == 2  # every prompt starts with one of the two group prefixes
     assert len(suffixes) == 8  # and goes on with its own text
+
+
+def test_multi_turn_resends_each_conversations_history(tokenizer):
+    settings = WorkloadSettings(
+        kind="multi-turn", num_requests=7, prefix_len=60, prompt_len=10, output_len=5, turns=3
+    )
+    specs = build_workload(settings, tokenizer)
+    assert settings.conversations() == 3
+    # round robin: turn 1 of conversations 0, 1, 2, then turn 2 of each, then one turn 3
+    assert [(s.conversation, s.kind) for s in specs] == [
+        (0, "turn-1"), (1, "turn-1"), (2, "turn-1"),
+        (0, "turn-2"), (1, "turn-2"), (2, "turn-2"), (0, "turn-3"),
+    ]  # fmt: skip
+    assert [s.prompt_len for s in specs] == [60, 60, 60, 75, 75, 75, 90]
+    by_conversation: dict[int, list[list[int]]] = {}
+    for spec in specs:
+        ids = tokenizer(spec.prompt)["input_ids"]
+        assert len(ids) == spec.prompt_len
+        by_conversation.setdefault(spec.conversation, []).append(ids)
+    for turns in by_conversation.values():
+        for earlier, later in itertools.pairwise(turns):
+            assert later[: len(earlier)] == earlier  # the whole history, token for token
+    firsts = {tuple(turns[0]) for turns in by_conversation.values()}
+    assert len(firsts) == 3  # conversations do not share their history
 
 
 def test_same_seed_same_prompts_other_seed_other_prompts(tokenizer):
@@ -84,6 +110,8 @@ def test_poisson_arrivals_are_seeded_and_have_the_asked_rate():
         (WorkloadSettings(num_requests=0), None, "num_requests"),
         (WorkloadSettings(long_prompt_len=2000, long_output_len=100), 2048, "max_model_len"),
         (WorkloadSettings(kind="fixed", prompt_len=3000), 2048, "max_model_len"),
+        (WorkloadSettings(kind="multi-turn", prefix_len=1500, turns=4), 2048, "max_model_len"),
+        (WorkloadSettings(kind="multi-turn", turns=0), None, "turns"),
     ],
 )
 def test_impossible_settings_are_refused_with_the_setting_named(settings, max_model_len, message):
