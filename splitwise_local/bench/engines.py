@@ -155,12 +155,15 @@ def start_system(
     roles: dict[str, str],
     connector_extra: dict | None = None,
     transport: str = "shm",
+    engine_args: dict[str, list[str]] | None = None,
 ) -> System:
     """Starts the store (when `config` is given) and one engine per name in `roles`.
 
     The engines reach the store through its shared-memory arena (`transport="shm"`, what the
     launcher does on one host) or over TCP (`"tcp"`, what engines on other hosts do); with
     `"mooncake"` a loopback mooncake_master runs instead and the engines mount the memory.
+    `engine_args` adds vLLM flags per engine name (`--enable-prefix-caching` turns the
+    engine's own prefix cache back on).
     """
     root.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(Console("error"), run=str(root), stop_grace=20)
@@ -199,7 +202,7 @@ def start_system(
                 role=role,
                 config_file=config_file,
                 cpu_cores=str(index % 2),
-                extra_args=["--no-enable-prefix-caching"],
+                extra_args=["--no-enable-prefix-caching", *(engine_args or {}).get(name, [])],
                 connector_extra=connector_extra or {},
             )
             child = Child(

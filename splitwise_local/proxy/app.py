@@ -1,14 +1,16 @@
 """The Starlette app: one OpenAI-compatible endpoint in front of prefill and decode engines.
 
-A completion request walks: check the API key, read the body (size-limited), send a copy with
-`max_tokens=1`, `stream=false` to the least-loaded prefill engine (whose KV connector stores
-the prompt's KV), then send the caller's original bytes to the least-loaded decode engine (which
-loads that KV) and relay its answer: whole, or as server-sent events chunk by chunk as they
-arrive. If prefill fails the decode engine computes the prompt itself (unless configured to
-fail); if no decode engine can be reached a prefill engine, a complete vLLM engine, serves the
-whole request, and with neither the caller gets a 503 with `Retry-After`. Engines' own error
-answers are passed through unchanged; the proxy's own errors use the OpenAI error shape. A
-caller that disconnects cancels whatever upstream request is running.
+A completion request walks: check the API key, read the body (size-limited), let the router
+decide its route (routing.py: through prefill or straight to decode, and which engines), then,
+through prefill, send a copy with `max_tokens=1`, `stream=false` to the chosen prefill engine
+(whose KV connector stores the prompt's KV), and send the caller's original bytes to the chosen
+decode engine (which loads that KV) and relay its answer: whole, or as server-sent events chunk
+by chunk as they arrive. The answer carries the decision in an `x-splitwise-route` header and
+/metrics counts it. If prefill fails the decode engine computes the prompt itself (unless
+configured to fail); if no decode engine can be reached a prefill engine, a complete vLLM
+engine, serves the whole request, and with neither the caller gets a 503 with `Retry-After`.
+Engines' own error answers are passed through unchanged; the proxy's own errors use the OpenAI
+error shape. A caller that disconnects cancels whatever upstream request is running.
 
 The launcher, which supervises the engines, tells the proxy of every death and return
 (`engine_state`, from any thread): a dead engine gets no new request, and the answers still
@@ -36,7 +38,14 @@ from starlette.types import Receive, Scope, Send
 
 from splitwise_local.proxy.errors import error_body, error_response
 from splitwise_local.proxy.metrics import ProxyMetrics, RequestRecord
-from splitwise_local.proxy.pool import Endpoint, EnginePool
+from splitwise_local.proxy.pool import Endpoint, EnginePool, Rank
+from splitwise_local.proxy.routing import (
+    DISAGGREGATED,
+    ROUTE_HEADER,
+    Decision,
+    Router,
+    build_router,
+)
 from splitwise_local.proxy.settings import ProxySettings
 from splitwise_local.proxy.upstream import (
     UPSTREAM_ERRORS,
@@ -59,6 +68,19 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the caller left first", used 
 
 class BodyTooLarge(Exception):
     pass
+
+
+class Once:
+    """Calls `action` the first time it is called, never again (for "done" paths that can
+    each be reached: the first streamed chunk, the stream's end, a failure)."""
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        self._action: Callable[[], None] | None = action
+
+    def __call__(self) -> None:
+        action, self._action = self._action, None
+        if action is not None:
+            action()
 
 
 def prefill_body(request: dict) -> bytes:
@@ -132,6 +154,7 @@ class Proxy:
         self.prefill = EnginePool("prefill", settings.prefill, *backoff)
         self.decode = EnginePool("decode", settings.decode, *backoff)
         self.metrics = ProxyMetrics([self.prefill, self.decode])
+        self.router = Router(settings, self.prefill, self.decode)
         connect = settings.connect_timeout_s
         self._prefill_timeout = timeout(connect, settings.prefill_timeout_s)
         self._decode_timeout = timeout(connect, settings.decode_timeout_s)
@@ -140,6 +163,10 @@ class Proxy:
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        # The tokenizer (transformers, torch) takes seconds to load: off the event loop.
+        self.router = await asyncio.to_thread(
+            build_router, self.settings, self.prefill, self.decode
+        )
         async with open_session(self.settings.max_connections) as session:
             self._upstream = Upstream(session)
             self._loop = asyncio.get_running_loop()
@@ -148,6 +175,7 @@ class Proxy:
             finally:
                 self._upstream = None
                 self._loop = None
+                await self.router.close()
 
     @property
     def upstream(self) -> Upstream:
@@ -269,20 +297,41 @@ class Proxy:
     async def _forward(
         self, route: str, raw: bytes, body: dict, headers: dict[str, str], record: RequestRecord
     ) -> Response:
+        decision = await self.router.decide(route, body)
+        response = await self._follow(decision, route, raw, body, headers, record)
+        response.headers[ROUTE_HEADER] = decision.header()
+        self.metrics.routes.labels(*decision.labels).inc()
+        return response
+
+    async def _follow(
+        self,
+        decision: Decision,
+        route: str,
+        raw: bytes,
+        body: dict,
+        headers: dict[str, str],
+        record: RequestRecord,
+    ) -> Response:
+        """The request along `decision`'s path, or around engines that are down."""
         if self._generating_pool() is self.prefill:  # no decode engine up: no split either
             self.metrics.decode_fallbacks.inc()
-            return await self._generate(self.prefill, route, raw, headers, record)
-        refused = await self._prefill(route, body, headers)
-        if refused is not None:
-            return refused
+            decision.whole_on_prefill()
+            return await self._generate(self.prefill, route, raw, headers, record, decision)
+        if decision.path == DISAGGREGATED:
+            refused = await self._prefill(route, body, headers, decision)
+            if refused is not None:
+                return refused
         fallible = self.settings.fallback_to_prefill
         try:
-            return await self._generate(self.decode, route, raw, headers, record, fallible)
+            return await self._generate(
+                self.decode, route, raw, headers, record, decision, fallible
+            )
         except UpstreamFailure as failure:  # no decode engine reachable: nothing was generated
             self.metrics.errors.labels(failure.metric_kind).inc()
             log.info("%s; a prefill engine serves the whole request", failure)
             self.metrics.decode_fallbacks.inc()
-            return await self._generate(self.prefill, route, raw, headers, record)
+            decision.whole_on_prefill()
+            return await self._generate(self.prefill, route, raw, headers, record, decision)
 
     def _generating_pool(self) -> EnginePool:
         """The decode engines, or the prefill engines while no decode engine is in rotation
@@ -291,7 +340,9 @@ class Proxy:
             return self.prefill
         return self.decode
 
-    async def _prefill(self, route: str, body: dict, headers: dict[str, str]) -> Response | None:
+    async def _prefill(
+        self, route: str, body: dict, headers: dict[str, str], decision: Decision
+    ) -> Response | None:
         """Runs prefill; None means go on to decode (prefilled, or falling back).
 
         An engine's refusal (4xx) falls back too: decode then gives its own verdict, which
@@ -299,23 +350,31 @@ class Proxy:
         """
         started = time.perf_counter()
         answer: aiohttp.ClientResponse | None
+        tokens = self.router.tokens_for("prefill", decision)
         try:
             endpoint, answer = await self.upstream.send(
-                self.prefill, "POST", route, headers, self._prefill_timeout, prefill_body(body)
-            )
-            content = await self.upstream.read(self.prefill, endpoint, answer)
+                self.prefill, "POST", route, headers, self._prefill_timeout, prefill_body(body),
+                self.router.rank_for("prefill", decision), tokens,
+            )  # fmt: skip
+            decision.prefill = endpoint.url
+            try:
+                content = await self.upstream.read(self.prefill, endpoint, answer)
+            finally:
+                self.prefill.computed(endpoint, tokens)
         except UpstreamFailure as exc:
             failure, answer = exc, None
         else:
             if answer.status < 300:
                 elapsed = time.perf_counter() - started
                 self.metrics.prefill_seconds.labels(endpoint.url).observe(elapsed)
+                self.router.served(endpoint, decision)
                 return None
             kind = "rejected" if answer.status < 500 else "error"
             failure = UpstreamFailure("prefill", kind, f"prefill engine answered {answer.status}")
         self.metrics.errors.labels(failure.metric_kind).inc()
         if self.settings.fallback_to_decode:
             self.metrics.prefill_fallbacks.inc()
+            decision.fall_back("prefill_failed")
             log.info("prefill failed (%s); decode computes the prompt itself", failure)
             return None
         if answer is not None:
@@ -329,34 +388,43 @@ class Proxy:
         raw: bytes,
         headers: dict[str, str],
         record: RequestRecord,
+        decision: Decision,
         fallible: bool = False,
     ) -> Response:
         """The caller's request on an engine of `pool`, its answer relayed. `fallible`: when
         no engine of the pool can be reached, raise the UpstreamFailure (the caller has another
         pool to try) instead of answering with it."""
         started = time.perf_counter()
+        tokens = self.router.tokens_for(pool.role, decision)
+        rank: Rank = self.router.rank_for(pool.role, decision)
         try:
             endpoint, answer = await self.upstream.send(
-                pool, "POST", route, headers, self._decode_timeout, raw
+                pool, "POST", route, headers, self._decode_timeout, raw, rank, tokens
             )
         except UpstreamFailure as failure:
             if fallible and failure.kind == "unreachable":
                 raise
             self.metrics.errors.labels(failure.metric_kind).inc()
             return failure.response(self.settings.retry_after_s)
+        setattr(decision, pool.role, endpoint.url)
+        self.router.served(endpoint, decision)
+        computed = Once(lambda: pool.computed(endpoint, tokens))
         ttft = self.metrics.decode_ttft_seconds.labels(endpoint.url)
         if answer.content_type == "text/event-stream":
 
             def first_chunk() -> None:
+                computed()
                 ttft.observe(time.perf_counter() - started)
 
-            relay = self._relay(pool, answer, endpoint, first_chunk)
+            relay = self._relay(pool, answer, endpoint, first_chunk, computed)
             return RelayResponse(relay, answer, record)
         try:
             content = await self.upstream.read(pool, endpoint, answer)
         except UpstreamFailure as failure:
             self.metrics.errors.labels(failure.metric_kind).inc()
             return failure.response(self.settings.retry_after_s)
+        finally:
+            computed()
         ttft.observe(time.perf_counter() - started)
         return passthrough(answer, content)
 
@@ -366,6 +434,7 @@ class Proxy:
         upstream: aiohttp.ClientResponse,
         endpoint: Endpoint,
         first_chunk: Callable[[], None],
+        done: Callable[[], None],
     ) -> AsyncGenerator[bytes, None]:
         """Yields the engine's bytes as they arrive; a broken stream ends with an error event."""
         waiting_first = True
@@ -385,6 +454,7 @@ class Proxy:
             raise
         finally:
             self.upstream.finish(pool, endpoint, upstream)
+            done()
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -51,6 +51,11 @@ class EngineCollector(Collector):
         up = GaugeMetricFamily(
             "splitwise_proxy_engine_up", "1 while an engine is in rotation", labels=labels
         )
+        pending = GaugeMetricFamily(
+            "splitwise_proxy_engine_pending_tokens",
+            "Prompt tokens sent to each engine that it has not answered yet",
+            labels=labels,
+        )
         for pool in self._pools:
             for endpoint in pool.endpoints:
                 values = [pool.role, endpoint.url]
@@ -58,7 +63,8 @@ class EngineCollector(Collector):
                 failures.add_metric(values, endpoint.failures)
                 in_flight.add_metric(values, endpoint.in_flight)
                 up.add_metric(values, float(pool.is_up(endpoint)))
-        yield from (requests, failures, in_flight, up)
+                pending.add_metric(values, endpoint.pending_tokens)
+        yield from (requests, failures, in_flight, up, pending)
 
 
 class ProxyMetrics:
@@ -86,6 +92,13 @@ class ProxyMetrics:
         self.decode_fallbacks = Counter(
             "splitwise_proxy_decode_fallbacks",
             "Requests served whole by a prefill engine because no decode engine was reachable",
+            registry=self.registry,
+        )
+        self.routes = Counter(
+            "splitwise_proxy_routes",
+            "Routing decisions by disagg policy, path (disaggregated: prefill then decode; "
+            "direct: decode alone) and reason",
+            ["policy", "path", "reason"],
             registry=self.registry,
         )
         self.prefill_seconds = Histogram(

@@ -1,7 +1,9 @@
 """The engines of one role: which to send the next request to, and which are down.
 
-Picking is least-loaded: the endpoint with the fewest requests in flight, ties broken by whoever
-was picked longest ago, which is round robin while the load is even. An engine that fails is
+Picking is least-loaded by default: the endpoint with the fewest requests in flight, ties broken
+by whoever was picked longest ago, which is round robin while the load is even; the router
+(routing.py) passes its own ranking instead, over the same state plus the prompt tokens each
+engine still has to compute (`pending_tokens`). An engine that fails is
 marked down for a back-off period that doubles with each consecutive failure (capped); once the
 period ends the next request tries it again, and a success or a passing health check clears it.
 No background prober: an idle proxy does not need to know, and `/health` probes on demand.
@@ -39,9 +41,17 @@ class Endpoint:
     last_error: str | None = None
     last_pick: int = 0
     dead: str | None = None  # why its supervisor says it is gone, until it says it is back
+    pending_tokens: int = 0  # prompt tokens sent to it that it has not answered yet
 
     def available(self, now: float) -> bool:
         return self.dead is None and now >= self.down_until
+
+
+Rank = Callable[[Endpoint], tuple]
+
+
+def least_loaded(endpoint: Endpoint) -> tuple:
+    return (endpoint.in_flight, endpoint.last_pick)
 
 
 class EnginePool:
@@ -62,16 +72,20 @@ class EnginePool:
         self._clock = clock
         self._picks = itertools.count(1)
 
-    def acquire(self, exclude: Container[Endpoint] = ()) -> Endpoint | None:
-        """Picks an available endpoint and counts a request in flight on it; None if none is."""
+    def acquire(
+        self, exclude: Container[Endpoint] = (), rank: Rank | None = None, tokens: int = 0
+    ) -> Endpoint | None:
+        """Picks the available endpoint that ranks lowest (default: fewest in flight, then
+        longest since picked), counts a request and `tokens` pending on it; None if none is."""
         now = self._clock()
         candidates = [e for e in self.endpoints if e not in exclude and e.available(now)]
         if not candidates:
             return None
-        chosen = min(candidates, key=lambda e: (e.in_flight, e.last_pick))
+        chosen = min(candidates, key=rank or least_loaded)
         chosen.last_pick = next(self._picks)
         chosen.in_flight += 1
         chosen.requests += 1
+        chosen.pending_tokens += tokens
         return chosen
 
     def release(self, endpoint: Endpoint) -> None:
@@ -83,6 +97,10 @@ class EnginePool:
     def any_available(self) -> bool:
         now = self._clock()
         return any(e.available(now) for e in self.endpoints)
+
+    def computed(self, endpoint: Endpoint, tokens: int) -> None:
+        """`tokens` acquired with a request are computed (or will never be)."""
+        endpoint.pending_tokens -= tokens
 
     def mark_down(self, endpoint: Endpoint, reason: str) -> None:
         """Takes the endpoint out of rotation for the next back-off period."""

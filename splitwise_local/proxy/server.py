@@ -3,7 +3,9 @@
 Endpoints come from `--prefill` / `--decode`, else from `PREFILL_ENDPOINTS` /
 `DECODE_ENDPOINTS` in the environment, else from a `.env` file in the working directory (the
 environment wins over the file, as python-dotenv does by default). The API key likewise comes
-from `--api-key`, `PROXY_API_KEY` or `.env`.
+from `--api-key`, `PROXY_API_KEY` or `.env`. KV-aware routing needs `--model` (the engines'
+checkpoint) and, to ask the store, `--config` (the engines' splitwise YAML); without them
+`--disagg auto` sends every request through prefill.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic import ValidationError
 from splitwise_local.proxy.settings import (
     API_KEY_ENV,
     DECODE_ENV,
+    DEFAULT_DISAGG_THRESHOLD_TOKENS,
     PREFILL_ENV,
     ProxySettings,
     split_endpoints,
@@ -57,6 +60,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-body-bytes", type=int, metavar="N")
     parser.add_argument(
+        "--disagg",
+        choices=["auto", "always", "never"],
+        help="auto (default): through prefill only when the prompt's uncached part is long; "
+        "always: through prefill; never: decode engines alone",
+    )
+    parser.add_argument(
+        "--disagg-threshold",
+        type=int,
+        metavar="TOKENS",
+        dest="disagg_threshold_tokens",
+        help="auto: prompts with fewer uncached tokens go straight to decode "
+        f"({DEFAULT_DISAGG_THRESHOLD_TOKENS})",
+    )
+    parser.add_argument(
+        "--model", help="the engines' checkpoint folder: tokenizer and keys for KV-aware routing"
+    )
+    parser.add_argument(
+        "--config",
+        dest="kv_config",
+        help="the engines' splitwise YAML: the store auto routing asks (with --model)",
+    )
+    parser.add_argument(
+        "--dtype", dest="kv_dtype", help="the engines' KV cache dtype (default bfloat16)"
+    )
+    parser.add_argument("--tp", type=int, dest="tp_size", help="the engines' tensor-parallel size")
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
@@ -70,13 +99,16 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         ("decode", args.decode, DECODE_ENV),
     ):
         urls = split_endpoints(flag if flag is not None else environ.get(var))
-        if not urls:
+        if not urls and not (role == "prefill" and args.disagg == "never"):
             raise ValueError(f"no {role} engines: pass --{role} URL[,URL] or set {var}")
         values[role] = urls
     api_key = args.api_key if args.api_key is not None else environ.get(API_KEY_ENV)
     if api_key:
         values["api_key"] = api_key
-    for name in ("prefill_timeout_s", "decode_timeout_s", "max_body_bytes"):
+    for name in (
+        "prefill_timeout_s", "decode_timeout_s", "max_body_bytes", "disagg",
+        "disagg_threshold_tokens", "model", "kv_config", "kv_dtype", "tp_size",
+    ):  # fmt: skip
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     try:

@@ -9,13 +9,20 @@ the first request.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PREFILL_ENV = "PREFILL_ENDPOINTS"
 DECODE_ENV = "DECODE_ENDPOINTS"
 API_KEY_ENV = "PROXY_API_KEY"
+# Chosen by measurement on this project's 2-core machines: docs/routing.md says how.
+DEFAULT_DISAGG_THRESHOLD_TOKENS = 512
+DEFAULT_BUSY_TOKENS = 4096
+
+Disagg = Literal["always", "never", "auto"]
+EnginePolicy = Literal["kv_affinity", "least_loaded"]
 
 
 def normalize_endpoint(url: str) -> str:
@@ -44,7 +51,9 @@ class ProxySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prefill: list[str] = Field(min_length=1, description="prefill engine base URLs")
+    prefill: list[str] = Field(
+        default_factory=list, description="prefill engine base URLs (none only with disagg never)"
+    )
     decode: list[str] = Field(min_length=1, description="decode engine base URLs")
     api_key: str | None = Field(
         default=None, description="required from callers as a Bearer token; sent to the engines"
@@ -69,6 +78,44 @@ class ProxySettings(BaseModel):
     backoff_initial_s: float = Field(default=1.0, gt=0, description="first mark-down period")
     backoff_max_s: float = Field(default=30.0, gt=0, description="mark-down period cap")
     max_connections: int = Field(default=1024, gt=0, description="pooled upstream connections")
+    # Routing (routing.py says what each setting does).
+    disagg: Disagg = Field(
+        default="auto",
+        description="always: prefill then decode; never: decode alone; auto: per request",
+    )
+    disagg_threshold_tokens: int = Field(
+        default=DEFAULT_DISAGG_THRESHOLD_TOKENS,
+        ge=0,
+        description="auto: a prompt with fewer uncached tokens goes straight to decode",
+    )
+    busy_tokens: int = Field(
+        default=DEFAULT_BUSY_TOKENS,
+        gt=0,
+        description="auto: prompt tokens pending on an engine that make it saturated",
+    )
+    prefill_policy: EnginePolicy = "kv_affinity"
+    decode_policy: EnginePolicy = "least_loaded"
+    affinity_chunks: int = Field(
+        default=1024, gt=0, description="chunk keys remembered per engine for kv_affinity"
+    )
+    model: str | None = Field(
+        default=None, description="the engines' checkpoint folder: tokenizer, chat template, keys"
+    )
+    kv_config: str | None = Field(
+        default=None,
+        description="the engines' splitwise YAML: the store to ask, chunk size, auth token",
+    )
+    kv_dtype: str = Field(
+        default="bfloat16", description="the engines' KV cache dtype (auto: the checkpoint's)"
+    )
+    tp_size: int = Field(default=1, gt=0, description="the engines' tensor-parallel size")
+    store_timeout_s: float = Field(default=1.0, gt=0, description="longest wait for the store")
+
+    @model_validator(mode="after")
+    def _prefill_unless_never(self) -> ProxySettings:
+        if not self.prefill and self.disagg != "never":
+            raise ValueError("prefill engines are needed unless disagg is never")
+        return self
 
     @field_validator("prefill", "decode")
     @classmethod

@@ -20,7 +20,7 @@ import aiohttp
 from starlette.responses import JSONResponse
 
 from splitwise_local.proxy.errors import error_response
-from splitwise_local.proxy.pool import Endpoint, EnginePool
+from splitwise_local.proxy.pool import Endpoint, EnginePool, Rank
 
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 FAILURE_STATUS = {"unreachable": 503, "timeout": 504, "transport": 502, "died": 502}
@@ -94,13 +94,17 @@ class Upstream:
         headers: dict[str, str],
         limits: aiohttp.ClientTimeout,
         data: bytes | None = None,
+        rank: Rank | None = None,
+        tokens: int = 0,
     ) -> tuple[Endpoint, aiohttp.ClientResponse]:
-        """Sends to the least-loaded engine and returns once the answer's headers are in.
+        """Sends to the engine that ranks lowest (default: least loaded) and returns once the
+        answer's headers are in.
 
-        The endpoint stays counted in flight until the caller releases it.
+        The endpoint stays counted in flight until the caller releases it, and `tokens` stay
+        pending on it until the caller says they are computed (`pool.computed`).
         """
         tried: list[Endpoint] = []
-        while (endpoint := pool.acquire(exclude=tried)) is not None:
+        while (endpoint := pool.acquire(tried, rank, tokens)) is not None:
             tried.append(endpoint)
             try:
                 response = await self.session.request(
@@ -108,12 +112,14 @@ class Upstream:
                 )
             except UPSTREAM_ERRORS as exc:
                 pool.release(endpoint)
+                pool.computed(endpoint, tokens)
                 failure = self.failed(pool, endpoint, exc)
                 if failure.kind == "unreachable":
                     continue
                 raise failure from exc
             except BaseException:  # cancelled: the caller left
                 pool.release(endpoint)
+                pool.computed(endpoint, tokens)
                 raise
             pool.mark_up(endpoint)
             self._open[endpoint].add(response)

@@ -23,7 +23,7 @@ import shlex
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,6 +69,8 @@ def positive(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from splitwise_local.proxy.settings import DEFAULT_DISAGG_THRESHOLD_TOKENS
+
     parser.epilog = "Arguments after a bare `--` go to both vLLM engines unchanged."
     parser.add_argument(
         "--model",
@@ -152,6 +154,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--disable-mla", action="store_true", help="set VLLM_MLA_DISABLE=1 (the seed's MLA setting)"
     )
+    parser.add_argument(
+        "--disagg",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="auto: per request, through prefill only when the prompt's uncached part is long "
+        "(or straight to decode while prefill is saturated); always: through prefill; "
+        "never: decode engines alone",
+    )
+    parser.add_argument(
+        "--disagg-threshold",
+        type=int,
+        default=DEFAULT_DISAGG_THRESHOLD_TOKENS,
+        metavar="TOKENS",
+        help="auto: prompts with fewer uncached tokens go straight to decode (%(default)s)",
+    )
     parser.add_argument("--api-key", help="require this Bearer token from the proxy's callers")
     parser.add_argument("--run-dir", help="folder for logs and the per-run config (runs/<time>)")
     parser.add_argument(
@@ -213,6 +230,7 @@ class Plan:
     proxy_socket: socket.socket
     prometheus: tuple[Child, Readiness] | None = None
     prometheus_url: str | None = None
+    routing: dict[str, object] = field(default_factory=dict)  # ProxySettings' routing fields
 
     def urls(self, role: str) -> list[str]:
         return [engine.url for engine in self.engines if engine.role == role]
@@ -440,7 +458,7 @@ class EngineDefaults:
     config_file: Path | None
     kv_cache_gb: int
     extra_args: list[str]
-    use_store: bool
+    kv_roles: dict[str, str]  # launcher role -> EngineSpec role (prefill, decode, both, plain)
     lmcache_url: str | None
     disable_mla: bool
     run_dir: Path
@@ -464,7 +482,7 @@ def engine_member(
     spec = EngineSpec(
         model=defaults.model,
         port=port,
-        role=role if defaults.use_store else "plain",  # type: ignore[arg-type]
+        role=defaults.kv_roles[role],  # type: ignore[arg-type]
         config_file=defaults.config_file,
         device=defaults.device,  # type: ignore[arg-type]
         kv_cache_gb=defaults.kv_cache_gb,
@@ -597,7 +615,7 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         config_file=config_file,
         kv_cache_gb=args.kv_cache_gb,
         extra_args=extra,
-        use_store=use_store,
+        kv_roles=kv_roles(use_store, args.disagg),
         lmcache_url=lmcache_url,
         disable_mla=args.disable_mla,
         run_dir=run_dir,
@@ -624,6 +642,7 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         proxy_socket=listen(args.host, args.port),
         prometheus=prometheus,
         prometheus_url=f"http://127.0.0.1:{args.prometheus_port}" if prometheus else None,
+        routing=routing_settings(args, model, device, config_file, extra, engines),
     )
 
 
@@ -663,6 +682,38 @@ def prometheus_member(
         raise LaunchError(str(exc)) from None
     ready = ready_url(args.prometheus_port)
     return child, Readiness(lambda: http_ok(ready), f"GET {ready}")
+
+
+def kv_roles(use_store: bool, disagg: str) -> dict[str, str]:
+    """Each launcher role's engine role. Decode engines also save (kv_both) whenever requests
+    may reach them without a prefill: what they computed is then in the store for the next."""
+    if not use_store:
+        return {"prefill": "plain", "decode": "plain"}
+    return {"prefill": "prefill", "decode": "decode" if disagg == "always" else "both"}
+
+
+def routing_settings(
+    args: argparse.Namespace,
+    model: Path,
+    device: str,
+    config_file: Path | None,
+    extra: list[str],
+    engines: list[EngineMember],
+) -> dict[str, object]:
+    """What the proxy needs to route like the engines compute: the policy, the model's
+    tokenizer and key identity (KV dtype, tensor-parallel size), and the store's config."""
+    dtype = flag_value(extra, "--kv-cache-dtype") or "auto"
+    if dtype == "auto":
+        dtype = flag_value(extra, "--dtype") or ("bfloat16" if device == "cpu" else "auto")
+    gpus = engines[0].spec.gpus
+    return {
+        "disagg": args.disagg,
+        "disagg_threshold_tokens": args.disagg_threshold,
+        "model": str(model),
+        "kv_config": str(config_file) if config_file and args.connector == "splitwise" else None,
+        "kv_dtype": dtype,
+        "tp_size": len(gpus.split(",")) if gpus else 1,
+    }
 
 
 def banner(plan: Plan, api_key: str | None) -> str:
@@ -727,7 +778,7 @@ def serve_proxy(plan: Plan, supervisor: Supervisor, api_key: str | None) -> bool
     from splitwise_local.proxy.settings import ProxySettings
 
     settings = ProxySettings(
-        prefill=plan.urls("prefill"), decode=plan.urls("decode"), api_key=api_key
+        prefill=plan.urls("prefill"), decode=plan.urls("decode"), api_key=api_key, **plan.routing
     )
     app = build_app(settings)
     proxy = app.state.proxy

@@ -25,7 +25,7 @@ class Servers:
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         self._running.append((server, thread, sock))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a routing proxy loads its tokenizer first
         while not server.started:
             assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
             time.sleep(0.005)

@@ -1,0 +1,178 @@
+"""How much of a prompt's KV the store already holds, asked from the proxy.
+
+The proxy derives the connector's own chunk keys (`connector.keys.chunk_keys`, the one shared
+function) from the prompt's token ids and the engines' key identity, and asks the store for the
+length of the present prefix with one batched `exists`. The identity is rebuilt here from the
+checkpoint folder's config.json, without vLLM: the same model fingerprint, KV dtype, layout
+(per-head K/V or an MLA latent, heads per tensor-parallel rank) and chunk size the connector
+logs at startup; tests/proxy/test_routing_engine.py checks the keys against a real engine's.
+
+A store that does not answer is not an error for the caller: the lookup raises
+`StoreUnavailable`, the router routes as if nothing were stored, and this object stops asking
+for a back-off period (doubling, capped) so a dead store costs no per-request timeout. It logs
+one warning when the store goes away and one line when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from splitwise_local.connector.keys import (
+    KeyIdentity,
+    chunk_keys,
+    chunk_spans,
+    key_identity,
+    mla_layout,
+    per_head_layout,
+)
+from splitwise_local.store.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from splitwise_local.config import SplitwiseConfig
+
+log = logging.getLogger(__name__)
+
+MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+
+
+def hf_config(model: str | Path) -> dict:
+    return json.loads((Path(model) / "config.json").read_text())
+
+
+def kv_layout(config: dict, tp_size: int = 1) -> str:
+    """The connector's layout field for this checkpoint, as vLLM sizes its KV cache: an MLA
+    latent (kv_lora_rank + rope dims) unless VLLM_MLA_DISABLE is set, else K/V per KV head of
+    one tensor-parallel rank."""
+    architectures = config.get("architectures") or []
+    mla = any(arch in MLA_ARCHITECTURES for arch in architectures) and config.get("kv_lora_rank")
+    if mla and os.environ.get("VLLM_MLA_DISABLE", "0") in ("0", ""):
+        return mla_layout(config["kv_lora_rank"] + config["qk_rope_head_dim"])
+    heads = config["num_attention_heads"]
+    head_size = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return per_head_layout(max(1, kv_heads // tp_size), head_size)
+
+
+def kv_dtype(config: dict, dtype: str) -> str:
+    """The KV cache dtype the engines run with: `dtype` as given to vLLM (`--kv-cache-dtype`,
+    else `--dtype`), "auto" meaning the checkpoint's own."""
+    if dtype != "auto":
+        return dtype
+    return str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+
+
+def engine_identity(
+    model: str | Path, dtype: str, chunk_size: int, tp_size: int = 1
+) -> KeyIdentity:
+    """The key identity of rank 0 of an engine serving `model` (what its scheduler asks for),
+    through the connector's own `key_identity`."""
+    config = hf_config(model)
+    return key_identity(
+        model,
+        dtype=kv_dtype(config, dtype),
+        layout=kv_layout(config, tp_size),
+        chunk_size=chunk_size,
+        tp_size=tp_size,
+    )
+
+
+class StoredPrefix:
+    """`await stored.tokens(token_ids)`: how many leading prompt tokens the store holds."""
+
+    def __init__(
+        self,
+        identity: KeyIdentity,
+        config: SplitwiseConfig,
+        timeout_s: float,
+        backoff_initial_s: float,
+        backoff_max_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.identity = identity
+        self.url = config.remote_url
+        self._config = config
+        self._timeout_s = timeout_s
+        self._backoff = (backoff_initial_s, backoff_max_s)
+        self._clock = clock
+        self._failures = 0
+        self._down_until = 0.0
+        self._client = None
+
+    def keys(self, token_ids: Sequence[int]) -> list[str]:
+        return chunk_keys(self.identity, token_ids)
+
+    @property
+    def down(self) -> bool:
+        return self._clock() < self._down_until
+
+    async def tokens(self, token_ids: Sequence[int], keys: Sequence[str]) -> int:
+        """Leading tokens of `token_ids` whose chunks (`keys`) are all stored; raises
+        StoreUnavailable while the store is down."""
+        if self.down:
+            raise StoreUnavailable(f"{self.url} is marked down")
+        try:
+            present = await asyncio.wait_for(self._exists(keys), self._timeout_s)
+        except Exception as exc:  # timeouts, refused connections, protocol errors alike
+            self._failed(exc)
+            raise StoreUnavailable(f"{self.url}: {exc!r}") from exc
+        if self._failures:
+            log.warning("store %s answers again: routing by stored KV again", self.url)
+            self._failures = 0
+        if not present:
+            return 0
+        return chunk_spans(len(token_ids), self.identity.chunk_size)[present - 1][1]
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if hasattr(client, "__aexit__"):
+            await client.close()
+        else:
+            await asyncio.to_thread(client.close)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        initial, cap = self._backoff
+        backoff = min(initial * 2 ** min(self._failures - 1, 32), cap)
+        self._down_until = self._clock() + backoff
+        if self._failures == 1:
+            log.warning(
+                "store %s unavailable (%r): auto routing sends every request through prefill "
+                "until it answers (next try in %.0f s)",
+                self.url, exc, backoff,
+            )  # fmt: skip
+        # A sync client that failed may be stuck on a broken connection: open a new one next
+        # time. (The asyncio client drops broken connections itself.)
+        if self._client is not None and not hasattr(self._client, "__aexit__"):
+            client, self._client = self._client, None
+            asyncio.get_running_loop().run_in_executor(None, client.close)  # Mooncake: ~2 s
+
+    async def _exists(self, keys: Sequence[str]) -> int:
+        scheme = self.url.partition("://")[0]
+        if scheme in ("lm", "shm"):
+            from splitwise_local.store.aio import AsyncStoreClient
+
+            if self._client is None:
+                token = self._config.store_auth_token
+                self._client = AsyncStoreClient(self.url, token, timeout=self._timeout_s)
+            return await self._client.exists(list(keys))
+        # Other backends (Mooncake) have a sync client: run it off the event loop.
+        if self._client is None:
+            self._client = await asyncio.to_thread(self._open_sync)
+        return await asyncio.to_thread(self._client.exists, list(keys))
+
+    def _open_sync(self):
+        from splitwise_local.store.backend import open_backend
+
+        config = self._config
+        # The proxy only asks; it lends the store no memory of its own.
+        mooncake = config.mooncake.model_copy(update={"global_segment_size": 0})
+        return open_backend(self.url, config.model_copy(update={"mooncake": mooncake}))

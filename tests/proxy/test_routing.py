@@ -1,0 +1,300 @@
+"""KV-aware routing with fake engines and a real store: which path and which engine each request
+takes, and how the decision shows in the `x-splitwise-route` header and /metrics.
+
+The proxy runs with the embedded model's real tokenizer and a real store (in this process), so
+token ids, chunk keys and the store's `exists` are the real ones; only the engines are fakes
+(they record what they were sent). Whether the proxy's keys are the engine's own is checked
+against real engines in test_routing_engine.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from splitwise_local.config import SplitwiseConfig, dump_config
+from splitwise_local.connector.keys import chunk_keys
+from splitwise_local.models.checkpoint import prepare_default_model
+from splitwise_local.proxy.prefix import engine_identity
+from splitwise_local.proxy.routing import Decision, PrefixMemory, decide_auto
+from splitwise_local.proxy.tokens import PromptTokenizer
+from splitwise_local.store.backend import open_backend
+from splitwise_local.store.server import ServerSettings, StoreServer
+
+CHUNK = 32
+THRESHOLD = 64
+LONG = "Tell me everything you know about the long history of the city. " * 12  # ~170 tokens
+OTHER = "Rivers and mountains shape where people settle, farm and trade. " * 12
+
+
+# -- the rule and the memory, on their own --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, stored, busy, room, expected",
+    [
+        (40, 0, False, True, ("direct", "short_prompt")),
+        (500, 480, False, True, ("direct", "stored_prefix")),
+        (500, 0, False, True, ("disaggregated", "long_uncached")),
+        (500, 0, True, True, ("direct", "prefill_busy")),
+        (500, 0, True, False, ("disaggregated", "long_uncached")),
+        (64, 0, False, True, ("disaggregated", "long_uncached")),  # the threshold is exclusive
+    ],
+)
+def test_auto_rule(prompt, stored, busy, room, expected):
+    assert decide_auto(prompt, stored, THRESHOLD, busy, room) == expected
+
+
+def test_prefix_memory_counts_leading_keys_and_forgets_the_oldest():
+    memory = PrefixMemory(capacity=3)
+    memory.remember("a", ["k1", "k2"])
+    assert memory.overlap("a", ["k1", "k2", "k3"]) == 2
+    assert memory.overlap("a", ["k2"]) == 1
+    assert memory.overlap("a", ["x", "k1"]) == 0  # chained keys: only a prefix counts
+    assert memory.overlap("b", ["k1"]) == 0
+    memory.remember("a", ["k3", "k4"])
+    assert memory.overlap("a", ["k1"]) == 0  # evicted, least recently seen
+    assert memory.overlap("a", ["k2", "k3", "k4"]) == 3
+
+
+def test_header_names_the_path_reason_policy_tokens_and_engines():
+    decision = Decision("auto", "direct", "stored_prefix", list(range(100)), stored_tokens=96)
+    decision.decode = "http://127.0.0.1:8020"
+    assert decision.header() == (
+        "path=direct; reason=stored_prefix; policy=auto; prompt_tokens=100; stored_tokens=96; "
+        "decode=http://127.0.0.1:8020"
+    )
+    assert Decision("always", "disaggregated", "always").header() == (
+        "path=disaggregated; reason=always; policy=always"
+    )
+
+
+# -- a proxy with the real tokenizer and a real store ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model):
+    return PromptTokenizer(model)
+
+
+@pytest.fixture
+def store():
+    server = StoreServer(
+        ServerSettings(capacity=8 << 20, port=0, shm_name=f"routing-{uuid.uuid4().hex[:8]}")
+    ).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def kv_config(tmp_path, store):
+    config = SplitwiseConfig(chunk_size=CHUNK, remote_url=store.tcp_url)
+    return config, dump_config(config, tmp_path / "splitwise.yaml")
+
+
+@pytest.fixture
+def routed(fake, proxy, model, kv_config):
+    """`engines, url = routed(prefill=1, decode=1, **settings)`: fakes and a routing proxy."""
+
+    def start(prefill: int = 1, decode: int = 1, **settings):
+        engines = {
+            "prefill": [fake(name=f"prefill{i}") for i in range(prefill)],
+            "decode": [fake(name=f"decode{i}", tokens=3) for i in range(decode)],
+        }
+        values = dict(
+            prefill=[url for _, url in engines["prefill"]],
+            decode=[url for _, url in engines["decode"]],
+            model=str(model),
+            kv_config=str(kv_config[1]),
+            disagg_threshold_tokens=THRESHOLD,
+        )
+        return engines, proxy(**{**values, **settings})
+
+    return start
+
+
+def chat(text: str, stream: bool = False) -> dict:
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": text}]}
+    return {**body, "max_tokens": 3, "stream": stream}
+
+
+def send(url: str, body: dict) -> httpx.Response:
+    reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    return reply
+
+
+def route_of(reply: httpx.Response) -> dict[str, str]:
+    fields = (item.split("=", 1) for item in reply.headers["x-splitwise-route"].split("; "))
+    return dict(fields)
+
+
+def samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of one metric on the proxy's /metrics: (labels, value)."""
+    text = httpx.get(url + "/metrics").text
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def routes_counted(url: str, policy: str, path: str, reason: str) -> float:
+    wanted = {"policy": policy, "path": path, "reason": reason}
+    return sum(v for labels, v in samples(url, "splitwise_proxy_routes_total") if labels == wanted)
+
+
+def pending_tokens(url: str) -> float:
+    """Prompt tokens pending on all engines."""
+    return sum(value for _, value in samples(url, "splitwise_proxy_engine_pending_tokens"))
+
+
+def store_prompt(tokenizer, model, config, text: str) -> int:
+    """Puts (dummy) values under the prompt's chunk keys, as a prefill engine would; returns
+    the prompt's token count."""
+    ids = tokenizer.token_ids("/v1/chat/completions", chat(text))
+    identity = engine_identity(model, "bfloat16", config.chunk_size)
+    with open_backend(config.remote_url, config) as client:
+        for key in chunk_keys(identity, ids):
+            client.put(key, b"kv")
+    return len(ids)
+
+
+def test_auto_sends_short_prompts_straight_to_decode(routed):
+    engines, url = routed()
+    (prefill, _), (decode, _) = engines["prefill"][0], engines["decode"][0]
+    for stream in (False, True):
+        reply = send(url, chat("Hi there!", stream))
+        route = route_of(reply)
+        assert (route["path"], route["reason"], route["policy"]) == (
+            "direct",
+            "short_prompt",
+            "auto",
+        )
+        assert int(route["prompt_tokens"]) < THRESHOLD and route["stored_tokens"] == "0"
+        assert route["decode"] == engines["decode"][0][1] and "prefill" not in route
+    assert prefill.record.requests == [] and len(decode.record.requests) == 2
+    assert routes_counted(url, "auto", "direct", "short_prompt") == 2
+
+
+def test_auto_prefills_a_new_long_prompt_and_skips_prefill_once_it_is_stored(
+    routed, tokenizer, model, kv_config
+):
+    engines, url = routed()
+    prefill = engines["prefill"][0][0]
+    route = route_of(send(url, chat(LONG)))
+    assert (route["path"], route["reason"]) == ("disaggregated", "long_uncached")
+    assert route["prefill"] == engines["prefill"][0][1]
+    assert len(prefill.record.requests) == 1
+
+    # What a prefill engine would have stored for it (the fakes store nothing).
+    tokens = store_prompt(tokenizer, model, kv_config[0], LONG)
+    reply = send(url, chat(LONG, stream=True))
+    route = route_of(reply)
+    assert (route["path"], route["reason"]) == ("direct", "stored_prefix")
+    assert (int(route["prompt_tokens"]), int(route["stored_tokens"])) == (tokens, tokens)
+    assert len(prefill.record.requests) == 1
+    assert routes_counted(url, "auto", "disaggregated", "long_uncached") == 1
+    assert routes_counted(url, "auto", "direct", "stored_prefix") == 1
+
+    # A shared prefix plus a new question: the stored chunks count, the new tail is short.
+    followup = chat(LONG)
+    followup["messages"] += [
+        {"role": "assistant", "content": "Sure."},
+        {"role": "user", "content": "And its name?"},
+    ]
+    route = route_of(send(url, followup))
+    assert (route["path"], route["reason"]) == ("direct", "stored_prefix")
+    # Whole chunks before the history diverged are stored (the last partial one is not).
+    assert tokens - CHUNK < int(route["stored_tokens"]) <= tokens
+
+
+def test_always_and_never_ignore_the_store(routed, tokenizer, model, kv_config):
+    store_prompt(tokenizer, model, kv_config[0], LONG)
+    for policy, path, prefilled in (("always", "disaggregated", 1), ("never", "direct", 0)):
+        engines, url = routed(disagg=policy)
+        for text in ("Hi there!", LONG):
+            route = route_of(send(url, chat(text)))
+            assert (route["path"], route["reason"], route["policy"]) == (path, policy, policy)
+        assert len(engines["prefill"][0][0].record.requests) == 2 * prefilled
+
+
+def test_a_request_beyond_the_tokenizer_goes_through_prefill(routed):
+    _, url = routed()
+    body = chat("Hi there!")
+    body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    route = route_of(send(url, body))
+    assert (route["path"], route["reason"]) == ("disaggregated", "tokens_unknown")
+    assert "prompt_tokens" not in route
+
+
+def test_a_dead_store_makes_auto_disaggregate_with_one_warning(routed, store, caplog):
+    _, url = routed(backoff_initial_s=30)
+    store.stop()
+    caplog.set_level(logging.WARNING, logger="splitwise_local.proxy.prefix")
+    for text in (LONG, "Hi there!", LONG):
+        route = route_of(send(url, chat(text)))
+        assert (route["path"], route["reason"]) == ("disaggregated", "store_unavailable")
+    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert "sends every request through prefill" in warnings[0].getMessage()
+    assert routes_counted(url, "auto", "disaggregated", "store_unavailable") == 3
+
+
+def test_prefill_affinity_keeps_a_prompt_on_the_engine_that_computed_it(routed):
+    engines, url = routed(prefill=2)
+    prefill = [engine for engine, _ in engines["prefill"]]
+    for _ in range(3):
+        route_of(send(url, chat(LONG)))
+    # Least-loaded alone would have alternated (0, 1, 0); affinity stays on engine 0.
+    assert [len(e.record.requests) for e in prefill] == [3, 0]
+    route = route_of(send(url, chat(OTHER)))
+    assert route["prefill"] == engines["prefill"][1][1]  # no engine holds it: the idle one
+
+    engines, url = routed(prefill=2, prefill_policy="least_loaded")
+    for _ in range(3):
+        send(url, chat(LONG))
+    assert [len(e.record.requests) for e, _ in engines["prefill"]] == [2, 1]
+
+
+def test_saturated_prefill_sends_long_prompts_to_a_decode_engine_with_room(routed, fake):
+    engines, url = routed(busy_tokens=100)
+    prefill = engines["prefill"][0][0]
+    prefill.behaviour.delay_s = 2.0  # a prefill that takes a while
+
+    results: list[dict] = []
+
+    def long_request():
+        results.append(route_of(send(url, chat(LONG))))
+
+    first = threading.Thread(target=long_request)
+    first.start()
+    deadline = time.monotonic() + 10
+    while pending_tokens(url) == 0:  # the first one is at the prefill engine
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    second = route_of(send(url, chat(OTHER)))
+    first.join()
+    assert (results[0]["path"], results[0]["reason"]) == ("disaggregated", "long_uncached")
+    assert (second["path"], second["reason"]) == ("direct", "prefill_busy")
+    assert len(prefill.record.requests) == 1
+    assert pending_tokens(url) == 0  # once answered, nothing stays pending
+
+
+def test_decode_engines_are_picked_by_load(routed):
+    engines, url = routed(decode=2)
+    for _ in range(4):
+        send(url, chat("Hi there!"))
+    assert [len(e.record.requests) for e, _ in engines["decode"]] == [2, 2]
