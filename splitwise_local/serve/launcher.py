@@ -642,7 +642,7 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         proxy_socket=listen(args.host, args.port),
         prometheus=prometheus,
         prometheus_url=f"http://127.0.0.1:{args.prometheus_port}" if prometheus else None,
-        routing=routing_settings(args, model, device, config_file, extra, engines),
+        routing=routing_settings(args, model.folder, device, config_file, extra, engines),
     )
 
 

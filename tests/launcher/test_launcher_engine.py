@@ -1,10 +1,12 @@
 """End to end on real vLLM CPU engines: `python -m splitwise_local` as a user starts it.
 
 One launch per topology serves every test of this module (engines take a minute or more to
-start on two cores): one prefill and two decode engines, then two prefill and one decode (three
-engines on two cores: the doubled role shares its core). Each runs the sample requests whole
-and streamed, sends the long prompt's KV through the store, checks that both engines of the
-doubled role got requests, looks at the run folder, and, last, kills a decode engine, which under
+start on two cores): one prefill and two decode engines under the default `--disagg auto`, then
+two prefill and one decode under `--disagg always` (three engines on two cores: the doubled
+role shares its core). Each runs the sample requests whole and streamed, sends the long
+prompt's KV through the store, checks that both engines of the doubled role got requests and
+that the routing decisions follow the policy, looks at the run folder, and, last, kills a decode
+engine, which under
 `--restart never` must bring the whole system down with a non-zero exit and nothing left running
 (restarts: tests/chaos/).
 """
@@ -22,11 +24,15 @@ import yaml
 
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
 from tests.launcher.helpers import Launch, Ports, leftovers, sweep
+from tests.proxy.routes import route_of, routes_counted
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
 STARTUP_TIMEOUT_S = 900
 LONG = next(sample for sample in SAMPLES if sample.name == "long")
-TOPOLOGIES = [(1, 2), (2, 1)]
+# Under auto the repeated samples skip prefill (short, or stored), so the two-prefill topology
+# runs `always`: every request then passes a prefill engine, and affinity spreads the two
+# samples over both.
+TOPOLOGIES = [(1, 2, "auto"), (2, 1, "always")]
 
 
 @dataclass
@@ -34,6 +40,7 @@ class Running:
     launch: Launch
     ports: Ports
     counts: dict[str, int]
+    disagg: str
     url: str
     model: str
 
@@ -60,19 +67,20 @@ class Running:
         )
 
 
-@pytest.fixture(scope="module", params=TOPOLOGIES, ids=lambda t: f"{t[0]}P{t[1]}D")
+@pytest.fixture(scope="module", params=TOPOLOGIES, ids=lambda t: f"{t[0]}P{t[1]}D-{t[2]}")
 def system(request, tmp_path_factory) -> Iterator[Running]:
-    prefill, decode = request.param
+    prefill, decode, disagg = request.param
     root = tmp_path_factory.mktemp(f"launcher-{prefill}p{decode}d")
     ports = Ports.for_engines(prefill, decode)
-    counts = ["--prefill", str(prefill), "--decode", str(decode)]
+    counts = ["--prefill", str(prefill), "--decode", str(decode), "--disagg", disagg]
     launch = Launch([*ports.args(), *counts, "--restart", "never"], root / "run")
     try:
         launch.wait_for("ready: http://", STARTUP_TIMEOUT_S)
         url = f"http://127.0.0.1:{ports.proxy}"
         with httpx.Client(timeout=30) as client:
             model = served_model(client, url)
-        yield Running(launch, ports, {"prefill": prefill, "decode": decode}, url, model)
+        counted = {"prefill": prefill, "decode": decode}
+        yield Running(launch, ports, counted, disagg, url, model)
         launch.stop()
         assert leftovers(launch.run_dir) == []
     finally:
@@ -133,6 +141,32 @@ def test_every_engine_received_requests(system, client):
     for role in ("prefill", "decode"):
         for port in system.engine_ports(role):
             assert system.metric_of(port, "vllm:request_success_total") >= 1, (role, port)
+
+
+def test_routes_follow_the_policy(system, client):
+    """After the samples: what the header and /metrics say of the last two decisions."""
+    decisions, routes = {}, {}
+    for sample in SAMPLES:
+        reply = client.post(
+            f"{system.url}/v1/chat/completions", json=chat_request(system.model, sample)
+        )
+        reply.raise_for_status()
+        routes[sample.name] = route = route_of(reply)
+        decisions[sample.name] = (route["path"], route["reason"], route["policy"])
+    if system.disagg == "auto":
+        # Both are in the store by now: the long one from its prefill, the short one from the
+        # decode engine that computed it (a kv_both engine saves what it computes).
+        expected = ("direct", "stored_prefix", "auto")
+        assert decisions == {"short": expected, "long": expected}
+        for route in routes.values():
+            assert route["stored_tokens"] == route["prompt_tokens"]
+        assert routes_counted(system.url, "auto", "direct", "short_prompt") >= 1
+        assert routes_counted(system.url, "auto", "disaggregated", "long_uncached") == 1
+        assert routes_counted(system.url, "auto", "direct", "stored_prefix") >= 3
+    else:
+        expected = ("disaggregated", "always", "always")
+        assert decisions == {"short": expected, "long": expected}
+        assert routes_counted(system.url, "always", "disaggregated", "always") >= 7
 
 
 def test_run_folder_holds_every_log_and_the_config(system):

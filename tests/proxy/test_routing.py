@@ -16,7 +16,6 @@ import uuid
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise_local.config import SplitwiseConfig, dump_config
 from splitwise_local.connector.keys import chunk_keys
@@ -26,6 +25,7 @@ from splitwise_local.proxy.routing import Decision, PrefixMemory, decide_auto
 from splitwise_local.proxy.tokens import PromptTokenizer
 from splitwise_local.store.backend import open_backend
 from splitwise_local.store.server import ServerSettings, StoreServer
+from tests.proxy.routes import route_of, routes_counted, samples
 
 CHUNK = 32
 THRESHOLD = 64
@@ -133,27 +133,6 @@ def send(url: str, body: dict) -> httpx.Response:
     reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
     assert reply.status_code == 200, reply.text
     return reply
-
-
-def route_of(reply: httpx.Response) -> dict[str, str]:
-    fields = (item.split("=", 1) for item in reply.headers["x-splitwise-route"].split("; "))
-    return dict(fields)
-
-
-def samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """Every sample of one metric on the proxy's /metrics: (labels, value)."""
-    text = httpx.get(url + "/metrics").text
-    return [
-        (sample.labels, sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    ]
-
-
-def routes_counted(url: str, policy: str, path: str, reason: str) -> float:
-    wanted = {"policy": policy, "path": path, "reason": reason}
-    return sum(v for labels, v in samples(url, "splitwise_proxy_routes_total") if labels == wanted)
 
 
 def pending_tokens(url: str) -> float:

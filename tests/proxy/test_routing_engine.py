@@ -31,8 +31,8 @@ from splitwise_local.proxy.settings import ProxySettings
 from splitwise_local.proxy.tokens import PromptTokenizer
 from splitwise_local.samples import LONG_PROMPT
 from tests.engine.checks import References, first_diff
+from tests.proxy.routes import route_of, routes_counted
 from tests.proxy.servers import Servers
-from tests.proxy.test_routing import route_of, routes_counted
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1500)]
 NEW_TOKENS = 32
