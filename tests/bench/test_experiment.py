@@ -1,94 +1,160 @@
-"""The experiment script and its report, with fake vLLM servers where real engines would run."""
+"""The experiment end to end in its short mode, with fake vLLM servers where engines would run.
+
+`tests/bench/fake_python` stands in for the interpreter: `-m splitwise_local engine` and
+`-m splitwise_local serve` start a fake vLLM server on their `--port` instead of real engines
+(or the whole launcher); everything else (the proxy, bench sweep and serve, vLLM's own client,
+the report) runs for real. So this checks the orchestration, the files and the report's
+arithmetic, not engine behaviour.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from serve_fake import serve_fake
+import pytest
 
-from splitwise_local.bench import experiment_report
-from splitwise_local.cli import main
+from splitwise_local.bench import experiment_report, sweep
+from splitwise_local.serve.process import tagged
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
-SMALL = {"REQUESTS": "4", "RATE": "20", "PROMPT_LEN": "24", "OUTPUT_LEN": "6",
-         "LONG_PROMPT_LEN": "120", "LONG_OUTPUT_LEN": "3", "LONG_FRACTION": "0.5"}  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def test_script_runs_both_systems_and_writes_the_report(tmp_path):
-    ports = {name: str(free_port()) for name in
-             ("PLAIN_PORT", "PROXY_PORT", "PREFILL_PORT", "DECODE_PORT", "STORE_PORT")}  # fmt: skip
-    out = tmp_path / "docs" / "splitwise-cpu"
-    env = (
-        os.environ
-        | SMALL
-        | ports
-        | {
-            "PYTHON": str(HERE / "fake_python"),
-            "REAL_PYTHON": sys.executable,
-            "OUT": str(out),
-            "RUN_DIR": str(tmp_path / "run"),
-            "READY_TIMEOUT": "60",
-            "SEED": "11",
-        }
-    )
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    root = tmp_path_factory.mktemp("experiment")
+    env = os.environ | {"PYTHON": str(HERE / "fake_python"), "REAL_PYTHON": sys.executable}
+    run_dir, out = root / "run", root / "docs" / "splitwise-cpu"
     done = subprocess.run(
-        ["bash", str(REPO / "scripts" / "splitwise_experiment.sh")],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(out.with_suffix(".json").read_text())
-    for system in ("colocated", "disaggregated"):
-        for key in ("ttft_ms", "itl_ms", "e2e_ms"):
-            assert set(result[system][key]) >= {"p50", "p90", "p99"}
-        assert result[system]["output_tokens_per_s"] > 0
-        assert result[system]["settings"]["seed"] == 11
-        assert "per_request" not in result[system]
-    assert result["goal"]["judged"] is True
-    assert result["goal"]["itl_p99_ratio"] == (
-        result["disaggregated"]["itl_ms"]["p99"] / result["colocated"]["itl_ms"]["p99"]
+        [
+            "bash",
+            str(REPO / "scripts" / "splitwise_experiment.sh"),
+            "--short",
+            "--run-dir",
+            str(run_dir),
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
-    # the store is not there (a fake stands in for the launcher): said, not fatal
-    assert "error" in result["disaggregated"]["kv_cost"]["store"]
-    report = out.with_suffix(".md").read_text()
-    for expected in ("## Machine", "- seed: 11", "| ITL p99 (ms) |", "## Goal",
-                     "![splitwise-cpu-latency-cdf.png]"):  # fmt: skip
-        assert expected in report
-    assert (out.parent / "splitwise-cpu-itl-over-time.png").is_file()
-    assert not any(listening(int(p)) for p in ports.values())  # both fakes were stopped
+    return done, run_dir, out
 
 
-def test_report_names_a_run_that_did_not_happen(tokenizer, tmp_path):
-    with serve_fake(tokenizer) as (url, _):
-        code = main(["bench", "serve", "--url", url, "--num-requests", "3", "--prompt-len", "16",
-                     "--output-len", "4", "--long-prompt-len", "64", "--long-output-len", "2",
-                     "--no-progress", "--json", str(tmp_path / "colocated.json")])  # fmt: skip
-    assert code == 0
-    log = tmp_path / "launcher.log"
-    log.write_text("starting\nerror: port 8010 is already in use\n")
-    out = tmp_path / "report" / "x"
-    experiment_report.main(["--out", str(out), "--run", f"colocated={tmp_path / 'colocated.json'}",
-                            "--run", f"disaggregated={tmp_path / 'missing.json'}",
-                            "--log", f"disaggregated={log}"])  # fmt: skip
+def test_every_system_is_swept_and_measured(experiment):
+    done, run_dir, out = experiment
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     result = json.loads(out.with_suffix(".json").read_text())
-    assert result["goal"] == {"judged": False, "reason": "one of the two runs has no results"}
-    assert "error" in result["disaggregated"] and result["colocated"]["completed"] == 3
+    assert list(result["systems"]) == ["colocated", "dp", "1p1d", "auto"]
+    for name, system in result["systems"].items():
+        assert "error" not in system["entry"], (name, system["entry"])
+        assert system["entry"]["exit_codes"] == {
+            "sweep": 0,
+            "vllm": 0,
+            "crosscheck": 0,
+            "multi-turn": 0,
+            "short": 0,
+        }
+        runs = system["sweep"]["runs"]
+        assert {(r["seed"], r["rate"]) for r in runs} == {
+            (0, 20.0),
+            (0, 40.0),
+            (1, 20.0),
+            (1, 40.0),
+        }
+        assert all(r["completed"] == 4 and "per_request" not in r for r in runs)
+        assert system["sweep"]["capacity"] == sweep.capacity(runs)
+        assert system["vllm"]["completed"] == 4 and system["crosscheck"]["completed"] == 4
+        assert system["multi_turn"]["settings"]["kind"] == "multi-turn"
+        assert system["short"]["settings"]["concurrency"] == 3
+    assert not tagged(str(run_dir))  # every system was stopped
+
+
+def test_the_same_requests_reach_every_system(experiment):
+    _, run_dir, _ = experiment
+    prompts = {}
+    for name in ("colocated", "dp", "1p1d", "auto"):
+        found = json.loads((run_dir / name / "sweep.json").read_text())
+        records = [r for run in found["runs"] for r in run.get("per_request", [])]
+        prompts[name] = [(r["index"], r["kind"], r["prompt_len"], r["output_len"]) for r in records]
+    assert prompts["colocated"] and all(p == prompts["colocated"] for p in prompts.values())
+
+
+def test_report_judges_every_goal_and_draws_the_plots(experiment):
+    _, run_dir, out = experiment
+    result = json.loads(out.with_suffix(".json").read_text())
+    goals = result["goals"]
+    assert goals["best disaggregated capacity / best colocated baseline"]["target"] == 1.5
+    judged = [g for g in goals.values() if g["met"] is not None]
+    assert len(judged) == len(goals)  # everything measured in the short run
+    ratios = result["ratios"]
+    capacities = {
+        n: result["systems"][n]["sweep"]["capacity"]["interpolated"]["mean"]
+        for n in result["systems"]
+    }
+    assert ratios["capacity_disagg_vs_colocated"] == pytest.approx(
+        max(capacities["1p1d"], capacities["auto"]) / max(capacities["colocated"], capacities["dp"])
+    )
+    auto, colocated = result["systems"]["auto"]["vllm"], result["systems"]["colocated"]["vllm"]
+    assert ratios["auto_ttft_p50_vs_colocated"] == pytest.approx(
+        auto["ttft_ms"]["p50"] / colocated["ttft_ms"]["p50"]
+    )
+    assert "crosscheck_dp_itl_p50_ours_vs_vllm" in ratios
+    assert set(result["placement_study"]) == {"float", "core0", "core1"}
+    assert "other CPU" in out.with_suffix(".md").read_text()
     report = out.with_suffix(".md").read_text()
-    assert "| ITL p99 (ms) |" in report and "not run" in report
-    assert "port 8010 is already in use" in report
+    for heading in (
+        "## Machine, and how quiet it was",
+        "## SLOs",
+        "## Goals",
+        "## Where disaggregation loses",
+        "## vLLM's own client beside ours",
+        "## Multi-turn chat",
+        "## Short prompts",
+    ):
+        assert heading in report
+    for png in ("attainment", "latency-cdf", "itl-over-time"):
+        path = out.parent / f"splitwise-cpu-{png}.png"
+        assert path.read_bytes()[:4] == b"\x89PNG"
+        assert f"]({path.name})" in report
+    # the report can be written again from the run folder alone
+    again = out.parent / "again"
+    experiment_report.main(["--run-dir", str(run_dir), "--out", str(again)])
+    assert json.loads(again.with_suffix(".json").read_text())["ratios"] == ratios
+
+
+def test_a_system_that_cannot_start_is_reported_not_fatal(tmp_path):
+    env = os.environ | {
+        "PYTHON": str(HERE / "fake_python"),
+        "REAL_PYTHON": sys.executable,
+        "FAKE_FAIL": "serve",
+    }
+    out = tmp_path / "docs" / "x"
+    done = subprocess.run(
+        [
+            "bash",
+            str(REPO / "scripts" / "splitwise_experiment.sh"),
+            "--short",
+            "--systems",
+            "1p1d",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert "launcher exited" in result["systems"]["1p1d"]["entry"]["error"]
+    report = out.with_suffix(".md").read_text()
+    assert "## 1p1d: did not run" in report and "fake launcher failed on purpose" in report
