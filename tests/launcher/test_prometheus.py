@@ -57,7 +57,9 @@ def system(tmp_path_factory, hub_cache) -> Iterator[Running]:  # noqa: F811
     root = tmp_path_factory.mktemp("launcher-prometheus")
     ports = Ports(*free_ports(4))
     (prometheus_port,) = free_ports(1)
-    args = [*ports.args(), "--model", SMOLLM2_ID, "--prometheus"]
+    # Every request through prefill, so KV moves through the store (auto sends short ones to
+    # decode alone).
+    args = [*ports.args(), "--model", SMOLLM2_ID, "--prometheus", "--disagg", "always"]
     args += ["--prometheus-port", str(prometheus_port), "--scrape-interval", "1"]
     # The Hub is unreachable and the cache holds the model: found there, without network.
     launch = Launch(args, root / "run", hub_env(hub_cache.home))
@@ -126,6 +128,10 @@ def test_every_panel_has_data_and_every_target_is_up(system):
         traffic.join(timeout=120)
     assert not missing, f"panels without data: {missing}"
     assert len(queries) >= 12
+    # And the numbers are the run's: KV went through the store into the decode engine.
+    (written,) = system.query("sum(splitwise_store_written_bytes_total)")
+    (loaded,) = system.query('sum(vllm:external_prefix_cache_hits_total{role="decode"})')
+    assert float(written["value"][1]) > 0 and float(loaded["value"][1]) > 0
 
     targets = httpx.get(f"{system.prometheus}/api/v1/targets", timeout=10).json()
     health = {t["scrapeUrl"]: t["health"] for t in targets["data"]["activeTargets"]}
