@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "serde": "size, speed and quality of the KV compression serdes on real KV",
     "serve": "load generator against any OpenAI-compatible URL",
     "sweep": "SLO attainment of one server across request rates and seeds (DistServe's metric)",
+    "chaos": "faults under load (kill -9, freeze): failed requests, recovery seconds, orphans",
 }
 
 

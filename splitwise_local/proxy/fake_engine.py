@@ -79,7 +79,7 @@ class FakeEngine:
         )
 
     async def _health(self, request: Request) -> Response:
-        return Response(status_code=500 if self.behaviour.fail_status else 200)
+        return Response(status_code=self.behaviour.fail_status or 200)
 
     async def _models(self, request: Request) -> Response:
         model = {"id": self.behaviour.model, "object": "model", "owned_by": self.behaviour.name}

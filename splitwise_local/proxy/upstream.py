@@ -133,13 +133,21 @@ class Upstream:
     async def read(
         self, pool: EnginePool, endpoint: Endpoint, response: aiohttp.ClientResponse
     ) -> bytes:
-        """The whole answer; releases the connection (closed if unfinished) and the endpoint."""
+        """The whole answer; releases the connection (closed if unfinished) and the endpoint.
+
+        An engine that answers 5xx is marked down like one that cannot be reached: it may be
+        dying (vLLM answers 500 to every request for seconds after its engine core died), and
+        the next requests are better sent elsewhere. The answer itself is still the caller's.
+        """
         try:
-            return await response.read()
+            body = await response.read()
         except UPSTREAM_ERRORS as exc:
             raise self.failed(pool, endpoint, exc) from exc
         finally:
             self.finish(pool, endpoint, response)
+        if response.status >= 500:
+            pool.mark_down(endpoint, f"answered {response.status}")
+        return body
 
     def finish(
         self, pool: EnginePool, endpoint: Endpoint, response: aiohttp.ClientResponse

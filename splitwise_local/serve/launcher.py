@@ -41,6 +41,7 @@ from splitwise_local.serve.supervisor import (
     StartupError,
     StopRequested,
     Supervisor,
+    Unhealthy,
 )
 
 if TYPE_CHECKING:
@@ -377,10 +378,15 @@ def flag_value(args: list[str], flag: str) -> str | None:
     return None
 
 
-def http_ok(url: str) -> bool:
+def engine_healthy(url: str) -> bool:
+    """vLLM's /health: 200 while serving; 503 once its engine core has died, which the
+    supervisor takes as a death at once (the API server itself exits only seconds later)."""
     import httpx
 
-    return httpx.get(url, timeout=2.0).status_code == 200
+    status = httpx.get(url, timeout=2.0).status_code
+    if status == 503:
+        raise Unhealthy(f"GET {url} answered 503: its engine core is gone")
+    return status == 200
 
 
 def store_responds(url: str, config: SplitwiseConfig) -> bool:
@@ -498,7 +504,7 @@ def engine_member(
     log_path = defaults.run_dir / log_name(role, index, count)
     child = Child(name, spec.command(), env, log_path, console)
     health = f"{spec.url}/health"
-    readiness = Readiness(lambda: http_ok(health), f"GET {health}")
+    readiness = Readiness(lambda: engine_healthy(health), f"GET {health}")
     return EngineMember(role, index, name, spec, child, readiness)
 
 

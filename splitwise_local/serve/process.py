@@ -103,7 +103,7 @@ class Child:
             self._pump.join(2.0)  # the previous run's last lines land before the note
         with self.log_path.open("ab") as log:
             if note:
-                log.write(f"----- {note} -----\n".encode())
+                log.write(f"\n----- {note} -----\n".encode())
             self._log_offset = log.tell()
         self.stopping = False
         self.starts += 1

@@ -55,6 +55,11 @@ class StopRequested(BaseException):
     """
 
 
+class Unhealthy(Exception):
+    """Raised by a health check that got an answer saying the child cannot serve any more (vLLM's
+    /health answers 503 once its engine core has died): dead now, no deadline to wait for."""
+
+
 @dataclass
 class Readiness:
     """How to tell that a child is ready: `check()` is true (exceptions count as not yet).
@@ -70,6 +75,15 @@ class Readiness:
         except Exception:
             return False
 
+    def health(self) -> bool | str:
+        """True when healthy, False without a good answer, or why the child says it is dead."""
+        try:
+            return bool(self.check())
+        except Unhealthy as exc:
+            return str(exc)
+        except Exception:
+            return False
+
 
 @dataclass(frozen=True)
 class RestartPolicy:
@@ -79,12 +93,13 @@ class RestartPolicy:
     `backoff_initial_s`, doubling per restart within the window up to `backoff_max_s`; the
     `max_restarts + 1`-th failure within `window_s` seconds gives up. A child whose health check
     has not passed for `health_deadline_s` is frozen; checks run every `health_interval_s`,
-    each bounded by the deadline itself (a check that hangs counts as failing).
+    each bounded by the deadline itself (a check that hangs counts as failing). A check that
+    raises `Unhealthy` (the child answered that it cannot serve) is a death, at once.
     """
 
     mode: Literal["on-failure", "never"] = "on-failure"
     health_deadline_s: float = 30.0
-    health_interval_s: float = 2.0
+    health_interval_s: float = 1.0
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 30.0
     max_restarts: int = 5
@@ -138,16 +153,20 @@ class Probe:
 
     def __init__(self, readiness: Readiness) -> None:
         self.readiness = readiness
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="probe")
-        self._running: concurrent.futures.Future[bool] | None = None
+        self._pool = self._new_pool()
+        self._running: concurrent.futures.Future[bool | str] | None = None
         self._next = 0.0
 
-    def poll(self, interval_s: float) -> bool | None:
+    @staticmethod
+    def _new_pool() -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="probe")
+
+    def poll(self, interval_s: float) -> bool | str | None:
         """Starts a check if none runs and `interval_s` has passed since the last one started;
-        returns the result of one that has finished, else None."""
+        returns the result of one that has finished (see `Readiness.health`), else None."""
         now = time.monotonic()
         if self._running is None and now >= self._next:
-            self._running = self._pool.submit(self.readiness.ready)
+            self._running = self._pool.submit(self.readiness.health)
             self._next = now + interval_s
         if self._running is not None and self._running.done():
             result, self._running = self._running.result(), None
@@ -155,7 +174,10 @@ class Probe:
         return None
 
     def forget(self) -> None:
-        """Drops a check still running: it answers for a process that is gone."""
+        """Drops a check still running (it answers for a process that is gone) and its thread,
+        which may hang for a while yet on a frozen child's socket."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._new_pool()
         self._running = None
         self._next = 0.0
 
@@ -203,7 +225,10 @@ class Watch:
                 return kind, how + cause
             if policy.mode == "never":
                 continue
-            if self.probe.poll(policy.health_interval_s):
+            health = self.probe.poll(policy.health_interval_s)
+            if isinstance(health, str):
+                return "unhealthy", f"said it cannot serve ({health})"
+            if health:
                 last_ok = time.monotonic()
             silent = time.monotonic() - last_ok
             if silent > policy.health_deadline_s:
@@ -255,7 +280,7 @@ class Watch:
         """None once the restarted child is ready (or stopping), else why it is not."""
         child, timeout = self.child, self.policy.ready_timeout_s
         while not self.supervisor.stopping.is_set():
-            if self.probe.poll(POLL_S):
+            if self.probe.poll(POLL_S) is True:
                 return None
             if child.returncode is not None:
                 kind, how, cause = how_it_ended(child)
@@ -275,8 +300,8 @@ class RestartCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         restarts = CounterMetricFamily(
             "splitwise_component_restarts",
-            "Restarts of a component by the supervisor, by cause (killed, exited, frozen, "
-            "not_ready)",
+            "Restarts of a component by the supervisor, by cause (killed, exited, unhealthy, "
+            "frozen, not_ready)",
             labels=["component", "cause"],
         )
         up = GaugeMetricFamily(

@@ -1,36 +1,21 @@
-"""Helpers shared by the launcher tests: free ports, a launcher subprocess, leftover checks."""
+"""Helpers shared by the launcher tests: free ports, fake engines; the launcher subprocess and
+the leftover checks are the benchmarks' (splitwise_local/bench/launched.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
+from splitwise_local.bench.launched import Launch, free_ports, leftovers, sweep
 
-from splitwise_local.serve.process import tagged
+__all__ = ["Launch", "free_ports", "leftovers", "sweep"]  # re-exported for the tests
 
 FAKE_VLLM = Path(__file__).parent / "fake_vllm"
 READY = "ready: http://"
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct ports that are free now (held open together so none is handed out twice)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def free_run(count: int, avoid: Sequence[int] = ()) -> int:
@@ -79,75 +64,6 @@ class Ports:
             "--store-port",
             str(self.store),
         ]
-
-
-class Launch:
-    """`python -m splitwise_local ...` as a user runs it, its stdout and stderr in files."""
-
-    def __init__(self, args: list[str], run_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.run_dir = run_dir
-        self.out_path = run_dir.parent / f"{run_dir.name}.stdout"
-        self.err_path = run_dir.parent / f"{run_dir.name}.stderr"
-        command = [sys.executable, "-m", "splitwise_local", *args, "--run-dir", str(run_dir)]
-        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
-            self.popen = subprocess.Popen(
-                command, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL
-            )
-
-    @property
-    def out(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    @property
-    def err(self) -> str:
-        return self.err_path.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        """Waits until `text` is on stdout; fails with the output if the launcher exits first."""
-        deadline = time.monotonic() + timeout
-        while text not in self.out:
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"never saw {text!r} (exit code {self.popen.poll()}):\n"
-                    f"stdout:\n{self.out}\nstderr:\n{self.err}"
-                )
-            time.sleep(0.2)
-
-    def finish(self, sig: int | None = None, timeout: float = 60.0) -> int:
-        """Sends `sig` (if any) and returns the exit code."""
-        if sig is not None:
-            self.popen.send_signal(sig)
-        return self.popen.wait(timeout)
-
-    def child(self, marker: str) -> psutil.Process:
-        """The launcher's direct child whose command line contains `marker`."""
-        for process in psutil.Process(self.popen.pid).children():
-            if marker in " ".join(process.cmdline()):
-                return process
-        raise AssertionError(f"no child of the launcher runs {marker!r}")
-
-    def stop(self) -> None:
-        """SIGTERM if still running; the caller then checks `leftovers`."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(120)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-
-
-def leftovers(run_dir: Path) -> list[str]:
-    """Processes of that run still alive, as readable strings (empty when all are gone)."""
-    deadline = time.monotonic() + 2.0  # a SIGKILLed process may need a moment to vanish
-    while (found := tagged(str(run_dir))) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return [f"{p.pid} {' '.join(p.cmdline())}" for p in found]
-
-
-def sweep(run_dir: Path) -> None:
-    """Kills whatever a failed test left of a run, so one failure does not starve the rest."""
-    for process in tagged(str(run_dir)):
-        process.kill()
 
 
 def events(path: Path) -> list[dict]:

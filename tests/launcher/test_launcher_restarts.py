@@ -137,3 +137,21 @@ def test_too_many_restarts_stop_everything(tmp_path, ports, fake_model, launched
     assert "restarting it in 2 s (restart 2 of at most 2" in system.out
     assert "  | ERROR fake engine: lost its device" in system.err
     assert leftovers(system.run_dir) == []
+
+
+def test_engine_saying_it_cannot_serve_is_restarted_at_once(tmp_path, ports, fake_model, launched):
+    """vLLM's /health answers 503 once its engine core died: no freeze deadline to wait for."""
+    modes = {ports.decode: "sick"}
+    system = launch_fake(tmp_path, ports, fake_model, "--max-restarts", "1", modes=modes)
+    launched.append(system)
+    system.wait_for(READY, 60)
+    began = time.monotonic()
+    system.wait_for(
+        f"decode engine said it cannot serve (GET http://127.0.0.1:{ports.decode}/health "
+        "answered 503: its engine core is gone); restarting it in 1 s",
+        20,
+    )
+    assert time.monotonic() - began < 10  # the 30 s freeze deadline did not apply
+    assert system.finish(timeout=60) == 1  # sick again after its restart: it gives up
+    assert "after 1 restarts within 600 s; giving up, so everything stops" in system.err
+    assert leftovers(system.run_dir) == []

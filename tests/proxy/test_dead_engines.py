@@ -63,6 +63,20 @@ def test_no_decode_engine_reachable_means_prefill_serves_the_whole_request(fake,
     assert metric(base, "splitwise_proxy_decode_fallbacks_total") == 2
 
 
+def test_an_engine_answering_5xx_is_avoided_by_the_next_requests(fake, proxy):
+    """vLLM answers 500 to every request for seconds after its engine core died."""
+    _, prefill_url = fake(name="prefill", tokens=2)
+    decode, decode_url = fake(name="decode", fail_status=500)
+    base = proxy(prefill=[prefill_url], decode=[decode_url], backoff_initial_s=60)
+    first = httpx.post(base + "/v1/completions", json=COMPLETION)
+    assert first.status_code == 500  # the engine's own error, passed through
+    assert first.json()["error"]["message"] == "fake engine failure"
+    second = httpx.post(base + "/v1/completions", json=COMPLETION)
+    assert second.json()["choices"][0]["text"] == " prefill0 prefill1"
+    assert len(decode.record.requests) == 1
+    assert engine_up(base, decode_url) == 0
+
+
 def test_nothing_to_send_to_is_503_with_retry_after(proxy, dead_url):
     base = proxy(prefill=[dead_url()], decode=[dead_url()], retry_after_s=7)
     for _ in range(2):  # the first finds both unreachable, the second knows

@@ -3,7 +3,8 @@
 Behaviour per engine port, from the environment (set by the tests):
 - `FAKE_ENGINE_MODE_<port>`: `ok` (default); `crash` (raises, so exits 1, before listening);
   `hang` (never listens); `stubborn` (ignores SIGTERM, so only SIGKILL stops it); `flaky`
-  (serves for 3 s, then exits 1, every time it is started).
+  (serves for 3 s, then exits 1, every time it is started); `sick` (after 3 s its /health
+  answers 503 and its completions 503, as vLLM's do once its engine core has died).
 - `FAKE_ENGINE_EVENTS`: a file; on SIGTERM the engine appends one JSON line saying whether the
   proxy (`FAKE_PROXY_PORT`) and the store (`FAKE_STORE_PORT`) still accept connections.
 Like vLLM, it starts helper processes of its own; one of them leaves the process group
@@ -69,7 +70,8 @@ def main() -> None:
     if mode == "crash":
         print("ERROR fake engine: giving up", flush=True)
         raise RuntimeError("fake engine cannot load the model")
-    app = FakeEngine(FakeBehaviour(model=args.served_model_name)).app
+    engine = FakeEngine(FakeBehaviour(model=args.served_model_name))
+    app = engine.app
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     stopping = threading.Event()
 
@@ -82,6 +84,9 @@ def main() -> None:
     if mode != "hang":
         # In a thread, uvicorn leaves signal handling to this main thread.
         threading.Thread(target=server.run, daemon=True).start()
+    if mode == "sick":
+        time.sleep(3.0)
+        engine.behaviour.fail_status = 503
     if mode == "flaky":
         time.sleep(3.0)
         print("ERROR fake engine: lost its device", flush=True)

@@ -1,0 +1,111 @@
+"""The whole system as a user starts it (`python -m splitwise_local ...`), for benchmarks and tests.
+
+`Launch` runs the launcher as a child with its console in two files beside the run folder,
+waits for lines on it, and stops it with SIGTERM as Ctrl-C would. Every process of the run,
+however deep or reparented, carries the run's tag and its component's name in its environment
+(serve/process.py), so faults can be aimed at one component and leftovers found afterwards.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from splitwise_local.serve.process import tagged
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct ports that are free now (held open together so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class LaunchFailed(RuntimeError):
+    """The launcher exited, or never printed what was waited for; the message has its output."""
+
+
+class Launch:
+    """`python -m splitwise_local ...` as a user runs it, its stdout and stderr in files."""
+
+    def __init__(self, args: list[str], run_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.run_dir = run_dir
+        self.out_path = run_dir.parent / f"{run_dir.name}.stdout"
+        self.err_path = run_dir.parent / f"{run_dir.name}.stderr"
+        command = [sys.executable, "-m", "splitwise_local", *args, "--run-dir", str(run_dir)]
+        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
+            self.popen = subprocess.Popen(
+                command, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL
+            )
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float, after: int = 0) -> int:
+        """Waits until `text` is on stdout (from character `after` on) and returns where it ends;
+        raises LaunchFailed with the output if the launcher exits first or time runs out."""
+        deadline = time.monotonic() + timeout
+        while (found := self.out.find(text, after)) < 0:
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                raise LaunchFailed(
+                    f"never saw {text!r} (exit code {self.popen.poll()}):\n"
+                    f"stdout:\n{self.out}\nstderr:\n{self.err}"
+                )
+            time.sleep(0.2)
+        return found + len(text)
+
+    def finish(self, sig: int | None = None, timeout: float = 60.0) -> int:
+        """Sends `sig` (if any) and returns the exit code."""
+        if sig is not None:
+            self.popen.send_signal(sig)
+        return self.popen.wait(timeout)
+
+    def child(self, marker: str) -> psutil.Process:
+        """The launcher's direct child whose command line contains `marker`."""
+        for process in psutil.Process(self.popen.pid).children():
+            if marker in " ".join(process.cmdline()):
+                return process
+        raise LaunchFailed(f"no child of the launcher runs {marker!r}")
+
+    def processes(self, component: str | None = None) -> list[psutil.Process]:
+        """The live processes of the run, or of one component ("decode engine", "store")."""
+        return tagged(str(self.run_dir), component)
+
+    def stop(self) -> None:
+        """SIGTERM if still running; the caller then checks `leftovers`."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(120)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    """Processes of that run still alive, as readable strings (empty when all are gone)."""
+    deadline = time.monotonic() + 2.0  # a SIGKILLed process may need a moment to vanish
+    while (found := tagged(str(run_dir))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [f"{p.pid} {' '.join(p.cmdline())}" for p in found]
+
+
+def sweep(run_dir: Path) -> None:
+    """Kills whatever a failed run left, so one failure does not starve the rest."""
+    for process in tagged(str(run_dir)):
+        process.kill()
