@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "serve": "load generator against any OpenAI-compatible URL",
     "sweep": "SLO attainment of one server across request rates and seeds (DistServe's metric)",
     "chaos": "faults under load (kill -9, freeze): failed requests, recovery seconds, orphans",
+    "soak": "the mixed workload for N minutes: errors, latency per minute, RSS and fds drift",
 }
 
 

@@ -37,10 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from splitwise_local.bench import report
-from splitwise_local.bench.launched import Launch, free_ports, leftovers, sweep
+from splitwise_local.bench.launched import Running, launch_system, leftovers, sweep
 
 SENTINEL_KEY = "c0" * 32  # written before a store fault, looked for after its restart
 POLL_S = 0.25
@@ -213,93 +212,6 @@ def _parses_as_openai_error(content: bytes) -> bool:
         return False
 
 
-# -- the system -------------------------------------------------------------------------------
-
-
-@dataclass
-class Running:
-    """A launched system and what the faults need to reach its parts."""
-
-    launch: Launch
-    url: str
-    model: str
-    ports: dict[str, int]  # component -> port ("decode engine" -> 8020)
-
-    def metrics(self, port: int | None = None) -> dict[str, float]:
-        """One /metrics page as {sample with labels: value} (the proxy's by default)."""
-        target = f"http://127.0.0.1:{port or self.ports['proxy']}/metrics"
-        text = httpx.get(target, timeout=10).text
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    samples[name] = float(value)
-        return samples
-
-    def up(self, component: str) -> float | None:
-        return self.metrics().get(f'splitwise_component_up{{component="{component}"}}')
-
-    def restarts(self, component: str) -> float:
-        prefix = 'splitwise_component_restarts_total{cause="'
-        suffix = f'",component="{component}"}}'
-        return sum(
-            v for k, v in self.metrics().items() if k.startswith(prefix) and k.endswith(suffix)
-        )
-
-    def external_hits(self) -> float:
-        samples = self.metrics(self.ports["decode engine"])
-        return sum(
-            v for k, v in samples.items() if k.startswith("vllm:external_prefix_cache_hits_total")
-        )
-
-    def main_process(self, component: str) -> psutil.Process:
-        """The component's process the launcher started (not one of its helpers)."""
-        for process in self.launch.processes(component):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if process.ppid() == self.launch.popen.pid:
-                    return process
-        raise RuntimeError(f"no running {component}")
-
-    def engine_core(self, component: str) -> psutil.Process:
-        """The EngineCore process under an engine's API server."""
-        for process in self.main_process(component).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if "EngineCore" in process.name() or "EngineCore" in " ".join(process.cmdline()):
-                    return process
-        raise RuntimeError(f"no EngineCore process under the {component}")
-
-    def cold_starts(self) -> dict[str, float]:
-        """Seconds each component took to become ready at launch, from the launcher's lines."""
-        starts = {}
-        for line in self.launch.out.splitlines():
-            head, sep, tail = line.removeprefix("[launcher] ").partition(" ready after ")
-            if sep:
-                with contextlib.suppress(ValueError):
-                    starts[head] = float(tail.split()[0])
-        return starts
-
-
-def launch_system(
-    run_dir: Path, health_deadline_s: float, extra: list[str] | None = None, timeout: float = 900
-) -> Running:
-    """Starts the whole system with fresh ports and waits until it is ready."""
-    proxy, prefill, decode, store = free_ports(4)
-    args = ["--port", str(proxy), "--prefill-port", str(prefill), "--decode-port", str(decode)]
-    args += ["--store-port", str(store), "--health-deadline", str(health_deadline_s)]
-    launch = Launch([*args, *(extra or [])], run_dir)
-    try:
-        launch.wait_for("ready: http://", timeout)
-        url = f"http://127.0.0.1:{proxy}"
-        model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-    except BaseException:
-        launch.stop()
-        sweep(run_dir)
-        raise
-    ports = {"proxy": proxy, "prefill engine": prefill, "decode engine": decode, "store": store}
-    return Running(launch, url, model, ports)
-
-
 # -- one fault --------------------------------------------------------------------------------
 
 
@@ -381,13 +293,14 @@ def run_fault(
     store = put_sentinel(system) if fault.component == "store" else None
     time.sleep(2.0)  # every caller has a request in flight
     began = time.monotonic()
-    thaw = inject(system, fault)
-    if fault.action == "freeze":
-        time.sleep(freeze_s)
-        thaw()
+    thaw: Callable[[], None] | None = inject(system, fault)
+    thaw_at = began + (freeze_s if fault.action == "freeze" else 0.0)
     deadline = began + recovery_timeout_s
     while time.monotonic() < deadline:
         now = time.monotonic()
+        if thaw is not None and now >= thaw_at:
+            thaw()  # SIGCONT: by now the supervisor should have replaced the frozen process
+            thaw = None
         up, restarted = system.up(fault.component), system.restarts(fault.component)
         if result.noticed_s is None and (up == 0 or restarted > restarts_before):
             result.noticed_s = now - began
@@ -398,7 +311,7 @@ def run_fault(
                 result.store_empty_after_restart = store.get(SENTINEL_KEY) is None
                 hits_at_back = system.external_hits()
         succeeded = [c for c in load.since(began) if c.ok]
-        if result.back_s is not None and succeeded:
+        if thaw is None and result.back_s is not None and succeeded:
             break
         time.sleep(POLL_S)
     time.sleep(settle_s)

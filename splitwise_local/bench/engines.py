@@ -161,7 +161,8 @@ def start_system(
 
     The engines reach the store through its shared-memory arena (`transport="shm"`, what the
     launcher does on one host) or over TCP (`"tcp"`, what engines on other hosts do); with
-    `"mooncake"` a loopback mooncake_master runs instead and the engines mount the memory.
+    `"mooncake"` a loopback mooncake_master runs instead and the engines mount the memory; with
+    `"remote"` no store is started: the engines use the one at `config.remote_url`.
     `engine_args` adds vLLM flags per engine name (`--enable-prefix-caching` turns the
     engine's own prefix cache back on).
     """
@@ -180,6 +181,8 @@ def start_system(
             member = supervised_master(master, env, root / "master.log", supervisor.console)
             supervisor.start_stage([member], 60)
             system.store_child = member[0]
+        elif config is not None and transport == "remote":
+            config_file = dump_config(config, root / "splitwise.yaml")
         elif config is not None:
             port, shm = free_port(), f"splitwise-test-{uuid.uuid4().hex[:8]}"
             url = f"shm://{shm}" if transport == "shm" else f"lm://127.0.0.1:{port}"

@@ -4,17 +4,21 @@
 waits for lines on it, and stops it with SIGTERM as Ctrl-C would. Every process of the run,
 however deep or reparented, carries the run's tag and its component's name in its environment
 (serve/process.py), so faults can be aimed at one component and leftovers found afterwards.
+`launch_system` starts one on fresh ports; `Running` reads its metrics and finds its parts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 
 from splitwise_local.serve.process import tagged
@@ -109,3 +113,87 @@ def sweep(run_dir: Path) -> None:
     """Kills whatever a failed run left, so one failure does not starve the rest."""
     for process in tagged(str(run_dir)):
         process.kill()
+
+
+@dataclass
+class Running:
+    """A launched system and what the faults need to reach its parts."""
+
+    launch: Launch
+    url: str
+    model: str
+    ports: dict[str, int]  # component -> port ("decode engine" -> 8020)
+
+    def metrics(self, port: int | None = None) -> dict[str, float]:
+        """One /metrics page as {sample with labels: value} (the proxy's by default)."""
+        target = f"http://127.0.0.1:{port or self.ports['proxy']}/metrics"
+        text = httpx.get(target, timeout=10).text
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    samples[name] = float(value)
+        return samples
+
+    def up(self, component: str) -> float | None:
+        return self.metrics().get(f'splitwise_component_up{{component="{component}"}}')
+
+    def restarts(self, component: str) -> float:
+        prefix = 'splitwise_component_restarts_total{cause="'
+        suffix = f'",component="{component}"}}'
+        return sum(
+            v for k, v in self.metrics().items() if k.startswith(prefix) and k.endswith(suffix)
+        )
+
+    def external_hits(self) -> float:
+        samples = self.metrics(self.ports["decode engine"])
+        return sum(
+            v for k, v in samples.items() if k.startswith("vllm:external_prefix_cache_hits_total")
+        )
+
+    def main_process(self, component: str) -> psutil.Process:
+        """The component's process the launcher started (not one of its helpers)."""
+        for process in self.launch.processes(component):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if process.ppid() == self.launch.popen.pid:
+                    return process
+        raise RuntimeError(f"no running {component}")
+
+    def engine_core(self, component: str) -> psutil.Process:
+        """The EngineCore process under an engine's API server."""
+        for process in self.main_process(component).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "EngineCore" in process.name() or "EngineCore" in " ".join(process.cmdline()):
+                    return process
+        raise RuntimeError(f"no EngineCore process under the {component}")
+
+    def cold_starts(self) -> dict[str, float]:
+        """Seconds each component took to become ready at launch, from the launcher's lines."""
+        starts = {}
+        for line in self.launch.out.splitlines():
+            head, sep, tail = line.removeprefix("[launcher] ").partition(" ready after ")
+            if sep:
+                with contextlib.suppress(ValueError):
+                    starts[head] = float(tail.split()[0])
+        return starts
+
+
+def launch_system(
+    run_dir: Path, health_deadline_s: float, extra: list[str] | None = None, timeout: float = 900
+) -> Running:
+    """Starts the whole system with fresh ports and waits until it is ready."""
+    proxy, prefill, decode, store = free_ports(4)
+    args = ["--port", str(proxy), "--prefill-port", str(prefill), "--decode-port", str(decode)]
+    args += ["--store-port", str(store), "--health-deadline", str(health_deadline_s)]
+    launch = Launch([*args, *(extra or [])], run_dir)
+    try:
+        launch.wait_for("ready: http://", timeout)
+        url = f"http://127.0.0.1:{proxy}"
+        model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    except BaseException:
+        launch.stop()
+        sweep(run_dir)
+        raise
+    ports = {"proxy": proxy, "prefill engine": prefill, "decode engine": decode, "store": store}
+    return Running(launch, url, model, ports)
