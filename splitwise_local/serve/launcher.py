@@ -378,6 +378,12 @@ def flag_value(args: list[str], flag: str) -> str | None:
     return None
 
 
+def http_ok(url: str) -> bool:
+    import httpx
+
+    return httpx.get(url, timeout=2.0).status_code == 200
+
+
 def engine_healthy(url: str) -> bool:
     """vLLM's /health: 200 while serving; 503 once its engine core has died, which the
     supervisor takes as a death at once (the API server itself exits only seconds later)."""
