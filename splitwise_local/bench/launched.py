@@ -183,9 +183,10 @@ def launch_system(
     run_dir: Path, health_deadline_s: float, extra: list[str] | None = None, timeout: float = 900
 ) -> Running:
     """Starts the whole system with fresh ports and waits until it is ready."""
-    proxy, prefill, decode, store = free_ports(4)
+    proxy, prefill, decode, store, store_metrics = free_ports(5)
     args = ["--port", str(proxy), "--prefill-port", str(prefill), "--decode-port", str(decode)]
-    args += ["--store-port", str(store), "--health-deadline", str(health_deadline_s)]
+    args += ["--store-port", str(store), "--store-metrics-port", str(store_metrics)]
+    args += ["--health-deadline", str(health_deadline_s)]
     launch = Launch([*args, *(extra or [])], run_dir)
     try:
         launch.wait_for("ready: http://", timeout)
@@ -196,4 +197,5 @@ def launch_system(
         sweep(run_dir)
         raise
     ports = {"proxy": proxy, "prefill engine": prefill, "decode engine": decode, "store": store}
+    ports["store metrics"] = store_metrics
     return Running(launch, url, model, ports)
