@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "model": Subcommand("splitwise_local.models.cli", "prepare the embedded model"),
     "bench": Subcommand(
-        "splitwise_local.bench", "benchmarks: store, proxy, connector, serde, serve"
+        "splitwise_local.bench", "benchmarks: store, proxy, connector, serde, serve, chaos, soak"
     ),
 }
 DEFAULT_SUBCOMMAND = "serve"

@@ -200,12 +200,12 @@ def soak(
     """Runs the soak against `system` and returns its report (no plot, nothing printed)."""
     from transformers import AutoTokenizer
 
-    from splitwise_local.models.checkpoint import resolve_model
+    from splitwise_local.models.checkpoint import prepare_default_model
 
     planned = poisson_arrivals(math.ceil(rate * minutes * 60 * 1.2) + 1, rate, seed)
     arrivals = [t for t in planned if t < minutes * 60]
     settings = WorkloadSettings(kind="mixed", num_requests=len(arrivals), seed=seed)
-    specs = build_workload(settings, AutoTokenizer.from_pretrained(resolve_model(None)))
+    specs = build_workload(settings, AutoTokenizer.from_pretrained(prepare_default_model()))
     sampler = Sampler(system, sample_every_s).start()
     try:
         results, duration = asyncio.run(

@@ -36,7 +36,7 @@ pytestmark = [
 ]
 STORE_PORT = 10080  # the store's own namespace: no port of this host can clash
 PARTITION_S = 45.0  # longer than the store client's 30 s socket deadlines
-REQUEST_TIMEOUT_S = 300.0  # "hangs" means: no answer within this
+REQUEST_TIMEOUT_S = 120.0  # "hangs" means: no answer within this
 HITS = "vllm:external_prefix_cache_hits_total"
 
 
@@ -101,30 +101,31 @@ def ask(client: httpx.Client, partitioned: Partitioned, prompt: str) -> tuple[st
 
 
 def test_requests_are_answered_through_a_partition_and_hits_resume_after(partitioned):
-    texts = prompts(40, words=300)
+    texts = iter(prompts(60, words=300))
     with httpx.Client() as client:
         hits = partitioned.hits()
-        ask(client, partitioned, texts[0])
+        ask(client, partitioned, next(texts))
         assert partitioned.hits() > hits, "no KV came through the store before the partition"
 
         partitioned.host.cut()
         cut_at = time.monotonic()
-        during: list[float] = []
+        during: list[float] = []  # requests sent and answered while the link was down
         hits = partitioned.hits()
         try:
             while time.monotonic() - cut_at < PARTITION_S:
-                _, took = ask(client, partitioned, texts[1 + len(during)])
-                during.append(took)
+                _, took = ask(client, partitioned, next(texts))
+                if time.monotonic() - cut_at < PARTITION_S:
+                    during.append(took)
         finally:
             partitioned.host.mend()
         print(f"answered during the {PARTITION_S:.0f} s partition: {len(during)}, seconds {during}")
-        assert during, "no request was answered during the partition"
+        assert len(during) >= 2, "requests waited for the store instead of computing"
         assert partitioned.hits() == hits  # computed, not loaded: the store was out of reach
 
         mended_at = time.monotonic()
         resumed = None
-        for text in texts[1 + len(during) :]:
-            ask(client, partitioned, text)
+        while time.monotonic() - mended_at < 120:
+            ask(client, partitioned, next(texts))
             if partitioned.hits() > hits:
                 resumed = time.monotonic() - mended_at
                 break
