@@ -577,12 +577,19 @@ def quiet_lines(quiet: Mapping[str, Any]) -> list[str]:
     lines = [f"- Measured {held}."]
     if quiet["mean"] is None:
         return lines
-    idle = quiet["max"] <= 0.05
+    busy = sum(1 for f in quiet["per_system"].values() if f["max"] > 0.05)
+    verdict = (
+        "otherwise idle."
+        if quiet["max"] <= 0.05
+        else "otherwise idle on average, with other work above 5% of it during some runs "
+        f"(systems with such a run: {busy})."
+        if quiet["mean"] <= 0.05
+        else "**not** otherwise idle; numbers are noisier."
+    )
     lines.append(
         f"- CPU used by other processes (not this run's load generator or systems) during the "
         f"measured runs: {100 * quiet['mean']:.1f}% of the machine on average, "
-        f"{100 * quiet['max']:.1f}% in the busiest run: the machine was "
-        + ("otherwise idle." if idle else "**not** otherwise idle; numbers are noisier.")
+        f"{100 * quiet['max']:.1f}% in the busiest run: the machine was {verdict}"
     )
     for name, found in quiet["per_system"].items():
         lines.append(
