@@ -32,6 +32,7 @@ from splitwise_local.bench import report
 from splitwise_local.bench.launched import Running, launch_system, leftovers, sweep
 from splitwise_local.bench.serve import RequestResult, percentiles_ms, run_load
 from splitwise_local.bench.workloads import WorkloadSettings, build_workload, poisson_arrivals
+from splitwise_local.serve.process import COMPONENT_ENV
 
 PROXY = "proxy"  # served inside the launcher's own process
 
@@ -42,7 +43,7 @@ def component_processes(system: Running) -> dict[str, list[psutil.Process]]:
     groups[PROXY].append(psutil.Process(system.launch.popen.pid))
     for process in system.launch.processes():
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            groups[process.environ().get("SPLITWISE_COMPONENT", "other")].append(process)
+            groups[process.environ().get(COMPONENT_ENV, "other")].append(process)
     return dict(groups)
 
 
