@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "connector": "decode TTFT with KV loaded from the store against recomputing the prompt",
     "serde": "size, speed and quality of the KV compression serdes on real KV",
     "serve": "load generator against any OpenAI-compatible URL",
+    "routing": "straight to decode vs through prefill per prompt length: auto's threshold",
     "sweep": "SLO attainment of one server across request rates and seeds (DistServe's metric)",
     "chaos": "faults under load (kill -9, freeze): failed requests, recovery seconds, orphans",
     "soak": "the mixed workload for N minutes: errors, latency per minute, RSS and fds drift",
