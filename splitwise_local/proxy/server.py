@@ -74,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"({DEFAULT_DISAGG_THRESHOLD_TOKENS})",
     )
     parser.add_argument(
-        "--model", help="the engines' checkpoint folder: tokenizer and keys for KV-aware routing"
+        "--model",
+        help="the engines' model (folder, Hugging Face id or short name): tokenizer and keys "
+        "for KV-aware routing",
     )
     parser.add_argument(
         "--config",
@@ -131,11 +133,15 @@ def environment(cwd: Path) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from splitwise_local.models.checkpoint import ModelError
+    from splitwise_local.models.hub import resolve_model
     from splitwise_local.proxy.app import build_app
 
     try:
+        if args.model is not None:  # a folder, Hub id or short name, as `engine --model` takes
+            args.model = str(resolve_model(args.model).folder)
         settings = settings_from_args(args, environment(Path.cwd()))
-    except ValueError as exc:
+    except (ValueError, ModelError) as exc:
         print(f"proxy: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
