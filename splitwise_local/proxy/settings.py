@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 PREFILL_ENV = "PREFILL_ENDPOINTS"
 DECODE_ENV = "DECODE_ENDPOINTS"
 API_KEY_ENV = "PROXY_API_KEY"
-# Chosen by measurement on this project's 2-core machines: docs/routing.md says how.
-DEFAULT_DISAGG_THRESHOLD_TOKENS = 512
+# Chosen by measurement (`bench routing`) on this project's 2-core machines: docs/routing.md.
+DEFAULT_DISAGG_THRESHOLD_TOKENS = 128
 DEFAULT_BUSY_TOKENS = 4096
 
 Disagg = Literal["always", "never", "auto"]
