@@ -12,7 +12,7 @@ from tests.launcher.helpers import Launch, Ports, free_ports, sweep
 
 @pytest.fixture
 def ports() -> Ports:
-    return Ports(*free_ports(4))
+    return Ports(*free_ports(5))
 
 
 @pytest.fixture

@@ -44,14 +44,15 @@ class Ports:
     prefill: int
     decode: int
     store: int
+    store_metrics: int
 
     @classmethod
     def for_engines(cls, prefill: int, decode: int) -> Ports:
         """Free ports for the proxy, the store and runs of `prefill` and `decode` engines."""
-        proxy, store = free_ports(2)
-        first_prefill = free_run(prefill, [proxy, store])
-        taken = [proxy, store, *range(first_prefill, first_prefill + prefill)]
-        return cls(proxy, first_prefill, free_run(decode, taken), store)
+        proxy, store, store_metrics = free_ports(3)
+        first_prefill = free_run(prefill, [proxy, store, store_metrics])
+        taken = [proxy, store, store_metrics, *range(first_prefill, first_prefill + prefill)]
+        return cls(proxy, first_prefill, free_run(decode, taken), store, store_metrics)
 
     def args(self) -> list[str]:
         return [
@@ -63,6 +64,8 @@ class Ports:
             str(self.decode),
             "--store-port",
             str(self.store),
+            "--store-metrics-port",
+            str(self.store_metrics),
         ]
 
 

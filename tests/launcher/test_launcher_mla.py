@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
 def test_the_tiny_deepseek_is_served_with_its_kv_through_the_store(tmp_path):
     from splitwise_local.models.tiny_deepseek import prepare_tiny_deepseek
 
-    ports = Ports(*free_ports(4))
+    ports = Ports(*free_ports(5))
     launch = Launch([*ports.args(), "--model", str(prepare_tiny_deepseek())], tmp_path / "run")
     try:
         launch.wait_for("ready: http://", 900)

@@ -55,7 +55,7 @@ class Running:
 @pytest.fixture(scope="module")
 def system(tmp_path_factory, hub_cache) -> Iterator[Running]:  # noqa: F811
     root = tmp_path_factory.mktemp("launcher-prometheus")
-    ports = Ports(*free_ports(4))
+    ports = Ports(*free_ports(5))
     (prometheus_port,) = free_ports(1)
     # Every request through prefill, so KV moves through the store (auto sends short ones to
     # decode alone).
@@ -140,5 +140,5 @@ def test_every_panel_has_data_and_every_target_is_up(system):
         f"http://127.0.0.1:{ports.proxy}/metrics": "up",
         f"http://127.0.0.1:{ports.prefill}/metrics": "up",
         f"http://127.0.0.1:{ports.decode}/metrics": "up",
-        f"http://127.0.0.1:{ports.store + 1}/metrics": "up",
+        f"http://127.0.0.1:{ports.store_metrics}/metrics": "up",
     }

@@ -81,7 +81,7 @@ def test_the_scrape_config_lists_every_engine_the_launcher_started(tmp_path, fak
         ("prefill", "prefill engine 1", f"127.0.0.1:{ports.prefill + 1}"),
     ]
     assert [entry["targets"] for entry in jobs["proxy"]] == [[f"127.0.0.1:{ports.proxy}"]]
-    assert [entry["targets"] for entry in jobs["store"]] == [[f"127.0.0.1:{ports.store + 1}"]]
+    assert [entry["targets"] for entry in jobs["store"]] == [[f"127.0.0.1:{ports.store_metrics}"]]
 
     # The proxy and the store serve /metrics; fake_vllm's engines have none, so they are down.
     engine_urls = [f"http://{address}/metrics" for _, _, address in engines]
@@ -89,7 +89,7 @@ def test_the_scrape_config_lists_every_engine_the_launcher_started(tmp_path, fak
         prometheus,
         {
             f"http://127.0.0.1:{ports.proxy}/metrics": "up",
-            f"http://127.0.0.1:{ports.store + 1}/metrics": "up",
+            f"http://127.0.0.1:{ports.store_metrics}/metrics": "up",
             **dict.fromkeys(engine_urls, "down"),
         },
     )
