@@ -1,17 +1,18 @@
 """Parses the subcommand and hands over to the module that implements it.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`.
-Only the chosen one is imported, so `--help` stays instant and a subcommand whose module does
-not exist yet says so plainly instead of failing with a traceback.
+Only the chosen one is imported (subcommand.py), so `--help` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from typing import NamedTuple
+
+from splitwise_local.bench import BENCHMARKS
+from splitwise_local.subcommand import load_subcommand
 
 
 class Subcommand(NamedTuple):
@@ -27,21 +28,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "splitwise_local.serve.engine", "run one vLLM engine with our KV connector"
     ),
     "model": Subcommand("splitwise_local.models.cli", "prepare the embedded model"),
-    "bench": Subcommand(
-        "splitwise_local.bench", "benchmarks: store, proxy, connector, serde, serve, chaos, soak"
-    ),
+    "bench": Subcommand("splitwise_local.bench", f"benchmarks: {', '.join(BENCHMARKS)}"),
 }
 DEFAULT_SUBCOMMAND = "serve"
-
-
-def load_subcommand(module_name: str):
-    """Imports a subcommand module, or returns None if that module does not exist yet."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            return None
-        raise
 
 
 def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:

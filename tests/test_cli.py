@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+from splitwise_local.bench import BENCHMARKS
 from splitwise_local.cli import SUBCOMMANDS, split_extra
 
 
@@ -17,6 +18,8 @@ def test_help_lists_every_subcommand():
     for name in ("serve", "store", "proxy", "engine", "model", "bench"):
         assert name in SUBCOMMANDS
         assert name in result.stdout
+    listed = " ".join(result.stdout.split())  # argparse wraps the help text
+    assert f"benchmarks: {', '.join(BENCHMARKS)}" in listed
 
 
 def test_each_subcommand_has_its_own_help():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from splitwise_local.cli import load_subcommand
+from splitwise_local.subcommand import load_subcommand
 
 BENCHMARKS: dict[str, str] = {
     "store": "KV store throughput (TCP, shared memory) against socket and memcpy baselines",

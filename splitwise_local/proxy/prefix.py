@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 from splitwise_local.connector.keys import (
     KeyIdentity,
-    chunk_keys,
     chunk_spans,
     key_identity,
     mla_layout,
@@ -84,7 +83,9 @@ def engine_identity(
 
 
 class StoredPrefix:
-    """`await stored.tokens(token_ids)`: how many leading prompt tokens the store holds."""
+    """`await stored.tokens(token_ids, keys)`: how many leading prompt tokens the store holds,
+    given the prompt's chunk keys (`connector.keys.chunk_keys`, which the router also uses for
+    prefill affinity, so they are computed once per request)."""
 
     def __init__(
         self,
@@ -104,9 +105,6 @@ class StoredPrefix:
         self._failures = 0
         self._down_until = 0.0
         self._client = None
-
-    def keys(self, token_ids: Sequence[int]) -> list[str]:
-        return chunk_keys(self.identity, token_ids)
 
     @property
     def down(self) -> bool:

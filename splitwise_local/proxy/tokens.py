@@ -15,7 +15,7 @@ tokenizer and chat template (transformers, as vLLM uses):
 
 What this does not follow (images, audio, tools, tool calls, developer messages, truncation,
 batches of prompts, a server-side `--chat-template`) gives `None`: the router then routes
-without KV knowledge, which is always safe. tests/proxy/test_tokens_engine.py checks the ids
+without KV knowledge, which is always safe. tests/proxy/test_routing_engine.py checks the ids
 against the engine's own `/tokenize` on the edge cases.
 """
 

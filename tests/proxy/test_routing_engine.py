@@ -90,7 +90,7 @@ def engine_tokens(engine: Engine, body: dict) -> list[int]:
     return reply.json()["tokens"]
 
 
-LONG_TURN = " ".join([PASSAGE] * 1)  # ~1,050 tokens in one message
+LONG_TURN = PASSAGE  # ~1,050 tokens in one message
 EDGE_CASES: dict[str, tuple[str, dict]] = {
     "one user turn": (CHAT, {"messages": [{"role": "user", "content": "Hi!"}]}),
     "system prompt": (
