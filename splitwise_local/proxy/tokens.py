@@ -11,7 +11,7 @@ tokenizer and chat template (transformers, as vLLM uses):
   request's `add_generation_prompt` (default true), `continue_final_message`, `documents`,
   `reasoning_effort`, `chat_template` and `chat_template_kwargs`;
 - completions: a string prompt is encoded with special tokens unless `add_special_tokens` is
-  false; a list of token ids is used as given.
+  false; a list of token ids is used as given when every id is in the vocabulary.
 
 What this does not follow (images, audio, tools, tool calls, developer messages, truncation,
 batches of prompts, a server-side `--chat-template`) gives `None`: the router then routes
@@ -79,6 +79,9 @@ class PromptTokenizer:
             special = body.get("add_special_tokens", True)
             return list(self.tokenizer.encode(prompt, add_special_tokens=bool(special)))
         if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+            if not all(0 <= t < len(self.tokenizer) for t in prompt):
+                # vLLM rejects such a prompt with a 400; its keys cannot even be hashed.
+                raise Unsupported("a token id outside the vocabulary")
             return list(prompt)
         raise Unsupported("the prompt is neither a string nor one list of token ids")
 

@@ -170,6 +170,10 @@ def long_prompt(words: int) -> bytes:
     return json.dumps({"model": MODEL, "prompt": "word " * words, "max_tokens": 4}).encode()
 
 
+def token_prompt(token_id: int) -> bytes:
+    return json.dumps({"model": MODEL, "prompt": [token_id], "max_tokens": 1}).encode()
+
+
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -180,6 +184,7 @@ def long_prompt(words: int) -> bytes:
 @example(request=(COMPLETIONS, long_prompt(3 * CONTEXT), "application/json"))  # over context
 @example(request=(COMPLETIONS, long_prompt(200_000), "application/json"))  # a megabyte
 @example(request=(CHAT, long_prompt(10)[:-1], "application/json"))  # chat without messages
+@example(request=(COMPLETIONS, token_prompt(10**12), "application/json"))  # beyond int32
 def test_generated_bodies_get_4xx_or_a_correct_answer(system, client, before, request):
     route, raw, content_type = request
     sent, response = send(system, client, route, raw, content_type)

@@ -219,6 +219,18 @@ def test_a_request_beyond_the_tokenizer_goes_through_prefill(routed):
     assert "prompt_tokens" not in route
 
 
+@pytest.mark.parametrize("bad_id", [10**12, 2**31, -1])
+def test_a_token_id_outside_the_vocabulary_is_left_to_the_engine(routed, tokenizer, bad_id):
+    """Such ids cannot be hashed into keys (int32); the engine answers them with its 400."""
+    completion = {"model": "fake-model", "prompt": [1, bad_id], "max_tokens": 1}
+    assert tokenizer.token_ids("/v1/completions", completion) is None
+    assert tokenizer.token_ids("/v1/completions", {**completion, "prompt": [1, 2]}) == [1, 2]
+    _, url = routed()
+    reply = httpx.post(url + "/v1/completions", json=completion, timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert route_of(reply)["reason"] == "tokens_unknown"
+
+
 def test_a_dead_store_makes_auto_disaggregate_with_one_warning(routed, store, caplog):
     _, url = routed(backoff_initial_s=30)
     store.stop()
