@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 
 from splitwise_local.bench import report
-from splitwise_local.bench.launched import Running, launch_system, leftovers, sweep
+from splitwise_local.bench.launched import Running, launch_system, leftovers, open_store, sweep
 
 SENTINEL_KEY = "c0" * 32  # written before a store fault, looked for after its restart
 POLL_S = 0.25
@@ -268,11 +268,7 @@ def inject(system: Running, fault: Fault) -> Callable[[], None]:
 
 def put_sentinel(system: Running) -> Any:
     """A store client holding one key written now; None if the store cannot be reached."""
-    from splitwise_local.config import load_config
-    from splitwise_local.store.backend import open_backend
-
-    config = load_config(system.launch.run_dir / "splitwise.yaml")
-    store = open_backend(config.remote_url, config)
+    store = open_store(system.launch.run_dir)
     store.put(SENTINEL_KEY, b"written before the fault")
     return store
 

@@ -17,11 +17,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import psutil
 
+from splitwise_local.bench.scrape import total, value
 from splitwise_local.serve.process import tagged
+
+if TYPE_CHECKING:
+    from splitwise_local.store.backend import KVBackend
 
 
 def free_ports(count: int) -> list[int]:
@@ -109,6 +114,16 @@ def leftovers(run_dir: Path) -> list[str]:
     return [f"{p.pid} {' '.join(p.cmdline())}" for p in found]
 
 
+def open_store(run_dir: Path) -> KVBackend:
+    """A client of the run's store, configured from the `splitwise.yaml` the launcher wrote
+    into the run folder (the engines' own config: URL, auth token, backend settings)."""
+    from splitwise_local.config import load_config
+    from splitwise_local.store.backend import open_backend
+
+    config = load_config(run_dir / "splitwise.yaml")
+    return open_backend(config.remote_url, config)
+
+
 def sweep(run_dir: Path) -> None:
     """Kills whatever a failed run left, so one failure does not starve the rest."""
     for process in tagged(str(run_dir)):
@@ -124,33 +139,18 @@ class Running:
     model: str
     ports: dict[str, int]  # component -> port ("decode engine" -> 8020)
 
-    def metrics(self, port: int | None = None) -> dict[str, float]:
-        """One /metrics page as {sample with labels: value} (the proxy's by default)."""
-        target = f"http://127.0.0.1:{port or self.ports['proxy']}/metrics"
-        text = httpx.get(target, timeout=10).text
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    samples[name] = float(value)
-        return samples
-
     def up(self, component: str) -> float | None:
-        return self.metrics().get(f'splitwise_component_up{{component="{component}"}}')
+        """The proxy's `splitwise_component_up` for it; None before the supervisor reports it."""
+        return value(self.url, "splitwise_component_up", component=component)
 
     def restarts(self, component: str) -> float:
-        prefix = 'splitwise_component_restarts_total{cause="'
-        suffix = f'",component="{component}"}}'
-        return sum(
-            v for k, v in self.metrics().items() if k.startswith(prefix) and k.endswith(suffix)
-        )
+        """Its restarts so far, whatever their cause."""
+        return total(self.url, "splitwise_component_restarts_total", component=component)
 
     def external_hits(self) -> float:
-        samples = self.metrics(self.ports["decode engine"])
-        return sum(
-            v for k, v in samples.items() if k.startswith("vllm:external_prefix_cache_hits_total")
-        )
+        """Prompt tokens the decode engine has loaded from the store so far."""
+        decode = f"http://127.0.0.1:{self.ports['decode engine']}"
+        return total(decode, "vllm:external_prefix_cache_hits_total")
 
     def main_process(self, component: str) -> psutil.Process:
         """The component's process the launcher started (not one of its helpers)."""

@@ -29,7 +29,7 @@ import numpy as np
 import psutil
 
 from splitwise_local.bench import report
-from splitwise_local.bench.launched import Running, launch_system, leftovers, sweep
+from splitwise_local.bench.launched import Running, launch_system, leftovers, open_store, sweep
 from splitwise_local.bench.serve import RequestResult, percentiles_ms, run_load
 from splitwise_local.bench.workloads import WorkloadSettings, build_workload, poisson_arrivals
 from splitwise_local.serve.process import COMPONENT_ENV
@@ -66,14 +66,7 @@ class Sampler:
         self.samples: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._store = self._open_store()
-
-    def _open_store(self):
-        from splitwise_local.config import load_config
-        from splitwise_local.store.backend import open_backend
-
-        config = load_config(self.system.launch.run_dir / "splitwise.yaml")
-        return open_backend(config.remote_url, config)
+        self._store = open_store(system.launch.run_dir)
 
     def start(self) -> Sampler:
         self._began = time.monotonic()

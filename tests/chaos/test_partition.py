@@ -21,6 +21,7 @@ import pytest
 
 from splitwise_local.bench.chaos import prompts
 from splitwise_local.bench.engines import System, start_system
+from splitwise_local.bench.scrape import total
 from splitwise_local.config import SplitwiseConfig
 from splitwise_local.models.checkpoint import prepare_default_model
 from splitwise_local.proxy.app import build_app
@@ -47,10 +48,7 @@ class Partitioned:
     url: str
 
     def hits(self) -> float:
-        text = httpx.get(self.system.engines["decode"].url + "/metrics", timeout=10).text
-        return sum(
-            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(HITS)
-        )
+        return total(self.system.engines["decode"].url, HITS)
 
 
 @pytest.fixture(scope="module")

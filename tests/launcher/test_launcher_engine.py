@@ -22,6 +22,9 @@ import httpx
 import pytest
 import yaml
 
+from splitwise_local.bench.launched import open_store
+from splitwise_local.bench.scrape import total
+from splitwise_local.config import load_config
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
 from tests.launcher.helpers import Launch, Ports, leftovers, sweep
 from tests.proxy.routes import route_of, routes_counted
@@ -59,12 +62,7 @@ class Running:
     @staticmethod
     def metric_of(port: int, name: str) -> float:
         """Sum of a Prometheus counter over its label sets, read from one engine."""
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name + "{") or line.startswith(name + " ")
-        )
+        return total(f"http://127.0.0.1:{port}", name)
 
 
 @pytest.fixture(scope="module", params=TOPOLOGIES, ids=lambda t: f"{t[0]}P{t[1]}D-{t[2]}")
@@ -96,11 +94,8 @@ def client() -> Iterator[httpx.Client]:
 
 def test_long_prompt_kv_goes_through_the_store(system, client):
     """First of the module: no engine has seen the long prompt yet."""
-    from splitwise_local.config import load_config
-    from splitwise_local.store.backend import open_backend
-
     config = load_config(system.launch.run_dir / "splitwise.yaml")
-    store = open_backend(config.remote_url, config)
+    store = open_store(system.launch.run_dir)
     items_before = store.stats()["items"]
     hits = "vllm:external_prefix_cache_hits_total"
     hits_before = system.metric("decode", hits)
@@ -129,14 +124,13 @@ def test_sample_requests_get_sensible_answers(system, client, sample, stream):
         assert "san francisco" in text.lower(), text
 
 
-def test_every_engine_received_requests(system, client):
+def test_every_engine_received_requests(system):
     """After the samples: the proxy spread them over both engines of the doubled role."""
-    text = client.get(f"{system.url}/metrics").text
     for role in ("prefill", "decode"):
         for port in system.engine_ports(role):
-            line = f'splitwise_proxy_engine_requests_total{{engine="http://127.0.0.1:{port}"'
-            sent = [row for row in text.splitlines() if row.startswith(line)]
-            assert sent and float(sent[0].rsplit(" ", 1)[1]) >= 1, (role, port, text)
+            engine = f"http://127.0.0.1:{port}"
+            sent = total(system.url, "splitwise_proxy_engine_requests_total", engine=engine)
+            assert sent >= 1, (role, port)
     # And by each engine's own count, it finished requests.
     for role in ("prefill", "decode"):
         for port in system.engine_ports(role):

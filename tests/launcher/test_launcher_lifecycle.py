@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 
+from splitwise_local.bench import scrape
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
 from tests.launcher.helpers import READY, Ports, events, launch_fake, leftovers
 
@@ -141,12 +142,8 @@ def test_ctrl_c_during_startup_stops_what_started(tmp_path, ports, fake_model, l
 
 def engine_requests(url: str) -> dict[str, float]:
     """The proxy's per-engine request counts, by engine URL."""
-    counts = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("splitwise_proxy_engine_requests_total{"):
-            engine = line.split('engine="', 1)[1].split('"', 1)[0]
-            counts[engine] = float(line.rsplit(" ", 1)[1])
-    return counts
+    found = scrape.samples(url, "splitwise_proxy_engine_requests_total")
+    return {labels["engine"]: value for labels, value in found}
 
 
 @pytest.mark.parametrize("prefill, decode", [(2, 1), (1, 2)], ids=["2P1D", "1P2D"])

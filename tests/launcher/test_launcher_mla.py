@@ -7,6 +7,7 @@ import signal
 import httpx
 import pytest
 
+from splitwise_local.bench.scrape import total
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
 from tests.launcher.helpers import Launch, Ports, free_ports, leftovers, sweep
 
@@ -21,17 +22,13 @@ def test_the_tiny_deepseek_is_served_with_its_kv_through_the_store(tmp_path):
     try:
         launch.wait_for("ready: http://", 900)
         url = f"http://127.0.0.1:{ports.proxy}"
-        decode_metrics = f"http://127.0.0.1:{ports.decode}/metrics"
         with httpx.Client(timeout=600) as client:
             model = served_model(client, url)
             for sample in SAMPLES:
                 assert ask(client, url, chat_request(model, sample)).strip()
-            hits = [
-                float(line.rsplit(" ", 1)[1])
-                for line in client.get(decode_metrics).text.splitlines()
-                if line.startswith("vllm:external_prefix_cache_hits_total")
-            ]
-        assert sum(hits) > 1000  # the long sample's prompt came from the store
+        decode = f"http://127.0.0.1:{ports.decode}"
+        hits = total(decode, "vllm:external_prefix_cache_hits_total")
+        assert hits > 1000  # the long sample's prompt came from the store
         assert "MLA is disabled" not in (launch.run_dir / "decode.log").read_text()
         assert launch.finish(signal.SIGTERM, timeout=120) == 0
         assert leftovers(launch.run_dir) == []

@@ -15,6 +15,8 @@ import time
 import httpx
 import pytest
 
+from splitwise_local.bench.launched import open_store
+from splitwise_local.bench.scrape import total, value
 from splitwise_local.samples import SAMPLES, ask, chat_request
 from splitwise_local.serve.process import tagged
 from tests.launcher.helpers import READY, launch_fake, leftovers
@@ -23,11 +25,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def restarts(url: str, component: str, cause: str) -> float:
-    line = f'splitwise_component_restarts_total{{cause="{cause}",component="{component}"}}'
-    for sample in httpx.get(url + "/metrics").text.splitlines():
-        if sample.startswith(line):
-            return float(sample.rsplit(" ", 1)[1])
-    return 0.0
+    """The restarts of `component` for `cause` that the proxy's /metrics counts."""
+    return total(url, "splitwise_component_restarts_total", component=component, cause=cause)
 
 
 def component_processes(run_dir, component: str) -> int:
@@ -48,25 +47,19 @@ def test_killed_engine_is_restarted_while_prefill_serves(tmp_path, ports, fake_m
         request = chat_request(fake_model.name, SAMPLES[0])
         assert ask(client, url, request).strip()
         assert "decode engine is back after" not in system.out
-        metrics = client.get(url + "/metrics").text
-        assert "splitwise_proxy_decode_fallbacks_total 1.0" in metrics
-        assert 'splitwise_component_up{component="decode engine"} 0.0' in metrics
+        assert value(url, "splitwise_proxy_decode_fallbacks_total") == 1
+        assert value(url, "splitwise_component_up", component="decode engine") == 0
         # The supervisor told the proxy: it never even tried the dead engine.
         decode_url = f"http://127.0.0.1:{ports.decode}"
-        assert f'splitwise_proxy_engine_up{{engine="{decode_url}",role="decode"}} 0.0' in metrics
-        assert (
-            f'splitwise_proxy_engine_failures_total{{engine="{decode_url}",role="decode"}} 0.0'
-            in metrics
-        )
+        assert value(url, "splitwise_proxy_engine_up", engine=decode_url, role="decode") == 0
+        failures = "splitwise_proxy_engine_failures_total"
+        assert value(url, failures, engine=decode_url, role="decode") == 0
         system.wait_for("decode engine is back after", 30)
         assert restarts(url, "decode engine", "killed") == 1
-        assert 'splitwise_component_up{component="decode engine"} 1.0' in (
-            client.get(url + "/metrics").text
-        )
+        assert value(url, "splitwise_component_up", component="decode engine") == 1
         # The proxy was told: the next request goes to decode again (prefill, then decode).
         assert ask(client, url, chat_request(fake_model.name, SAMPLES[0], stream=True)).strip()
-        metrics = client.get(url + "/metrics").text
-        assert "splitwise_proxy_decode_fallbacks_total 1.0" in metrics
+        assert value(url, "splitwise_proxy_decode_fallbacks_total") == 1
     out = system.out
     assert f"  | INFO fake engine on port {ports.decode}" in out  # the log's tail, quoted
     assert "(restart 1 of at most 5 within 600 s)" in out
@@ -105,14 +98,10 @@ def test_frozen_engine_is_restarted(tmp_path, ports, fake_model, launched):
 
 
 def test_killed_store_is_restarted_empty(tmp_path, ports, fake_model, launched):
-    from splitwise_local.config import load_config
-    from splitwise_local.store.backend import open_backend
-
     system = launch_fake(tmp_path, ports, fake_model)
     launched.append(system)
     system.wait_for(READY, 60)
-    config = load_config(system.run_dir / "splitwise.yaml")
-    store = open_backend(config.remote_url, config)
+    store = open_store(system.run_dir)
     store.put("k" * 64, b"value")
     assert store.stats()["items"] == 1
     system.child("splitwise_local store").send_signal(signal.SIGKILL)

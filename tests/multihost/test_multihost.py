@@ -14,7 +14,6 @@ the same answers and hit counts.
 from __future__ import annotations
 
 import importlib.util
-import re
 import subprocess
 import sys
 import uuid
@@ -26,6 +25,7 @@ import pytest
 import yaml
 
 from splitwise_local.bench.engines import free_port
+from splitwise_local.bench.scrape import total
 from splitwise_local.samples import LONG_PROMPT, SHORT_PROMPT
 from tests.multihost.recipe import (
     DOC_HOSTS,
@@ -74,13 +74,6 @@ def mooncake(workdir: Path, addresses: dict[str, str]) -> list[str]:
 
 
 RECIPES = {"splitwise": ours, "mooncake": mooncake}
-
-
-def metric(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(
-        float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{.*}})? (\S+)$", text, re.M)
-    )
 
 
 def chat(model: str, content: str, salt: str | None = None) -> dict:
@@ -142,14 +135,14 @@ def test_recipe_serves_across_namespaces_like_one_host(recipe_run, reference):
         return answer(httpx.post(f"{reference}/v1/chat/completions", json=body, timeout=600))
 
     def ask(content: str) -> tuple[dict, list[int], float, float]:
-        hits, local = metric(decode, HITS), metric(decode, LOCAL_HITS)
+        hits, local = total(decode, HITS), total(decode, LOCAL_HITS)
         reply = httpx.post(f"{proxy}/v1/chat/completions", json=chat(model, content), timeout=600)
         tokens = answer(reply)
         return (
             route_of(reply),
             tokens,
-            metric(decode, HITS) - hits,
-            metric(decode, LOCAL_HITS) - local,
+            total(decode, HITS) - hits,
+            total(decode, LOCAL_HITS) - local,
         )
 
     route, first, hits, _ = ask(LONG_PROMPT)

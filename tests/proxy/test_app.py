@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from splitwise_local.bench.scrape import total, value
 from tests.proxy.equivalence import assert_proxy_matches_decode
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "three word prompt"}]}
@@ -19,18 +20,10 @@ def sse_events(text: str) -> list[dict | str]:
     return [e if e == "[DONE]" else json.loads(e) for e in events]
 
 
-def metric(base: str, line_start: str) -> float:
-    """The value of the first /metrics sample line that starts with `line_start`."""
-    for line in httpx.get(base + "/metrics").text.splitlines():
-        if line.startswith(line_start):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def settle(base: str) -> None:
     """Waits until the proxy has finished accounting for every request (streams end late)."""
     deadline = time.monotonic() + 3
-    while metric(base, "splitwise_proxy_in_flight_requests") and time.monotonic() < deadline:
+    while total(base, "splitwise_proxy_in_flight_requests") and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -133,20 +126,22 @@ def test_prefill_failure_falls_back_to_decode(fake, proxy, dead_url, behaviour, 
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == " decode0 decode1"
     assert time.monotonic() - started < 3
-    assert metric(base, "splitwise_proxy_prefill_fallbacks_total") == 1
-    assert metric(base, f'splitwise_proxy_errors_total{{kind="prefill_{kind}"}}') == 1
+    assert total(base, "splitwise_proxy_prefill_fallbacks_total") == 1
+    assert total(base, "splitwise_proxy_errors_total", kind=f"prefill_{kind}") == 1
     if kind == "timeout":
         assert prefill.record.cut.wait(2), "the timed-out prefill request was not closed"
 
 
 def test_prefill_engine_marked_down_is_skipped_until_back_off_ends(fake, proxy, dead_url):
     _, decode_url = fake(name="decode")
-    base = proxy(prefill=[dead_url()], decode=[decode_url], backoff_initial_s=60)
+    dead = dead_url()
+    base = proxy(prefill=[dead], decode=[decode_url], backoff_initial_s=60)
     for _ in range(3):
         assert httpx.post(base + "/v1/completions", json=COMPLETION).status_code == 200
-    assert metric(base, "splitwise_proxy_engine_failures_total") == 1
-    assert metric(base, "splitwise_proxy_engine_up{") == 0
-    assert metric(base, "splitwise_proxy_prefill_fallbacks_total") == 3
+    assert total(base, "splitwise_proxy_engine_failures_total") == 1
+    assert value(base, "splitwise_proxy_engine_up", engine=dead) == 0
+    assert value(base, "splitwise_proxy_engine_up", engine=decode_url) == 1
+    assert total(base, "splitwise_proxy_prefill_fallbacks_total") == 3
 
 
 def test_no_fallback_passes_prefill_error_or_fails_in_openai_format(fake, proxy):
@@ -293,9 +288,9 @@ def test_caller_disconnect_mid_stream_cancels_upstream(fake, proxy):
     assert decode.record.cut.wait(3), "the decode stream kept running after the caller left"
     assert decode.record.streams_cut == 1 and decode.record.streams_completed == 0
     settle(base)
-    assert metric(base, "splitwise_proxy_in_flight_requests") == 0
-    assert metric(base, 'splitwise_proxy_engine_in_flight{engine="' + decode_url) == 0
-    assert metric(base, 'splitwise_proxy_errors_total{kind="client_disconnected"}') == 1
+    assert value(base, "splitwise_proxy_in_flight_requests") == 0
+    assert value(base, "splitwise_proxy_engine_in_flight", engine=decode_url) == 0
+    assert total(base, "splitwise_proxy_errors_total", kind="client_disconnected") == 1
 
 
 def test_caller_disconnect_during_prefill_cancels_it(fake, proxy):
@@ -308,8 +303,8 @@ def test_caller_disconnect_during_prefill_cancels_it(fake, proxy):
     assert prefill.record.whole_cut == 1
     settle(base)
     assert decode.record.requests == []
-    assert metric(base, 'splitwise_proxy_engine_in_flight{engine="' + prefill_url) == 0
-    assert metric(base, 'splitwise_proxy_errors_total{kind="client_disconnected"}') == 1
+    assert value(base, "splitwise_proxy_engine_in_flight", engine=prefill_url) == 0
+    assert total(base, "splitwise_proxy_errors_total", kind="client_disconnected") == 1
 
 
 def test_decode_stalling_mid_stream_ends_with_an_error_event(fake, proxy):
@@ -322,7 +317,7 @@ def test_decode_stalling_mid_stream_ends_with_an_error_event(fake, proxy):
     assert events[1]["error"]["type"] == "server_error"
     assert "Timeout" in events[1]["error"]["message"]
     assert events[2] == "[DONE]"
-    assert metric(base, 'splitwise_proxy_errors_total{kind="decode_timeout_mid_stream"}') == 1
+    assert total(base, "splitwise_proxy_errors_total", kind="decode_timeout_mid_stream") == 1
     assert decode.record.cut.wait(3)
 
 
@@ -332,19 +327,19 @@ def test_unknown_route_and_method_are_openai_errors(pair):
     assert_openai_error(httpx.get(base + "/v1/completions"), 405)
 
 
-def test_metrics_expose_latencies_per_engine(pair):
-    _, _, base = pair
+def test_metrics_expose_latencies_per_engine(fake, proxy):
+    _, prefill_url = fake(name="prefill")
+    _, decode_url = fake(name="decode", tokens=4)
+    base = proxy(prefill=[prefill_url], decode=[decode_url])
     httpx.post(base + "/v1/completions", json=COMPLETION)
     with httpx.stream("POST", base + "/v1/completions", json={**COMPLETION, "stream": True}) as r:
         r.read()
     settle(base)
-    text = httpx.get(base + "/metrics").text
-    for name in (
-        'splitwise_proxy_requests_total{route="/v1/completions",status="200"} 2.0',
-        "splitwise_proxy_prefill_seconds_count{engine=",
-        "splitwise_proxy_decode_ttft_seconds_count{engine=",
-        'splitwise_proxy_request_seconds_count{route="/v1/completions"} 2.0',
-        "splitwise_proxy_in_flight_requests 0.0",
-        'splitwise_proxy_engine_requests_total{engine="',
-    ):
-        assert name in text
+    route = "/v1/completions"
+    assert value(base, "splitwise_proxy_requests_total", route=route, status="200") == 2
+    assert value(base, "splitwise_proxy_request_seconds_count", route=route) == 2
+    assert value(base, "splitwise_proxy_in_flight_requests") == 0
+    assert value(base, "splitwise_proxy_prefill_seconds_count", engine=prefill_url) == 2
+    assert value(base, "splitwise_proxy_decode_ttft_seconds_count", engine=decode_url) == 2
+    for engine in (prefill_url, decode_url):
+        assert value(base, "splitwise_proxy_engine_requests_total", engine=engine) == 2

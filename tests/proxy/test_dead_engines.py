@@ -12,9 +12,10 @@ import time
 import httpx
 import pytest
 
+from splitwise_local.bench.scrape import total, value
 from splitwise_local.proxy.app import build_app
 from splitwise_local.proxy.settings import ProxySettings
-from tests.proxy.test_app import CHAT, COMPLETION, assert_openai_error, metric, settle, sse_events
+from tests.proxy.test_app import CHAT, COMPLETION, assert_openai_error, settle, sse_events
 
 
 @pytest.fixture
@@ -27,8 +28,9 @@ def system(fake, servers):
     return prefill, decode, app.state.proxy, base
 
 
-def engine_up(base: str, url: str) -> float:
-    return metric(base, f'splitwise_proxy_engine_up{{engine="{url}"')
+def engine_up(base: str, url: str) -> float | None:
+    """The proxy's `splitwise_proxy_engine_up` for the engine at `url`."""
+    return value(base, "splitwise_proxy_engine_up", engine=url)
 
 
 def wait_for(condition, timeout: float = 3.0) -> None:
@@ -60,7 +62,7 @@ def test_no_decode_engine_reachable_means_prefill_serves_the_whole_request(fake,
     # and sent the caller's request to prefill only, unchanged (not a one-token prefill copy).
     assert [body["max_tokens"] for _, body, _ in prefill.record.requests] == [1, 3, 3]
     assert prefill.record.requests[-1][1]["stream"] is True
-    assert metric(base, "splitwise_proxy_decode_fallbacks_total") == 2
+    assert total(base, "splitwise_proxy_decode_fallbacks_total") == 2
 
 
 def test_an_engine_answering_5xx_is_avoided_by_the_next_requests(fake, proxy):
@@ -99,7 +101,8 @@ def test_told_of_a_decode_death_streams_end_with_an_error_and_prefill_takes_over
     callers = [threading.Thread(target=stream) for _ in range(3)]
     for caller in callers:
         caller.start()
-    wait_for(lambda: metric(base, f'splitwise_proxy_engine_in_flight{{engine="{decode_url}"') == 3)
+    in_flight = "splitwise_proxy_engine_in_flight"
+    wait_for(lambda: total(base, in_flight, engine=decode_url) == 3)
     time.sleep(0.2)  # a few tokens each
     began = time.monotonic()
     proxy.engine_state(decode_url, up=False, cause="was killed by signal 9")
@@ -131,7 +134,7 @@ def test_told_of_a_decode_death_streams_end_with_an_error_and_prefill_takes_over
     assert response.json()["choices"][0]["text"] == " decode0 decode1"
     assert httpx.get(base + "/health").json()["status"] == "ok"
     settle(base)
-    assert metric(base, 'splitwise_proxy_errors_total{kind="decode_died_mid_stream"}') == 3
+    assert total(base, "splitwise_proxy_errors_total", kind="decode_died_mid_stream") == 3
 
 
 def test_told_of_a_prefill_death_decode_computes_the_prompt(system):
@@ -145,7 +148,7 @@ def test_told_of_a_prefill_death_decode_computes_the_prompt(system):
     response = httpx.post(base + "/v1/completions", json={**COMPLETION, "max_tokens": 1})
     assert response.json()["choices"][0]["text"] == " decode0"
     assert prefill.record.requests == []  # not even tried
-    assert metric(base, "splitwise_proxy_prefill_fallbacks_total") == 1
+    assert total(base, "splitwise_proxy_prefill_fallbacks_total") == 1
 
 
 def test_a_health_check_does_not_overrule_the_supervisor(system):

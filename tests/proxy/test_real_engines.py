@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from splitwise_local.bench.engines import System, start_system
+from splitwise_local.bench.scrape import value
 from splitwise_local.config import SplitwiseConfig
 from splitwise_local.models.checkpoint import prepare_default_model
 from splitwise_local.proxy.app import build_app
@@ -40,7 +41,7 @@ def test_proxy_answers_what_decode_alone_answers(system: System):
         proxy = servers.serve(build_app(settings))
         assert httpx.get(proxy + "/health", timeout=10).status_code == 200
         assert_proxy_matches_decode(proxy, decode.url, decode.model)
-        metrics = httpx.get(proxy + "/metrics").text
-        assert "splitwise_proxy_prefill_fallbacks_total 0.0" in metrics, "prefill failed"
+        fallbacks = value(proxy, "splitwise_proxy_prefill_fallbacks_total")
+        assert fallbacks == 0, "prefill failed"
     finally:
         servers.stop()

@@ -17,6 +17,7 @@ import uuid
 import httpx
 import pytest
 
+from splitwise_local.bench.scrape import total
 from splitwise_local.config import SplitwiseConfig, dump_config
 from splitwise_local.connector.keys import chunk_keys
 from splitwise_local.models.checkpoint import prepare_default_model
@@ -25,7 +26,7 @@ from splitwise_local.proxy.routing import Decision, PrefixMemory, decide_auto
 from splitwise_local.proxy.tokens import PromptTokenizer
 from splitwise_local.store.backend import open_backend
 from splitwise_local.store.server import ServerSettings, StoreServer
-from tests.proxy.routes import route_of, routes_counted, samples
+from tests.proxy.routes import route_of, routes_counted
 
 CHUNK = 32
 THRESHOLD = 64
@@ -137,7 +138,7 @@ def send(url: str, body: dict) -> httpx.Response:
 
 def pending_tokens(url: str) -> float:
     """Prompt tokens pending on all engines."""
-    return sum(value for _, value in samples(url, "splitwise_proxy_engine_pending_tokens"))
+    return total(url, "splitwise_proxy_engine_pending_tokens")
 
 
 def store_prompt(tokenizer, model, config, text: str) -> int:
