@@ -1,9 +1,9 @@
 """The engines of one role: which to send the next request to, and which are down.
 
-Picking is least-loaded by default: the endpoint with the fewest requests in flight, ties broken
-by whoever was picked longest ago, which is round robin while the load is even; the router
-(routing.py) passes its own ranking instead, over the same state plus the prompt tokens each
-engine still has to compute (`pending_tokens`). An engine that fails is
+Picking is least-loaded by default (`least_loaded`): the endpoint with the fewest requests in
+flight, then the fewest prompt tokens it still has to compute (`pending_tokens`), ties broken by
+whoever was picked longest ago, which is round robin while the load is even; the router
+(routing.py) may pass its own ranking instead, over the same state. An engine that fails is
 marked down for a back-off period that doubles with each consecutive failure (capped); once the
 period ends the next request tries it again, and a success or a passing health check clears it.
 No background prober: an idle proxy does not need to know, and `/health` probes on demand.
@@ -51,7 +51,8 @@ Rank = Callable[[Endpoint], tuple]
 
 
 def least_loaded(endpoint: Endpoint) -> tuple:
-    return (endpoint.in_flight, endpoint.last_pick)
+    """Fewest requests in flight, then fewest prompt tokens pending, then picked longest ago."""
+    return (endpoint.in_flight, endpoint.pending_tokens, endpoint.last_pick)
 
 
 class EnginePool:
@@ -75,8 +76,8 @@ class EnginePool:
     def acquire(
         self, exclude: Container[Endpoint] = (), rank: Rank | None = None, tokens: int = 0
     ) -> Endpoint | None:
-        """Picks the available endpoint that ranks lowest (default: fewest in flight, then
-        longest since picked), counts a request and `tokens` pending on it; None if none is."""
+        """Picks the available endpoint that ranks lowest (default: `least_loaded`), counts a
+        request and `tokens` pending on it; None if none is."""
         now = self._clock()
         candidates = [e for e in self.endpoints if e not in exclude and e.available(now)]
         if not candidates:

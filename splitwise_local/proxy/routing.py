@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from splitwise_local.connector.keys import KeyIdentity, chunk_keys, chunk_spans
-from splitwise_local.proxy.pool import Endpoint, EnginePool, Rank
+from splitwise_local.proxy.pool import Endpoint, EnginePool, Rank, least_loaded
 from splitwise_local.proxy.prefix import StoredPrefix, engine_identity
 from splitwise_local.proxy.settings import ProxySettings
 from splitwise_local.proxy.tokens import PromptTokenizer
@@ -240,12 +240,12 @@ class Router:
         """How to rank the engines of `role` ("prefill" or "decode") for this request."""
         policy = self.settings.prefill_policy if role == "prefill" else self.settings.decode_policy
         if policy == "least_loaded":
-            return lambda e: (e.in_flight, e.pending_tokens, e.last_pick)
+            return least_loaded
         work = self.tokens_for(role, decision)
 
         def affinity(e: Endpoint) -> tuple:
             cached = decision.covered(self.memory.overlap(e.url, decision.keys))
-            return (e.pending_tokens + max(0, work - cached), e.in_flight, e.last_pick)
+            return (e.pending_tokens + max(0, work - cached), *least_loaded(e))
 
         return affinity
 

@@ -40,6 +40,17 @@ def test_fewest_in_flight_wins():
     assert [e.requests for e in pool.endpoints] == [1, 2, 1]
 
 
+def test_at_equal_in_flight_fewer_pending_prompt_tokens_win():
+    pool, _ = make_pool(2)
+    heavy, light = pool.acquire(tokens=900), pool.acquire(tokens=10)
+    pool.release(heavy)
+    pool.release(light)
+    # Round robin alone would pick `heavy` (picked longest ago); its prompt is still pending.
+    assert pool.acquire() is light
+    pool.computed(heavy, 900)
+    assert pool.acquire() is heavy
+
+
 def test_exclude_and_none_left():
     pool, _ = make_pool(2)
     a = pool.acquire()
