@@ -1,8 +1,9 @@
 """SplitwiseConnector: vLLM's KV connector API on top of our store.
 
 vLLM creates one instance in the scheduler (role SCHEDULER: plans, never touches KV) and one
-per worker (role WORKER: moves KV). The scheduler half is `Planner`, the worker half
-`KVTransfer`; this class only translates vLLM's hooks into their calls. Load it with
+per worker (role WORKER: moves KV). The scheduler half is `Planner` with `StoreLookups`, the
+worker half `KVLoader` and `KVSaver`; this class only translates vLLM's hooks into their calls.
+Load it with
 
     --kv-transfer-config '{"kv_connector": "SplitwiseConnector",
                            "kv_connector_module_path": "splitwise_local.connector",
@@ -10,8 +11,11 @@ per worker (role WORKER: moves KV). The scheduler half is `Planner`, the worker 
                            "kv_load_failure_policy": "recompute",
                            "kv_connector_extra_config": {"config_file": "cpu.yaml"}}'
 
-The store never makes a request fail: a store that is down or a chunk that vanished means the
-engine computes those tokens itself, with one warning per request.
+Loads are asynchronous (vLLM's `WAITING_FOR_REMOTE_KVS` protocol, see `loader.py`): the
+running batch keeps decoding while a new request's KV lands. The store never makes a request
+fail and no connector error reaches vLLM: a store that is down, slow or restarted, a chunk
+that vanished or was corrupted, mean the engine computes those tokens itself, with one warning
+per request; each hook catches what its helpers raise.
 """
 
 from __future__ import annotations
@@ -29,19 +33,26 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from splitwise_local.config import SplitwiseConfig, load_config
+from splitwise_local.connector.codec import ChunkCodec
+from splitwise_local.connector.health import StoreDown, StoreGuard
 from splitwise_local.connector.keys import KeyIdentity, key_identity, mla_layout, per_head_layout
-from splitwise_local.connector.layout import layout_for
+from splitwise_local.connector.layout import LayerCaches, layout_for
+from splitwise_local.connector.loader import KVLoader
+from splitwise_local.connector.lookups import StoreLookups
+from splitwise_local.connector.metrics import Counters, SplitwisePromMetrics, SplitwiseStats
 from splitwise_local.connector.planner import Planner, StepPlan
-from splitwise_local.connector.transfer import ChunkCodec, KVTransfer
+from splitwise_local.connector.saver import KVSaver
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger("splitwise_local.connector")
+IDLE_WAIT_S = 0.02  # an engine with nothing to run but loads sleeps this long per empty step
 
 
 def _log_to_stdout() -> None:
@@ -106,14 +117,23 @@ class SplitwiseConnector(KVConnectorBase_V1):
         self.identity = engine_key_identity(vllm_config, self.config)
         extra = transfer_config.kv_connector_extra_config or {}
         self.verify = bool(extra.get("verify_loads", False))
+        # The last-token overwrite (LoadPlan.tail): only with a lossless serde, never lossy.
+        self.keep_tail = self.config.remote_serde == "naive" and extra.get("keep_tail", True)
+        self.counters = Counters()
+        self._store = None
+        self._guard = StoreGuard(role.name.lower())
         self._warned: set[str] = set()
         self._planner: Planner | None = None
-        self._transfer: KVTransfer | None = None
+        self._lookups: StoreLookups | None = None
+        self._loader: KVLoader | None = None
+        self._saver: KVSaver | None = None
+        self._invalid: set[int] = set()  # blocks to report with this step's finished loads
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler_backend = None
+            self._lookups = StoreLookups(lambda keys: self._backend().exists(keys), self._guard)
             self._planner = Planner(
-                self.identity, self._exists, loads=self.is_consumer, saves=self.is_producer
-            )
+                self.identity, self._lookups, block_size=self.block_size,
+                loads=self.is_consumer, saves=self.is_producer, keep_tail=self.keep_tail,
+            )  # fmt: skip
             logger.info("splitwise key identity %s", self.identity.describe())
         logger.info(
             "splitwise connector role=%s producer=%s consumer=%s store=%s serde=%s chunk=%d",
@@ -121,15 +141,18 @@ class SplitwiseConnector(KVConnectorBase_V1):
             self.config.remote_serde, self.config.chunk_size,
         )  # fmt: skip
 
-    def _open_backend(self):
-        from splitwise_local.store.backend import open_backend
+    def _backend(self):
+        """The store client, opened on first use (it reconnects by itself after that)."""
+        if self._store is None:
+            from splitwise_local.store.backend import open_backend
 
-        return open_backend(self.config.remote_url, self.config)
+            self._store = open_backend(self.config.remote_url, self.config)
+        return self._store
 
-    def _exists(self, keys) -> int:
-        if self._scheduler_backend is None:
-            self._scheduler_backend = self._open_backend()
-        return self._scheduler_backend.exists(keys)
+    def _warn_once(self, req_id: str, message: str, *args: Any) -> None:
+        if req_id not in self._warned:
+            self._warned.add(req_id)
+            logger.warning(message, req_id, *args)
 
     # ==============================
     # Worker side
@@ -153,19 +176,21 @@ class SplitwiseConnector(KVConnectorBase_V1):
             head_size=model.get_head_size(),
             block_size=self.block_size,
         )
-        self._transfer = KVTransfer(
-            self._open_backend,
-            ChunkCodec(self.config.remote_serde, self.config.serde_options),
-            layout,
-            kv_caches,
-            rank=rank,
-            pipelined=self.config.pipelined_backend,
-            verify=self.verify,
-        )
+        caches = LayerCaches(list(kv_caches.values()))
+        common = {"rank": rank, "guard": self._guard, "counters": self.counters}
+        if self.is_consumer:
+            self._loader = KVLoader(self._backend, layout, caches, verify=self.verify, **common)
+        if self.is_producer:
+            codec = ChunkCodec(self.config.remote_serde, self.config.serde_options)
+            self._saver = KVSaver(self._backend, codec, layout, caches, **common)
+        self._layout, self._caches = layout, caches
         logger.info(
-            "splitwise registered %d layers, layout=%s, cache shape %s %s",
+            "splitwise registered %d layers, layout=%s, cache shape %s %s, one buffer=%s",
             len(kv_caches), layout.name, tuple(first.shape), first.dtype,
+            caches.stacked is not None,
         )  # fmt: skip
+        if self.config.pipelined_backend:
+            logger.info("splitwise: pipelined_backend has no effect, loads are asynchronous")
 
     def _plan(self) -> StepPlan:
         metadata = self._get_connector_metadata()
@@ -173,34 +198,71 @@ class SplitwiseConnector(KVConnectorBase_V1):
         return metadata.plan
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        if self._transfer is not None and self.is_consumer:
-            self._transfer.start_load(self._plan().loads)
+        if self._loader is not None:
+            self._loader.submit(self._plan().loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        if self._transfer is not None:
-            self._transfer.wait_layer(layer_name)
+        """Nothing to wait for: a request runs only once its whole load is in."""
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
     ) -> None:
-        if self._transfer is None:
-            return
-        if self.is_consumer:
-            self._transfer.patch_tail(layer_name, kv_layer)
-        saves = self._plan().saves
-        if self.is_producer and saves:
-            self._transfer.save_layer(saves, layer_name, kv_layer)
+        """Nothing per layer: `wait_for_save` moves every layer at once after the forward."""
 
     def wait_for_save(self) -> None:
-        if self._transfer is not None and self.is_producer:
-            self._transfer.flush()
+        plan = self._plan()
+        if self._loader is not None:
+            for tail in plan.tails:
+                self._patch_tail(tail.req_id, tail.slot)
+        if self._saver is not None:
+            try:
+                self._saver.save(plan.saves)
+            except Exception:  # saving is best effort: a bug here costs the cache only
+                logger.exception("splitwise: saving this step's chunks failed")
+
+    def _patch_tail(self, req_id: str, slot: int) -> None:
+        """The last prompt token's KV, just computed by this engine, becomes the prefill's."""
+        assert self._loader is not None
+        rows = self._loader.take_tail(req_id)
+        if rows is not None:
+            self._layout.scatter(self._caches, torch.tensor([slot]), rows)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Loads that ended; their failed blocks go out with them (vLLM reads them next)."""
+        if self._saver is not None:
+            self._saver.forget(finished_req_ids)
+        if self._loader is None:
+            return None, None
+        if self._plan().idle:
+            self._loader.wait_idle(IDLE_WAIT_S)  # nothing runs but loads: let them have the core
+        self._loader.forget(finished_req_ids)
+        done, invalid = self._loader.finished()
+        self._invalid |= invalid
+        return None, done or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self._transfer.take_invalid_blocks() if self._transfer is not None else set()
+        invalid, self._invalid = self._invalid, set()
+        return invalid
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        return self.counters.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> SplitwiseStats:
+        return SplitwiseStats(data=dict(data)) if data else SplitwiseStats()
+
+    @classmethod
+    def build_prom_metrics(
+        cls, vllm_config, metric_types, labelnames, per_engine_labelvalues
+    ) -> SplitwisePromMetrics:
+        return SplitwisePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
-        if self._transfer is not None:
-            self._transfer.close()
+        for part in (self._loader, self._saver, self._lookups):
+            if part is not None:
+                part.close()
+        if self._store is not None:
+            self._store.close()
 
     # ==============================
     # Scheduler side
@@ -208,35 +270,41 @@ class SplitwiseConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
-    ) -> tuple[int, bool]:
+    ) -> tuple[int | None, bool]:
         assert self._planner is not None
         try:
             tokens = request.prompt_token_ids or []
-            return self._planner.match(request.request_id, tokens, num_computed_tokens), False
-        except Exception as exc:  # the store's errors: this request computes its prompt
-            if request.request_id not in self._warned:
-                self._warned.add(request.request_id)
-                logger.warning(
-                    "splitwise store unavailable for req=%s, computing the prompt: %s",
-                    request.request_id, exc,
-                )  # fmt: skip
+            matched = self._planner.match(request.request_id, tokens, num_computed_tokens)
+        except StoreDown as exc:
+            self.counters.add(store_unavailable=1)
+            self._warn_once(
+                request.request_id, "splitwise store unavailable for req=%s, computing the "
+                "prompt: %s", exc,
+            )  # fmt: skip
             return 0, False
+        except Exception:  # a bug of ours: this request computes its prompt
+            logger.exception("splitwise lookup for req=%s failed", request.request_id)
+            return 0, False
+        return matched, bool(matched)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         assert self._planner is not None
-        self._planner.allocated(request.request_id, num_external_tokens)
+        if num_external_tokens > 0:
+            block_ids = list(blocks.get_block_ids()[0])
+            self._planner.allocated(request.request_id, block_ids, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._planner is not None
-        plan = StepPlan()
+        plan = self._planner.begin_step(idle=scheduler_output.total_num_scheduled_tokens == 0)
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             self._planner.new_request(
                 new.req_id,
                 new.prompt_token_ids or [],
                 list(new.block_ids[0]),
+                new.num_computed_tokens,
                 new.num_computed_tokens + scheduled.get(new.req_id, 0),
                 plan,
             )
@@ -258,5 +326,7 @@ class SplitwiseConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         if self._planner is not None:
             self._planner.finished(request.request_id)
+        if self._lookups is not None:
+            self._lookups.forget(request.request_id)
         self._warned.discard(request.request_id)
         return False, None

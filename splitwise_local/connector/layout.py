@@ -1,30 +1,84 @@
 """One adapter per KV cache layout, between vLLM's paged cache and token-major chunk rows.
 
 Every adapter moves the KV of a list of cache *slots* (slot = block_id * block_size + offset)
-to and from a token-major tensor of shape `[kv, tokens, heads, head_size]` (kv = 2 for K and V,
-1 for MLA's single latent). The store, the keys and the serdes only ever see that token-major
-form, so `chunk_size` need not match the engine's block size, stored KV does not depend on the
-CPU's instruction set, and the serdes see real token and channel axes.
+of **all layers at once** to and from a token-major tensor `[layers, kv, tokens, heads,
+head_size]` (kv = 2 for K and V, 1 for MLA's single latent): the chunk format the serdes and
+the store see. So `chunk_size` need not match the engine's block size, stored KV does not depend
+on the CPU's instruction set, and the serdes see real token and channel axes.
+
+All layers at once because vLLM allocates every layer's cache as a view of one buffer (the CPU
+backend does): `LayerCaches` sees them as one `[layers, ...]` tensor, so one copy moves a block
+of every layer, and the per-call overhead is paid per block instead of per block and layer.
 
 The CPU backend does not store a block token by token: `cpu_attn_reshape_and_cache` packs each
 (block, head) as `[2 * block_size, head_size]` elements in an ISA-dependent order (`vec`, `amx`,
 ...). Rather than hard-coding those orders, `probe_cpu_packing` asks vLLM's own kernel where it
-writes each (token, channel) and keeps that permutation; gather and scatter index through it.
+writes each (token, channel), and that permutation is the source of truth. For power-of-two
+block and head sizes every packing seen (vec, vec16, amx) permutes the *bits* of the
+(token, channel) index; `HalfPacking` finds that bit permutation in the probe's answer, checks
+that it reproduces the probe exactly, and turns it into a reshape + axis permutation, so a
+whole block moves in one strided copy. Tokens of partly covered blocks, and shapes where no bit
+permutation exists, go element by element through the probed offsets.
 """
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 PROBE_BASE = 64  # digits below 64 are exact in every float dtype the cache may use
+ELEMENTWISE_BELOW = 4  # fewer tokens of a block than this move element by element
+
+
+class LayerCaches:
+    """One worker's per-layer cache tensors, in layer order, and one view over all of them.
+
+    `stacked` is a `[layers, *layer_shape]` view of the same memory when the layers are equally
+    spaced views of one storage (vLLM's CPU backend allocates them so), else None and the
+    adapters go layer by layer.
+    """
+
+    def __init__(self, layers: Sequence[torch.Tensor]) -> None:
+        self.layers = list(layers)
+        self.stacked = _stack_views(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def groups(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(layer range, `[n, *layer_shape]` tensor) pieces that together cover every layer."""
+        if self.stacked is not None:
+            yield slice(0, len(self.layers)), self.stacked
+            return
+        for index, layer in enumerate(self.layers):
+            yield slice(index, index + 1), layer.unsqueeze(0)
+
+
+def _stack_views(layers: list[torch.Tensor]) -> torch.Tensor | None:
+    first = layers[0]
+    same = all(
+        t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype
+        and t.device == first.device
+        and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        for t in layers
+    )  # fmt: skip
+    if not same:
+        return None
+    offsets = [t.storage_offset() for t in layers]
+    step = offsets[1] - offsets[0] if len(layers) > 1 else 0
+    uneven = any(b - a != step for a, b in itertools.pairwise(offsets))
+    if uneven or (len(layers) > 1 and step <= 0):
+        return None
+    return first.as_strided((len(layers), *first.shape), (step, *first.stride()), offsets[0])
 
 
 class KVLayout(ABC):
-    """Moves KV rows between one layer's paged cache and token-major tensors."""
+    """Moves KV rows of every layer between the paged caches and token-major tensors."""
 
     name: str
     kv: int
@@ -32,17 +86,63 @@ class KVLayout(ABC):
     head_size: int
     block_size: int
 
-    @abstractmethod
-    def gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Returns `[kv, len(slots), heads, head_size]`, a new tensor."""
+    def gather(self, caches: LayerCaches, slots: torch.Tensor) -> torch.Tensor:
+        """`[layers, kv, len(slots), heads, head_size]`, a new tensor."""
+        out = None
+        for layers, cache in caches.groups():
+            rows = self._gather(cache, slots)
+            if out is None:
+                out = rows.new_empty((len(caches), *rows.shape[1:]))
+            out[layers] = rows
+        assert out is not None
+        return out
+
+    def scatter(self, caches: LayerCaches, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Writes `rows` (as `gather` returns them) into every layer's cache at `slots`."""
+        for layers, cache in caches.groups():
+            self._scatter(cache, slots, rows[layers])
 
     @abstractmethod
-    def scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        """Writes `rows` (as returned by gather) into the cache at `slots`."""
+    def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """`cache` is `[n, *layer_shape]`; returns `[n, kv, tokens, heads, head_size]`."""
+
+    @abstractmethod
+    def _scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """The inverse of `_gather`, writing nothing but the given slots."""
+
+
+def slots_for(block_ids: Sequence[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    """Cache slots of tokens [start, end) of a request whose blocks are `block_ids`."""
+    tokens = torch.arange(start, end)
+    blocks = torch.as_tensor(block_ids, dtype=torch.long)[tokens // block_size]
+    return blocks * block_size + tokens % block_size
 
 
 def _split_slots(slots: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.div(slots, block_size, rounding_mode="floor"), slots % block_size
+
+
+def whole_blocks(
+    slots: torch.Tensor, block_size: int
+) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Runs of `slots` that fill a block in order: [(row index, block id)], and the rest.
+
+    The rest is a bool mask over `slots` of the tokens that are not in such a run.
+    """
+    count = len(slots)
+    rest = torch.ones(count, dtype=torch.bool)
+    if count < block_size:
+        return [], rest
+    step_ok = torch.cat([torch.zeros(1, dtype=torch.long), (slots[1:] - slots[:-1] == 1).long()])
+    ok_before = torch.cumsum(step_ok, 0)  # ok_before[i] = in-order steps up to row i
+    starts = torch.nonzero(slots[: count - block_size + 1] % block_size == 0).flatten()
+    ends = starts + block_size - 1
+    full = ok_before[ends] - ok_before[starts] == block_size - 1
+    runs = []
+    for start in starts[full].tolist():
+        runs.append((start, int(slots[start]) // block_size))
+        rest[start : start + block_size] = False
+    return runs, rest
 
 
 @lru_cache(maxsize=16)
@@ -91,6 +191,74 @@ def probe_cpu_packing(isa: str, block_size: int, head_size: int, dtype: torch.dt
     return offsets
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive bits of the token or channel index that stay consecutive when packed."""
+
+    field: str  # "t" or "d"
+    low: int  # lowest bit, within its field
+    bits: int
+    packed_low: int  # where its lowest bit lands in the packed offset
+
+
+class HalfPacking:
+    """One half's (K's or V's) packing as a reshape + axis permutation of `[tokens, D]`.
+
+    Only built when the probed offsets of the half permute the bits of `t * D + d`: the runs
+    of bits that stay together become the axes of a view, packed = those axes reordered.
+    """
+
+    def __init__(self, runs: list[_Run], heads: int) -> None:
+        t_runs = sorted((r for r in runs if r.field == "t"), key=lambda r: -r.low)
+        d_runs = sorted((r for r in runs if r.field == "d"), key=lambda r: -r.low)
+        # Token-major source view: [n, *t digits, heads, *d digits], most significant first.
+        self.source_sizes = [1 << r.bits for r in t_runs] + [heads] + [1 << r.bits for r in d_runs]
+        source_axis = {r: 1 + i for i, r in enumerate(t_runs)}
+        source_axis |= {r: 2 + len(t_runs) + i for i, r in enumerate(d_runs)}
+        packed = sorted(runs, key=lambda r: -r.packed_low)
+        self.packed_sizes = [heads] + [1 << r.bits for r in packed]
+        self.order = [0, 1 + len(t_runs)] + [source_axis[r] for r in packed]
+
+    @classmethod
+    def from_offsets(cls, offsets: torch.Tensor, heads: int) -> HalfPacking | None:
+        """The bit permutation behind `offsets` ([tokens, D] -> packed position), if any."""
+        tokens, width = offsets.shape
+        t_bits, d_bits = tokens.bit_length() - 1, width.bit_length() - 1
+        if tokens != 1 << t_bits or width != 1 << d_bits:
+            return None
+        flat = offsets.flatten()
+        images = [int(flat[1 << bit]) for bit in range(t_bits + d_bits)]
+        if any(x <= 0 or x & (x - 1) for x in images) or int(flat[0]) != 0:
+            return None
+        positions = [x.bit_length() - 1 for x in images]
+        index = torch.arange(flat.numel())
+        rebuilt = sum(((index >> bit) & 1) << pos for bit, pos in enumerate(positions))
+        if not torch.equal(rebuilt, flat):
+            return None
+        runs: list[_Run] = []
+        for bit, pos in enumerate(positions):
+            field, low = ("d", bit) if bit < d_bits else ("t", bit - d_bits)
+            last = runs[-1] if runs else None
+            if last and last.field == field and last.packed_low + last.bits == pos:
+                runs[-1] = _Run(field, last.low, last.bits + 1, last.packed_low)
+            else:
+                runs.append(_Run(field, low, 1, pos))
+        return cls(runs, heads)
+
+    def pack(self, source: torch.Tensor, packed: torch.Tensor) -> None:
+        """`source` `[n, tokens, heads, D]` (a view) into `packed` `[n, heads, tokens * D]`."""
+        n = source.shape[0]
+        view = source.reshape(n, *self.source_sizes).permute(self.order)
+        packed.view(n, *self.packed_sizes).copy_(view)
+
+    def unpack(self, packed: torch.Tensor, out: torch.Tensor) -> None:
+        """The inverse of `pack`: `packed` `[n, heads, tokens * D]` into `out` (a view)."""
+        n = out.shape[0]
+        out.view(n, *self.source_sizes).permute(self.order).copy_(
+            packed.view(n, *self.packed_sizes)
+        )
+
+
 @dataclass
 class CpuPackedLayout(KVLayout):
     """vLLM's CPU attention cache: `[blocks, heads, block_size, 2 * head_size]`, ISA-packed."""
@@ -105,52 +273,93 @@ class CpuPackedLayout(KVLayout):
     def __post_init__(self) -> None:
         self.name = "cpu-packed"
         self.offsets = probe_cpu_packing(self.isa, self.block_size, self.head_size, self.dtype)
-        # permutation[(kv * block_size + t) * D + d] = packed position of (kv, t, d)
-        self.permutation = self.offsets.flatten()
+        half = self.block_size * self.head_size
+        # None for a half whose packing is no bit permutation: whole blocks then go by element.
+        self.halves = [HalfPacking.from_offsets(self.offsets[kv] - kv * half, self.heads)
+                       for kv in range(2)]  # fmt: skip
 
-    def _unpack_blocks(self, cache: torch.Tensor, slots: torch.Tensor):
-        """The whole blocks holding `slots`, token-major: `[U, heads, 2, block_size, D]`."""
-        blocks, positions = _split_slots(slots, self.block_size)
-        unique, which = torch.unique(blocks, return_inverse=True)
-        packed = cache.view(cache.shape[0], self.heads, -1)[unique]
-        # One contiguous index_select per block beats per-element indexing by ~15x here.
-        rows = packed.index_select(2, self.permutation)
-        shape = (len(unique), self.heads, 2, self.block_size, self.head_size)
-        return unique, which, positions, rows.view(shape)
+    def _regions(self, cache: torch.Tensor) -> torch.Tensor:
+        """`[n, blocks, heads, 2, block_size * D]`: each (block, head)'s K and V halves."""
+        return cache.view(cache.shape[0], cache.shape[1], self.heads, 2, -1)
 
-    def gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        _, which, positions, rows = self._unpack_blocks(cache, slots)
-        # which [T] and positions [T] are split by slices: result [T, heads, 2, D]
-        return rows[which, :, :, positions, :].permute(2, 0, 1, 3).contiguous()
+    def _unpack(self, regions: torch.Tensor, block: int, out: torch.Tensor) -> None:
+        """Block `block` of every layer into `out` `[n, 2, block_size, heads, D]` (a view)."""
+        for kv, half in enumerate(self.halves):
+            half.unpack(regions[:, block, :, kv], out[:, kv])
 
-    def scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        """Writes exactly the given rows, nothing else in their blocks.
+    def _pack(self, rows: torch.Tensor, regions: torch.Tensor, block: int) -> None:
+        for kv, half in enumerate(self.halves):
+            half.pack(rows[:, kv], regions[:, block, :, kv])
 
-        The forward may be writing other tokens of the same block at that moment (a pipelined
-        load runs beside it), so partial blocks are written element by element; blocks the rows
-        cover entirely are packed whole, which is ~15x faster.
-        """
+    def _partial_blocks(self, slots: torch.Tensor, rest: torch.Tensor):
+        """Tokens of `rest` grouped by block: (block, row indices, positions), and the tokens
+        too few in their block to be worth moving the whole block (they go by element)."""
+        rows = torch.nonzero(rest).flatten()
+        blocks, positions = _split_slots(slots[rows], self.block_size)
+        grouped, single = [], torch.zeros(len(slots), dtype=torch.bool)
+        for block in torch.unique(blocks).tolist():
+            mine = blocks == block
+            if int(mine.sum()) < ELEMENTWISE_BELOW:
+                single[rows[mine]] = True
+            else:
+                grouped.append((block, rows[mine], positions[mine]))
+        return grouped, single
+
+    def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        n, size = cache.shape[0], self.block_size
+        out = cache.new_empty((n, 2, len(slots), self.heads, self.head_size))
+        if not all(self.halves):
+            self._gather_elements(cache, slots, torch.ones(len(slots), dtype=torch.bool), out)
+            return out
+        regions = self._regions(cache)
+        runs, rest = whole_blocks(slots, size)
+        for start, block in runs:
+            self._unpack(regions, block, out[:, :, start : start + size])
+        grouped, single = self._partial_blocks(slots, rest)
+        if grouped:
+            whole = cache.new_empty((n, 2, size, self.heads, self.head_size))
+            for block, rows, positions in grouped:
+                self._unpack(regions, block, whole)
+                out[:, :, rows] = whole[:, :, positions]
+        self._gather_elements(cache, slots, single, out)
+        return out
+
+    def _scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Whole blocks are packed in one copy; a partly covered block is read, updated and
+        written back whole, so a concurrent writer of its other tokens would be undone: the
+        connector only writes blocks nothing else writes at that moment."""
+        n, size = cache.shape[0], self.block_size
         rows = rows.to(cache.dtype)
+        if not all(self.halves):
+            self._scatter_elements(cache, slots, torch.ones(len(slots), dtype=torch.bool), rows)
+            return
+        regions = self._regions(cache)
+        runs, rest = whole_blocks(slots, size)
+        for start, block in runs:
+            self._pack(rows[:, :, start : start + size], regions, block)
+        grouped, single = self._partial_blocks(slots, rest)
+        if grouped:
+            whole = cache.new_empty((n, 2, size, self.heads, self.head_size))
+            for block, indices, positions in grouped:
+                self._unpack(regions, block, whole)
+                whole[:, :, positions] = rows[:, :, indices]
+                self._pack(whole, regions, block)
+        self._scatter_elements(cache, slots, single, rows)
+
+    def _element_index(self, cache: torch.Tensor, slots: torch.Tensor):
         blocks, positions = _split_slots(slots, self.block_size)
-        unique, which, counts = torch.unique(blocks, return_inverse=True, return_counts=True)
-        whole = counts[which] == self.block_size
-        flat = cache.view(cache.shape[0], self.heads, -1)
-        if whole.any():
-            full_blocks = unique[counts == self.block_size]
-            index = torch.searchsorted(full_blocks, blocks[whole])
-            unpacked = torch.empty(
-                (len(full_blocks), self.heads, 2, self.block_size, self.head_size),
-                dtype=cache.dtype,
-            )
-            unpacked[index, :, :, positions[whole], :] = rows[:, whole].permute(1, 2, 0, 3)
-            packed = torch.empty((len(full_blocks), self.heads, self.permutation.numel()),
-                                 dtype=cache.dtype)  # fmt: skip
-            packed.index_copy_(2, self.permutation, unpacked.view(len(full_blocks), self.heads, -1))
-            flat[full_blocks] = packed
-        if not whole.all():
-            part = ~whole
-            offsets = self.offsets[:, positions[part], :]  # [2, T, D]
-            flat[blocks[part].view(1, -1, 1), :, offsets] = rows[:, part].permute(0, 1, 3, 2)
+        flat = cache.view(cache.shape[0], cache.shape[1], self.heads, -1)
+        return flat, blocks.view(1, -1, 1), self.offsets[:, positions, :]  # offsets [2, T, D]
+
+    def _gather_elements(self, cache, slots, which: torch.Tensor, out: torch.Tensor) -> None:
+        if which.any():
+            flat, blocks, offsets = self._element_index(cache, slots[which])
+            out[:, :, which] = flat[:, blocks, :, offsets].permute(3, 0, 1, 4, 2)
+
+    def _scatter_elements(self, cache, slots, which: torch.Tensor, rows: torch.Tensor) -> None:
+        if which.any():
+            flat, blocks, offsets = self._element_index(cache, slots[which])
+            flat[:, blocks, :, offsets] = rows[:, :, which].permute(1, 2, 4, 0, 3)
 
 
 @dataclass
@@ -169,13 +378,15 @@ class LatentLayout(KVLayout):
     def __post_init__(self) -> None:
         self.name = "mla-latent"
 
-    def gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        rows = cache.reshape(-1, self.head_size)[slots.to(cache.device)]
-        return rows.view(1, -1, 1, self.head_size)
+    def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        n = cache.shape[0]
+        rows = cache.reshape(n, -1, self.head_size)[:, slots.to(cache.device)]
+        return rows.view(n, 1, -1, 1, self.head_size)
 
-    def scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        flat = cache.view(-1, self.head_size)
-        flat[slots.to(cache.device)] = rows.reshape(-1, self.head_size).to(flat)
+    def _scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        n = cache.shape[0]
+        flat = cache.view(n, -1, self.head_size)
+        flat[:, slots.to(cache.device)] = rows.reshape(n, -1, self.head_size).to(flat)
 
 
 @dataclass
@@ -194,13 +405,13 @@ class KvFirstLayout(KVLayout):
     def __post_init__(self) -> None:
         self.name = "kv-first"
 
-    def gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         blocks, positions = _split_slots(slots.to(cache.device), self.block_size)
-        return cache[:, blocks, positions]
+        return cache[:, :, blocks, positions]
 
-    def scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    def _scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
         blocks, positions = _split_slots(slots.to(cache.device), self.block_size)
-        cache[:, blocks, positions] = rows.to(cache)
+        cache[:, :, blocks, positions] = rows.to(cache)
 
 
 def layout_for(

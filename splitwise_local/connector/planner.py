@@ -1,10 +1,18 @@
 """Scheduler side: decides, each engine step, which chunks the worker loads and saves.
 
-Runs in vLLM's scheduler (no KV tensors here). It turns prompts into chunk keys, asks the store
-how much of a prompt it holds, and hands the worker a `StepPlan` per step: whole chunks to save
-(each one as soon as its last token has been computed, so chunked prefill saves every step's
-completed chunks and the final partial chunk) and token ranges to load into the blocks vLLM
-allocated.
+Runs in vLLM's scheduler (no KV tensors here). It turns prompts into chunk keys, learns from
+the store how much of a prompt it holds (asynchronously, `StoreLookups`), and hands the worker
+a `StepPlan` per step:
+
+- loads, vLLM's asynchronous protocol: `match` answers `(tokens, True)`, vLLM allocates blocks
+  and parks the request in `WAITING_FOR_REMOTE_KVS`, `allocated` turns that into a `LoadPlan`
+  the worker runs in the background; the request is scheduled once the worker reports it done.
+  At most one load per request: if vLLM asks again (after a failed load, or a preemption), the
+  answer is 0 and the engine computes.
+- tails: the step in which a loaded request computes its last prompt token, so the worker can
+  put the prefill's KV for that token back (see `LoadPlan.tail`);
+- saves: whole chunks, each as soon as its last token has been computed, so chunked prefill
+  saves every step's completed chunks and the final partial chunk.
 """
 
 from __future__ import annotations
@@ -40,10 +48,12 @@ class ChunkRef:
 class LoadPlan:
     """Write tokens [start, end) of a prompt, from `chunks`, into the request's blocks.
 
-    `tail` is the prompt's last token when the load reaches it (end == prompt length - 1). The
-    engine computes that token itself, in a 1-row forward whose bf16 numerics differ slightly
-    from the prefill's full forward; after each layer's attention the worker overwrites its KV
-    with the prefill's, so every prompt token's KV is the prefill's, as in one engine alone.
+    `tail` is the prompt's last position when the store holds it too: the engine computes that
+    token itself, in a 1-row forward whose bf16 numerics differ slightly from the prefill's full
+    forward, so the worker keeps the stored KV of that token and writes it over the engine's
+    once the token has been computed (a `TailPlan`), leaving every prompt token's KV the
+    prefill's, as in one engine alone. Only with a lossless serde: with a lossy one the
+    engine's own KV is closer to the truth than the stored copy.
     """
 
     req_id: str
@@ -52,6 +62,14 @@ class LoadPlan:
     end: int
     block_ids: list[int]
     tail: int | None = None
+
+
+@dataclass
+class TailPlan:
+    """This step computed `req_id`'s last prompt token, into cache slot `slot`."""
+
+    req_id: str
+    slot: int
 
 
 @dataclass
@@ -65,8 +83,12 @@ class SavePlan:
 
 @dataclass
 class StepPlan:
+    """The worker's orders for one step; `idle` when the step runs no forward at all."""
+
     loads: list[LoadPlan] = field(default_factory=list)
+    tails: list[TailPlan] = field(default_factory=list)
     saves: list[SavePlan] = field(default_factory=list)
+    idle: bool = False
 
 
 @dataclass
@@ -76,6 +98,16 @@ class _Tracked:
     chunks: list[ChunkRef]
     block_ids: list[int]
     next_chunk: int = 0
+
+
+@dataclass
+class _Match:
+    """The answer `match` gave: load [start, end), keep the tail if `tail`."""
+
+    start: int
+    end: int
+    tail: bool
+    stored_chunks: int
 
 
 def prompt_chunks(identity: KeyIdentity, token_ids: Sequence[int]) -> list[ChunkRef]:
@@ -95,28 +127,42 @@ def stored_chunks(exists: Callable[[Sequence[str]], int], chunks: Sequence[Chunk
     return exists([key for chunk in chunks for key in chunk.keys]) // ranks
 
 
+def chunk_keys_of(chunks: Sequence[ChunkRef]) -> list[str]:
+    """Every rank's key of every chunk, chunk-major: what `stored_chunks` asks about."""
+    return [key for chunk in chunks for key in chunk.keys]
+
+
 class Planner:
     """Per-request bookkeeping of the scheduler-side connector.
 
-    `exists(keys) -> int` is the store's batched prefix query; it may raise the store's errors,
-    which the caller turns into "no hit".
+    `lookup(req_id, keys)` is the store's prefix query for `chunk_keys_of(chunks)`: the number
+    of keys present from the first, None while the answer is not in yet, or raises when the
+    store cannot answer (the connector turns that into "compute the prompt").
     """
 
     def __init__(
         self,
         identity: KeyIdentity,
-        exists: Callable[[Sequence[str]], int],
+        lookup: Callable[[str, Sequence[str]], int | None],
         *,
+        block_size: int,
         loads: bool,
         saves: bool,
+        keep_tail: bool,
     ) -> None:
         self.identity = identity
-        self.exists = exists
+        self.block_size = block_size
+        self.lookup = lookup
         self.loads = loads
         self.saves = saves
+        self.keep_tail = keep_tail
+        self._ranks = len(identity.all_ranks())
         self._chunks: dict[str, list[ChunkRef]] = {}
-        self._matched: dict[str, tuple[int, int]] = {}
-        self._pending_loads: dict[str, tuple[int, int]] = {}
+        self._matched: dict[str, _Match] = {}
+        self._attempted: set[str] = set()  # requests whose one load has been planned
+        self._tails: set[str] = set()  # loaded requests whose last token is still to compute
+        self._stored: dict[str, int] = {}  # chunks the store held when the load was planned
+        self._new_loads: list[LoadPlan] = []
         self._tracked: dict[str, _Tracked] = {}
 
     def chunks_of(self, req_id: str, token_ids: Sequence[int]) -> list[ChunkRef]:
@@ -124,48 +170,78 @@ class Planner:
             self._chunks[req_id] = prompt_chunks(self.identity, token_ids)
         return self._chunks[req_id]
 
-    def match(self, req_id: str, token_ids: Sequence[int], num_computed: int) -> int:
-        """Tokens beyond `num_computed` the store can supply, at most prompt length - 1.
+    def match(self, req_id: str, token_ids: Sequence[int], num_computed: int) -> int | None:
+        """Tokens beyond `num_computed` the store can supply, None while the store is asked.
 
-        The last prompt token is always left for the engine to compute: that step produces the
-        first output token (and matching every token trips vLLM's "num_new_tokens > 0").
+        At most prompt length - 1: the engine computes the last prompt token itself, since that
+        step produces the first output token. When the store holds that token too (and the
+        serde is lossless) the load keeps its stored KV for the tail.
         """
-        if not self.loads or len(token_ids) < 2:
+        if not self.loads or len(token_ids) < 2 or req_id in self._attempted:
             return 0
         chunks = self.chunks_of(req_id, token_ids)
-        present = stored_chunks(self.exists, chunks)
-        covered = chunks[present - 1].end if present else 0
-        matched = min(covered, len(token_ids) - 1)
-        self._matched[req_id] = (num_computed, matched)
-        return max(0, matched - num_computed)
+        present = self.lookup(req_id, chunk_keys_of(chunks))
+        if present is None:
+            return None
+        stored = present // self._ranks
+        covered = chunks[stored - 1].end if stored else 0
+        end = min(covered, len(token_ids) - 1)
+        if end <= num_computed:
+            return 0
+        tail = self.keep_tail and covered == len(token_ids)
+        self._matched[req_id] = _Match(num_computed, end, tail, stored)
+        return end - num_computed
 
-    def allocated(self, req_id: str, num_external: int) -> None:
-        """vLLM allocated blocks for `num_external` loaded tokens after the local ones."""
-        if num_external <= 0 or req_id not in self._matched:
+    def allocated(self, req_id: str, block_ids: list[int], num_external: int) -> None:
+        """vLLM allocated `block_ids` for the request, `num_external` tokens to be loaded."""
+        matched = self._matched.pop(req_id, None)
+        if num_external <= 0 or matched is None:
             return
-        num_computed, _ = self._matched.pop(req_id)
-        self._pending_loads[req_id] = (num_computed, num_computed + num_external)
+        if matched.start + num_external != matched.end:
+            logger.warning(
+                "splitwise req=%s: vLLM allocated %d external tokens, the match was %d",
+                req_id, num_external, matched.end - matched.start,
+            )  # fmt: skip
+        end = matched.start + num_external
+        chunks = self._chunks[req_id]
+        tail = matched.end if matched.tail and end == matched.end else None
+        reach = end + 1 if tail is not None else end
+        needed = [c for c in chunks if c.start < reach and c.end > matched.start]
+        self._new_loads.append(LoadPlan(req_id, needed, matched.start, end, block_ids, tail))
+        self._attempted.add(req_id)
+        self._stored[req_id] = matched.stored_chunks
+        if tail is not None:
+            self._tails.add(req_id)
+
+    def begin_step(self, idle: bool) -> StepPlan:
+        """A new plan carrying the loads planned since the previous step."""
+        plan = StepPlan(loads=self._new_loads, idle=idle)
+        self._new_loads = []
+        return plan
 
     def new_request(
         self,
         req_id: str,
         token_ids: Sequence[int],
         block_ids: list[int],
+        num_computed: int,
         computed_after: int,
         plan: StepPlan,
     ) -> None:
-        """A request scheduled for the first time."""
+        """A request scheduled for the first time (also right after its load finished)."""
         chunks = self.chunks_of(req_id, token_ids)
-        if req_id in self._pending_loads:
-            start, end = self._pending_loads.pop(req_id)
-            tail = end if end == len(token_ids) - 1 else None
-            reach = end + 1 if tail is not None else end
-            needed = [c for c in chunks if c.start < reach and c.end > start]
-            plan.loads.append(LoadPlan(req_id, needed, start, end, list(block_ids), tail))
+        if req_id in self._tails:
+            self._tails.discard(req_id)
+            last = len(token_ids) - 1
+            if num_computed == last:  # the load went through: this step computes the tail
+                block, offset = divmod(last, self.block_size)
+                plan.tails.append(TailPlan(req_id, block_ids[block] * self.block_size + offset))
         if not self.saves:
             return
-        # Chunks already in the store (a shared prefix, a load) are not saved again.
-        tracked = _Tracked(chunks, list(block_ids), next_chunk=self._stored_prefix(chunks))
+        # Chunks the store held and this engine did not have to recompute are not saved again.
+        valid = sum(1 for c in chunks if c.end <= num_computed)
+        skip = min(self._stored.pop(req_id, 0), valid)
+        tracked = _Tracked(chunks, list(block_ids), next_chunk=skip)
         self._tracked[req_id] = tracked
         self._plan_saves(req_id, tracked, computed_after, plan)
 
@@ -184,17 +260,10 @@ class Planner:
         self._plan_saves(req_id, tracked, computed_after, plan)
 
     def finished(self, req_id: str) -> None:
-        for table in (self._chunks, self._matched, self._pending_loads, self._tracked):
+        for table in (self._chunks, self._matched, self._stored, self._tracked):
             table.pop(req_id, None)
-
-    def _stored_prefix(self, chunks: list[ChunkRef]) -> int:
-        if not chunks:
-            return 0
-        try:
-            return stored_chunks(self.exists, chunks)
-        except Exception as exc:  # the store's errors: saving again is the safe answer
-            logger.debug("exists failed while planning saves: %s", exc)
-            return 0
+        self._attempted.discard(req_id)
+        self._tails.discard(req_id)
 
     @staticmethod
     def _plan_saves(req_id: str, tracked: _Tracked, computed_after: int, plan: StepPlan) -> None:

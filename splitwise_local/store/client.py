@@ -3,8 +3,11 @@
 They run inside vLLM's worker process, from any thread and without an event loop: each thread
 gets its own connection (reused across calls), so calls never wait on one another's transfers.
 A connection that went stale (server restarted, idle close) is replaced and the call retried
-once; every other failure is a `StoreError` subclass. The shared-memory client moves bytes by
-one memcpy each way through the server's arena; only small control frames cross the socket.
+once; every other failure is a `StoreError` subclass. Every socket operation has a deadline
+(`timeout`, 5 s by default): a store that makes no progress for that long is frozen, and the
+call fails with `StoreUnavailable` rather than hanging its caller. The shared-memory client
+moves bytes by one memcpy each way through the server's arena, and `get_into` reads values in
+place (no copy at all); only small control frames cross the socket.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from splitwise_local.store.transport import (
 
 T = TypeVar("T")
 Value = bytes | bytearray | memoryview
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = 5.0
 
 
 def new_buffer(size: int) -> memoryview:
@@ -125,6 +128,18 @@ class StoreClient:
         for batch in ops.batches([p.key_bytes(k) for k in keys]):
             values.extend(self._run(lambda conn, batch=batch: self._get_batch(conn, batch)))
         return values
+
+    def get_into(
+        self, keys: Sequence[str | bytes], use: Callable[[int, memoryview | None], None]
+    ) -> None:
+        """Batched get that hands each value to `use(index, value)` (None on a miss) in key
+        order. The value is only valid during the call: through shared memory it is the
+        store's own memory, pinned meanwhile, so nothing is copied."""
+        done = 0
+        for batch in ops.batches([p.key_bytes(k) for k in keys]):
+            for value in self._run(lambda conn, batch=batch: self._get_batch(conn, batch)):
+                use(done, value)
+                done += 1
 
     def exists(self, keys: Sequence[str | bytes]) -> int:
         """How many of `keys`, from the first, are present."""
@@ -291,6 +306,31 @@ class ShmClient(StoreClient):
             raise
         items = [(g.ticket, key, len(v)) for g, (key, v) in zip(done, batch, strict=True)]
         conn.spare = conn.run(ops.commit(items, spare=lengths[-1]))
+
+    def get_into(
+        self, keys: Sequence[str | bytes], use: Callable[[int, memoryview | None], None]
+    ) -> None:
+        done = 0
+        for batch in ops.batches([p.key_bytes(k) for k in keys]):
+            conn, grants = self._run(lambda conn, batch=batch: (conn, conn.run(ops.lease(batch))))
+            arena = conn.arena
+            assert arena is not None
+            for grant in grants:  # pinned until this connection's next frame
+                use(done, self._in_place(arena, grant))
+                done += 1
+
+    @staticmethod
+    def _in_place(arena: SharedArena, grant: p.Grant) -> memoryview | None:
+        """A leased value as a view of the arena, or a copy when it spans several extents."""
+        if grant.length < 0:
+            return None
+        if len(grant.extents) == 1:
+            offset, _ = grant.extents[0]
+            arena.populate(grant.extents)
+            return arena.view[offset : offset + grant.length]
+        buffer = new_buffer(grant.length)
+        arena.read_into(grant.extents, buffer)
+        return buffer
 
     def _get_batch(self, conn: Connection, keys: list[bytes]) -> list[memoryview | None]:
         arena = conn.arena

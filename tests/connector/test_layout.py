@@ -1,4 +1,4 @@
-"""Layout adapters, checked against what vLLM's own CPU kernel writes."""
+"""Layout adapters, checked against what vLLM's own CPU kernel writes, on every ISA packing."""
 
 import pytest
 import torch
@@ -7,69 +7,121 @@ vllm_ops = pytest.importorskip("vllm._custom_ops")
 
 from splitwise_local.connector.layout import (  # noqa: E402
     CpuPackedLayout,
+    HalfPacking,
     KvFirstLayout,
     LatentLayout,
+    LayerCaches,
     probe_cpu_packing,
+    slots_for,
+    whole_blocks,
 )
 
 ISAS = ["vec", "amx", "vec16"]
+LAYERS, BLOCKS, HEADS, BLOCK, HEAD = 3, 6, 3, 128, 64
+
+
+def kernel_written(isa, dtype, slots, generator):
+    """Caches of 3 layers as one buffer, filled at `slots` by vLLM's kernel; and the KV."""
+    buffer = torch.zeros(LAYERS, BLOCKS, HEADS, BLOCK, 2 * HEAD, dtype=dtype)
+    key = torch.randn(LAYERS, len(slots), HEADS, HEAD, generator=generator).to(dtype)
+    value = torch.randn(LAYERS, len(slots), HEADS, HEAD, generator=generator).to(dtype)
+    for layer in range(LAYERS):
+        view = buffer[layer].view(BLOCKS, HEADS, 2 * BLOCK, HEAD)
+        key_cache, value_cache = view.chunk(2, dim=2)
+        vllm_ops.cpu_attn_reshape_and_cache(
+            key[layer], value[layer], key_cache, value_cache, slots, isa
+        )
+    return buffer, key, value
+
+
+def mixed_slots(generator) -> torch.Tensor:
+    """Two whole blocks in order, then a random scatter of single tokens elsewhere."""
+    whole = torch.cat([torch.arange(2 * BLOCK, 3 * BLOCK), torch.arange(5 * BLOCK, 6 * BLOCK)])
+    shuffled = torch.randperm(BLOCKS * BLOCK, generator=generator).tolist()
+    taken = set(whole.tolist())
+    others = torch.tensor([s for s in shuffled if s not in taken][:200])
+    return torch.cat([whole[:BLOCK], others[:100], whole[BLOCK:], others[100:]])
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cpu_gather_reads_what_the_kernel_wrote(isa, dtype):
-    blocks, heads, block_size, head = 6, 3, 128, 64
-    layout = CpuPackedLayout(heads, head, block_size, isa, dtype)
-    cache = torch.zeros(blocks, heads, block_size, 2 * head, dtype=dtype)
-    key_cache, value_cache = cache.view(blocks, heads, 2 * block_size, head).chunk(2, dim=2)
+@pytest.mark.parametrize("one_buffer", [True, False])
+def test_cpu_gather_and_scatter_match_the_kernel(isa, dtype, one_buffer):
     generator = torch.Generator().manual_seed(0)
-    slots = torch.randperm(blocks * block_size, generator=generator)[:300]
-    key = torch.randn(300, heads, head, generator=generator).to(dtype)
-    value = torch.randn(300, heads, head, generator=generator).to(dtype)
-    vllm_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+    slots = mixed_slots(generator)
+    buffer, key, value = kernel_written(isa, dtype, slots, generator)
+    layout = CpuPackedLayout(HEADS, HEAD, BLOCK, isa, dtype)
+    assert all(layout.halves), "every packing seen so far is a bit permutation"
+    layers = [buffer[i] for i in range(LAYERS)] if one_buffer else [b.clone() for b in buffer]
+    caches = LayerCaches(layers)
+    assert (caches.stacked is not None) == one_buffer
 
-    rows = layout.gather(cache, slots)
-    assert torch.equal(rows[0], key) and torch.equal(rows[1], value)
+    rows = layout.gather(caches, slots)
+    assert torch.equal(rows[:, 0], key) and torch.equal(rows[:, 1], value)
 
-    rebuilt = torch.zeros_like(cache)
-    layout.scatter(rebuilt, slots, rows)
-    assert torch.equal(rebuilt, cache)
-
-
-def test_scatter_of_a_partial_block_keeps_the_other_tokens():
-    layout = CpuPackedLayout(2, 64, 128, "vec", torch.bfloat16)
-    cache = torch.randn(3, 2, 128, 128).bfloat16()
-    before = cache.clone()
-    slots = torch.arange(130, 140)
-    new_rows = torch.randn(2, 10, 2, 64).bfloat16()
-    layout.scatter(cache, slots, new_rows)
-    assert torch.equal(layout.gather(cache, slots), new_rows)
-    others = torch.tensor([s for s in range(3 * 128) if not 130 <= s < 140])
-    assert torch.equal(layout.gather(cache, others), layout.gather(before, others))
+    rebuilt = torch.zeros_like(buffer)
+    layout.scatter(LayerCaches([rebuilt[i] for i in range(LAYERS)]), slots, rows)
+    assert torch.equal(rebuilt, buffer)
 
 
-def test_the_packing_is_not_token_major():
-    # Guards the reason this module exists: indexing dim 2 as "token" would be wrong.
+@pytest.mark.parametrize("isa", ISAS)
+def test_scatter_of_a_partial_block_keeps_the_other_tokens(isa):
+    layout = CpuPackedLayout(2, 64, 128, isa, torch.bfloat16)
+    buffer = torch.randn(2, 3, 2, 128, 128).bfloat16()
+    caches = LayerCaches([buffer[0], buffer[1]])
+    before = layout.gather(caches, torch.arange(3 * 128))
+    for slots in (torch.arange(130, 140), torch.tensor([300])):  # grouped and single tokens
+        new_rows = torch.randn(2, 2, len(slots), 2, 64).bfloat16()
+        layout.scatter(caches, slots, new_rows)
+        assert torch.equal(layout.gather(caches, slots), new_rows)
+    others = torch.tensor([s for s in range(3 * 128) if not (130 <= s < 140 or s == 300)])
+    assert torch.equal(layout.gather(caches, others), before[:, :, others])
+
+
+def test_whole_blocks_finds_in_order_runs_only():
+    slots = torch.cat([torch.arange(128, 256), torch.arange(0, 64), torch.arange(384, 512).flip(0)])
+    runs, rest = whole_blocks(slots, 128)
+    assert runs == [(0, 1)]
+    assert rest.sum() == 64 + 128
+
+
+def test_the_fast_path_is_derived_from_the_probe_and_refuses_what_it_cannot_express():
     offsets = probe_cpu_packing("vec", 128, 64, torch.bfloat16)
+    # Guards the reason this module exists: indexing dim 2 as "token" would be wrong.
     assert offsets[0, 1, 0] != 1 * 128  # token 1, channel 0 is not one row down
     assert offsets.flatten().sort().values.equal(torch.arange(2 * 128 * 64))
+    assert HalfPacking.from_offsets(offsets[0], heads=3) is not None
+    shuffled = offsets[0].flatten()[torch.randperm(128 * 64)].view(128, 64)
+    assert HalfPacking.from_offsets(shuffled, heads=3) is None  # not a bit permutation
+    odd = probe_cpu_packing("vec", 128, 80, torch.bfloat16)  # head size not a power of two
+    layout = CpuPackedLayout(1, 80, 128, "vec", torch.bfloat16)
+    assert HalfPacking.from_offsets(odd[0], heads=1) is None and not all(layout.halves)
+    cache = torch.zeros(2, 1, 128, 160).bfloat16()
+    rows = torch.randn(1, 2, 128, 1, 80).bfloat16()
+    layout.scatter(LayerCaches([cache]), torch.arange(128, 256), rows)  # element by element
+    assert torch.equal(layout.gather(LayerCaches([cache]), torch.arange(128, 256)), rows)
+
+
+def test_slots_for_follows_the_block_table():
+    assert slots_for([7, 2], 126, 130, 128).tolist() == [7 * 128 + 126, 7 * 128 + 127, 256, 257]
 
 
 def test_latent_layout_round_trip():
     layout = LatentLayout(head_size=576, block_size=128)
-    cache = torch.zeros(4, 1, 128, 576, dtype=torch.bfloat16)
+    buffer = torch.zeros(2, 4, 1, 128, 576, dtype=torch.bfloat16)
+    caches = LayerCaches([buffer[0], buffer[1]])
     slots = torch.tensor([5, 200, 300, 511])
-    rows = torch.randn(1, 4, 1, 576).bfloat16()
-    layout.scatter(cache, slots, rows)
-    assert torch.equal(cache.view(-1, 576)[200], rows[0, 1, 0])
-    assert torch.equal(layout.gather(cache, slots), rows)
+    rows = torch.randn(2, 1, 4, 1, 576).bfloat16()
+    layout.scatter(caches, slots, rows)
+    assert torch.equal(buffer[1].view(-1, 576)[200], rows[1, 0, 1, 0])
+    assert torch.equal(layout.gather(caches, slots), rows)
 
 
 def test_kv_first_layout_round_trip():
     layout = KvFirstLayout(heads=2, head_size=8, block_size=16)
-    cache = torch.zeros(2, 5, 16, 2, 8)
+    layers = [torch.zeros(2, 5, 16, 2, 8) for _ in range(3)]  # separate tensors, as on CUDA
     slots = torch.tensor([3, 17, 79])
-    rows = torch.randn(2, 3, 2, 8)
-    layout.scatter(cache, slots, rows)
-    assert torch.equal(cache[1, 1, 1], rows[1, 1])
-    assert torch.equal(layout.gather(cache, slots), rows)
+    rows = torch.randn(3, 2, 3, 2, 8)
+    layout.scatter(LayerCaches(layers), slots, rows)
+    assert torch.equal(layers[2][1, 1, 1], rows[2, 1, 1])
+    assert torch.equal(layout.gather(LayerCaches(layers), slots), rows)

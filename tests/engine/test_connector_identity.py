@@ -1,6 +1,6 @@
 """Token identity: decode after prefill's save answers exactly what one engine alone answers.
 
-For each configuration (chunk sizes 256, 32 and 200, and layer-by-layer loading), prompts of
+For each configuration (chunk sizes 256, 32 and 200), prompts of
 about 20, 128, 129, 200 and 1,000 tokens go to the prefill engine with max_tokens=1, then to the
 decode engine for 64 greedy tokens; the reference is a plain engine given the same prompt. The
 reference runs each prompt twice: a prompt whose two reference runs differ is unstable on this
@@ -21,7 +21,6 @@ CONFIGS = {
     "chunk256": {"chunk_size": 256},
     "chunk32": {"chunk_size": 32},
     "chunk200": {"chunk_size": 200},
-    "chunk256-pipelined": {"chunk_size": 256, "pipelined_backend": True},
 }
 PROMPT_LENGTHS = (20, 128, 129, 200, 1000)
 CHATS = (

@@ -70,7 +70,7 @@ def test_store_serves_the_chunks_and_decode_counts_external_hits(system, prose_t
 
 
 def test_poisoned_chunks_change_the_output_and_restoring_them_restores_it(system, prose_tokens):
-    from splitwise_local.connector.transfer import ChunkCodec
+    from splitwise_local.connector.codec import ChunkCodec
     from splitwise_local.serde import decode_any
 
     prefill, decode = system.engines["prefill"], system.engines["decode"]

@@ -63,7 +63,7 @@ def test_mla_decode_is_token_identical_and_byte_exact(mla, prose_tokens):
 
 
 def test_poisoned_latents_change_the_output(mla, prose_tokens):
-    from splitwise_local.connector.transfer import ChunkCodec
+    from splitwise_local.connector.codec import ChunkCodec
     from splitwise_local.serde import decode_any
 
     prefill, decode = mla.engines["prefill"], mla.engines["decode"]

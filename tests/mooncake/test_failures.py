@@ -9,10 +9,14 @@ import signal
 import pytest
 import torch
 
+from splitwise_local.connector.codec import ChunkCodec
+from splitwise_local.connector.health import StoreGuard
 from splitwise_local.connector.keys import KeyIdentity
-from splitwise_local.connector.layout import KvFirstLayout
+from splitwise_local.connector.layout import KvFirstLayout, LayerCaches
+from splitwise_local.connector.loader import KVLoader
+from splitwise_local.connector.metrics import Counters
 from splitwise_local.connector.planner import LoadPlan, SavePlan, prompt_chunks
-from splitwise_local.connector.transfer import ChunkCodec, KVTransfer
+from splitwise_local.connector.saver import KVSaver
 from splitwise_local.serve.mooncake_master import free_port
 from splitwise_local.store import StoreFull, StoreUnavailable
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend
@@ -82,17 +86,24 @@ def kv():
 
 
 def save(layout, caches, chunks, backend) -> None:
-    transfer = KVTransfer(lambda: backend, ChunkCodec("naive"), layout, caches)
-    for name, cache in caches.items():
-        transfer.save_layer([SavePlan("save", chunks, list(range(7)))], name, cache)
-    transfer.flush()
+    layers = LayerCaches(list(caches.values()))
+    saver = KVSaver(lambda: backend, ChunkCodec("naive"), layout, layers, rank=0,
+                    guard=StoreGuard("test"), counters=Counters())  # fmt: skip
+    saver.save([SavePlan("save", chunks, list(range(7)))])
+    saver.close()
 
 
 def load(layout, chunks, backend) -> tuple[dict[str, torch.Tensor], set[int]]:
     target = {f"layer{i}": torch.zeros(2, 8, 16, 2, 8) for i in range(3)}
-    transfer = KVTransfer(lambda: backend, ChunkCodec("naive"), layout, target, verify=True)
-    transfer.start_load([LoadPlan("load", chunks, 0, 99, [7, 6, 5, 4, 3, 2, 1])])
-    return target, transfer.take_invalid_blocks()
+    loader = KVLoader(lambda: backend, layout, LayerCaches(list(target.values())), rank=0,
+                      guard=StoreGuard("test"), counters=Counters(), verify=True)  # fmt: skip
+    loader.submit([LoadPlan("load", chunks, 0, 99, [7, 6, 5, 4, 3, 2, 1])])
+    done: set[str] = set()
+    while not done:
+        loader.wait_idle(0.1)
+        done, invalid = loader.finished()
+    loader.close()
+    return target, invalid
 
 
 def test_connector_moves_kv_through_mooncake_and_recomputes_when_the_master_dies(

@@ -1,0 +1,80 @@
+"""Scheduler side: the store's prefix queries, asked off the scheduler's thread.
+
+vLLM calls `get_num_new_matched_tokens` inside its scheduling loop, so a slow or frozen store
+there would stall every running request. The query goes to a thread instead; the scheduler
+waits for it at most `WAIT_S` (about what a shared-memory query takes, so usually the answer
+is in at once), and otherwise gets None ("ask again next step", vLLM's own protocol) until the
+answer arrives or `DEADLINE_S` has passed, when the request computes its prompt instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from splitwise_local.connector.health import StoreDown, StoreGuard
+
+WAIT_S = 0.002
+DEADLINE_S = 0.5
+
+
+class StoreLookups:
+    """`lookups(req_id, keys)`: how many of `keys` the store holds from the first, or None."""
+
+    def __init__(
+        self,
+        exists: Callable[[Sequence[str]], int],
+        guard: StoreGuard,
+        *,
+        wait_s: float = WAIT_S,
+        deadline_s: float = DEADLINE_S,
+    ) -> None:
+        self._exists = exists
+        self.guard = guard
+        self.wait_s = wait_s
+        self.deadline_s = deadline_s
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitwise-lookup")
+        self._pending: dict[str, tuple[Future, float]] = {}
+        self._answers: dict[str, int] = {}
+
+    def __call__(self, req_id: str, keys: Sequence[str]) -> int | None:
+        """Raises `StoreDown` when the store cannot answer (down, failed, or too slow)."""
+        if req_id in self._answers:
+            return self._answers[req_id]
+        if req_id not in self._pending:
+            self.guard.check()
+            self._pending[req_id] = (self._executor.submit(self._query, keys), time.monotonic())
+        future, started = self._pending[req_id]
+        try:
+            present = future.result(timeout=self.wait_s)
+        except FutureTimeout:
+            if time.monotonic() - started < self.deadline_s:
+                return None
+            del self._pending[req_id]
+            error = TimeoutError(f"no answer within {self.deadline_s} s")
+            self.guard.failed(error)
+            raise StoreDown(str(error)) from None
+        except Exception as exc:  # the store's errors, already reported to the guard
+            del self._pending[req_id]
+            raise StoreDown(str(exc)) from exc
+        del self._pending[req_id]
+        self._answers[req_id] = present
+        return present
+
+    def _query(self, keys: Sequence[str]) -> int:
+        try:
+            present = self._exists(keys)
+        except Exception as exc:
+            self.guard.failed(exc)
+            raise
+        self.guard.ok()
+        return present
+
+    def forget(self, req_id: str) -> None:
+        self._answers.pop(req_id, None)
+        self._pending.pop(req_id, None)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
