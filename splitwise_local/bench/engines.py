@@ -1,13 +1,15 @@
 """Real vLLM engines with our store, for benchmarks and end-to-end tests: start, ask, stop.
 
 A `System` is our store plus a prefill engine (kv_producer) and a decode engine (kv_consumer)
-with a given config; the reference is a plain engine with no connector. Every engine runs with
-prefix caching off and one core, so a second request for the same prompt is computed (or
-loaded) again rather than served from the engine's own cache, and numerics match between them.
+with a given config; the reference is a plain engine with no connector. Every engine runs on
+one core and, unless `engine_args` turns it back on, with prefix caching off, so a second request
+for the same prompt is computed (or loaded) again rather than served from the engine's own
+cache, and numerics match between them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 from splitwise_local.config import SplitwiseConfig, dump_config
 from splitwise_local.serve.console import Console
@@ -122,6 +125,14 @@ class Engine:
         text = self.wait_log(pattern, timeout)
         return [m.groups() or (m.group(0),) for m in re.finditer(pattern, text)]
 
+    def worker(self):
+        """The engine's model-runner process (`VLLM::Worker`), where the connector moves KV."""
+        for process in self.child.family():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if process.name().startswith("VLLM::Worker"):
+                    return process
+        raise RuntimeError(f"{self.url}: no VLLM::Worker process under the engine")
+
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         return sum(
@@ -143,6 +154,16 @@ class System:
         from splitwise_local.store.backend import open_backend
 
         return open_backend(self.config.remote_url, self.config)
+
+    def restart_store(self) -> None:
+        """Starts a fresh (empty) store on the same port and shm name, as a supervisor would
+        after the store died; the engines are left alone."""
+        old = self.store_child
+        assert old is not None and not old.running, "stop the store first"
+        store = Child(old.name, old.command, old.env, old.log_path, self.supervisor.console)
+        ready = Readiness(lambda: self.backend().stats(), "store stats")
+        self.supervisor.start_stage([(store, ready)], 60)
+        self.store_child = store
 
     def stop(self) -> None:
         self.supervisor.stop_all()

@@ -129,7 +129,11 @@ class SplitwiseConnector(KVConnectorBase_V1):
         self._saver: KVSaver | None = None
         self._invalid: set[int] = set()  # blocks to report with this step's finished loads
         if role == KVConnectorRole.SCHEDULER:
-            self._lookups = StoreLookups(lambda keys: self._backend().exists(keys), self._guard)
+            self._lookups = StoreLookups(
+                lambda keys: self._backend().exists(keys),
+                self._guard,
+                stride=len(self.identity.all_ranks()),
+            )
             self._planner = Planner(
                 self.identity, self._lookups, block_size=self.block_size,
                 loads=self.is_consumer, saves=self.is_producer, keep_tail=self.keep_tail,

@@ -5,6 +5,9 @@ there would stall every running request. The query goes to a thread instead; the
 waits for it at most `WAIT_S` (about what a shared-memory query takes, so usually the answer
 is in at once), and otherwise gets None ("ask again next step", vLLM's own protocol) until the
 answer arrives or `DEADLINE_S` has passed, when the request computes its prompt instead.
+
+When the store lacks a chunk but holds later ones (an eviction or a failed save punched a
+hole in the prompt), one more query says so, for the warning that explains the short hit.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import NamedTuple
 
 from splitwise_local.connector.health import StoreDown, StoreGuard
 
@@ -20,26 +24,36 @@ WAIT_S = 0.002
 DEADLINE_S = 0.5
 
 
+class Lookup(NamedTuple):
+    present: int  # keys held, from the first
+    hole: bool  # a missing key is followed by held ones
+
+
 class StoreLookups:
-    """`lookups(req_id, keys)`: how many of `keys` the store holds from the first, or None."""
+    """`lookups(req_id, keys)`: the `Lookup` for a prompt's keys, or None while it is asked.
+
+    `keys` are `stride` per chunk (one per rank); a hole is looked for chunk by chunk.
+    """
 
     def __init__(
         self,
         exists: Callable[[Sequence[str]], int],
         guard: StoreGuard,
         *,
+        stride: int = 1,
         wait_s: float = WAIT_S,
         deadline_s: float = DEADLINE_S,
     ) -> None:
         self._exists = exists
         self.guard = guard
+        self.stride = stride
         self.wait_s = wait_s
         self.deadline_s = deadline_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitwise-lookup")
         self._pending: dict[str, tuple[Future, float]] = {}
-        self._answers: dict[str, int] = {}
+        self._answers: dict[str, Lookup] = {}
 
-    def __call__(self, req_id: str, keys: Sequence[str]) -> int | None:
+    def __call__(self, req_id: str, keys: Sequence[str]) -> Lookup | None:
         """Raises `StoreDown` when the store cannot answer (down, failed, or too slow)."""
         if req_id in self._answers:
             return self._answers[req_id]
@@ -63,14 +77,16 @@ class StoreLookups:
         self._answers[req_id] = present
         return present
 
-    def _query(self, keys: Sequence[str]) -> int:
+    def _query(self, keys: Sequence[str]) -> Lookup:
         try:
             present = self._exists(keys)
+            after = (present // self.stride + 1) * self.stride  # past the first missing chunk
+            hole = after < len(keys) and self._exists(keys[after:]) > 0
         except Exception as exc:
             self.guard.failed(exc)
             raise
         self.guard.ok()
-        return present
+        return Lookup(present, hole)
 
     def forget(self, req_id: str) -> None:
         self._answers.pop(req_id, None)

@@ -22,8 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from splitwise_local.connector.keys import KeyIdentity, chunk_keys, chunk_spans
+from splitwise_local.connector.lookups import Lookup
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("splitwise_local.connector")
 
 
 @dataclass
@@ -135,15 +136,16 @@ def chunk_keys_of(chunks: Sequence[ChunkRef]) -> list[str]:
 class Planner:
     """Per-request bookkeeping of the scheduler-side connector.
 
-    `lookup(req_id, keys)` is the store's prefix query for `chunk_keys_of(chunks)`: the number
-    of keys present from the first, None while the answer is not in yet, or raises when the
-    store cannot answer (the connector turns that into "compute the prompt").
+    `lookup(req_id, keys)` is the store's prefix query for `chunk_keys_of(chunks)`: a
+    `Lookup` (keys present from the first, and whether later ones are held past a missing
+    one), None while the answer is not in yet; it raises when the store cannot answer (the
+    connector turns that into "compute the prompt").
     """
 
     def __init__(
         self,
         identity: KeyIdentity,
-        lookup: Callable[[str, Sequence[str]], int | None],
+        lookup: Callable[[str, Sequence[str]], Lookup | None],
         *,
         block_size: int,
         loads: bool,
@@ -180,11 +182,17 @@ class Planner:
         if not self.loads or len(token_ids) < 2 or req_id in self._attempted:
             return 0
         chunks = self.chunks_of(req_id, token_ids)
-        present = self.lookup(req_id, chunk_keys_of(chunks))
-        if present is None:
+        answer = self.lookup(req_id, chunk_keys_of(chunks))
+        if answer is None:
             return None
-        stored = present // self._ranks
+        stored = answer.present // self._ranks
         covered = chunks[stored - 1].end if stored else 0
+        if answer.hole:
+            logger.warning(
+                "splitwise req=%s: the store lacks tokens %d-%d but holds later chunks (evicted "
+                "or a failed save); loading tokens %d-%d, computing the rest",
+                req_id, covered, chunks[stored].end, num_computed, covered,
+            )  # fmt: skip
         end = min(covered, len(token_ids) - 1)
         if end <= num_computed:
             return 0

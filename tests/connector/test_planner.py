@@ -4,6 +4,7 @@ import pytest
 
 from splitwise_local.connector.health import StoreDown
 from splitwise_local.connector.keys import KeyIdentity
+from splitwise_local.connector.lookups import Lookup
 from splitwise_local.connector.planner import Planner, StepPlan, prompt_chunks
 
 IDENTITY = KeyIdentity("m", "bf16", "per-head/3x64", 128)
@@ -13,7 +14,8 @@ BLOCK = 128
 
 def lookup_of(stored: set[str]):
     def lookup(req_id, keys):
-        return next((i for i, key in enumerate(keys) if key not in stored), len(keys))
+        present = next((i for i, key in enumerate(keys) if key not in stored), len(keys))
+        return Lookup(present, any(key in stored for key in keys[present + 1 :]))
 
     return lookup
 
@@ -100,9 +102,10 @@ def test_kv_both_saves_again_what_a_failed_load_made_it_recompute():
     assert [(c.start, c.end) for c in step.saves[0].chunks] == [(128, 256), (256, 384), (384, 456)]
 
 
-def test_match_stops_at_the_first_missing_chunk_and_respects_local_hits():
+def test_match_stops_at_the_first_missing_chunk_and_respects_local_hits(caplog):
     chunks = prompt_chunks(IDENTITY, PROMPT)
     assert planner({chunks[0].key, chunks[2].key}).match("r", PROMPT, 0) == 128
+    assert "lacks tokens 128-256 but holds later chunks" in caplog.text
     assert planner({chunks[0].key}).match("r", PROMPT, 128) == 0  # the local cache has it
     p = planner(all_keys())
     assert p.match("r", PROMPT, 128) == 171
@@ -121,7 +124,7 @@ def test_a_request_is_loaded_at_most_once():
 
 
 def test_an_unanswered_lookup_asks_again_and_a_down_store_raises():
-    answers = iter([None, None, 3])
+    answers = iter([None, None, Lookup(3, False)])
     p = planner(lookup=lambda req_id, keys: next(answers))
     assert p.match("r", PROMPT, 0) is None
     assert p.match("r", PROMPT, 0) is None

@@ -1,0 +1,274 @@
+"""The connector under real serving conditions, on real engines: what a decode engine answers
+when KV is partly there, corrupted, or the store dies, freezes or comes back; many loads at once;
+its own prefix cache; and the connector's counters on /metrics.
+
+One launch for the module: a prefill engine (kv_producer) and a decode engine that runs as
+`kv_both` with vLLM's prefix cache on (the launcher's default), so it also saves what it had to
+compute. The reference is the session's plain engine. Each case checks the answer against the
+plain engine, that the decode engine is still up and serving, the one warning it logs, and how
+many tokens it loaded and recomputed. The store is killed late in the module, so the cases that
+need it intact come first.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from splitwise_local.bench.engines import start_system
+from splitwise_local.config import SplitwiseConfig
+from splitwise_local.connector.keys import chunk_keys, key_identity, per_head_layout
+from tests.engine.checks import completion_tokens, first_diff
+
+pytestmark = pytest.mark.engine
+
+CHUNK = 256
+LOAD = r"splitwise load req=(\S+) tokens=(\d+) chunks=\d+ bytes=\d+ ms=\S+ verified=(\S+)"
+PARTIAL = r"splitwise load-partial req=\S+ loaded=(\d+) of (\d+) tokens, recomputing tokens (\d+)-"
+RECOVERED = r"Recovered from KV load failure: 1 request\(s\) rescheduled \((\d+) tokens affected\)"
+
+
+@pytest.fixture(scope="module")
+def system(model_dir, tmp_path_factory):
+    roles = {"prefill": "prefill", "decode": "both"}
+    system = start_system(
+        tmp_path_factory.mktemp("faults"), model_dir, SplitwiseConfig(chunk_size=CHUNK), roles,
+        {"verify_loads": True}, engine_args={"decode": ["--enable-prefix-caching"]},
+    )  # fmt: skip
+    yield system
+    system.stop()
+
+
+@pytest.fixture(scope="module")
+def identity(model_dir):
+    layout = per_head_layout(3, 64)
+    return key_identity(model_dir, dtype="bfloat16", layout=layout, chunk_size=CHUNK)
+
+
+@pytest.fixture(scope="module")
+def texts(prose_tokens):
+    """Independent prompts: each case takes its own stretch of the text."""
+    spans = iter(range(0, len(prose_tokens) - 1600, 1700))
+    return lambda length: prose_tokens[(start := next(spans)) : start + length]
+
+
+def answer(engine, prompt, max_tokens=32) -> list[int]:
+    return completion_tokens(engine.complete(prompt, max_tokens=max_tokens))
+
+
+def reference_answer(reference, prompt, max_tokens=32) -> list[int] | None:
+    """The plain engine's answer, None (reported) when two runs of it disagree."""
+    first, second = answer(reference, prompt, max_tokens), answer(reference, prompt, max_tokens)
+    if first != second:
+        pytest.skip(f"{len(prompt)}-token prompt is unstable on a plain engine")
+    return first
+
+
+def assert_same(got, expected, what: str) -> None:
+    assert got == expected, f"{what}: diverged from the plain engine at {first_diff(got, expected)}"
+
+
+def metric_reaches(engine, name: str, value: float, timeout: float = 15) -> float:
+    """The metric once it reaches `value` (stats reach /metrics a moment after the answer)."""
+    deadline = time.monotonic() + timeout
+    while (current := engine.metric(name)) < value and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return current
+
+
+def assert_serving(engine, reference, prompt) -> None:
+    """Still up, and the next request answers correctly."""
+    assert answer(engine, prompt, 8) == answer(reference, prompt, 8)
+
+
+def test_a_prompt_extending_a_stored_one_loads_the_stored_part_and_saves_the_rest(
+    system, reference, texts, identity
+):
+    """The issue's reproduction: 256 tokens stored, the same 256 plus one sent to decode."""
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    stored, extra = texts(256), texts(8)
+    prompt = stored + extra[:1]
+    prefill.complete(stored, max_tokens=1)
+    decode.new_log()
+    got = answer(decode, prompt)
+    (_, tokens, verified), *_ = decode.expect_log(LOAD)
+    assert (int(tokens), verified) == (256, "ok")  # the stored part; token 256 is computed
+    assert "load-partial" not in decode.new_log()
+    assert_same(got, reference_answer(reference, prompt), "257-token prompt")
+    # kv_both: the chunk decode computed (token 256) is in the store now, under its key.
+    assert system.backend().exists(chunk_keys(identity, prompt)) == 2
+    assert_serving(decode, reference, extra)
+
+
+def test_a_missing_middle_chunk_loads_the_part_before_it(system, reference, texts, identity):
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    prompt = texts(1000)
+    prefill.complete(prompt, max_tokens=1)
+    keys = chunk_keys(identity, prompt)
+    backend = system.backend()
+    assert backend.delete(keys[1])
+    hits = decode.metric("vllm:external_prefix_cache_hits_total")
+    decode.new_log()
+    got = answer(decode, prompt)
+    log = decode.wait_log(LOAD)
+    assert len(re.findall(r"lacks tokens 256-512 but holds later chunks", log)) == 1
+    assert [int(t) for _, t, _ in re.findall(LOAD, log)] == [256]
+    assert decode.metric("vllm:external_prefix_cache_hits_total") - hits == 256  # 744 computed
+    assert_same(got, reference_answer(reference, prompt), "missing chunk 256-512")
+    assert backend.exists(keys) == 4  # kv_both saved the chunks it computed, the hole is filled
+
+
+def test_a_corrupted_middle_chunk_is_caught_and_recomputed_from_there(
+    system, reference, texts, identity
+):
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    prompt = texts(1000)
+    prefill.complete(prompt, max_tokens=1)
+    key = chunk_keys(identity, prompt)[1]
+    backend = system.backend()
+    value = bytearray(backend.get(key))
+    value[len(value) // 2] ^= 0x40  # one bit of one layer's K, deep inside the chunk
+    backend.put(key, bytes(value))
+    decode.new_log()
+    got = answer(decode, prompt)
+    log = decode.wait_log(RECOVERED)
+    (partial,) = re.findall(PARTIAL, log)
+    assert partial == ("256", "999", "256")  # chunk 0 loaded, tokens 256 on recomputed
+    assert "checksum mismatch" in log
+    assert re.findall(RECOVERED, log) == [str(999 - 256)]  # exactly the tokens not loaded
+    assert_same(got, reference_answer(reference, prompt), "corrupted chunk 256-512")
+    assert_serving(decode, reference, texts(40))
+
+
+def test_a_local_prefix_cache_hit_loads_only_the_rest(system, reference, texts):
+    """Two prompts of equal length sharing 512 tokens: the second finds them in decode's own
+    prefix cache (filled by the first load) and loads only what follows."""
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    shared, first_rest, second_rest = texts(512), texts(200), texts(200)
+    first, second = shared + first_rest, shared + second_rest
+    for prompt in (first, second):
+        prefill.complete(prompt, max_tokens=1)
+    answer(decode, first, 1)
+    local = decode.metric("vllm:prefix_cache_hits_total")
+    decode.new_log()
+    got = answer(decode, second)
+    (_, tokens, verified), *_ = decode.expect_log(LOAD)
+    assert (int(tokens), verified) == (711 - 512, "ok")
+    assert decode.metric("vllm:prefix_cache_hits_total") - local == 512
+    assert_same(got, reference_answer(reference, second), "prompt with a locally cached prefix")
+
+
+def test_eight_mixed_prompts_at_once_load_their_own_bytes(system, reference, texts):
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    lengths = (20, 1500, 300, 129, 900, 64, 1200, 513)
+    prompts = [texts(n) for n in lengths]
+    together = ThreadPoolExecutor(len(prompts))
+
+    def at_once(engine, max_tokens=24) -> list[list[int]]:
+        return list(together.map(lambda p: answer(engine, p, max_tokens), prompts))
+
+    saved = prefill.metric("splitwise:saved_tokens_total")
+    at_once(prefill, 1)
+    total = saved + sum(lengths)
+    assert metric_reaches(prefill, "splitwise:saved_tokens_total", total) == total
+    hits = decode.metric("vllm:external_prefix_cache_hits_total")
+    loaded = decode.metric("splitwise:loaded_tokens_total")
+    decode.new_log()
+    got = at_once(decode)
+    log = decode.wait_log(LOAD)
+    deadline = time.monotonic() + 15
+    while len(re.findall(LOAD, log)) < len(prompts) and time.monotonic() < deadline:
+        log += decode.wait_log(LOAD)
+    loads = sorted((int(tokens), verified) for _, tokens, verified in re.findall(LOAD, log))
+    # Each request loaded L-1 tokens, and read back from its blocks the bytes its producer
+    # computed (the chunk checksums are the producer's; `verified` re-reads the cache).
+    assert loads == sorted((n - 1, "ok") for n in lengths)
+    assert decode.metric("vllm:external_prefix_cache_hits_total") - hits == sum(lengths) - 8
+    total = loaded + sum(lengths) - 8
+    assert metric_reaches(decode, "splitwise:loaded_tokens_total", total) == total
+    first, second = at_once(reference), at_once(reference)
+    judged = 0
+    for n, mine, ref, again in zip(lengths, got, first, second, strict=True):
+        if ref != again:
+            print(f"{n}-token prompt unstable on a plain engine under concurrency: not judged")
+            continue
+        assert_same(mine, ref, f"{n}-token prompt among 8 at once")
+        judged += 1
+    assert judged >= 6, "too many unstable prompts to call this tested"
+
+
+def test_the_store_killed_between_lookup_and_load_costs_a_recompute(system, reference, texts):
+    """The scheduler has found the chunks; the store dies before the worker fetches them."""
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    prompt = texts(700)
+    prefill.complete(prompt, max_tokens=1)
+    worker = decode.worker()
+    decode.new_log()
+    worker.send_signal(signal.SIGSTOP)  # the worker holds still; the scheduler plans the load
+    try:
+        reply = ThreadPoolExecutor(1).submit(answer, decode, prompt)
+        time.sleep(2)
+        system.store_child.signal_group(signal.SIGKILL)
+        system.store_child.reap()
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    got = reply.result(timeout=120)
+    log = decode.wait_log(RECOVERED)
+    assert re.findall(PARTIAL, log) == [("0", "699", "0")]
+    assert re.findall(RECOVERED, log) == ["699"]
+    assert_same(got, reference_answer(reference, prompt), "store killed before the load")
+
+
+def test_a_dead_store_costs_hits_and_a_restarted_one_brings_them_back(system, reference, texts):
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    pids = {name: engine.child.pid for name, engine in system.engines.items()}
+    assert not system.store_child.running  # killed by the previous case
+    prompt = texts(600)
+    decode.new_log()
+    prefill.complete(prompt, max_tokens=1)
+    assert_same(answer(decode, prompt), reference_answer(reference, prompt), "dead store")
+    assert re.search(r"store unavailable for req=\S+, computing the prompt", decode.new_log())
+
+    system.restart_store()  # empty, same shm name: the connectors find it by themselves
+    time.sleep(4.5)  # the guards' longest back-off
+    prompt = texts(600)
+    hits = decode.metric("vllm:external_prefix_cache_hits_total")
+    prefill.complete(prompt, max_tokens=1)
+    assert_same(answer(decode, prompt), reference_answer(reference, prompt), "restarted store")
+    assert decode.metric("vllm:external_prefix_cache_hits_total") - hits == 599
+    assert {name: engine.child.pid for name, engine in system.engines.items()} == pids
+
+
+def test_a_frozen_store_never_hangs_an_engine(system, reference, texts):
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    stored = texts(600)
+    prefill.complete(stored, max_tokens=1)
+    fresh = texts(600)
+    system.store_child.signal_group(signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        assert_same(answer(decode, stored, 8), answer(reference, stored, 8), "frozen, lookup")
+        answer(prefill, fresh, 1)  # its saves give up after their deadline
+        assert time.monotonic() - began < 30
+    finally:
+        system.store_child.signal_group(signal.SIGCONT)
+    time.sleep(4.5)
+    prompt = texts(300)
+    prefill.complete(prompt, max_tokens=1)
+    decode.new_log()
+    answer(decode, prompt, 4)
+    (_, tokens, _), *_ = decode.expect_log(LOAD)
+    assert int(tokens) == 299  # thawed: hits again
+
+
+def test_the_connector_counters_are_on_each_engines_metrics(system):
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    assert prefill.metric("splitwise:saved_bytes_total") > 0
+    assert prefill.metric("splitwise:save_failures_total") > 0  # the dead and frozen store
+    assert decode.metric("splitwise:loaded_bytes_total") > 0
+    assert decode.metric("splitwise:load_failures_total") >= 2  # corrupt chunk, killed store
+    assert decode.metric("splitwise:store_unavailable_total") >= 1
