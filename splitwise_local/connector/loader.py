@@ -96,14 +96,15 @@ class KVLoader:
             max_workers=1, thread_name_prefix="splitwise-load", initializer=_lower_priority
         )
         self._changed = threading.Condition()
-        self._running = 0
+        self._running: set[str] = set()  # requests whose job has not ended
         self._done: list[_Job] = []
+        self._gone: set[str] = set()  # finished while their job was running
         self._tails: dict[str, torch.Tensor] = {}
 
     def submit(self, plans: Sequence[LoadPlan]) -> None:
         for plan in plans:
             with self._changed:
-                self._running += 1
+                self._running.add(plan.req_id)
             verified = "ok" if self.verify else "off"
             self._executor.submit(self._run, _Job(plan, loaded_to=plan.start, verified=verified))
 
@@ -118,8 +119,10 @@ class KVLoader:
         with self._changed:
             jobs, self._done = self._done, []
         for job in jobs:
-            if job.tail is not None:
-                self._tails[job.plan.req_id] = job.tail
+            req_id = job.plan.req_id
+            if job.tail is not None and req_id not in self._gone:
+                self._tails[req_id] = job.tail
+            self._gone.discard(req_id)
         return {job.plan.req_id for job in jobs}, set().union(*(job.invalid for job in jobs))
 
     def take_tail(self, req_id: str) -> torch.Tensor | None:
@@ -127,6 +130,10 @@ class KVLoader:
         return self._tails.pop(req_id, None)
 
     def forget(self, req_ids) -> None:
+        """Requests vLLM finished (aborted ones too): their tails are of no more use."""
+        with self._changed:
+            loading = self._running | {job.plan.req_id for job in self._done}
+            self._gone.update(req_id for req_id in req_ids if req_id in loading)
         for req_id in req_ids:
             self._tails.pop(req_id, None)
 
@@ -217,6 +224,6 @@ class KVLoader:
             "kept" if job.tail is not None else "none",
         )  # fmt: skip
         with self._changed:
-            self._running -= 1
+            self._running.discard(plan.req_id)
             self._done.append(job)
             self._changed.notify_all()

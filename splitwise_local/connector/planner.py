@@ -55,6 +55,11 @@ class LoadPlan:
     once the token has been computed (a `TailPlan`), leaving every prompt token's KV the
     prefill's, as in one engine alone. Only with a lossless serde: with a lossy one the
     engine's own KV is closer to the truth than the stored copy.
+
+    Measured (24 prompts of 20 to 1,500 tokens, 64 greedy tokens against a plain engine,
+    SmolLM2, bf16, `vec` packing): 24 identical with the overwrite, 21 without it (the 999-,
+    1,000- and 1,400-token prompts parted at tokens 5, 29 and 9). It stays;
+    `"keep_tail": false` in `kv_connector_extra_config` turns it off to measure again.
     """
 
     req_id: str
