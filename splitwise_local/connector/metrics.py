@@ -75,11 +75,22 @@ class SplitwiseStats(KVConnectorStats):
         return not any(self.data.values())
 
 
+def _unregister_ours() -> None:
+    """vLLM re-creates its stat loggers (and unregisters its own `vllm:` metrics first); do the
+    same for ours, or a second registration would fail as a duplicate."""
+    from prometheus_client import REGISTRY
+
+    for collector in list(REGISTRY._collector_to_names):
+        if getattr(collector, "_name", "").startswith("splitwise:"):
+            REGISTRY.unregister(collector)
+
+
 class SplitwisePromMetrics(KVConnectorPromMetrics):
     """One Prometheus counter per entry of `COUNTERS`, per engine."""
 
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        _unregister_ours()
         self.counters = {
             name: create_metric_per_engine(
                 self._counter_cls(
