@@ -190,8 +190,10 @@ class KVLoader:
             slots = slots_for(plan.block_ids, lo, hi, self.layout.block_size)
             rows = kv[:, :, lo - chunk.start : hi - chunk.start]
             self.layout.scatter(self.caches, slots, rows)
-            if self.verify and not torch.equal(self.layout.gather(self.caches, slots), rows):
-                job.verified = "MISMATCH"
+            if self.verify:
+                written = self.layout.gather(self.caches, slots).to(rows.device)
+                if not torch.equal(written, rows):
+                    job.verified = "MISMATCH"
             job.loaded_to = hi
         if plan.tail is not None and chunk.start <= plan.tail < chunk.end:
             at = plan.tail - chunk.start
