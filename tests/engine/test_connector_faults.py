@@ -12,6 +12,7 @@ need it intact come first.
 
 from __future__ import annotations
 
+import itertools
 import re
 import signal
 import time
@@ -51,9 +52,16 @@ def identity(model_dir):
 
 @pytest.fixture(scope="module")
 def texts(prose_tokens):
-    """Independent prompts: each case takes its own stretch of the text."""
-    spans = iter(range(0, len(prose_tokens) - 1600, 1700))
-    return lambda length: prose_tokens[(start := next(spans)) : start + length]
+    """Independent prompts of exact lengths: each starts with a token of its own (so no two
+    share a chunk) and goes on with a stretch of the text."""
+    count = itertools.count()
+
+    def text(length: int) -> list[int]:
+        k = next(count)
+        start = k * 1009 % (len(prose_tokens) - length)
+        return [3000 + k, *prose_tokens[start + 1 : start + length]]
+
+    return text
 
 
 def answer(engine, prompt, max_tokens=32) -> list[int]:
