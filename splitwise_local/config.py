@@ -70,7 +70,10 @@ class SplitwiseConfig(BaseModel):
     max_local_cpu_size: float = Field(
         default=2.0, gt=0, le=4096, description="GB of KV the store may hold"
     )
-    pipelined_backend: bool = Field(default=False, description="load KV layer by layer")
+    pipelined_backend: bool = Field(
+        default=False,
+        description="LMCache's use_layerwise; our connector loads asynchronously and ignores it",
+    )
     serde_options: SerdeOptions = Field(default_factory=SerdeOptions)
     store_auth_token: str | None = None
     mooncake: MooncakeOptions = Field(default_factory=MooncakeOptions)

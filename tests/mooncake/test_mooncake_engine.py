@@ -25,7 +25,7 @@ from tests.engine.test_connector_identity import (  # noqa: F401
 )
 from tests.engine.test_connector_proof import (  # noqa: F401
     saved_keys,
-    test_poisoned_chunks_change_the_output_and_restoring_them_restores_it,
+    test_one_poisoned_middle_chunk_changes_the_output_and_restoring_it_restores_it,
     test_prompts_with_a_common_prefix_share_its_chunks,
 )
 
