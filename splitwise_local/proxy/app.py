@@ -67,7 +67,7 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the caller left first", used 
 
 
 class BodyTooLarge(Exception):
-    pass
+    """The caller's body is over `max_body_bytes`: answered 413, never read whole."""
 
 
 class Once:
@@ -78,6 +78,7 @@ class Once:
         self._action: Callable[[], None] | None = action
 
     def __call__(self) -> None:
+        """Runs the action if no earlier call has."""
         action, self._action = self._action, None
         if action is not None:
             action()
@@ -97,6 +98,8 @@ def prefill_body(request: dict) -> bytes:
 
 
 def relayed_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    """An engine's response headers without the hop-by-hop ones (they describe its connection
+    to us, not ours to the caller)."""
     return {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
 
 
@@ -137,6 +140,8 @@ class RelayResponse(StreamingResponse):
         self._record = record
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Relays the engine's stream; however it ends (its end, an error, the caller gone) the
+        upstream response is closed and the request counted, exactly once."""
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -163,7 +168,8 @@ class Proxy:
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        # The tokenizer (transformers, torch) takes seconds to load: off the event loop.
+        """For the app's life: the router (its tokenizer takes seconds to load: off the event loop)
+        and the session to the engines; both closed after."""
         self.router = await asyncio.to_thread(
             build_router, self.settings, self.prefill, self.decode
         )
@@ -179,6 +185,7 @@ class Proxy:
 
     @property
     def upstream(self) -> Upstream:
+        """The session to the engines; there only inside the app's lifespan."""
         if self._upstream is None:
             raise RuntimeError("the proxy app is used outside its lifespan")
         return self._upstream
@@ -186,6 +193,8 @@ class Proxy:
     # -- routes ------------------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
+        """`/v1/completions` and `/v1/chat/completions`: routed, relayed, and counted whatever
+        happens (the caller leaving included)."""
         route = request.url.path
         record = self.metrics.start(route)
         try:
@@ -208,6 +217,8 @@ class Proxy:
         return response
 
     async def models(self, request: Request) -> Response:
+        """`/v1/models`, answered by an engine that generates (decode; prefill while no decode
+        engine is up)."""
         if (denied := self._deny(request)) is not None:
             return denied
         pool = self._generating_pool()
@@ -241,6 +252,8 @@ class Proxy:
         return JSONResponse(body, 200 if servable else 503)
 
     async def metrics_page(self, request: Request) -> Response:
+        """Prometheus's text page of the proxy's registry (and of the supervisor's children when
+        the launcher runs the proxy)."""
         text, content_type = self.metrics.render()
         return Response(text, headers={"content-type": content_type})
 

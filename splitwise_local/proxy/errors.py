@@ -20,6 +20,7 @@ ERROR_TYPES = {
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None):
+    """OpenAI's error object, its `type` named from the status as OpenAI and vLLM name it."""
     error_type = ERROR_TYPES.get(
         status, "server_error" if status >= 500 else "invalid_request_error"
     )
@@ -33,4 +34,5 @@ def error_response(
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
+    """An OpenAI-format error answer: what every failure looks like to a caller."""
     return JSONResponse(error_body(status, message, code, param), status, headers=headers)

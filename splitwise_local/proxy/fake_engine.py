@@ -188,6 +188,8 @@ def _event(payload: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m splitwise_local.proxy.fake_engine`: one fake engine in its own process (the
+    proxy benchmark drives the proxy at load with these)."""
     parser = argparse.ArgumentParser(description="fake OpenAI engine for proxy tests")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)

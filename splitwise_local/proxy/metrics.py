@@ -36,6 +36,7 @@ class EngineCollector(Collector):
         self._pools = list(pools)
 
     def collect(self) -> Iterator[Metric]:
+        """Read from the pools at scrape time, so no counter has to be kept in step with them."""
         labels = ["role", "engine"]
         requests = CounterMetricFamily(
             "splitwise_proxy_engine_requests", "Requests sent to each engine", labels=labels
@@ -152,6 +153,7 @@ class RequestRecord:
         metrics.in_flight.inc()
 
     def finish(self, status: int) -> None:
+        """Counts the request once, by status, with its latency; later calls do nothing."""
         if self._finished:
             return
         self._finished = True

@@ -44,6 +44,7 @@ class Endpoint:
     pending_tokens: int = 0  # prompt tokens sent to it that it has not answered yet
 
     def available(self, now: float) -> bool:
+        """Whether a request may go to it now: not dead, not in back-off."""
         return self.dead is None and now >= self.down_until
 
 
@@ -90,12 +91,15 @@ class EnginePool:
         return chosen
 
     def release(self, endpoint: Endpoint) -> None:
+        """The request sent to it has ended, answered or not."""
         endpoint.in_flight -= 1
 
     def find(self, url: str) -> Endpoint | None:
+        """The pool's endpoint at `url`, if it has one."""
         return next((e for e in self.endpoints if e.url == url), None)
 
     def any_available(self) -> bool:
+        """Whether any endpoint could take a request now (else: fall back, or 503)."""
         now = self._clock()
         return any(e.available(now) for e in self.endpoints)
 
@@ -114,6 +118,7 @@ class EnginePool:
         log.warning("%s engine %s down for %.1fs: %s", self.role, endpoint.url, backoff, reason)
 
     def mark_up(self, endpoint: Endpoint) -> None:
+        """It answered: failures and back-off forgotten."""
         if endpoint.consecutive_failures:
             log.info("%s engine %s is back", self.role, endpoint.url)
         endpoint.consecutive_failures = 0
@@ -133,6 +138,7 @@ class EnginePool:
         log.info("%s engine %s serves again", self.role, endpoint.url)
 
     def is_up(self, endpoint: Endpoint) -> bool:
+        """In rotation now: alive by its supervisor's word and not in back-off."""
         return endpoint.available(self._clock())
 
     async def probe(self, session: aiohttp.ClientSession, timeout_s: float) -> dict[str, bool]:

@@ -42,6 +42,7 @@ MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 
 
 def hf_config(model: str | Path) -> dict:
+    """The checkpoint's `config.json`."""
     return json.loads((Path(model) / "config.json").read_text())
 
 
@@ -108,6 +109,7 @@ class StoredPrefix:
 
     @property
     def down(self) -> bool:
+        """In back-off after a failure: the store is not asked until it ends."""
         return self._clock() < self._down_until
 
     async def tokens(self, token_ids: Sequence[int], keys: Sequence[str]) -> int:
@@ -128,6 +130,7 @@ class StoredPrefix:
         return chunk_spans(len(token_ids), self.identity.chunk_size)[present - 1][1]
 
     async def close(self) -> None:
+        """Closes the store client, if one was opened."""
         client, self._client = self._client, None
         if client is None:
             return

@@ -71,6 +71,7 @@ class Decision:
 
     @property
     def prompt_tokens(self) -> int | None:
+        """The prompt's length in tokens; None when the proxy could not tokenize it."""
         return None if self.token_ids is None else len(self.token_ids)
 
     @property
@@ -94,6 +95,7 @@ class Decision:
 
     @property
     def labels(self) -> tuple[str, str, str]:
+        """The routes counter's labels: policy, path, reason."""
         return self.policy, self.path, self.reason
 
     def header(self) -> str:
@@ -133,6 +135,7 @@ class PrefixMemory:
         self._keys: dict[str, OrderedDict[str, None]] = {}
 
     def remember(self, engine: str, keys: Sequence[str]) -> None:
+        """`engine` computed or loaded these keys just now; the oldest beyond `capacity` go."""
         memory = self._keys.setdefault(engine, OrderedDict())
         for key in keys:
             memory[key] = None
@@ -177,6 +180,7 @@ class Router:
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="proxy-tokenize")
 
     async def close(self) -> None:
+        """Stops the tokenizer's thread and closes the store client."""
         self._tokenizing.shutdown(wait=False)
         if self.stored is not None:
             await self.stored.close()
@@ -193,6 +197,8 @@ class Router:
         return decode_affinity or (prefill_affinity and settings.disagg == "always")
 
     async def decide(self, api_route: str, body: dict) -> Decision:
+        """This request's path and why (the module's docstring); it is tokenized, and the store
+        asked, only when the settings need it."""
         policy = self.settings.disagg
         token_ids = None
         if self.tokenizer is not None and self._needs_tokens():

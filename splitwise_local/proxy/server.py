@@ -30,6 +30,7 @@ from splitwise_local.proxy.settings import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `proxy` subcommand's options (settings may also come from the environment)."""
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
     )
@@ -131,6 +132,8 @@ def environment(cwd: Path) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`python -m splitwise_local proxy`: serves until Ctrl-C or SIGTERM; 2 on bad settings, 1
+    if it could not start."""
     import uvicorn
 
     from splitwise_local.models.checkpoint import ModelError

@@ -40,6 +40,8 @@ class UpstreamFailure(Exception):
 
     @property
     def metric_kind(self) -> str:
+        """`prefill_timeout`, `decode_unreachable`, ...: the errors counter's label and the
+        answer's `code`."""
         return f"{self.role}_{self.kind}"
 
     def response(self, retry_after_s: int | None = None) -> JSONResponse:
@@ -50,6 +52,8 @@ class UpstreamFailure(Exception):
 
 
 def failure_kind(exc: BaseException) -> str:
+    """How a request to an engine failed: it never connected, it stopped sending in time, or
+    the transport broke otherwise."""
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return "unreachable"
     if isinstance(exc, asyncio.TimeoutError):

@@ -87,6 +87,8 @@ class Console:
         self._write(self._err, component, "error: " + text)
 
     def child_line(self, component: str, line: str, level: int) -> None:
+        """One line of a child's output, shown if its level reaches the console's threshold (the
+        log file has every line)."""
         if level >= self.threshold:
             self._write(self._out, component, line)
 
@@ -100,6 +102,7 @@ class ConsoleHandler(logging.Handler):
         self.component = component
 
     def emit(self, record: logging.LogRecord) -> None:
+        """One record as a console line; a failure to write is logging's, never the proxy's."""
         try:
             self.console.child_line(self.component, self.format(record), record.levelno)
         except Exception:

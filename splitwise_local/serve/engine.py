@@ -109,6 +109,8 @@ class EngineSpec:
     store_url: str | None = None  # lmcache: the store's lm:// address, if not remote_url's
 
     def command(self) -> list[str]:
+        """The vLLM API server's command line: our KV transfer config and the device's defaults,
+        the caller's extra arguments winning."""
         cmd = [
             sys.executable,
             "-m",
@@ -127,6 +129,8 @@ class EngineSpec:
         return cmd + merge_args(defaults, self.extra_args)
 
     def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The engine's environment: offline Hub, our config's path, and its CPU cores (OpenMP
+        binding, KV space) or GPUs."""
         env = dict(os.environ if base is None else base)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
@@ -154,10 +158,12 @@ class EngineSpec:
 
     @property
     def url(self) -> str:
+        """The engine's base URL."""
         return f"http://{self.host}:{self.port}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `engine` subcommand's options: one vLLM engine in a role, with our connector."""
     parser.add_argument("--role", choices=["prefill", "decode", "both", "plain"], required=True)
     parser.add_argument(
         "--model",
@@ -177,6 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`python -m splitwise_local engine`: runs one engine in the foreground until it exits."""
     from splitwise_local.config import ConfigError, load_config
     from splitwise_local.models.checkpoint import ModelError
     from splitwise_local.models.hub import resolve_model

@@ -69,6 +69,7 @@ def positive(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `serve` subcommand's options (the default command)."""
     from splitwise_local.proxy.settings import DEFAULT_DISAGG_THRESHOLD_TOKENS
 
     parser.epilog = "Arguments after a bare `--` go to both vLLM engines unchanged."
@@ -215,6 +216,7 @@ class EngineMember:
 
     @property
     def url(self) -> str:
+        """The engine's base URL."""
         return self.spec.url
 
 
@@ -233,10 +235,12 @@ class Plan:
     routing: dict[str, object] = field(default_factory=dict)  # ProxySettings' routing fields
 
     def urls(self, role: str) -> list[str]:
+        """The base URLs of the engines of `role`, in order."""
         return [engine.url for engine in self.engines if engine.role == role]
 
 
 def pick_run_dir(requested: str | None) -> Path:
+    """The run folder: the one asked for (made if need be), else a new `runs/<time>[-N]`."""
     if requested:
         run_dir = Path(requested)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -287,6 +291,8 @@ def engine_name(role: str, index: int, count: int) -> str:
 
 
 def log_name(role: str, index: int, count: int) -> str:
+    """The engine's log file in the run folder: `decode.log`, or `decode-1.log` when the role
+    has several."""
     return f"{role}.log" if count == 1 else f"{role}-{index}.log"
 
 
@@ -317,6 +323,7 @@ def flag_value(args: list[str], flag: str) -> str | None:
 
 
 def http_ok(url: str) -> bool:
+    """A readiness check: GET `url` answers 200."""
     import httpx
 
     return httpx.get(url, timeout=2.0).status_code == 200
@@ -334,6 +341,7 @@ def engine_healthy(url: str) -> bool:
 
 
 def store_responds(url: str, config: SplitwiseConfig) -> bool:
+    """The store's readiness check: a client connects and `stats()` answers."""
     from splitwise_local.store.backend import open_backend
 
     backend = open_backend(url, config)
@@ -345,6 +353,8 @@ def store_responds(url: str, config: SplitwiseConfig) -> bool:
 
 
 def child_env(base: dict[str, str], run_dir: Path) -> dict[str, str]:
+    """A child's environment: the run's tag (leftovers are found by it) and unbuffered output,
+    so its log lines arrive as they are written."""
     return {**base, RUN_ENV: str(run_dir), "PYTHONUNBUFFERED": "1"}
 
 
@@ -740,6 +750,8 @@ def serve_proxy(plan: Plan, supervisor: Supervisor, api_key: str | None) -> bool
 
 
 def run(args: argparse.Namespace) -> int:
+    """`python -m splitwise_local [serve]`: the whole system until Ctrl-C or SIGTERM; 1 after a
+    failure."""
     console = Console(args.log_level)
     try:
         plan = make_plan(args, console)

@@ -53,6 +53,7 @@ def master_binary() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -69,17 +70,21 @@ class MasterSpec:
 
     @classmethod
     def on_free_ports(cls, host: str = "127.0.0.1", lease_ms: int = DEFAULT_LEASE_MS):
+        """A master on two ports free now (RPC and metrics)."""
         return cls(free_port(host), free_port(host), host, lease_ms)
 
     @property
     def url(self) -> str:
+        """The `remote_url` that engines and our Mooncake backend take."""
         return f"mooncakestore://{self.host}:{self.port}?metrics_port={self.metrics_port}"
 
     @property
     def metrics_url(self) -> str:
+        """The master's Prometheus page, from which the backend reads its `stats()`."""
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def command(self) -> list[str]:
+        """`mooncake_master`'s command line: no HTTP metadata server, logs on stderr."""
         return [
             master_binary(),
             f"--rpc_address={self.host}",
@@ -125,15 +130,19 @@ def launcher_member(
 
 @dataclass
 class SpawnedMaster:
+    """A master started outside a launcher run (tests, benchmarks), with its log."""
+
     spec: MasterSpec
     process: subprocess.Popen[bytes]
     log_path: Path | None
 
     @property
     def url(self) -> str:
+        """The `remote_url` for it."""
         return self.spec.url
 
     def log_tail(self, chars: int = 2000) -> str:
+        """The end of its log, to explain a failure."""
         if self.log_path is None or not self.log_path.exists():
             return ""
         return self.log_path.read_text(errors="replace")[-chars:]

@@ -134,6 +134,7 @@ class Child:
 
     @property
     def pid(self) -> int | None:
+        """Its process id; None before it started."""
         return self.popen.pid if self.popen is not None else None
 
     @property
@@ -143,9 +144,11 @@ class Child:
 
     @property
     def running(self) -> bool:
+        """Started and not exited yet."""
         return self.popen is not None and self.popen.poll() is None
 
     def tail(self, lines: int = 20) -> str:
+        """The last lines of its log, to explain how it ended."""
         return log_tail(self.log_path, lines)
 
     def first_exception(self) -> str | None:

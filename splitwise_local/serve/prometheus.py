@@ -61,6 +61,7 @@ def scrape_config(targets: Sequence[ScrapeTarget], interval_s: float) -> dict[st
 
 
 def binary() -> str:
+    """The `prometheus` binary on PATH, else PrometheusMissing with the install hint."""
     found = shutil.which(BINARY)
     if found is None:
         raise PrometheusMissing(

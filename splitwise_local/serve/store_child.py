@@ -16,6 +16,8 @@ from splitwise_local.serve.process import terminate
 
 
 class SpawnedStore(NamedTuple):
+    """A store process started by `spawn`, with the URLs its clients use."""
+
     process: subprocess.Popen
     tcp_url: str
     shm_url: str

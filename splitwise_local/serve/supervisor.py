@@ -70,6 +70,7 @@ class Readiness:
     what: str
 
     def ready(self) -> bool:
+        """`check()` is true; an exception counts as not ready yet."""
         try:
             return bool(self.check())
         except Exception:
@@ -182,6 +183,7 @@ class Probe:
         self._next = 0.0
 
     def close(self) -> None:
+        """Drops its thread without waiting: a frozen check must not hold up the stop."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -298,6 +300,7 @@ class RestartCollector(Collector):
         self._supervisor = supervisor
 
     def collect(self) -> Iterator[Metric]:
+        """Restarts by component and cause, and which components are up, as of this scrape."""
         restarts = CounterMetricFamily(
             "splitwise_component_restarts",
             "Restarts of a component by the supervisor, by cause (killed, exited, unhealthy, "
@@ -336,9 +339,11 @@ class Supervisor:
 
     @property
     def children(self) -> list[Child]:
+        """Every child of every stage, in start order."""
         return [child for stage in self.stages for child in stage]
 
     def say(self, text: str) -> None:
+        """One launcher line on the console."""
         self.console.say(LAUNCHER, text)
 
     def start_stage(self, members: Sequence[tuple[Child, Readiness]], timeout: float) -> None:
@@ -391,6 +396,8 @@ class Supervisor:
         self._listeners.append(listener)
 
     def notify(self, event: ChildEvent) -> None:
+        """Records the child's state and tells every listener (the proxy); a listener's failure is
+        logged, never fatal."""
         with self._lock:
             self._up[event.child.name] = event.up
         for listener in self._listeners:
@@ -400,11 +407,13 @@ class Supervisor:
                 self.console.error(LAUNCHER, f"while telling of {event.child.name}: {exc!r}")
 
     def give_up(self, message: str) -> None:
+        """Stops the supervision with `message` as the cause (the first one given wins)."""
         if not self.failed.is_set():
             self.failure = message
             self.failed.set()
 
     def count_restart(self, child: Child, cause: str) -> None:
+        """One more restart of `child` for `cause`, for /metrics."""
         with self._lock:
             self._restarts[child.name, cause] += 1
 
@@ -414,6 +423,7 @@ class Supervisor:
             return dict(self._restarts), dict(self._up)
 
     def collector(self) -> Collector:
+        """The restart counts and states as a Prometheus collector for the proxy's registry."""
         return RestartCollector(self)
 
     # -- stopping ----------------------------------------------------------------------------
