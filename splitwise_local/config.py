@@ -86,10 +86,6 @@ class SplitwiseConfig(BaseModel):
             raise ValueError(f"expected one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}...")
         return value
 
-    @property
-    def max_local_cpu_bytes(self) -> int:
-        return int(self.max_local_cpu_size * 1024**3)
-
 
 def _describe(error: ValidationError, source: str) -> str:
     first = error.errors()[0]

@@ -47,7 +47,7 @@ mooncake: {protocol: rdma, device_name: mlx5_0, global_segment_size: 1024}
         "shm://arena",
     )
     assert (config.remote_serde, config.pipelined_backend) == ("kivi", True)
-    assert config.max_local_cpu_bytes == int(1.5 * 1024**3)
+    assert config.max_local_cpu_size == 1.5
     assert (config.serde_options.bits, config.serde_options.group_size) == (2, 16)
     assert config.store_auth_token == "secret"
     assert (config.mooncake.protocol, config.mooncake.device_name) == ("rdma", "mlx5_0")

@@ -25,18 +25,6 @@ import psutil
 Cores = frozenset[int]
 
 
-def parse_cores(text: str) -> Cores:
-    """`"0,2-3"` -> {0, 2, 3}; `""` or `"all"` -> every core this process may use."""
-    text = text.strip()
-    if text in ("", "all"):
-        return frozenset(os.sched_getaffinity(0))
-    cores: set[int] = set()
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        cores.update(range(int(low), int(high or low) + 1))
-    return frozenset(cores)
-
-
 def format_cores(cores: Iterable[int]) -> str:
     return ",".join(map(str, sorted(cores)))
 

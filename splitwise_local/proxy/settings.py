@@ -8,7 +8,6 @@ the first request.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -124,12 +123,3 @@ class ProxySettings(BaseModel):
         if len(set(normalized)) != len(normalized):
             raise ValueError(f"an endpoint is listed twice: {normalized}")
         return normalized
-
-
-def endpoints_from_env(environ: Mapping[str, str]) -> dict[str, list[str]]:
-    """The endpoint lists the environment sets (keys absent when the variable is unset)."""
-    found = {}
-    for role, var in (("prefill", PREFILL_ENV), ("decode", DECODE_ENV)):
-        if environ.get(var):
-            found[role] = split_endpoints(environ[var])
-    return found
