@@ -16,15 +16,20 @@ each, prefix caching off) for one connector `Setup`, and measures, all in that r
 - greedy first divergence of `--new-tokens` tokens from the prefill engine's own answer.
 
 Another connector is measured through the same harness by adding a `Setup` to `SETUPS`: how
-its engines start and how its decode engine reports a load.
+its engines start and how its decode engine reports a load. `--peer NAME` runs that setup after
+ours on the same prompts, each on fresh engines, and adds the comparison to `ratios`
+(`ttft_ours_vs_NAME`: our loaded TTFT over the peer's, below 1 when ours is faster). `example` is
+vLLM's in-tree `ExampleConnector` (one safetensors file per layer and prompt, on tmpfs here).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import re
+import shutil
 import statistics
 import tempfile
 import threading
@@ -37,6 +42,7 @@ from pathlib import Path
 from splitwise_local.bench.report import print_table, write_json
 
 LOAD_LINE = re.compile(r"splitwise load req=\S+ tokens=(\d+) chunks=(\d+) bytes=(\d+) ms=([\d.]+)")
+EXAMPLE_LOAD_LINE = re.compile(r"Inject KV cache of (\d+) tokens to the paged memory")
 SAVE_KEY = re.compile(r"splitwise save-key req=\S+ tokens=\d+-\d+ key=(\w+)")
 LANDINGS = 4
 STREAM_TOKENS = 1100
@@ -44,17 +50,28 @@ QUIET_TOKENS = 200  # gaps measured before the landings start
 
 
 @dataclass(frozen=True)
+class Load:
+    """One load as the decode engine logged it; `ms` is None when the connector does not time
+    its loads (its GB/s is then not measured)."""
+
+    tokens: int
+    bytes: int
+    ms: float | None
+
+
+@dataclass(frozen=True)
 class Setup:
     """One connector configuration under test.
 
     `start(root, model, args)` returns a running `System` with engines named "prefill" and
-    "decode"; `loads(decode_log)` gives (bytes, ms) per load the decode engine logged, empty
-    when the connector reports none (its GB/s is then not measured).
+    "decode"; `load_line` is the decode log line that marks one load; `loads(decode_log, model)`
+    gives a `Load` per load the decode engine logged.
     """
 
     name: str
     start: Callable
-    loads: Callable[[str], list[tuple[float, float]]]
+    load_line: re.Pattern[str]
+    loads: Callable[[str, Path], list[Load]]
 
 
 def _start_splitwise(root: Path, model: Path, args: argparse.Namespace):
@@ -67,12 +84,46 @@ def _start_splitwise(root: Path, model: Path, args: argparse.Namespace):
     return start_system(root, model, config, {"prefill": "prefill", "decode": "decode"})
 
 
-def _splitwise_loads(log: str) -> list[tuple[float, float]]:
-    return [(float(m[2]), float(m[3])) for m in LOAD_LINE.findall(log)]
+def _splitwise_loads(log: str, model: Path) -> list[Load]:
+    return [Load(int(m[0]), int(m[2]), float(m[3])) for m in LOAD_LINE.findall(log)]
+
+
+def _start_example(root: Path, model: Path, args: argparse.Namespace):
+    """vLLM's ExampleConnector, 1P1D, unchanged: to our code both engines are plain, and each
+    gets the connector through vLLM's own `--kv-transfer-config`. Its files go to a folder on
+    tmpfs (RAM, like our store), removed when the system stops."""
+    from splitwise_local.bench.engines import start_system
+
+    storage = Path(tempfile.mkdtemp(prefix="splitwise-example-", dir="/dev/shm"))
+
+    def flags(role: str) -> list[str]:
+        config = {"kv_connector": "ExampleConnector", "kv_role": role,
+                  "kv_connector_extra_config": {"shared_storage_path": str(storage)}}  # fmt: skip
+        return ["--kv-transfer-config", json.dumps(config)]
+
+    try:
+        system = start_system(
+            root, model, None, {"prefill": "plain", "decode": "plain"},
+            engine_args={"prefill": flags("kv_producer"), "decode": flags("kv_consumer")},
+        )  # fmt: skip
+    except BaseException:
+        shutil.rmtree(storage, ignore_errors=True)
+        raise
+    system.cleanups.append(lambda: shutil.rmtree(storage, ignore_errors=True))
+    return system
+
+
+def _example_loads(log: str, model: Path) -> list[Load]:
+    """ExampleConnector logs the tokens it injects, not bytes or time: bytes are those tokens'
+    KV (the payload of the files it reads)."""
+    layers, heads, head_size = kv_geometry(model)
+    per_token = layers * 2 * heads * head_size * 2  # K and V, bf16
+    return [Load(int(n), int(n) * per_token, None) for n in EXAMPLE_LOAD_LINE.findall(log)]
 
 
 SETUPS: dict[str, Setup] = {
-    "splitwise": Setup("splitwise", _start_splitwise, _splitwise_loads),
+    "splitwise": Setup("splitwise", _start_splitwise, LOAD_LINE, _splitwise_loads),
+    "example": Setup("example", _start_example, EXAMPLE_LOAD_LINE, _example_loads),
 }
 
 
@@ -82,8 +133,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--serde", default="naive", choices=["naive", "kivi", "cachegen"])
     parser.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2)")
-    parser.add_argument("--peer", default="splitwise", choices=sorted(SETUPS),
-                        help="the connector setup to measure")  # fmt: skip
+    parser.add_argument(
+        "--peer", default="splitwise", choices=sorted(SETUPS),
+        help="a connector setup to measure after ours, on the same prompts",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stall", action=argparse.BooleanOptionalAction, default=True,
+        help="measure the stall of a running stream (--no-stall: TTFT only)",
+    )  # fmt: skip
     parser.add_argument(
         "--new-tokens", type=int, default=64, help="greedy tokens compared for divergence"
     )
@@ -152,17 +209,23 @@ def stall_ratio(engine, stream_prompt: list[int], landing: list[list[int]]) -> d
             "landing_s": landed - sent, "ratio": max(during) / quiet}  # fmt: skip
 
 
+def kv_geometry(model: Path) -> tuple[int, int, int]:
+    """Layers, KV heads and head size of a per-head-attention checkpoint."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(model)
+    return hf.num_hidden_layers, hf.num_key_value_heads, hf.hidden_size // hf.num_attention_heads
+
+
 def layout_costs(tokens: int, model: Path) -> dict:
     """Per-layer scatter and gather of `tokens` tokens' KV on a cache shaped like the engine's."""
     import torch
-    from transformers import AutoConfig
 
     from splitwise_local.connector.layout import LayerCaches, layout_for, slots_for
 
     torch.set_num_threads(1)
-    hf = AutoConfig.from_pretrained(model)
-    layers, heads = hf.num_hidden_layers, hf.num_key_value_heads
-    head_size, block = hf.hidden_size // hf.num_attention_heads, 128
+    layers, heads, head_size = kv_geometry(model)
+    block = 128
     blocks = -(-tokens // block) * 2 + 8
     buffer = torch.zeros(layers, blocks, heads, block, 2 * head_size, dtype=torch.bfloat16)
     caches = LayerCaches([buffer[i] for i in range(layers)])
@@ -193,15 +256,22 @@ def layout_costs(tokens: int, model: Path) -> dict:
             "memcpy_gbps": size / memcpy / 1e9}  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class Prompts:
+    """The prompts of one run, the same for every setup measured: pairs for TTFT (recompute,
+    loaded), the landings and their fresh twins for the stall, the running stream's prompt."""
+
+    ttft: list[list[int]]
+    landing: list[list[int]]
+    fresh: list[list[int]]
+    stream: list[int]
+
+
+def make_prompts(model: Path, args: argparse.Namespace) -> Prompts:
     from transformers import AutoTokenizer
 
     from splitwise_local.bench.engines import PROSE
-    from splitwise_local.models.hub import resolve_model
-    from splitwise_local.progress import Progress
 
-    setup = SETUPS[args.peer]
-    model = resolve_model(args.model).folder
     text = AutoTokenizer.from_pretrained(model)(PROSE.read_text(), add_special_tokens=False)
     count = 2 * args.repeats + 2 * LANDINGS + 1
     needed = count * args.prompt_tokens
@@ -211,75 +281,147 @@ def run(args: argparse.Namespace) -> int:
         [1000 + i, *tokens[i * args.prompt_tokens + 1 : (i + 1) * args.prompt_tokens]]
         for i in range(count)
     ]
-    ttft_prompts, landing, fresh = (
-        prompts[: 2 * args.repeats],
-        prompts[2 * args.repeats : 2 * args.repeats + LANDINGS],
-        prompts[2 * args.repeats + LANDINGS : -1],
+    return Prompts(
+        ttft=prompts[: 2 * args.repeats],
+        landing=prompts[2 * args.repeats : 2 * args.repeats + LANDINGS],
+        fresh=prompts[2 * args.repeats + LANDINGS : -1],
+        stream=prompts[-1][:64],
     )
-    stream_prompt = prompts[-1][:64]
-    layout = layout_costs(args.prompt_tokens, model)
-    root = Path(tempfile.mkdtemp(prefix="splitwise-bench-connector-"))
-    print(f"starting {setup.name}: store, prefill and decode engines (logs in {root}) ...")
+
+
+def measure(setup: Setup, model: Path, prompts: Prompts, args: argparse.Namespace) -> dict:
+    """One setup on fresh engines: TTFT recompute vs loaded, bytes, divergence, stall."""
+    from splitwise_local.progress import Progress
+
+    root = Path(tempfile.mkdtemp(prefix=f"splitwise-bench-connector-{setup.name}-"))
+    print(f"starting {setup.name}: prefill and decode engines (logs in {root}) ...")
     system = setup.start(root, model, args)
+    stall_loaded = stall_recompute = None
     try:
         prefill, decode = system.engines["prefill"], system.engines["decode"]
-        decode.time_to_first_token(prompts[0][:64])  # warm-up: first request pays one-off costs
+        decode.time_to_first_token(prompts.ttft[0][:64])  # warm-up: pays the one-off costs
         recompute, loaded, loads, divergence = [], [], [], []
-        for i in Progress(range(args.repeats), desc="bench connector", unit="prompt"):
-            recompute.append(decode.time_to_first_token(ttft_prompts[2 * i]))
-            prompt = ttft_prompts[2 * i + 1]
+        for i in Progress(range(args.repeats), desc=f"bench connector {setup.name}", unit="prompt"):
+            recompute.append(decode.time_to_first_token(prompts.ttft[2 * i]))
+            prompt = prompts.ttft[2 * i + 1]
             # The prefill engine's own greedy continuation is the reference (a full forward).
             reference = prefill.complete(prompt, max_tokens=args.new_tokens)
             decode.new_log()
             loaded.append(decode.time_to_first_token(prompt))
-            loads += setup.loads(decode.wait_log(LOAD_LINE.pattern))
+            loads += setup.loads(decode.wait_log(setup.load_line.pattern), model)
             got = decode.complete(prompt, max_tokens=args.new_tokens)
             divergence.append(first_divergence(token_ids(got), token_ids(reference)))
-        # The last prompt's chunks, as the decode engine just loaded them.
+        # The last prompt's chunks, as the decode engine just loaded them (our store only).
         per_prompt = math.ceil(args.prompt_tokens / args.chunk_size)
         keys = SAVE_KEY.findall(prefill.new_log())[-per_prompt:]
-        get_gbps = store_get_gbps(system.backend(), keys) if keys else float("nan")
-        for prompt in landing:
-            prefill.complete(prompt, max_tokens=1)
-        stall_loaded = stall_ratio(decode, stream_prompt, landing)
-        stall_recompute = stall_ratio(decode, stream_prompt, fresh)
+        get_gbps = store_get_gbps(system.backend(), keys) if keys else None
+        if args.stall:
+            for prompt in prompts.landing:
+                prefill.complete(prompt, max_tokens=1)
+            stall_loaded = stall_ratio(decode, prompts.stream, prompts.landing)
+            stall_recompute = stall_ratio(decode, prompts.stream, prompts.fresh)
     finally:
         system.stop()
 
     recompute_ms = statistics.median(recompute) * 1e3
     loaded_ms = statistics.median(loaded) * 1e3
-    moved = statistics.median(size for size, _ in loads) if loads else 0.0
-    load_ms = statistics.median(ms for _, ms in loads) if loads else float("nan")
-    effective_gbps = moved / (load_ms / 1e3) / 1e9 if loads else float("nan")
-    ratios = {
-        "ttft_loaded_vs_recompute": loaded_ms / recompute_ms,
-        "load_gbps_vs_store_get": effective_gbps / get_gbps if loads and keys else None,
-        "stall_max_vs_quiet_p50": stall_loaded["ratio"],
-        "stall_max_vs_quiet_p50_recompute": stall_recompute["ratio"],
+    if len(loads) < args.repeats:
+        raise RuntimeError(f"{setup.name}: {len(loads)} loads logged for {args.repeats} prompts")
+    moved = statistics.median(load.bytes for load in loads)
+    timed = [load.ms for load in loads if load.ms is not None]
+    load_ms = statistics.median(timed) if timed else None
+    effective_gbps = moved / (load_ms / 1e3) / 1e9 if timed else None
+    return {
+        "recompute_ttft_ms": [t * 1e3 for t in recompute],
+        "loaded_ttft_ms": [t * 1e3 for t in loaded],
+        "loaded_tokens": [load.tokens for load in loads],
+        "kv_bytes_per_request": moved,
+        "load_ms": load_ms,
+        "load_gbps": effective_gbps,
+        "store_get_gbps": get_gbps if keys else None,
+        "stall_loaded": stall_loaded,
+        "stall_recompute": stall_recompute,
+        "first_divergence": divergence,
+        "ratios": {
+            "ttft_loaded_vs_recompute": loaded_ms / recompute_ms,
+            "load_gbps_vs_store_get": effective_gbps / get_gbps if keys and timed else None,
+            "stall_max_vs_quiet_p50": stall_loaded["ratio"] if args.stall else None,
+            "stall_max_vs_quiet_p50_recompute": stall_recompute["ratio"] if args.stall else None,
+        },
+    }
+
+
+def compare(ours: dict, peer: dict, name: str, new_tokens: int) -> dict:
+    """Ours against the peer on the same prompts: TTFT ratios (below 1: ours is faster), bytes
+    moved, and on the prompts where the peer's tokens diverge, the share where ours do not."""
+    ttft = {case: statistics.median(ours[f"{case}_ttft_ms"]) for case in ("loaded", "recompute")}
+    peer_ttft = {case: statistics.median(peer[f"{case}_ttft_ms"]) for case in ttft}
+    diverged = [i for i, d in enumerate(peer["first_divergence"]) if d < new_tokens]
+    return {
+        f"ttft_ours_vs_{name}": ttft["loaded"] / peer_ttft["loaded"],
+        # The same engine computing the same prompts: how comparable the two runs are (about 1).
+        f"recompute_ttft_ours_vs_{name}": ttft["recompute"] / peer_ttft["recompute"],
+        f"kv_bytes_ours_vs_{name}": ours["kv_bytes_per_request"] / peer["kv_bytes_per_request"],
+        f"ours_identical_where_{name}_diverges": (
+            sum(ours["first_divergence"][i] == new_tokens for i in diverged) / len(diverged)
+            if diverged
+            else None
+        ),
+    }
+
+
+def print_results(name: str, result: dict, args: argparse.Namespace) -> None:
+    def shown(value):
+        return "-" if value is None else value
+
+    print_table(
+        f"decode TTFT, {args.prompt_tokens}-token prompt, {args.repeats} repeats, "
+        f"connector={name}" + (f", chunk_size={args.chunk_size}, serde={args.serde}"
+                               if name == "splitwise" else ""),
+        ["case", "TTFT p50 (ms)", "tokens loaded", "KV bytes", "load (ms)", "GB/s"],
+        [
+            ["recompute (decode computes the prompt)",
+             statistics.median(result["recompute_ttft_ms"]), 0, 0, "-", "-"],
+            ["KV loaded", statistics.median(result["loaded_ttft_ms"]),
+             statistics.median(result["loaded_tokens"]), int(result["kv_bytes_per_request"]),
+             shown(result["load_ms"]), shown(result["load_gbps"])],
+            ["store get, same chunks (baseline)", "-", "-", "-", "-",
+             shown(result["store_get_gbps"])],
+        ],
+    )  # fmt: skip
+    stall_loaded, stall_recompute = result["stall_loaded"], result["stall_recompute"]
+    if stall_loaded is not None:
+        print_table(
+            f"a {STREAM_TOKENS}-token stream on decode while {LANDINGS} prompts arrive at once",
+            ["prompts", "quiet gap p50 (ms)", "max gap (ms)", "landing (s)", "max / quiet"],
+            [
+                [f"KV loaded ({name})", stall_loaded["quiet_p50_ms"],
+                 stall_loaded["max_gap_ms"], stall_loaded["landing_s"], stall_loaded["ratio"]],
+                ["computed by decode (baseline)", stall_recompute["quiet_p50_ms"],
+                 stall_recompute["max_gap_ms"], stall_recompute["landing_s"],
+                 stall_recompute["ratio"]],
+            ],
+        )  # fmt: skip
+    print(
+        f"{name}: greedy first divergence from a full forward, per prompt: "
+        f"{result['first_divergence']} (of {args.new_tokens}; {args.new_tokens} = identical)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from splitwise_local.models.hub import resolve_model
+
+    model = resolve_model(args.model).folder
+    prompts = make_prompts(model, args)
+    layout = layout_costs(args.prompt_tokens, model)
+    ours = measure(SETUPS["splitwise"], model, prompts, args)
+    peer = measure(SETUPS[args.peer], model, prompts, args) if args.peer != "splitwise" else None
+
+    ratios = ours["ratios"] | {
         "layout_scatter_vs_memcpy": layout["scatter_gbps"] / layout["memcpy_gbps"],
         "layout_gather_vs_memcpy": layout["gather_gbps"] / layout["memcpy_gbps"],
     }
-    print_table(
-        f"decode TTFT, {args.prompt_tokens}-token prompt, {args.repeats} repeats, "
-        f"chunk_size={args.chunk_size}, serde={args.serde}, connector={setup.name}",
-        ["case", "TTFT p50 (ms)", "KV bytes", "load (ms)", "GB/s"],
-        [
-            ["recompute (decode computes the prompt)", recompute_ms, 0, "-", "-"],
-            ["loaded from the store", loaded_ms, int(moved), load_ms, effective_gbps],
-            ["store get, same chunks (baseline)", "-", "-", "-", get_gbps],
-        ],
-    )
-    print_table(
-        f"a {STREAM_TOKENS}-token stream on decode while {LANDINGS} prompts arrive at once",
-        ["prompts", "quiet gap p50 (ms)", "max gap (ms)", "landing (s)", "max / quiet"],
-        [
-            [f"KV loaded ({setup.name})", stall_loaded["quiet_p50_ms"],
-             stall_loaded["max_gap_ms"], stall_loaded["landing_s"], stall_loaded["ratio"]],
-            ["computed by decode (baseline)", stall_recompute["quiet_p50_ms"],
-             stall_recompute["max_gap_ms"], stall_recompute["landing_s"],
-             stall_recompute["ratio"]],
-        ],
-    )  # fmt: skip
+    print_results("splitwise", ours, args)
     print_table(
         f"layout, {args.prompt_tokens - 1} tokens, {layout['layers']} layers, isa {layout['isa']}",
         ["operation", "ms per layer", "GB/s"],
@@ -290,27 +432,19 @@ def run(args: argparse.Namespace) -> int:
              layout["memcpy_gbps"]],
         ],
     )  # fmt: skip
+    if peer is not None:
+        print_results(args.peer, peer, args)
+        ratios |= compare(ours, peer, args.peer, args.new_tokens)
     print()
     for name, value in ratios.items():
         print(f"{name} = {value:.3f}" if value is not None else f"{name} = n/a")
-    print(
-        f"greedy first divergence from a full forward, per prompt: {divergence} "
-        f"(of {args.new_tokens}; {args.new_tokens} = identical)"
-    )
     write_json(
         args.json,
         {
             "settings": vars(args) | {"json": None},
-            "recompute_ttft_ms": [t * 1e3 for t in recompute],
-            "loaded_ttft_ms": [t * 1e3 for t in loaded],
-            "kv_bytes_per_request": moved,
-            "load_ms": load_ms,
-            "load_gbps": effective_gbps,
-            "store_get_gbps": get_gbps,
-            "stall_loaded": stall_loaded,
-            "stall_recompute": stall_recompute,
+            **{key: value for key, value in ours.items() if key != "ratios"},
             "layout": layout,
-            "first_divergence": divergence,
+            **({"peer": {"name": args.peer, **peer}} if peer is not None else {}),
             "ratios": ratios,
         },
     )

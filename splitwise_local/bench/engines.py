@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,6 +150,8 @@ class System:
     config: SplitwiseConfig
     engines: dict[str, Engine] = field(default_factory=dict)
     store_child: Child | None = None
+    # Run after the processes stop: what a setup made outside the run folder (a peer's files).
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def backend(self):
         from splitwise_local.store.backend import open_backend
@@ -167,6 +170,8 @@ class System:
 
     def stop(self) -> None:
         self.supervisor.stop_all()
+        for cleanup in self.cleanups:
+            cleanup()
 
 
 def start_system(
