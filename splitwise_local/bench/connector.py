@@ -16,10 +16,12 @@ each, prefix caching off) for one connector `Setup`, and measures, all in that r
 - greedy first divergence of `--new-tokens` tokens from the prefill engine's own answer.
 
 Another connector is measured through the same harness by adding a `Setup` to `SETUPS`: how
-its engines start and how its decode engine reports a load. `--peer NAME` runs that setup after
-ours on the same prompts, each on fresh engines, and adds the comparison to `ratios`
-(`ttft_ours_vs_NAME`: our loaded TTFT over the peer's, below 1 when ours is faster). `example` is
-vLLM's in-tree `ExampleConnector` (one safetensors file per layer and prompt, on tmpfs here).
+its engines start, how its decode engine reports a load, and what the decode request carries
+from the prefill answer. `--peer NAME` runs that setup after ours on the same prompts, each on
+fresh engines, and adds the comparison to `ratios` (`ttft_ours_vs_NAME`: our loaded TTFT over
+the peer's, below 1 when ours is faster). `example` is vLLM's in-tree `ExampleConnector` (one
+safetensors file per layer and prompt, on tmpfs here); `nixl` is vLLM's `NixlConnector` with
+its KV buffer in host memory (UCX; needs the `nixl` package).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from splitwise_local.bench.report import print_table, write_json
 
@@ -47,6 +50,10 @@ SAVE_KEY = re.compile(r"splitwise save-key req=\S+ tokens=\d+-\d+ key=(\w+)")
 LANDINGS = 4
 STREAM_TOKENS = 1100
 QUIET_TOKENS = 200  # gaps measured before the landings start
+WARMUP_TOKENS = 256  # two blocks: every setup's load path runs once before the measurements
+
+if TYPE_CHECKING:
+    from splitwise_local.bench.engines import Engine
 
 
 @dataclass(frozen=True)
@@ -59,19 +66,77 @@ class Load:
     ms: float | None
 
 
+class LoadReport(Protocol):
+    """How a setup's decode engine tells of its loads: `mark` notes what it has told so far,
+    `loads` gives those it told of since that mark."""
+
+    def mark(self, decode: Engine) -> object: ...
+
+    def loads(self, decode: Engine, model: Path, mark: object) -> list[Load]: ...
+
+
+@dataclass(frozen=True)
+class LogLoads:
+    """Loads the decode engine logs, one line each, parsed by `parse(match, model)`."""
+
+    line: re.Pattern[str]
+    parse: Callable[[re.Match[str], Path], Load]
+
+    def mark(self, decode: Engine) -> object:
+        return decode.new_log()
+
+    def loads(self, decode: Engine, model: Path, mark: object) -> list[Load]:
+        text = decode.wait_log(self.line.pattern)
+        return [self.parse(match, model) for match in self.line.finditer(text)]
+
+
+class NixlLoads:
+    """NIXL logs no load at INFO level but counts, sizes and times its transfers in the decode
+    engine's Prometheus histograms; the tokens are the engine's external prefix-cache hits."""
+
+    COUNTERS = (
+        "vllm:nixl_xfer_time_seconds_count",
+        "vllm:nixl_xfer_time_seconds_sum",
+        "vllm:nixl_bytes_transferred_sum",
+        "vllm:external_prefix_cache_hits_total",
+    )
+
+    def mark(self, decode: Engine) -> object:
+        return [decode.metric(name) for name in self.COUNTERS]
+
+    def loads(self, decode: Engine, model: Path, mark: object) -> list[Load]:
+        # The engine publishes connector stats with its step stats, a moment after the reply.
+        deadline = time.monotonic() + 15
+        while True:
+            now = [decode.metric(name) for name in self.COUNTERS]
+            count, seconds, size, tokens = (b - a for a, b in zip(mark, now, strict=True))
+            if count > 0:
+                return [Load(int(tokens), int(size), seconds * 1e3)]
+            if time.monotonic() > deadline:
+                return []
+            time.sleep(0.2)
+
+
+def _looked_up(prefill: Engine, prompt: list[int]) -> dict:
+    """The decode engine finds the KV the prefill engine stored by itself: the decode request
+    is the prompt alone."""
+    return {}
+
+
 @dataclass(frozen=True)
 class Setup:
     """One connector configuration under test.
 
     `start(root, model, args)` returns a running `System` with engines named "prefill" and
-    "decode"; `load_line` is the decode log line that marks one load; `loads(decode_log, model)`
-    gives a `Load` per load the decode engine logged.
+    "decode"; `report` reads the decode engine's loads; `handoff(prefill, prompt)`, called
+    after the prefill engine has answered `prompt`, gives the extra fields of the decode request
+    that loads its KV (what a proxy would pass on).
     """
 
     name: str
     start: Callable
-    load_line: re.Pattern[str]
-    loads: Callable[[str, Path], list[Load]]
+    report: LoadReport
+    handoff: Callable[[Engine, list[int]], dict] = _looked_up
 
 
 def _start_splitwise(root: Path, model: Path, args: argparse.Namespace):
@@ -84,28 +149,31 @@ def _start_splitwise(root: Path, model: Path, args: argparse.Namespace):
     return start_system(root, model, config, {"prefill": "prefill", "decode": "decode"})
 
 
-def _splitwise_loads(log: str, model: Path) -> list[Load]:
-    return [Load(int(m[0]), int(m[2]), float(m[3])) for m in LOAD_LINE.findall(log)]
+def _splitwise_load(match: re.Match[str], model: Path) -> Load:
+    return Load(int(match[1]), int(match[3]), float(match[4]))
+
+
+def _start_peer(root: Path, model: Path, configs: dict[str, dict], env=None):
+    """Plain engines (to our code) that vLLM gives a connector through its own
+    `--kv-transfer-config`, one config per engine name."""
+    from splitwise_local.bench.engines import start_system
+
+    flags = {name: ["--kv-transfer-config", json.dumps(c)] for name, c in configs.items()}
+    roles = dict.fromkeys(configs, "plain")
+    return start_system(root, model, None, roles, engine_args=flags, engine_env=env)
 
 
 def _start_example(root: Path, model: Path, args: argparse.Namespace):
-    """vLLM's ExampleConnector, 1P1D, unchanged: to our code both engines are plain, and each
-    gets the connector through vLLM's own `--kv-transfer-config`. Its files go to a folder on
-    tmpfs (RAM, like our store), removed when the system stops."""
-    from splitwise_local.bench.engines import start_system
-
+    """vLLM's ExampleConnector, 1P1D, unchanged. Its files go to a folder on tmpfs (RAM, like
+    our store), removed when the system stops."""
     storage = Path(tempfile.mkdtemp(prefix="splitwise-example-", dir="/dev/shm"))
-
-    def flags(role: str) -> list[str]:
-        config = {"kv_connector": "ExampleConnector", "kv_role": role,
-                  "kv_connector_extra_config": {"shared_storage_path": str(storage)}}  # fmt: skip
-        return ["--kv-transfer-config", json.dumps(config)]
-
+    configs = {
+        name: {"kv_connector": "ExampleConnector", "kv_role": role,
+               "kv_connector_extra_config": {"shared_storage_path": str(storage)}}
+        for name, role in (("prefill", "kv_producer"), ("decode", "kv_consumer"))
+    }  # fmt: skip
     try:
-        system = start_system(
-            root, model, None, {"prefill": "plain", "decode": "plain"},
-            engine_args={"prefill": flags("kv_producer"), "decode": flags("kv_consumer")},
-        )  # fmt: skip
+        system = _start_peer(root, model, configs)
     except BaseException:
         shutil.rmtree(storage, ignore_errors=True)
         raise
@@ -113,17 +181,40 @@ def _start_example(root: Path, model: Path, args: argparse.Namespace):
     return system
 
 
-def _example_loads(log: str, model: Path) -> list[Load]:
+def _example_load(match: re.Match[str], model: Path) -> Load:
     """ExampleConnector logs the tokens it injects, not bytes or time: bytes are those tokens'
     KV (the payload of the files it reads)."""
     layers, heads, head_size = kv_geometry(model)
-    per_token = layers * 2 * heads * head_size * 2  # K and V, bf16
-    return [Load(int(n), int(n) * per_token, None) for n in EXAMPLE_LOAD_LINE.findall(log)]
+    tokens = int(match[1])
+    return Load(tokens, tokens * layers * 2 * heads * head_size * 2, None)  # K and V, bf16
+
+
+def _start_nixl(root: Path, model: Path, args: argparse.Namespace):
+    """vLLM's NixlConnector, 1P1D, its KV buffer in host memory (`kv_buffer_device: cpu`,
+    moved by UCX); each engine gets its own side-channel port for the handshake."""
+    from splitwise_local.bench.engines import free_port
+
+    configs = {
+        name: {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}
+        for name, role in (("prefill", "kv_producer"), ("decode", "kv_consumer"))
+    }
+    env = {name: {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())} for name in configs}
+    return _start_peer(root, model, configs, env)
+
+
+def _nixl_handoff(prefill: Engine, prompt: list[int]) -> dict:
+    """NIXL's decode engine pulls the blocks that the prefill engine holds for one request:
+    prefill computes the prompt again asked to keep them, and answers with their address."""
+    asked = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+             "remote_block_ids": None, "remote_host": None, "remote_port": None}  # fmt: skip
+    reply = prefill.complete(prompt, max_tokens=1, kv_transfer_params=asked)
+    return {"kv_transfer_params": reply["kv_transfer_params"]}
 
 
 SETUPS: dict[str, Setup] = {
-    "splitwise": Setup("splitwise", _start_splitwise, LOAD_LINE, _splitwise_loads),
-    "example": Setup("example", _start_example, EXAMPLE_LOAD_LINE, _example_loads),
+    "splitwise": Setup("splitwise", _start_splitwise, LogLoads(LOAD_LINE, _splitwise_load)),
+    "example": Setup("example", _start_example, LogLoads(EXAMPLE_LOAD_LINE, _example_load)),
+    "nixl": Setup("nixl", _start_nixl, NixlLoads(), _nixl_handoff),
 }
 
 
@@ -185,16 +276,21 @@ def stream_arrivals(engine, prompt: list[int], max_tokens: int, started: threadi
     return times
 
 
-def stall_ratio(engine, stream_prompt: list[int], landing: list[list[int]]) -> dict:
-    """Largest token gap of a running stream while `landing` prompts arrive, over its median
-    gap before they did."""
+def stall_ratio(
+    engine: Engine, stream_prompt: list[int], landing: list[list[int]], extras: list[dict]
+) -> dict:
+    """Largest token gap of a running stream while `landing` prompts arrive (each request with
+    its `extras` fields), over its median gap before they did."""
     started = threading.Event()
     pool = ThreadPoolExecutor(1 + len(landing))
     stream = pool.submit(stream_arrivals, engine, stream_prompt, STREAM_TOKENS, started)
     if not started.wait(120):
         raise RuntimeError("the stream did not start")
     sent = time.perf_counter()
-    replies = [pool.submit(engine.complete, p, max_tokens=1) for p in landing]
+    replies = [
+        pool.submit(engine.complete, p, max_tokens=1, **extra)
+        for p, extra in zip(landing, extras, strict=True)
+    ]
     for reply in replies:
         reply.result()
     landed = time.perf_counter()
@@ -259,12 +355,14 @@ def layout_costs(tokens: int, model: Path) -> dict:
 @dataclass(frozen=True)
 class Prompts:
     """The prompts of one run, the same for every setup measured: pairs for TTFT (recompute,
-    loaded), the landings and their fresh twins for the stall, the running stream's prompt."""
+    loaded), the landings and their fresh twins for the stall, the running stream's prompt,
+    and a short one that warms each setup's load path up."""
 
     ttft: list[list[int]]
     landing: list[list[int]]
     fresh: list[list[int]]
     stream: list[int]
+    warmup: list[int]
 
 
 def make_prompts(model: Path, args: argparse.Namespace) -> Prompts:
@@ -273,7 +371,7 @@ def make_prompts(model: Path, args: argparse.Namespace) -> Prompts:
     from splitwise_local.bench.engines import PROSE
 
     text = AutoTokenizer.from_pretrained(model)(PROSE.read_text(), add_special_tokens=False)
-    count = 2 * args.repeats + 2 * LANDINGS + 1
+    count = 2 * args.repeats + 2 * LANDINGS + 2
     needed = count * args.prompt_tokens
     tokens = (text["input_ids"] * (needed // len(text["input_ids"]) + 1))[:needed]
     # Every prompt differs from the others from its first token on.
@@ -284,8 +382,9 @@ def make_prompts(model: Path, args: argparse.Namespace) -> Prompts:
     return Prompts(
         ttft=prompts[: 2 * args.repeats],
         landing=prompts[2 * args.repeats : 2 * args.repeats + LANDINGS],
-        fresh=prompts[2 * args.repeats + LANDINGS : -1],
-        stream=prompts[-1][:64],
+        fresh=prompts[2 * args.repeats + LANDINGS : -2],
+        stream=prompts[-2][:64],
+        warmup=prompts[-1][:WARMUP_TOKENS],
     )
 
 
@@ -299,27 +398,34 @@ def measure(setup: Setup, model: Path, prompts: Prompts, args: argparse.Namespac
     stall_loaded = stall_recompute = None
     try:
         prefill, decode = system.engines["prefill"], system.engines["decode"]
-        decode.time_to_first_token(prompts.ttft[0][:64])  # warm-up: pays the one-off costs
+        # Warm-up: the first request and the first load pay one-off costs (NIXL's handshake).
+        prefill.complete(prompts.warmup, max_tokens=1)
+        decode.time_to_first_token(prompts.warmup, **setup.handoff(prefill, prompts.warmup))
         recompute, loaded, loads, divergence = [], [], [], []
         for i in Progress(range(args.repeats), desc=f"bench connector {setup.name}", unit="prompt"):
             recompute.append(decode.time_to_first_token(prompts.ttft[2 * i]))
             prompt = prompts.ttft[2 * i + 1]
             # The prefill engine's own greedy continuation is the reference (a full forward).
             reference = prefill.complete(prompt, max_tokens=args.new_tokens)
-            decode.new_log()
-            loaded.append(decode.time_to_first_token(prompt))
-            loads += setup.loads(decode.wait_log(setup.load_line.pattern), model)
-            got = decode.complete(prompt, max_tokens=args.new_tokens)
+            extra = setup.handoff(prefill, prompt)
+            mark = setup.report.mark(decode)
+            loaded.append(decode.time_to_first_token(prompt, **extra))
+            loads += setup.report.loads(decode, model, mark)
+            extra = setup.handoff(prefill, prompt)  # a handoff may serve one request only
+            got = decode.complete(prompt, max_tokens=args.new_tokens, **extra)
             divergence.append(first_divergence(token_ids(got), token_ids(reference)))
         # The last prompt's chunks, as the decode engine just loaded them (our store only).
         per_prompt = math.ceil(args.prompt_tokens / args.chunk_size)
         keys = SAVE_KEY.findall(prefill.new_log())[-per_prompt:]
         get_gbps = store_get_gbps(system.backend(), keys) if keys else None
         if args.stall:
+            extras = []
             for prompt in prompts.landing:
                 prefill.complete(prompt, max_tokens=1)
-            stall_loaded = stall_ratio(decode, prompts.stream, prompts.landing)
-            stall_recompute = stall_ratio(decode, prompts.stream, prompts.fresh)
+                extras.append(setup.handoff(prefill, prompt))
+            stall_loaded = stall_ratio(decode, prompts.stream, prompts.landing, extras)
+            fresh = [{} for _ in prompts.fresh]
+            stall_recompute = stall_ratio(decode, prompts.stream, prompts.fresh, fresh)
     finally:
         system.stop()
 

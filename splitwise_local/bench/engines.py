@@ -72,10 +72,10 @@ class Engine:
         }
         return _json(httpx.post(f"{self.url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S))
 
-    def time_to_first_token(self, prompt: list[int]) -> float:
+    def time_to_first_token(self, prompt: list[int], **extra) -> float:
         """Seconds from sending a streamed completion to its first token arriving."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": 2, "temperature": 0,
-                "ignore_eos": True, "stream": True}  # fmt: skip
+                "ignore_eos": True, "stream": True, **extra}  # fmt: skip
         started = time.perf_counter()
         with httpx.stream(
             "POST", f"{self.url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S
@@ -182,6 +182,7 @@ def start_system(
     connector_extra: dict | None = None,
     transport: str = "shm",
     engine_args: dict[str, list[str]] | None = None,
+    engine_env: dict[str, dict[str, str]] | None = None,
 ) -> System:
     """Starts the store (when `config` is given) and one engine per name in `roles`.
 
@@ -190,7 +191,7 @@ def start_system(
     `"mooncake"` a loopback mooncake_master runs instead and the engines mount the memory; with
     `"remote"` no store is started: the engines use the one at `config.remote_url`.
     `engine_args` adds vLLM flags per engine name (`--enable-prefix-caching` turns the
-    engine's own prefix cache back on).
+    engine's own prefix cache back on); `engine_env` adds environment variables per engine name.
     """
     root.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(Console("error"), run=str(root), stop_grace=20)
@@ -234,10 +235,10 @@ def start_system(
                 extra_args=["--no-enable-prefix-caching", *(engine_args or {}).get(name, [])],
                 connector_extra=connector_extra or {},
             )
+            environment = spec.environment(env) | (engine_env or {}).get(name, {})
             child = Child(
-                name, spec.command(), spec.environment(env), root / f"{name}.log",
-                supervisor.console,
-            )  # fmt: skip
+                name, spec.command(), environment, root / f"{name}.log", supervisor.console
+            )
             system.engines[name] = Engine(spec.url, child, str(model))
             members.append((child, Readiness(lambda u=spec.url: http_ok(f"{u}/health"), "/health")))
         supervisor.start_stage(members, ENGINE_START_TIMEOUT_S)
