@@ -228,7 +228,8 @@ class FaultResult:
     first_success_s: float | None = None
     noticed_s: float | None = None
     back_s: float | None = None
-    restarts: float = 0.0
+    restarts: int = 0
+    others_restarted: dict[str, int] = field(default_factory=dict)  # the other components'
     processes_before: int = 0
     processes_after: int = 0
     store_empty_after_restart: bool | None = None
@@ -284,7 +285,9 @@ def run_fault(
     """Injects `fault` under `load`, waits until the component is back and a request sent after
     the fault has succeeded, lets the load run `settle_s` more, and measures."""
     result = FaultResult(fault.name)
-    restarts_before = system.restarts(fault.component)
+    others = sorted({f.component for f in FAULTS.values()} - {fault.component})
+    before = {c: system.restarts(c) for c in (fault.component, *others)}
+    restarts_before = before[fault.component]
     result.processes_before = len(system.launch.processes(fault.component))
     store = put_sentinel(system) if fault.component == "store" else None
     time.sleep(2.0)  # every caller has a request in flight
@@ -316,7 +319,9 @@ def run_fault(
             result.hits_resumed = system.external_hits() > hits_at_back
         store.close()
     ended = time.monotonic()
-    result.restarts = system.restarts(fault.component) - restarts_before
+    # Prometheus counts in floats; restarts are whole, and compared as such.
+    result.restarts = round(system.restarts(fault.component) - restarts_before)
+    result.others_restarted = {c: round(system.restarts(c) - before[c]) for c in others}
     result.processes_after = len(system.launch.processes(fault.component))
     noticed = began + (result.noticed_s if result.noticed_s is not None else ended - began)
     hit = [c for c in load.calls if c.sent < noticed and (c.ended is None or c.ended > began)]

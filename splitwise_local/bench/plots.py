@@ -21,7 +21,8 @@ ITL_OVER_TIME = "itl-over-time.png"
 ATTAINMENT = "attainment.png"
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot drawing to files only, for every benchmark's figures."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -50,7 +51,7 @@ def _log_axis(axis) -> None:
 
 
 def plot_latency_cdfs(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for label, run in runs.items():
         for ax, values in zip(axes, latencies(run).values(), strict=True):
@@ -70,7 +71,7 @@ def plot_latency_cdfs(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path
 
 
 def plot_itl_over_time(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(
         len(runs), 1, figsize=(12, 3.2 * len(runs)), sharex=True, sharey=True, squeeze=False
     )
@@ -110,7 +111,7 @@ def write_plots(
 def plot_attainment(sweeps: Mapping[str, Mapping[str, Any]], path: Path, goal: float = 0.9) -> Path:
     """SLO attainment (both SLOs, TTFT only, TPOT only) and ITL p99 against the request rate,
     one line per system: the mean over seeds, bars from the lowest to the highest seed."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = (
         ("attainment", "TTFT and TPOT SLOs met"),
         ("attainment_ttft", "TTFT SLO met"),

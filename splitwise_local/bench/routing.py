@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 from splitwise_local.bench.report import print_table, write_json
+from splitwise_local.progress import Progress
 
 LENGTHS = (32, 64, 128, 256, 512, 1024)
 
@@ -43,19 +44,37 @@ class Stream:
 
     def __init__(self, url: str, model: str, prompt: list[int], tokens: int = 120) -> None:
         self.arrivals: list[float] = []
+        self.error: Exception | None = None
         body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True}  # fmt: skip
         self._thread = threading.Thread(target=self._run, args=(url, body), daemon=True)
         self._thread.start()
 
     def _run(self, url: str, body: dict) -> None:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as reply:
-            for line in reply.iter_lines():
-                if line.startswith("data: ") and '"text"' in line:
-                    self.arrivals.append(time.perf_counter())
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as reply:
+                reply.raise_for_status()
+                for line in reply.iter_lines():
+                    if line.startswith("data: ") and '"text"' in line:
+                        self.arrivals.append(time.perf_counter())
+        except Exception as exc:  # told to whoever waits for it, not lost in the thread
+            self.error = exc
 
-    def wait_started(self, tokens: int = 8) -> None:
-        while len(self.arrivals) < tokens:
+    def wait_started(self, tokens: int = 8, timeout: float = 120.0) -> None:
+        """Returns once `tokens` tokens have come; raises if the stream failed, ended short or
+        did not get there within `timeout` seconds (an engine that stopped answering)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            running = self._thread.is_alive()  # read first: its last tokens come before it ends
+            if len(self.arrivals) >= tokens:
+                return
+            if self.error is not None:
+                raise RuntimeError(f"the background stream failed: {self.error!r}")
+            if not running:
+                raise RuntimeError(f"the background stream ended after {len(self.arrivals)} tokens")
+            if time.monotonic() > deadline:
+                had = len(self.arrivals)
+                raise TimeoutError(f"the background stream had {had} of {tokens} tokens by now")
             time.sleep(0.005)
 
     def gaps(self, start: float, end: float) -> list[float]:
@@ -63,7 +82,10 @@ class Stream:
         return [b - a for a, b in itertools.pairwise(self.arrivals) if b >= start and a <= end]
 
     def join(self) -> None:
+        """Waits for the stream's end; raises if it failed (its gaps would mean nothing)."""
         self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"the background stream failed: {self.error!r}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             prefill.complete(prompt, max_tokens=1)
             return time.perf_counter() - started + decode.time_to_first_token(prompt)
 
-        for n in args.lengths:
+        for n in Progress(args.lengths, desc="bench routing", unit="length"):
             paths = {"direct": decode.time_to_first_token, "disaggregated": disaggregated}
             ttft = {
                 name: [ask(fresh(n)) for _ in range(args.repeats)] for name, ask in paths.items()

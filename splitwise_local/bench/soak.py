@@ -150,9 +150,9 @@ def drift(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, dict[str,
 
 
 def plot(report_data: dict[str, Any], path: Path) -> Path:
-    from splitwise_local.bench.plots import _pyplot
+    from splitwise_local.bench.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (lat, mem, fds) = plt.subplots(3, 1, figsize=(10, 11), sharex=False)
     minutes = report_data["per_minute"]
     xs = [row["minute"] + 0.5 for row in minutes]

@@ -6,8 +6,9 @@ applied one after another to the shared system, in the order below, each waited 
 component is back. Per fault: requests sent once the system had noticed never fail; those that
 reached the dead component may fail, but only with an OpenAI-format error (an error answer, or
 an error event then `[DONE]`); a prefill engine's or the store's death fails no request at all;
-the component comes back (one restart) and leaves no process behind; a restarted store is empty
-and the decode engine's external hits resume. Last, no request of the whole run hung.
+the component comes back (one restart) and leaves no process behind; a restarted store is empty,
+no engine was restarted for it, and the decode engine's external hits resume. Last, no request
+of the whole run hung.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def test_fault_heals_and_fails_only_what_it_hit(system, load, name):
     if fault.component != "decode engine":  # prefill: decode computes; store: engines do
         assert result.failed_in_flight == 0, result.errors
     if fault.component == "store":
+        # The engines rode the store's death out: neither was restarted.
+        assert result.others_restarted == {"prefill engine": 0, "decode engine": 0}
         assert result.store_empty_after_restart is True
         assert result.hits_resumed is True
 

@@ -94,18 +94,18 @@ def run_commands(
         if host is None:
             line = line.replace(f"--port {DOC_PROXY_PORT}", f"--port {proxy_port}")
         argv = ["bash", "-c", line]
-        log = (workdir / f"{index}-{host.name if host else 'root'}.log").open("wb")
-        running.processes.append(
-            subprocess.Popen(
-                host.command(argv) if host else argv,
-                cwd=workdir,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
+        with (workdir / f"{index}-{host.name if host else 'root'}.log").open("wb") as log:
+            running.processes.append(
+                subprocess.Popen(
+                    host.command(argv) if host else argv,
+                    cwd=workdir,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             )
-        )
     return running
 
 

@@ -14,6 +14,7 @@ the same answers and hit counts.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import uuid
@@ -25,8 +26,10 @@ import pytest
 import yaml
 
 from splitwise_local.bench.engines import free_port
+from splitwise_local.bench.launched import sweep
 from splitwise_local.bench.scrape import total
 from splitwise_local.samples import LONG_PROMPT, SHORT_PROMPT
+from splitwise_local.serve.process import RUN_ENV, terminate
 from tests.multihost.recipe import (
     DOC_HOSTS,
     blocks,
@@ -91,17 +94,18 @@ def answer(reply: httpx.Response) -> list[int]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Iterator[str]:
     """A plain engine in the root namespace, started as the recipe starts engines."""
+    root = tmp_path_factory.mktemp("reference")
     port = free_port()
-    log = (tmp_path_factory.mktemp("reference") / "plain.log").open("wb")
     command = [sys.executable, "-m", "splitwise_local", "engine", "--role", "plain",
                "--port", str(port)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, RUN_ENV: str(root)}  # tags its EngineCore too, for the sweep below
+    with (root / "plain.log").open("wb") as log:  # the child writes to its own copy
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        process.wait(60)
+        terminate(process, grace=60)
+        sweep(root)
 
 
 @pytest.fixture(params=list(RECIPES))
