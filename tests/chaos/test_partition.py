@@ -98,11 +98,6 @@ def ask(client: httpx.Client, partitioned: Partitioned, prompt: str) -> tuple[st
     return text, time.monotonic() - began
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="until every store call of the connector is bounded by a short deadline (#14): "
-    "today a request sent into the partition waits about 90 s for the store",
-)
 def test_requests_are_answered_through_a_partition_and_hits_resume_after(partitioned):
     texts = iter(prompts(60, words=300))
     with httpx.Client() as client:
