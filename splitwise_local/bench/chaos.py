@@ -300,7 +300,7 @@ def run_fault(
         if thaw is not None and now >= thaw_at:
             thaw()  # SIGCONT: by now the supervisor should have replaced the frozen process
             thaw = None
-        up, restarted = system.up(fault.component), system.restarts(fault.component)
+        up, restarted = system.state(fault.component)
         if result.noticed_s is None and (up == 0 or restarted > restarts_before):
             result.noticed_s = now - began
         if result.back_s is None and restarted > restarts_before and up:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import httpx
 import psutil
 
-from splitwise_local.bench.scrape import total, value
+from splitwise_local.bench.scrape import read_page, total, value
 from splitwise_local.serve.process import tagged
 
 if TYPE_CHECKING:
@@ -146,6 +146,14 @@ class Running:
     def restarts(self, component: str) -> float:
         """Its restarts so far, whatever their cause."""
         return total(self.url, "splitwise_component_restarts_total", component=component)
+
+    def state(self, component: str) -> tuple[float | None, float]:
+        """`up` and `restarts` from one scrape: the supervisor marks a component down before it
+        counts its restart, so one page never shows a restart with the dead process still up
+        (two scrapes a busy second apart can)."""
+        page = read_page(self.url)
+        up = value(page, "splitwise_component_up", component=component)
+        return up, total(page, "splitwise_component_restarts_total", component=component)
 
     def external_hits(self) -> float:
         """Prompt tokens the decode engine has loaded from the store so far."""

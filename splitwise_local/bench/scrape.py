@@ -10,29 +10,37 @@ from __future__ import annotations
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+Page = list[Sample]
 
 
-def samples(url: str, name: str, timeout: float = 10.0) -> list[tuple[dict[str, str], float]]:
-    """Every sample named `name` on the /metrics page of the server at `url`: (labels, value)."""
+def read_page(url: str, timeout: float = 10.0) -> Page:
+    """Every sample of the /metrics page of the server at `url`, read once: what several
+    questions about one moment must share (a component's state and its restart count)."""
     reply = httpx.get(url.rstrip("/") + "/metrics", timeout=timeout)
     reply.raise_for_status()
     return [
-        (sample.labels, sample.value)
-        for family in text_string_to_metric_families(reply.text)
-        for sample in family.samples
-        if sample.name == name
+        sample for family in text_string_to_metric_families(reply.text) for sample in family.samples
     ]
 
 
-def total(url: str, name: str, **labels: str) -> float:
+def samples(source: str | Page, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample named `name` on a page (read now from the server at `source` if it is a
+    URL): (labels, value)."""
+    page = read_page(source) if isinstance(source, str) else source
+    return [(sample.labels, sample.value) for sample in page if sample.name == name]
+
+
+def total(source: str | Page, name: str, **labels: str) -> float:
     """The sum of the samples named `name` whose labels include `labels` (0 when none does)."""
-    return sum(value for found, value in samples(url, name) if labels.items() <= found.items())
+    return sum(value for found, value in samples(source, name) if labels.items() <= found.items())
 
 
-def value(url: str, name: str, **labels: str) -> float | None:
+def value(source: str | Page, name: str, **labels: str) -> float | None:
     """The value of the sample named `name` whose labels include `labels`; None while the page
     has none (a gauge reads 0 only when it is there and says so, unlike `total`)."""
-    found = [v for have, v in samples(url, name) if labels.items() <= have.items()]
+    found = [v for have, v in samples(source, name) if labels.items() <= have.items()]
     if len(found) > 1:
         raise ValueError(f"{len(found)} samples of {name} have the labels {labels}")
     return found[0] if found else None

@@ -312,6 +312,6 @@ def run(args: argparse.Namespace) -> int:
     plot_path = Path(
         args.plot or (Path(args.json).with_suffix(".png") if args.json else "soak.png")
     )
+    report.write_json(args.json, data)  # first: a failing plot must not lose a long run's data
     print(f"wrote {plot(data, plot_path)}")
-    report.write_json(args.json, data)
     return 0 if data["unexpected_errors"] == 0 and not left else 1

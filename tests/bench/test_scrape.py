@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
-from splitwise_local.bench.scrape import samples, total, value
+from splitwise_local.bench.scrape import read_page, samples, total, value
 from tests.proxy.servers import Servers
 
 
@@ -60,3 +60,10 @@ def test_value_tells_a_zero_from_a_missing_sample(page):
 def test_a_page_that_is_not_there_is_an_error(page):
     with pytest.raises(httpx.HTTPStatusError):
         samples(page + "/nothing", "up")
+
+
+def test_one_page_read_once_answers_several_questions(page):
+    once = read_page(page)
+    assert total(once, "hits_total", role="decode") == total(page, "hits_total", role="decode")
+    assert value(once, "up", engine="http://a") == 0
+    assert samples(once, "hits_total") == samples(page, "hits_total")
