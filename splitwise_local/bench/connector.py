@@ -192,7 +192,7 @@ def _example_load(match: re.Match[str], model: Path) -> Load:
 def _start_nixl(root: Path, model: Path, args: argparse.Namespace):
     """vLLM's NixlConnector, 1P1D, its KV buffer in host memory (`kv_buffer_device: cpu`,
     moved by UCX); each engine gets its own side-channel port for the handshake."""
-    from splitwise_local.bench.engines import free_port
+    from splitwise_local.serve.ports import free_port
 
     configs = {
         name: {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import sys
 import time
 import uuid
@@ -26,6 +25,7 @@ import psutil
 from splitwise_local.config import SplitwiseConfig, dump_config
 from splitwise_local.serve.console import Console
 from splitwise_local.serve.engine import EngineSpec
+from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.process import RUN_ENV, Child
 from splitwise_local.serve.supervisor import Readiness, Supervisor
 
@@ -33,12 +33,6 @@ ENGINE_START_TIMEOUT_S = 420
 REQUEST_TIMEOUT_S = 300
 NEW_TOKENS = 64
 PROSE = Path(__file__).resolve().parents[1] / "data" / "prose.txt"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_ok(url: str) -> bool:

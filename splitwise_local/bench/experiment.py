@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ import httpx
 from splitwise_local.bench import host_load, placement, sweep
 from splitwise_local.bench.placement import Cores, Placement, format_cores
 from splitwise_local.serve.console import Console
+from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.process import RUN_ENV, Child
 from splitwise_local.serve.supervisor import Readiness, StartupError, Supervisor
 
@@ -190,12 +190,6 @@ PLACEMENTS = {
     "contained": Placement("contained", None, None, contain_engines=True),
 }
 PLACEMENT_DEFAULT = "float"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def answers(url: str) -> bool:

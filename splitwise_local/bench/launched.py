@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,22 +22,11 @@ import httpx
 import psutil
 
 from splitwise_local.bench.scrape import read_page, total, value
+from splitwise_local.serve.ports import free_ports
 from splitwise_local.serve.process import tagged
 
 if TYPE_CHECKING:
     from splitwise_local.store.backend import KVBackend
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct ports that are free now (held open together so none is handed out twice)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 class LaunchFailed(RuntimeError):

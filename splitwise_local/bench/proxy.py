@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import psutil
 
 from splitwise_local.bench import report
 from splitwise_local.progress import Progress
+from splitwise_local.serve.ports import free_port
 
 GOAL_P50_MS = 2.0
 GOAL_P99_MS = 10.0
@@ -61,12 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds", type=int, default=2, help="direct and proxied runs alternate this many times"
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from splitwise_local.bench.throughput import SocketBaseline, each, gbps
+from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.process import terminate
 
 if TYPE_CHECKING:
@@ -145,17 +146,12 @@ class LMCacheClient:
         self.close()
 
 
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def lmcache_server(timeout: float = 60.0) -> Iterator[tuple[subprocess.Popen, str]]:
     """LMCache's own server, `python -m lmcache.v1.server 127.0.0.1 PORT cpu`, as the seed runs
     it; yields (process, url) once it accepts connections, stops it on exit."""
     _quiet_lmcache()
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "lmcache.v1.server", "127.0.0.1", str(port), "cpu"],
         stdout=subprocess.DEVNULL,

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from splitwise_local.serve.ports import free_port, free_ports
+
 if TYPE_CHECKING:
     from splitwise_local.config import SplitwiseConfig
     from splitwise_local.serve.console import Console
@@ -52,13 +54,6 @@ def master_binary() -> str:
     return str(binary)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class MasterSpec:
     """One master's addresses and settings; `url` is what engines put in `remote_url`."""
@@ -71,7 +66,8 @@ class MasterSpec:
     @classmethod
     def on_free_ports(cls, host: str = "127.0.0.1", lease_ms: int = DEFAULT_LEASE_MS):
         """A master on two ports free now (RPC and metrics)."""
-        return cls(free_port(host), free_port(host), host, lease_ms)
+        port, metrics_port = free_ports(2, host)  # distinct, unlike two separate picks
+        return cls(port, metrics_port, host, lease_ms)
 
     @property
     def url(self) -> str:

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitwise_local.bench.launched import Launch, free_ports, leftovers, sweep
+from splitwise_local.bench.launched import Launch, leftovers, sweep
+from splitwise_local.serve.ports import free_ports
 
 __all__ = ["Launch", "free_ports", "leftovers", "sweep"]  # re-exported for the tests
 

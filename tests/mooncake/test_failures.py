@@ -17,7 +17,7 @@ from splitwise_local.connector.loader import KVLoader
 from splitwise_local.connector.metrics import Counters
 from splitwise_local.connector.planner import LoadPlan, SavePlan, prompt_chunks
 from splitwise_local.connector.saver import KVSaver
-from splitwise_local.serve.mooncake_master import free_port
+from splitwise_local.serve.ports import free_port
 from splitwise_local.store import StoreFull, StoreUnavailable
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend
 from tests.mooncake.conftest import OPTIONS, TIMEOUT_S

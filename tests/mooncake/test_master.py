@@ -12,11 +12,11 @@ import pytest
 from splitwise_local.serve.console import Console
 from splitwise_local.serve.mooncake_master import (
     MasterSpec,
-    free_port,
     launcher_member,
     spawn_master,
     supervised_master,
 )
+from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.process import RUN_ENV
 from splitwise_local.serve.supervisor import RestartPolicy, Supervisor
 from tests.mooncake.conftest import OPTIONS, TIMEOUT_S

@@ -25,10 +25,10 @@ import httpx
 import pytest
 import yaml
 
-from splitwise_local.bench.engines import free_port
 from splitwise_local.bench.launched import sweep
 from splitwise_local.bench.scrape import total
 from splitwise_local.samples import LONG_PROMPT, SHORT_PROMPT
+from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.process import RUN_ENV, terminate
 from tests.multihost.recipe import (
     DOC_HOSTS,

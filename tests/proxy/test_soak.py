@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,11 @@ import httpx
 import psutil
 import pytest
 
+from splitwise_local.serve.ports import free_port
+
 REQUESTS = 2000
 CONCURRENCY = 32
 WARMUP = 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
