@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from splitwise_local.bench.scrape import total
 from splitwise_local.config import SplitwiseConfig, dump_config
 from splitwise_local.serve.console import Console
 from splitwise_local.serve.engine import EngineSpec
@@ -129,11 +130,8 @@ class Engine:
         raise RuntimeError(f"{self.url}: no VLLM::Worker process under the engine")
 
     def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return sum(
-            float(m.group(1))
-            for m in re.finditer(rf"^{re.escape(name)}(?:{{.*}})? (\S+)$", text, re.M)
-        )
+        """The sum of the engine's samples named `name` (all labels) on its /metrics page."""
+        return total(self.url, name)
 
 
 @dataclass
