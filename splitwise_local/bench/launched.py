@@ -29,6 +29,13 @@ if TYPE_CHECKING:
     from splitwise_local.store.backend import KVBackend
 
 
+def _ctrl_c_as_from_a_terminal() -> None:
+    """SIGINT at its default in the launcher, as a user's shell starts it: a process run as a
+    background job (CI, `cmd &`) starts with SIGINT ignored, children inherit that, and the
+    launcher rightly leaves an ignored signal ignored (nohup semantics)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class LaunchFailed(RuntimeError):
     """The launcher exited, or never printed what was waited for; the message has its output."""
 
@@ -43,7 +50,12 @@ class Launch:
         command = [sys.executable, "-m", "splitwise_local", *args, "--run-dir", str(run_dir)]
         with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
             self.popen = subprocess.Popen(
-                command, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL
+                command,
+                stdout=out,
+                stderr=err,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_ctrl_c_as_from_a_terminal,
             )
 
     @property
