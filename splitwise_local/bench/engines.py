@@ -26,6 +26,7 @@ from splitwise_local.bench.scrape import total
 from splitwise_local.config import SplitwiseConfig, dump_config
 from splitwise_local.serve.console import Console
 from splitwise_local.serve.engine import EngineSpec
+from splitwise_local.serve.launcher import http_ok
 from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.process import RUN_ENV, Child
 from splitwise_local.serve.supervisor import Readiness, Supervisor
@@ -34,10 +35,6 @@ ENGINE_START_TIMEOUT_S = 420
 REQUEST_TIMEOUT_S = 300
 NEW_TOKENS = 64
 PROSE = Path(__file__).resolve().parents[1] / "data" / "prose.txt"
-
-
-def http_ok(url: str) -> bool:
-    return httpx.get(url, timeout=2).status_code == 200
 
 
 def _json(reply: httpx.Response) -> dict:

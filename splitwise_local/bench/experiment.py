@@ -47,6 +47,7 @@ import httpx
 from splitwise_local.bench import host_load, placement, sweep
 from splitwise_local.bench.placement import Cores, Placement, format_cores
 from splitwise_local.serve.console import Console
+from splitwise_local.serve.launcher import http_ok
 from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.process import RUN_ENV, Child
 from splitwise_local.serve.supervisor import Readiness, StartupError, Supervisor
@@ -192,10 +193,6 @@ PLACEMENTS = {
 PLACEMENT_DEFAULT = "float"
 
 
-def answers(url: str) -> bool:
-    return httpx.get(url, timeout=5).status_code == 200
-
-
 @dataclass
 class EngineInfo:
     name: str
@@ -315,7 +312,7 @@ class Experiment:
                         ],
                         root,
                     ),
-                    Readiness(lambda u=e.url: answers(f"{u}/health"), "/health"),
+                    Readiness(lambda u=e.url: http_ok(f"{u}/health", timeout=5), "/health"),
                 )
                 for e in engines
             ]
@@ -337,7 +334,8 @@ class Experiment:
             )
             url = f"http://127.0.0.1:{port}"
             supervisor.start_stage(
-                [(proxy, Readiness(lambda: answers(f"{url}/v1/models"), "/v1/models"))], 120
+                [(proxy, Readiness(lambda: http_ok(f"{url}/v1/models", timeout=5), "/v1/models"))],
+                120,
             )
             if name == "colocated":
                 what = f"one plain vLLM engine on cores {format_cores(self.cores)}"
@@ -384,7 +382,7 @@ class Experiment:
         )
         url = f"http://127.0.0.1:{ports['port']}"
         supervisor.start_stage(
-            [(launcher, Readiness(lambda: answers(f"{url}/v1/models"), "/v1/models"))],
+            [(launcher, Readiness(lambda: http_ok(f"{url}/v1/models", timeout=5), "/v1/models"))],
             START_TIMEOUT_S,
         )
         engines = [

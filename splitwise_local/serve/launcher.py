@@ -322,11 +322,11 @@ def flag_value(args: list[str], flag: str) -> str | None:
     return None
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, timeout: float = 2.0) -> bool:
     """A readiness check: GET `url` answers 200."""
     import httpx
 
-    return httpx.get(url, timeout=2.0).status_code == 200
+    return httpx.get(url, timeout=timeout).status_code == 200
 
 
 def engine_healthy(url: str) -> bool:
