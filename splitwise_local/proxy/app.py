@@ -5,7 +5,8 @@ decide its route (routing.py: through prefill or straight to decode, and which e
 through prefill, send a copy with `max_tokens=1`, `stream=false` to the chosen prefill engine
 (whose KV connector stores the prompt's KV), and send the caller's original bytes to the chosen
 decode engine (which loads that KV) and relay its answer: whole, or as server-sent events chunk
-by chunk as they arrive. The answer carries the decision in an `x-splitwise-route` header and
+by chunk as they arrive (after the first event, so a stream the engine refuses at once is still
+answered with a plain 4xx). The answer carries the decision in an `x-splitwise-route` header and
 /metrics counts it. If prefill fails the decode engine computes the prompt itself (unless
 configured to fail); if no decode engine can be reached a prefill engine, a complete vLLM
 engine, serves the whole request, and with neither the caller gets a 503 with `Retry-After`.
@@ -24,7 +25,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -36,7 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from splitwise_local.proxy.errors import error_body, error_response
+from splitwise_local.proxy.errors import error_body, error_response, stream_refusal
 from splitwise_local.proxy.metrics import ProxyMetrics, RequestRecord
 from splitwise_local.proxy.pool import Endpoint, EnginePool, Rank
 from splitwise_local.proxy.routing import (
@@ -68,20 +69,6 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the caller left first", used 
 
 class BodyTooLarge(Exception):
     """The caller's body is over `max_body_bytes`: answered 413, never read whole."""
-
-
-class Once:
-    """Calls `action` the first time it is called, never again (for "done" paths that can
-    each be reached: the first streamed chunk, the stream's end, a failure)."""
-
-    def __init__(self, action: Callable[[], None]) -> None:
-        self._action: Callable[[], None] | None = action
-
-    def __call__(self) -> None:
-        """Runs the action if no earlier call has."""
-        action, self._action = self._action, None
-        if action is not None:
-            action()
 
 
 def prefill_body(request: dict) -> bytes:
@@ -421,41 +408,36 @@ class Proxy:
             return failure.response(self.settings.retry_after_s)
         setattr(decision, pool.role, endpoint.url)
         self.router.served(endpoint, decision)
-        computed = Once(lambda: pool.computed(endpoint, tokens))
-        ttft = self.metrics.decode_ttft_seconds.labels(endpoint.url)
-        if answer.content_type == "text/event-stream":
-
-            def first_chunk() -> None:
-                computed()
-                ttft.observe(time.perf_counter() - started)
-
-            relay = self._relay(pool, answer, endpoint, first_chunk, computed)
-            return RelayResponse(relay, answer, record)
+        streamed = answer.content_type == "text/event-stream"
+        # A stream is read up to its first event: a refusal there is still a plain 4xx.
+        read = self.upstream.first_event if streamed else self.upstream.read
         try:
-            content = await self.upstream.read(pool, endpoint, answer)
-        except UpstreamFailure as failure:
+            content = await read(pool, endpoint, answer)
+        except UpstreamFailure as failure:  # nothing reached the caller yet: a plain error
             self.metrics.errors.labels(failure.metric_kind).inc()
             return failure.response(self.settings.retry_after_s)
         finally:
-            computed()
-        ttft.observe(time.perf_counter() - started)
-        return passthrough(answer, content)
+            pool.computed(endpoint, tokens)
+        self.metrics.decode_ttft_seconds.labels(endpoint.url).observe(time.perf_counter() - started)
+        if not streamed:
+            return passthrough(answer, content)
+        if (refused := stream_refusal(content)) is not None:
+            self.upstream.finish(pool, endpoint, answer)
+            return refused
+        return RelayResponse(self._relay(pool, answer, endpoint, content), answer, record)
 
     async def _relay(
         self,
         pool: EnginePool,
         upstream: aiohttp.ClientResponse,
         endpoint: Endpoint,
-        first_chunk: Callable[[], None],
-        done: Callable[[], None],
+        head: bytes,
     ) -> AsyncGenerator[bytes, None]:
-        """Yields the engine's bytes as they arrive; a broken stream ends with an error event."""
-        waiting_first = True
+        """Yields `head` (the stream's first event, already read), then the engine's bytes as
+        they arrive; a broken stream ends with an error event."""
         try:
+            yield head
             async for chunk in upstream.content.iter_any():
-                if waiting_first:
-                    first_chunk()
-                    waiting_first = False
                 yield chunk
         except UPSTREAM_ERRORS as exc:
             failure = self.upstream.failed(pool, endpoint, exc)
@@ -467,7 +449,6 @@ class Proxy:
             raise
         finally:
             self.upstream.finish(pool, endpoint, upstream)
-            done()
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -1,11 +1,15 @@
 """Errors in the shape OpenAI clients parse: {"error": {"message", "type", "param", "code"}}.
 
 Every error the proxy itself produces goes through here, so SDKs show the message instead of a
-JSON decoding failure. Engines' own error answers are passed through untouched instead.
+JSON decoding failure. Engines' own error answers are passed through untouched instead, with one
+exception: vLLM checks some fields (`logprobs` over `--max-logprobs`, for one) only once a stream
+has begun, so it answers 200 and then an error event; a stream whose first event is such a 4xx
+error becomes that error, with its status, as OpenAI would answer it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from starlette.responses import JSONResponse
@@ -36,3 +40,20 @@ def error_response(
 ) -> JSONResponse:
     """An OpenAI-format error answer: what every failure looks like to a caller."""
     return JSONResponse(error_body(status, message, code, param), status, headers=headers)
+
+
+def stream_refusal(head: bytes) -> JSONResponse | None:
+    """The 4xx answer for a stream whose first event (`head` holds it) is an error with a 4xx
+    `code`, as vLLM sends for a request it refuses after its 200; None for any other stream."""
+    event = head.split(b"\n\n", 1)[0]
+    if not event.startswith(b"data: "):
+        return None
+    try:
+        payload = json.loads(event.removeprefix(b"data: "))
+    except ValueError:
+        return None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    status = error.get("code") if isinstance(error, dict) else None
+    if type(status) is not int or not 400 <= status < 500:
+        return None
+    return JSONResponse(payload, status)

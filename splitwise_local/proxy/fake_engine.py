@@ -1,7 +1,8 @@
 """A tiny OpenAI-compatible server that answers instantly, for proxy tests and benchmarks.
 
 It speaks just enough of vLLM's API (chat and text completions, whole or streamed, `/v1/models`,
-`/health`, vLLM-shaped 400/404 errors) for the proxy to be load- and fault-tested without a
+`/health`, vLLM-shaped 400/404 errors, and like vLLM a stream refused only after its 200: too
+many `logprobs` end it with an error event) for the proxy to be load- and fault-tested without a
 model. It records what it was asked and whether a stream ran to the end or was cut off, and can
 be told to fail, stall, or pace its tokens. Each streamed chunk carries `sent_at` (wall clock)
 so a client can measure how long the bytes took to reach it.
@@ -25,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 POLL_S = 0.01
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 
 
 @dataclass
@@ -52,9 +54,12 @@ class FakeRecord:
     cut: threading.Event = field(default_factory=threading.Event)
 
 
+def _error_body(status: int, message: str, error_type: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+
+
 def _error(status: int, message: str, error_type: str, param: str | None = None) -> Response:
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
-    return JSONResponse(body, status)
+    return JSONResponse(_error_body(status, message, error_type, param), status)
 
 
 def _prompt_words(body: dict) -> int:
@@ -109,6 +114,14 @@ class FakeEngine:
                 f"However, your request has {words} input tokens."
             )
             return _error(400, message, "BadRequestError")
+        logprobs = body.get("logprobs")
+        if type(logprobs) is int and logprobs > MAX_LOGPROBS:
+            message = f"Requested sample logprobs of {logprobs}, which is greater than max allowed"
+            if body.get("stream"):  # vLLM validates once the stream has begun
+                refusal = _error_body(400, message, "BadRequestError", "logprobs")
+                events = [_event(refusal), "data: [DONE]\n\n"]
+                return StreamingResponse(iter(events), media_type="text/event-stream")
+            return _error(400, message, "BadRequestError", "logprobs")
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or behaviour.tokens
         count = min(int(limit), behaviour.tokens)
         chat = request.url.path.endswith("/chat/completions")

@@ -153,6 +153,25 @@ class Upstream:
             pool.mark_down(endpoint, f"answered {response.status}")
         return body
 
+    async def first_event(
+        self, pool: EnginePool, endpoint: Endpoint, response: aiohttp.ClientResponse
+    ) -> bytes:
+        """A stream's bytes up to the end of its first event (or its end, if sooner): enough to
+        tell a refusal from an answer before the caller is sent a status. If that fails, or the
+        caller leaves meanwhile, the answer is finished as `read` would."""
+        head = b""
+        try:
+            while b"\n\n" not in head and (chunk := await response.content.readany()):
+                head += chunk
+        except UPSTREAM_ERRORS as exc:
+            failure = self.failed(pool, endpoint, exc)
+            self.finish(pool, endpoint, response)
+            raise failure from exc
+        except BaseException:
+            self.finish(pool, endpoint, response)
+            raise
+        return head
+
     def finish(
         self, pool: EnginePool, endpoint: Endpoint, response: aiohttp.ClientResponse
     ) -> None:

@@ -14,6 +14,7 @@ answer it got before.
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import pytest
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 from splitwise_local.bench.chaos import openai_error
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
-EXAMPLES = 300
+EXAMPLES = int(os.environ.get("SPLITWISE_FUZZ_EXAMPLES", "300"))  # more for a deeper search
 MODEL = "<served model>"  # replaced by the served model's name when sent
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 VOCAB = 49152  # SmolLM2's
@@ -174,6 +175,11 @@ def token_prompt(token_id: int) -> bytes:
     return json.dumps({"model": MODEL, "prompt": [token_id], "max_tokens": 1}).encode()
 
 
+def streamed(**fields) -> bytes:
+    body = {"model": MODEL, "prompt": "0", "max_tokens": 1, "stream": True, **fields}
+    return json.dumps(body).encode()
+
+
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -185,6 +191,7 @@ def token_prompt(token_id: int) -> bytes:
 @example(request=(COMPLETIONS, long_prompt(200_000), "application/json"))  # a megabyte
 @example(request=(CHAT, long_prompt(10)[:-1], "application/json"))  # chat without messages
 @example(request=(COMPLETIONS, token_prompt(10**12), "application/json"))  # beyond int32
+@example(request=(COMPLETIONS, streamed(logprobs=-1), "application/json"))  # refused after 200
 def test_generated_bodies_get_4xx_or_a_correct_answer(system, client, before, request):
     route, raw, content_type = request
     sent, response = send(system, client, route, raw, content_type)

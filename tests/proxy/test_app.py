@@ -204,6 +204,27 @@ def test_engine_client_errors_pass_through_unchanged(fake, proxy, body, status):
         assert response.headers["content-type"] == direct.headers["content-type"]
 
 
+def test_stream_refused_before_its_first_token_is_a_4xx(fake, proxy):
+    """vLLM refuses too many `logprobs` only once a stream has begun (200, then an error
+    event); through the proxy the caller gets the engine's error with its 400 instead."""
+    _, prefill_url = fake(name="prefill")
+    _, decode_url = fake(name="decode")
+    base = proxy(prefill=[prefill_url], decode=[decode_url])
+    body = {**COMPLETION, "stream": True, "logprobs": 100}
+    engine = httpx.post(decode_url + "/v1/completions", json=body)
+    assert engine.status_code == 200 and "error" in sse_events(engine.text)[0]
+
+    response = httpx.post(base + "/v1/completions", json=body)
+    error = assert_openai_error(response, 400)
+    assert error == sse_events(engine.text)[0]["error"]
+    assert error["param"] == "logprobs"
+    settle(base)
+    assert value(base, "splitwise_proxy_engine_in_flight", engine=decode_url) == 0
+    # A stream that starts with tokens is relayed as before.
+    good = httpx.post(base + "/v1/completions", json={**body, "logprobs": 2})
+    assert good.status_code == 200 and sse_events(good.text)[-1] == "[DONE]"
+
+
 @pytest.mark.parametrize(
     ("content", "status", "code"),
     [
