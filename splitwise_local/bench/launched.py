@@ -45,6 +45,7 @@ class Launch:
 
     def __init__(self, args: list[str], run_dir: Path, env: dict[str, str] | None = None) -> None:
         self.run_dir = run_dir
+        run_dir.parent.mkdir(parents=True, exist_ok=True)  # `runs/` on a fresh clone
         self.out_path = run_dir.parent / f"{run_dir.name}.stdout"
         self.err_path = run_dir.parent / f"{run_dir.name}.stderr"
         command = [sys.executable, "-m", "splitwise_local", *args, "--run-dir", str(run_dir)]
