@@ -102,13 +102,13 @@ class NixlLoads:
     )
 
     def mark(self, decode: Engine) -> object:
-        return [decode.metric(name) for name in self.COUNTERS]
+        return decode.metrics(*self.COUNTERS)
 
     def loads(self, decode: Engine, model: Path, mark: object) -> list[Load]:
         # The engine publishes connector stats with its step stats, a moment after the reply.
         deadline = time.monotonic() + 15
         while True:
-            now = [decode.metric(name) for name in self.COUNTERS]
+            now = decode.metrics(*self.COUNTERS)
             count, seconds, size, tokens = (b - a for a, b in zip(mark, now, strict=True))
             if count > 0:
                 return [Load(int(tokens), int(size), seconds * 1e3)]

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from splitwise_local.bench.scrape import total
+from splitwise_local.bench.scrape import read_page, total
 from splitwise_local.config import SplitwiseConfig, dump_config
 from splitwise_local.serve.console import Console
 from splitwise_local.serve.engine import EngineSpec
@@ -33,6 +33,7 @@ from splitwise_local.serve.supervisor import Readiness, Supervisor
 
 ENGINE_START_TIMEOUT_S = 420
 REQUEST_TIMEOUT_S = 300
+METRICS_TIMEOUT_S = 60
 NEW_TOKENS = 64
 PROSE = Path(__file__).resolve().parents[1] / "data" / "prose.txt"
 
@@ -126,9 +127,17 @@ class Engine:
                     return process
         raise RuntimeError(f"{self.url}: no VLLM::Worker process under the engine")
 
+    def metrics(self, *names: str) -> list[float]:
+        """The sums of the engine's samples named `names` (all labels), from one read of its
+        /metrics page. The wait is long (`METRICS_TIMEOUT_S`): an engine whose core another
+        engine's busy work shares (NIXL pins both engines' workers to one core) was seen to
+        take over 10 s to answer."""
+        page = read_page(self.url, timeout=METRICS_TIMEOUT_S)
+        return [total(page, name) for name in names]
+
     def metric(self, name: str) -> float:
-        """The sum of the engine's samples named `name` (all labels) on its /metrics page."""
-        return total(self.url, name)
+        """The sum of the engine's samples named `name` (all labels)."""
+        return self.metrics(name)[0]
 
 
 @dataclass
