@@ -2,15 +2,14 @@
 engines never get a 5xx and never take an engine down.
 
 Hypothesis builds 300 requests, the same ones every run (a search for new ones: SEARCH below):
-completion and chat bodies whose fields have
-wrong types, are missing or out of range (negative and huge `max_tokens`, `n > 1`, logprobs,
-unknown models, token ids outside the vocabulary), empty prompts, and raw bodies that are not
-JSON objects at all (truncated JSON, invalid UTF-8, arrays, wrong content types). The costly
-cases (a prompt longer than the context, a megabyte prompt) and what earlier searches found
-(CI's failures among them) are fixed examples. Every answer is
-either a 4xx in OpenAI's error format or a well-formed completion with the choices asked for.
-Afterwards every engine is the one that started (no restart) and a valid request gets the same
-answer it got before.
+completion and chat bodies whose fields have wrong types, are missing or out of range (negative
+and huge `max_tokens`, `n > 1`, logprobs, unknown models, token ids outside the vocabulary),
+empty prompts, and raw bodies that are not JSON objects at all (truncated JSON, invalid UTF-8,
+arrays, wrong content types). The costly cases (a prompt longer than the context, a megabyte
+prompt) and what earlier searches found (CI's failures among them) are fixed examples. Every
+answer is either a 4xx in OpenAI's error format or a well-formed completion with the choices
+asked for. Afterwards every engine is the one that started (no restart) and a valid request
+gets the same answer it got before.
 """
 
 from __future__ import annotations
@@ -133,7 +132,9 @@ def choices_asked(body: dict) -> int:
     n = body.get("n")
     per_prompt = 1 if n is None else TypeAdapter(int).validate_python(n)
     prompt = body.get("prompt")
-    batch = isinstance(prompt, list) and prompt and all(isinstance(p, list | str) for p in prompt)
+    batch = (
+        isinstance(prompt, list) and bool(prompt) and all(isinstance(p, list | str) for p in prompt)
+    )
     return per_prompt * (len(prompt) if batch else 1)
 
 
