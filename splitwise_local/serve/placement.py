@@ -3,8 +3,9 @@ binding), decided before anything starts.
 
 Prefill and decode engines never share a GPU, and on the CPU they get cores of their own even
 when there are fewer cores than engines: prefill work must not slow decoding, which is the point
-of disaggregating. A placement that cannot be (GPUs that do not exist, overlap, or do not split
-evenly) is a `PlacementError` with a one-line message for the user.
+of disaggregating. A placement that cannot be (too few GPUs, GPUs that do not exist, overlap,
+do not split evenly, or give prefill and decode different tensor-parallel sizes) is a
+`PlacementError` with a one-line message for the user.
 """
 
 from __future__ import annotations
@@ -52,25 +53,22 @@ def split_cores(cores: list[int], prefill: int, decode: int) -> tuple[list[str],
 
 
 def gpu_list(option: str, value: str, count: int) -> list[int]:
-    """The GPU numbers `option` names (`0,1`), each one this machine's `count` GPUs have."""
+    """The GPU numbers `option` names (`0,1`), each once and each one of this machine's `count`
+    GPUs."""
     if not GPU_LIST.match(value):
         raise PlacementError(f"{option} {value!r}: expected GPU numbers like 0 or 0,1")
     gpus = [int(gpu) for gpu in value.split(",")]
     if any(gpu >= count for gpu in gpus):
         message = f"this machine has {count} GPU(s) (numbered from 0)"
         raise PlacementError(f"{option} {value}: {message}")
+    if len(set(gpus)) < len(gpus):
+        raise PlacementError(f"{option} {value}: names a GPU twice")
     return gpus
 
 
-def split_gpus(
-    role: str, value: str | None, engines: int, tp: int | None, first: int, count: int
-) -> list[str]:
-    """Each engine's CUDA_VISIBLE_DEVICES: `value` (by default `engines * tp` GPUs from `first`
-    on) split evenly between the role's engines."""
-    option = f"--{role}-gpus"
-    if value is None:
-        value = ",".join(str(gpu) for gpu in range(first, first + engines * (tp or 1)))
-    gpus = gpu_list(option, value, count)
+def split_gpus(role: str, gpus: list[int], engines: int, tp: int | None) -> list[list[int]]:
+    """Each of a role's `engines` its share of `gpus`, evenly (exactly `tp` each if given)."""
+    option, value = f"--{role}-gpus", ",".join(map(str, gpus))
     if len(gpus) % engines:
         raise PlacementError(
             f"{option} {value}: {len(gpus)} GPU(s) do not split evenly between "
@@ -82,7 +80,76 @@ def split_gpus(
             f"{option} {value}: {engines} {role} engine(s) with --tp {tp} need "
             f"{engines * tp} GPU(s), not {len(gpus)}"
         )
-    return [",".join(map(str, gpus[i * each : (i + 1) * each])) for i in range(engines)]
+    return [gpus[i * each : (i + 1) * each] for i in range(engines)]
+
+
+def gpu_placement(
+    args: argparse.Namespace, count: int, visible: str | None = None
+) -> dict[str, list[Placement]]:
+    """Per role, each engine's CUDA_VISIBLE_DEVICES on a machine whose CUDA sees `count` GPUs.
+
+    A role without `--prefill-gpus`/`--decode-gpus` takes `engines * tp` of the GPUs the other
+    role did not name, prefill first: by default N x K GPUs from 0 for prefill, the next M x K
+    for decode. GPUs are numbered as CUDA numbers them in the launcher, so where the launcher
+    itself runs under CUDA_VISIBLE_DEVICES (`visible`) an engine's numbers are mapped back to
+    its entries: a child's CUDA_VISIBLE_DEVICES names the machine's GPUs, not its parent's.
+    """
+    if count == 0:
+        raise PlacementError(
+            "--device cuda, but CUDA sees no GPU here: serve on the CPU (--device cpu), or run "
+            "scripts/setup.sh on a machine whose nvidia-smi lists a GPU (it installs CUDA torch)"
+        )
+    engines = {"prefill": args.prefill, "decode": args.decode}
+    named = {
+        role: gpu_list(f"--{role}-gpus", value, count)
+        for role, value in (("prefill", args.prefill_gpus), ("decode", args.decode_gpus))
+        if value is not None
+    }
+    if len(named) == 2 and (shared := sorted(set(named["prefill"]) & set(named["decode"]))):
+        raise PlacementError(
+            f"GPU(s) {','.join(map(str, shared))} would serve both prefill and decode engines "
+            "(--prefill-gpus and --decode-gpus must not overlap)"
+        )
+    free = [gpu for gpu in range(count) if not any(gpu in gpus for gpus in named.values())]
+    groups: dict[str, list[list[int]]] = {}
+    for role, number in engines.items():
+        gpus = named.get(role)
+        if gpus is None:
+            wanted = number * (args.tp or 1)
+            if wanted > len(free):
+                raise PlacementError(too_few_gpus(args, count, named))
+            gpus, free = free[:wanted], free[wanted:]
+        groups[role] = split_gpus(role, gpus, number, args.tp)
+    sizes = {role: len(parts[0]) for role, parts in groups.items()}
+    if sizes["prefill"] != sizes["decode"] and args.connector != "none":
+        raise PlacementError(
+            f"prefill engines would run on {sizes['prefill']} GPU(s) each and decode engines on "
+            f"{sizes['decode']}: the KV they share is keyed by tensor-parallel size, so both "
+            "roles need as many GPUs per engine (--tp)"
+        )
+    names = [name.strip() for name in visible.split(",")] if visible else None
+
+    def devices(gpus: list[int]) -> str:
+        return ",".join(names[gpu] if names else str(gpu) for gpu in gpus)
+
+    return {role: [{"gpus": devices(gpus)} for gpus in parts] for role, parts in groups.items()}
+
+
+def too_few_gpus(args: argparse.Namespace, count: int, named: dict[str, list[int]]) -> str:
+    """The one line for engines that need more GPUs than the machine has."""
+    each = args.tp or 1
+    need, parts = 0, []
+    for role, engines in (("prefill", args.prefill), ("decode", args.decode)):
+        if role in named:
+            need += len(named[role])
+            parts.append(f"--{role}-gpus {','.join(map(str, named[role]))}")
+        else:
+            need += engines * each
+            parts.append(f"{engines} {role} engine(s) x {each}")
+    return (
+        f"{need} GPU(s) needed ({' + '.join(parts)}), and this machine has {count}: "
+        "ask for fewer engines or a smaller --tp"
+    )
 
 
 def placement(
@@ -92,22 +159,10 @@ def placement(
     launcher's `--prefill/--decode`, `--prefill-gpus/--decode-gpus` and `--tp`; `say` tells
     the user what on the CPU is ignored or shared."""
     if device == "cuda":
-        import torch
+        import torch  # heavy: only a GPU launch needs it
 
         count = torch.cuda.device_count()
-        prefill = split_gpus("prefill", args.prefill_gpus, args.prefill, args.tp, 0, count)
-        after = 1 + max(int(gpu) for group in prefill for gpu in group.split(","))
-        decode = split_gpus("decode", args.decode_gpus, args.decode, args.tp, after, count)
-        shared = set(",".join(prefill).split(",")) & set(",".join(decode).split(","))
-        if shared:
-            raise PlacementError(
-                f"GPU(s) {','.join(sorted(shared))} would serve both prefill and decode engines "
-                "(--prefill-gpus and --decode-gpus must not overlap)"
-            )
-        return {
-            "prefill": [{"gpus": gpus} for gpus in prefill],
-            "decode": [{"gpus": gpus} for gpus in decode],
-        }
+        return gpu_placement(args, count, os.environ.get("CUDA_VISIBLE_DEVICES"))
     if args.prefill_gpus or args.decode_gpus or args.tp:
         say("--prefill-gpus, --decode-gpus and --tp have no effect on the CPU")
     cores = sorted(os.sched_getaffinity(0))

@@ -1,0 +1,72 @@
+"""A GPU engine's command and environment as the launcher builds them (nothing is started): its
+GPUs in CUDA_VISIBLE_DEVICES, tensor parallelism over them, and the GPU defaults under the
+user's own vLLM flags."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from splitwise_local.serve.console import Console
+from splitwise_local.serve.engine import GPU_DEFAULT_ARGS, EngineSpec
+from splitwise_local.serve.launcher import EngineDefaults, EngineMember, engine_member, kv_roles
+
+CPU_ONLY = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")
+
+
+def gpu_engine(tmp_path: Path, gpus: str, extra: list[str] | None = None) -> EngineMember:
+    defaults = EngineDefaults(
+        model=Path("/models/m"),
+        device="cuda",
+        config_file=None,
+        kv_cache_gb=1,
+        extra_args=["--served-model-name", "m", *(extra or [])],
+        kv_roles=kv_roles(True, "always"),
+        lmcache_url=None,
+        disable_mla=False,
+        run_dir=tmp_path,
+    )
+    console = Console(out=io.StringIO(), err=io.StringIO())
+    return engine_member(defaults, "prefill", 0, 1, 8100, {"gpus": gpus}, console)
+
+
+def flag(command: list[str], name: str) -> str | None:
+    """The value after `name` in `command`; None where it is absent (asserted once at most)."""
+    assert command.count(name) <= 1, f"{name} given twice: {command}"
+    return command[command.index(name) + 1] if name in command else None
+
+
+def test_a_gpu_engine_sees_only_its_own_gpus_and_no_cpu_settings(tmp_path: Path):
+    engine = gpu_engine(tmp_path, "2,3")
+    assert engine.child.env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    for name in CPU_ONLY:
+        assert engine.child.env.get(name) == os.environ.get(name)
+
+
+def test_an_engine_with_several_gpus_runs_tensor_parallel_over_them(tmp_path: Path):
+    assert flag(gpu_engine(tmp_path, "2,3").child.command, "--tensor-parallel-size") == "2"
+    assert flag(gpu_engine(tmp_path, "0,1,2,3").child.command, "--tensor-parallel-size") == "4"
+    assert flag(gpu_engine(tmp_path, "1").child.command, "--tensor-parallel-size") is None
+
+
+def test_the_gpu_defaults_reach_the_engine_under_the_users_own_flags(tmp_path: Path):
+    command = gpu_engine(tmp_path, "0").child.command
+    assert "--enforce-eager" in command and "--trust-remote-code" in command
+    assert flag(command, "--gpu-memory-utilization") == "0.9"
+    assert flag(command, "--max-model-len") == "8192"
+    assert "--dtype" not in command  # the CPU's dtype choice stays off the GPU
+    mine = gpu_engine(tmp_path, "0", ["--max-model-len", "4096", "--gpu-memory-utilization=0.5"])
+    assert flag(mine.child.command, "--max-model-len") == "4096"
+    assert "--gpu-memory-utilization" not in mine.child.command
+    assert "--gpu-memory-utilization=0.5" in mine.child.command
+
+
+def test_a_spec_for_cuda_uses_exactly_the_gpu_defaults():
+    spec = EngineSpec(model=Path("/models/m"), port=8100, role="plain", device="cuda", gpus="0")
+    command = spec.command()
+    assert command[-len(GPU_DEFAULT_ARGS) :] == list(GPU_DEFAULT_ARGS)
+    assert spec.environment({})["CUDA_VISIBLE_DEVICES"] == "0"
+    assert "CUDA_VISIBLE_DEVICES" not in EngineSpec(
+        model=Path("/models/m"), port=8100, role="plain", device="cuda"
+    ).environment({})
