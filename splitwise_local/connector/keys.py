@@ -3,7 +3,8 @@
 A prompt's token ids are cut into chunks of `chunk_size` tokens; the last chunk may be partial
 (so prompts shorter than a chunk still transfer). Chunk i's key is
 
-    key_i = blake2b(key_{i-1} || int32-LE tokens of chunk i),  key_{-1} = identity.seed()
+    key_i = blake2b(key_{i-1} || uint32-LE n_i || int32-LE tokens of chunk i || extras_i)
+    key_{-1} = identity.seed()
 
 where the identity names everything that makes KV bytes incompatible: the model's fingerprint,
 the KV dtype and layout, `chunk_size`, and the tensor- and pipeline-parallel size and rank (each
@@ -12,11 +13,21 @@ all tokens up to and including its chunk, so equal prefixes share keys and a hit
 implies the whole prefix matches. Nothing here depends on Python's `hash()` or PYTHONHASHSEED:
 mismatched keys between prefill and decode are the most common reason for silent cache misses.
 
+`extras_i` is what vLLM's own prefix cache hashes besides the tokens
+(`vllm/v1/core/kv_cache_utils.py`, `generate_block_hash_extra_keys`), per chunk as vLLM does
+per block, from the same request fields (`KeyExtras`): the LoRA adapter's name and path in
+every chunk, each multimodal item's hash (with its offset from the chunk's start) in every
+chunk its placeholder tokens overlap, and `cache_salt` in the first chunk only (the chain
+carries it on). Equal tokens under another adapter, image or salt therefore never share KV.
+A request whose KV depends on what no key can name exactly (prompt embeddings) raises
+`Uncovered` in `request_key_extras`: the connector neither saves nor loads it.
+
 This module imports neither vLLM nor torch, so the proxy derives exactly the connector's keys:
 
     identity = key_identity("/models/SmolLM2", dtype="bfloat16",
                             layout=per_head_layout(3, 64), chunk_size=256)
     keys = chunk_keys(identity, prompt_token_ids)      # rank 0: what the scheduler asks for
+    keys = chunk_keys(identity, ids, KeyExtras(cache_salt="tenant-a"))  # a salted request
 
 The connector builds its identity through the same `key_identity` from vLLM's config and logs
 it once at startup (`splitwise key identity ... seed=<hex>`), so a mismatch is visible.
@@ -29,11 +40,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 DIGEST_BYTES = 20
-KEY_VERSION = "splitwise/v2"
+KEY_VERSION = "splitwise/v3"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Fields of config.json that change when the same weights are re-saved, not the model.
 VOLATILE_CONFIG_FIELDS = ("_name_or_path", "transformers_version")
@@ -215,14 +227,80 @@ def chunk_spans(num_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_size, num_tokens)) for s in range(0, num_tokens, chunk_size)]
 
 
-def chunk_keys(identity: KeyIdentity, token_ids: Sequence[int]) -> list[str]:
+@dataclass(frozen=True)
+class MultimodalItem:
+    """One multimodal input as vLLM's prefix cache sees it: its hash (`identifier`, which
+    carries the LoRA prefix when an adapter encodes it) and the prompt tokens
+    [offset, offset + length) its placeholder covers."""
+
+    identifier: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class KeyExtras:
+    """What, besides the token ids, vLLM's block hash covers: `lora` as (name, path), the
+    request's multimodal items in vLLM's order, and `cache_salt`."""
+
+    lora: tuple[str, str] | None = None
+    cache_salt: str | None = None
+    multimodal: tuple[MultimodalItem, ...] = ()
+
+    def for_chunk(self, start: int, end: int) -> list[tuple[Any, ...]]:
+        """The tagged extras of the chunk of tokens [start, end), in vLLM's order (LoRA, then
+        multimodal items, then the salt) and shape (`generate_block_hash_extra_keys`)."""
+        extras: list[tuple[Any, ...]] = []
+        if self.lora is not None:
+            extras.append(("lora", *self.lora))
+        for item in self.multimodal:
+            if item.offset < end and start < item.offset + item.length:
+                extras.append(("mm", item.identifier, item.offset - start))
+        if start == 0 and self.cache_salt:
+            extras.append(("cache_salt", self.cache_salt))
+        return extras
+
+
+NO_EXTRAS = KeyExtras()
+
+
+class Uncovered(ValueError):
+    """A request whose KV depends on something the chunk keys cannot name exactly."""
+
+
+def request_key_extras(request: Any) -> KeyExtras:
+    """The `KeyExtras` of a vLLM `Request` (read by attribute, so this module needs no vLLM),
+    from the fields vLLM's block hash reads; raises `Uncovered` for prompt embeddings, and for
+    a multimodal item without a hash."""
+    if getattr(request, "prompt_embeds", None) is not None:
+        raise Uncovered("prompt embeddings")
+    lora = getattr(request, "lora_request", None)
+    multimodal = []
+    for feature in getattr(request, "mm_features", None) or ():
+        if feature.identifier is None:
+            raise Uncovered("a multimodal input without a hash")
+        position = feature.mm_position
+        multimodal.append(MultimodalItem(feature.identifier, position.offset, position.length))
+    return KeyExtras(
+        lora=(lora.lora_name, lora.lora_path) if lora else None,
+        cache_salt=getattr(request, "cache_salt", None) or None,
+        multimodal=tuple(multimodal),
+    )
+
+
+def chunk_keys(
+    identity: KeyIdentity, token_ids: Sequence[int], extras: KeyExtras = NO_EXTRAS
+) -> list[str]:
     """Hex keys for every chunk of `token_ids`, in order."""
     tokens = np.asarray(token_ids, dtype="<i4")
     keys: list[str] = []
     previous = identity.seed()
     for start, end in chunk_spans(len(tokens), identity.chunk_size):
         digest = hashlib.blake2b(previous, digest_size=DIGEST_BYTES)
+        digest.update((end - start).to_bytes(4, "little"))
         digest.update(tokens[start:end].tobytes())
+        if tagged := extras.for_chunk(start, end):
+            digest.update(json.dumps(tagged, ensure_ascii=False, separators=(",", ":")).encode())
         previous = digest.digest()
         keys.append(previous.hex())
     return keys

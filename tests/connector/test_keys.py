@@ -10,15 +10,20 @@ from types import SimpleNamespace
 import pytest
 
 from splitwise_local.connector.keys import (
+    KeyExtras,
     KeyIdentity,
+    MultimodalItem,
+    Uncovered,
     chunk_keys,
     chunk_spans,
     key_identity,
     mla_layout,
     model_fingerprint,
     per_head_layout,
+    request_key_extras,
 )
-from splitwise_local.connector.planner import prompt_chunks, stored_chunks
+from splitwise_local.connector.lookups import Lookup
+from splitwise_local.connector.planner import Planner, StepPlan, prompt_chunks, stored_chunks
 
 IDENTITY = KeyIdentity("SmolLM2|LlamaForCausalLM|30", "bfloat16", "per-head/3x64", 32)
 
@@ -243,3 +248,159 @@ def test_each_rank_has_its_own_chain_and_the_store_must_hold_every_rank():
     assert stored_chunks(exists(everything), chunks) == 3
     one_rank_lost_chunk_1 = everything - {chunks[1].keys[3]}
     assert stored_chunks(exists(one_rank_lost_chunk_1), chunks) == 1
+
+
+# ---- what vLLM's block hash covers besides the tokens ---------------------------------------
+
+TOKENS = list(range(1000, 1100))  # chunks [0, 32), [32, 64), [64, 96), [96, 100)
+IMAGE = MultimodalItem("image-hash-1", 40, 30)  # placeholder tokens 40-69: chunks 1 and 2
+
+
+def test_cache_salt_separates_every_key_and_the_same_salt_gives_the_same_keys():
+    plain = chunk_keys(IDENTITY, TOKENS)
+    a = chunk_keys(IDENTITY, TOKENS, KeyExtras(cache_salt="tenant-a"))
+    b = chunk_keys(IDENTITY, TOKENS, KeyExtras(cache_salt="tenant-b"))
+    assert all(len({x, y, z}) == 3 for x, y, z in zip(plain, a, b, strict=True))
+    assert chunk_keys(IDENTITY, TOKENS, KeyExtras(cache_salt="tenant-a")) == a
+    # As in vLLM, an empty salt is no salt.
+    assert chunk_keys(IDENTITY, TOKENS, KeyExtras(cache_salt="")) == plain
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        KeyExtras(lora=("adapter-b", "/adapters/a")),  # another name
+        KeyExtras(lora=("adapter-a", "/adapters/b")),  # the name pointed at another adapter
+        KeyExtras(),  # the base model
+    ],
+)
+def test_each_lora_adapter_has_its_own_keys(other):
+    adapter = chunk_keys(IDENTITY, TOKENS, KeyExtras(lora=("adapter-a", "/adapters/a")))
+    assert all(x != y for x, y in zip(adapter, chunk_keys(IDENTITY, TOKENS, other), strict=True))
+
+
+def test_a_multimodal_hash_keys_the_chunks_its_placeholder_overlaps_and_all_after():
+    image_1 = chunk_keys(IDENTITY, TOKENS, KeyExtras(multimodal=(IMAGE,)))
+    image_2 = chunk_keys(
+        IDENTITY, TOKENS, KeyExtras(multimodal=(MultimodalItem("image-hash-2", 40, 30),))
+    )
+    moved = chunk_keys(
+        IDENTITY, TOKENS, KeyExtras(multimodal=(MultimodalItem(IMAGE.identifier, 41, 30),))
+    )
+    plain = chunk_keys(IDENTITY, TOKENS)
+    for other in (image_2, moved, plain):
+        assert other[0] == image_1[0]  # tokens 0-31 precede the image
+        assert all(x != y for x, y in zip(image_1[1:], other[1:], strict=True))
+    assert KeyExtras(multimodal=(IMAGE,)).for_chunk(96, 100) == []
+
+
+def test_the_extras_are_vllms_own_block_hash_extras():
+    """For chunks as large as vLLM's blocks, each chunk's extras equal vLLM's
+    `generate_block_hash_extra_keys` for that block, on vLLM's own `Request`."""
+    vllm_request = pytest.importorskip("vllm.v1.request")
+    from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
+
+    request = make_request(
+        TOKENS,
+        cache_salt="tenant-a",
+        lora=("adapter-a", "/adapters/a"),
+        images=[("i", 10, 5), ("j", 40, 30)],
+    )
+    assert isinstance(request, vllm_request.Request)
+    extras = request_key_extras(request)
+    mm_index = 0
+    for start, end in chunk_spans(len(TOKENS), IDENTITY.chunk_size):
+        theirs, mm_index = generate_block_hash_extra_keys(request, start, end, mm_index)
+        assert extras.for_chunk(start, end) == list(theirs or ())
+    assert extras.for_chunk(0, 32)[-1] == ("cache_salt", "tenant-a")
+
+
+def make_request(tokens, *, req_id="r", cache_salt=None, lora=None, images=(), embeds=False):
+    """A vLLM `Request` as its engine core builds one (images: (hash, offset, length))."""
+    import torch
+    from vllm.lora.request import LoRARequest
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    features = [
+        MultiModalFeatureSpec(
+            data=None,
+            modality="image",
+            identifier=identifier,
+            mm_position=PlaceholderRange(offset=offset, length=length),
+        )
+        for identifier, offset, length in images
+    ]
+    return Request(
+        req_id,
+        None if embeds else list(tokens),
+        SamplingParams(max_tokens=4),
+        None,
+        prompt_embeds=torch.zeros(len(tokens), 8) if embeds else None,
+        mm_features=features,
+        lora_request=LoRARequest(lora[0], 1, lora[1]) if lora else None,
+        cache_salt=cache_salt,
+    )
+
+
+def test_prompt_embeddings_are_not_covered():
+    pytest.importorskip("vllm")
+    with pytest.raises(Uncovered, match="prompt embeddings"):
+        request_key_extras(make_request(TOKENS, embeds=True))
+
+
+def planner_over(stored: set[str], *, loads: bool, saves: bool) -> Planner:
+    def lookup(req_id, keys):
+        present = next((i for i, key in enumerate(keys) if key not in stored), len(keys))
+        return Lookup(present, False)
+
+    return Planner(IDENTITY, lookup, block_size=32, loads=loads, saves=saves, keep_tail=True)
+
+
+def saved_by_producer(request) -> set[str]:
+    """The keys a producer's planner saves for `request`, admitted as the connector does."""
+    producer = planner_over(set(), loads=False, saves=True)
+    producer.admit(request.request_id, request_key_extras(request))
+    plan = StepPlan()
+    producer.new_request(request.request_id, TOKENS, [0, 1, 2, 3], 0, len(TOKENS), plan)
+    return {chunk.key for save in plan.saves for chunk in save.chunks}
+
+
+@pytest.mark.parametrize(
+    ("saved_as", "asked_as", "loaded"),
+    [
+        ({"cache_salt": "a"}, {"cache_salt": "b"}, 0),
+        ({"cache_salt": "a"}, {}, 0),
+        ({}, {"cache_salt": "a"}, 0),
+        ({"cache_salt": "a"}, {"cache_salt": "a"}, 99),
+        ({"lora": ("a", "/a")}, {"lora": ("b", "/b")}, 0),
+        ({"lora": ("a", "/a")}, {"lora": ("a", "/b")}, 0),
+        ({"lora": ("a", "/a")}, {}, 0),
+        ({"lora": ("a", "/a")}, {"lora": ("a", "/a")}, 99),
+        # Another image in the same place: only the 32 tokens before it are shared.
+        ({"images": [("cat", 40, 30)]}, {"images": [("dog", 40, 30)]}, 32),
+        ({"images": [("cat", 40, 30)]}, {"images": [("cat", 41, 30)]}, 32),
+        ({"images": [("cat", 40, 30)]}, {"images": [("cat", 40, 30)]}, 99),
+    ],
+)
+def test_a_consumer_loads_only_what_was_saved_under_the_same_extras(saved_as, asked_as, loaded):
+    pytest.importorskip("vllm")
+    stored = saved_by_producer(make_request(TOKENS, req_id="p", **saved_as))
+    assert len(stored) == 4
+    request = make_request(TOKENS, req_id="d", **asked_as)
+    consumer = planner_over(stored, loads=True, saves=False)
+    consumer.admit(request.request_id, request_key_extras(request))
+    assert consumer.match(request.request_id, TOKENS, 0) == loaded
+
+
+def test_an_uncovered_request_is_neither_loaded_nor_saved():
+    everything = {c.key for c in prompt_chunks(IDENTITY, TOKENS)}
+    p = planner_over(everything, loads=True, saves=True)
+    p.admit("r", None)
+    assert p.match("r", TOKENS, 0) == 0
+    plan = StepPlan()
+    p.new_request("r", TOKENS, [0, 1, 2, 3], 0, len(TOKENS), plan)
+    assert plan.saves == []
+    p.finished("r")  # the next request of that id starts afresh
+    assert p.match("r", TOKENS, 0) == len(TOKENS) - 1
