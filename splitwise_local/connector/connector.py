@@ -12,10 +12,12 @@ Load it with
                            "kv_connector_extra_config": {"config_file": "cpu.yaml"}}'
 
 Loads are asynchronous (vLLM's `WAITING_FOR_REMOTE_KVS` protocol, see `loader.py`): the
-running batch keeps decoding while a new request's KV lands. The store never makes a request
-fail and no connector error reaches vLLM: a store that is down, slow or restarted, a chunk
-that vanished or was corrupted, mean the engine computes those tokens itself, with one warning
-per request; each hook catches what its helpers raise.
+running batch keeps decoding while a new request's KV lands. Saves leave the forward path too
+(`saver.py`): the step copies its chunks out of the paged cache and a bounded queue stores them;
+saves have their own store guard, so a store slow to write never turns loads off. The store
+never makes a request fail and no connector error reaches vLLM: a store that is down, slow or
+restarted, a chunk that vanished or was corrupted, mean the engine computes those tokens
+itself, with one warning per request; each hook catches what its helpers raise.
 """
 
 from __future__ import annotations
@@ -35,20 +37,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from splitwise_local.config import SplitwiseConfig, load_config
 from splitwise_local.connector.codec import ChunkCodec
 from splitwise_local.connector.health import StoreDown, StoreGuard
-from splitwise_local.connector.keys import (
-    KeyIdentity,
-    Uncovered,
-    key_identity,
-    mla_layout,
-    per_head_layout,
-    request_key_extras,
-)
+from splitwise_local.connector.keys import KeyIdentity, key_identity, mla_layout, per_head_layout
 from splitwise_local.connector.layout import LayerCaches, layout_for
 from splitwise_local.connector.loader import KVLoader
 from splitwise_local.connector.lookups import StoreLookups
 from splitwise_local.connector.metrics import Counters, SplitwisePromMetrics, SplitwiseStats
 from splitwise_local.connector.planner import Planner, StepPlan
-from splitwise_local.connector.saver import KVSaver
+from splitwise_local.connector.saver import ANSWER_WAIT_S, QUEUE_BYTES, KVSaver
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -124,11 +119,15 @@ class SplitwiseConnector(KVConnectorBase_V1):
         self.identity = engine_key_identity(vllm_config, self.config)
         extra = transfer_config.kv_connector_extra_config or {}
         self.verify = bool(extra.get("verify_loads", False))
+        self.save_queue_bytes = int(extra.get("save_queue_mb", QUEUE_BYTES >> 20)) << 20
+        # Only a pure producer's answers wait for their saves (see saver.py).
+        answer_wait_s = 0.0 if self.is_consumer else ANSWER_WAIT_S
+        self.answer_wait_s = float(extra.get("save_answer_wait_s", answer_wait_s))
         # The last-token overwrite (LoadPlan.tail): only with a lossless serde, never lossy.
         self.keep_tail = self.config.remote_serde == "naive" and extra.get("keep_tail", True)
         self.counters = Counters()
         self._store = None
-        self._guard = StoreGuard(role.name.lower())
+        self._guard = StoreGuard(f"{role.name.lower()} loads")  # saves have their own
         self._warned: set[str] = set()
         self._planner: Planner | None = None
         self._lookups: StoreLookups | None = None
@@ -188,12 +187,17 @@ class SplitwiseConnector(KVConnectorBase_V1):
             block_size=self.block_size,
         )
         caches = LayerCaches(list(kv_caches.values()))
-        common = {"rank": rank, "guard": self._guard, "counters": self.counters}
+        common = {"rank": rank, "counters": self.counters}
         if self.is_consumer:
-            self._loader = KVLoader(self._backend, layout, caches, verify=self.verify, **common)
+            self._loader = KVLoader(
+                self._backend, layout, caches, guard=self._guard, verify=self.verify, **common
+            )
         if self.is_producer:
             codec = ChunkCodec(self.config.remote_serde, self.config.serde_options)
-            self._saver = KVSaver(self._backend, codec, layout, caches, **common)
+            self._saver = KVSaver(
+                self._backend, codec, layout, caches, queue_bytes=self.save_queue_bytes,
+                answer_wait_s=self.answer_wait_s, guard=StoreGuard("worker saves"), **common,
+            )  # fmt: skip
         self._layout, self._caches = layout, caches
         logger.info(
             "splitwise registered %d layers, layout=%s, cache shape %s %s, one buffer=%s",
@@ -283,19 +287,6 @@ class SplitwiseConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         assert self._planner is not None
-        extras = None
-        try:
-            extras = request_key_extras(request)
-        except Uncovered as why:
-            logger.info(
-                "splitwise req=%s: its KV depends on %s, which the chunk keys do not cover: "
-                "neither loaded nor saved", request.request_id, why,
-            )  # fmt: skip
-        except Exception:  # a bug of ours: this request is neither loaded nor saved
-            logger.exception("splitwise keys for req=%s failed", request.request_id)
-        self._planner.admit(request.request_id, extras)
-        if extras is None:
-            return 0, False
         try:
             tokens = request.prompt_token_ids or []
             matched = self._planner.match(request.request_id, tokens, num_computed_tokens)
@@ -337,8 +328,7 @@ class SplitwiseConnector(KVConnectorBase_V1):
             block_ids = cached.new_block_ids[i]
             computed_after = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
             if req_id in cached.resumed_req_ids:
-                # Preempted and resumed: its blocks are all new; saved chunks stay saved.
-                self._planner.finished(req_id)
+                self._planner.resumed(req_id, list(block_ids[0]), computed_after, plan)
                 continue
             self._planner.running_request(
                 req_id, list(block_ids[0]) if block_ids else None, computed_after, plan
@@ -348,6 +338,7 @@ class SplitwiseConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        """Blocks are freed at once: every save copied its chunks out in its step (saver.py)."""
         if self._planner is not None:
             self._planner.finished(request.request_id)
         if self._lookups is not None:

@@ -11,6 +11,17 @@ exactly those, so a load can make a request slower but never wrong and never fai
 a job meets (store errors, bad payloads, even a bug of ours) leaves this module as an
 exception: it becomes blocks to recompute and one warning for the request.
 
+On a GPU the loader's host-to-device copies go on a stream of their own, ordered by CUDA events
+(`DeviceOrder`), because vLLM's compute runs on another stream and nothing else orders the two:
+`submit` (on the forward thread) records an event on vLLM's stream and the job's copies wait for
+it, so they land after whatever vLLM queued into those blocks first (the zeroing of new blocks);
+after the job's last copy an event is recorded on the loader's stream, and `finished` reports
+the request, and so lets vLLM's scheduler run it, only once that event has completed. That is
+vLLM 0.32's contract for `get_finished`: a request named in its receiving set is one whose
+blocks the next forward may read. A job that failed part way waits for its event too: vLLM
+recomputes into the blocks our copies may still be writing. On the CPU there are no streams
+and every copy is done when the job ends.
+
 The loader thread runs at a lower CPU priority (`NICENESS`): on a machine whose cores the
 forward already uses, a landing load then takes its time rather than the running streams'.
 When the engine has nothing else to do (`wait_idle`) the forward thread sleeps instead of
@@ -30,9 +41,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -60,10 +72,45 @@ class _Job:
     verified: str = "off"
     seconds: float = 0.0
     invalid: set[int] = field(default_factory=set)
+    after: Any = None  # event on vLLM's stream that the job's copies wait for (GPU)
+    landed: Any = None  # event after the job's last copy (GPU); None: nothing in flight
 
     def fail(self, reason: str) -> None:
         if self.failure is None:
             self.failure = reason
+
+
+class DeviceOrder:
+    """Orders the loader's copies against vLLM's stream with CUDA events; no-ops on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def mark(self):
+        """On the forward thread: an event after everything vLLM's stream has queued so far."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    @contextlib.contextmanager
+    def copies(self, after) -> Iterator[list]:
+        """Copies inside go on the loader's stream, after `after`; yields a list that holds,
+        once the block exits, the event that completes when they have all landed."""
+        landed: list = []
+        if self.stream is None:
+            yield landed
+            return
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            try:
+                yield landed
+            finally:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                landed.append(event)
 
 
 def _lower_priority() -> None:
@@ -84,6 +131,7 @@ class KVLoader:
         guard: StoreGuard,
         counters: Counters,
         verify: bool = False,
+        order: DeviceOrder | None = None,
     ) -> None:
         self._backend = backend
         self.layout = layout
@@ -92,6 +140,7 @@ class KVLoader:
         self.guard = guard
         self.counters = counters
         self.verify = verify
+        self.order = order or DeviceOrder(caches.layers[0].device)
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="splitwise-load", initializer=_lower_priority
         )
@@ -106,7 +155,8 @@ class KVLoader:
             with self._changed:
                 self._running.add(plan.req_id)
             verified = "ok" if self.verify else "off"
-            self._executor.submit(self._run, _Job(plan, loaded_to=plan.start, verified=verified))
+            job = _Job(plan, loaded_to=plan.start, verified=verified, after=self.order.mark())
+            self._executor.submit(self._run, job)
 
     def wait_idle(self, timeout: float) -> None:
         """Sleeps until a job ends or `timeout` passes, if any job is still running."""
@@ -115,9 +165,11 @@ class KVLoader:
                 self._changed.wait(timeout)
 
     def finished(self) -> tuple[set[str], set[int]]:
-        """Requests whose load ended since the last call, and the blocks left to recompute."""
+        """Requests whose load ended, and whose copies have landed, since the last call, and
+        the blocks left to recompute."""
         with self._changed:
-            jobs, self._done = self._done, []
+            jobs = [job for job in self._done if job.landed is None or job.landed.query()]
+            self._done = [job for job in self._done if job not in jobs]
         for job in jobs:
             req_id = job.plan.req_id
             if job.tail is not None and req_id not in self._gone:
@@ -144,18 +196,20 @@ class KVLoader:
 
     def _run(self, job: _Job) -> None:
         started = time.perf_counter()
-        try:
-            self.guard.check()
-            self._fetch(job)
-            self.guard.ok()
-        except StoreDown as exc:
-            job.fail(f"store: {exc}")
-        except (StoreError, OSError) as exc:
-            self.guard.failed(exc)
-            job.fail(f"store: {exc}")
-        except Exception as exc:  # a bug of ours must cost a recompute, not the engine
-            logger.exception("splitwise load req=%s failed", job.plan.req_id)
-            job.fail(f"{type(exc).__name__}: {exc}")
+        with self.order.copies(job.after) as landed:
+            try:
+                self.guard.check()
+                self._fetch(job)
+                self.guard.ok()
+            except StoreDown as exc:
+                job.fail(f"store: {exc}")
+            except (StoreError, OSError) as exc:
+                self.guard.failed(exc)
+                job.fail(f"store: {exc}")
+            except Exception as exc:  # a bug of ours must cost a recompute, not the engine
+                logger.exception("splitwise load req=%s failed", job.plan.req_id)
+                job.fail(f"{type(exc).__name__}: {exc}")
+        job.landed = landed[0] if landed else None
         job.seconds = time.perf_counter() - started
         self._finish(job)
 

@@ -31,6 +31,8 @@ COUNTERS: dict[str, str] = {
     "saved_bytes": "Bytes of KV chunks written to the store",
     "save_seconds": "Seconds spent gathering, encoding and writing saved KV",
     "save_failures": "Chunks that could not be saved (store down, full, too slow)",
+    "save_dropped": "Chunks not saved because the save queue was full (saves never wait)",
+    "save_late": "Answers a producer sent before their prompt's chunks were stored",
     "store_unavailable": "Requests that computed their prompt because the store was down",
 }
 

@@ -12,7 +12,8 @@ a `StepPlan` per step:
 - tails: the step in which a loaded request computes its last prompt token, so the worker can
   put the prefill's KV for that token back (see `LoadPlan.tail`);
 - saves: whole chunks, each as soon as its last token has been computed, so chunked prefill
-  saves every step's completed chunks and the final partial chunk.
+  saves every step's completed chunks and the final partial chunk; a request preempted and
+  resumed goes on saving from its new blocks where it left off.
 """
 
 from __future__ import annotations
@@ -21,13 +22,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from splitwise_local.connector.keys import (
-    NO_EXTRAS,
-    KeyExtras,
-    KeyIdentity,
-    chunk_keys,
-    chunk_spans,
-)
+from splitwise_local.connector.keys import KeyIdentity, chunk_keys, chunk_spans
 from splitwise_local.connector.lookups import Lookup
 
 logger = logging.getLogger("splitwise_local.connector")
@@ -86,11 +81,13 @@ class TailPlan:
 
 @dataclass
 class SavePlan:
-    """Store `chunks`, whose tokens are all computed now, from the request's blocks."""
+    """Store `chunks`, whose tokens are all computed now, from the request's blocks;
+    `completes_prompt` when they include the prompt's last chunk."""
 
     req_id: str
     chunks: list[ChunkRef]
     block_ids: list[int]
+    completes_prompt: bool = False
 
 
 @dataclass
@@ -122,10 +119,8 @@ class _Match:
     stored_chunks: int
 
 
-def prompt_chunks(
-    identity: KeyIdentity, token_ids: Sequence[int], extras: KeyExtras = NO_EXTRAS
-) -> list[ChunkRef]:
-    per_rank = [chunk_keys(rank, token_ids, extras) for rank in identity.all_ranks()]
+def prompt_chunks(identity: KeyIdentity, token_ids: Sequence[int]) -> list[ChunkRef]:
+    per_rank = [chunk_keys(rank, token_ids) for rank in identity.all_ranks()]
     spans = chunk_spans(len(token_ids), identity.chunk_size)
     return [
         ChunkRef(tuple(keys), start, end)
@@ -179,20 +174,10 @@ class Planner:
         self._stored: dict[str, int] = {}  # chunks the store held when the load was planned
         self._new_loads: list[LoadPlan] = []
         self._tracked: dict[str, _Tracked] = {}
-        self._extras: dict[str, KeyExtras | None] = {}  # None: neither loaded nor saved
-
-    def admit(self, req_id: str, extras: KeyExtras | None) -> None:
-        """What the request's keys cover besides its tokens (`keys.request_key_extras`); None
-        when the keys cannot cover the request: it is then neither loaded nor saved. The
-        connector admits every request in `get_num_new_matched_tokens`, which vLLM calls before
-        it first schedules one (and again after a preemption); a request never admitted (unit
-        tests) is keyed by its tokens alone."""
-        self._extras[req_id] = extras
 
     def chunks_of(self, req_id: str, token_ids: Sequence[int]) -> list[ChunkRef]:
         if req_id not in self._chunks:
-            extras = self._extras.get(req_id) or NO_EXTRAS
-            self._chunks[req_id] = prompt_chunks(self.identity, token_ids, extras)
+            self._chunks[req_id] = prompt_chunks(self.identity, token_ids)
         return self._chunks[req_id]
 
     def match(self, req_id: str, token_ids: Sequence[int], num_computed: int) -> int | None:
@@ -203,8 +188,6 @@ class Planner:
         serde is lossless) the load keeps its stored KV for the tail.
         """
         if not self.loads or len(token_ids) < 2 or req_id in self._attempted:
-            return 0
-        if self._extras.get(req_id, NO_EXTRAS) is None:
             return 0
         chunks = self.chunks_of(req_id, token_ids)
         answer = self.lookup(req_id, chunk_keys_of(chunks))
@@ -262,8 +245,6 @@ class Planner:
         plan: StepPlan,
     ) -> None:
         """A request scheduled for the first time (also right after its load finished)."""
-        if self._extras.get(req_id, NO_EXTRAS) is None:
-            return
         chunks = self.chunks_of(req_id, token_ids)
         if req_id in self._tails:
             self._tails.discard(req_id)
@@ -294,8 +275,23 @@ class Planner:
             tracked.block_ids.extend(new_block_ids)
         self._plan_saves(req_id, tracked, computed_after, plan)
 
+    def resumed(
+        self, req_id: str, block_ids: list[int], computed_after: int, plan: StepPlan
+    ) -> None:
+        """A preempted request runs again in `block_ids`, all new (its old blocks were freed).
+
+        Chunks saved before the preemption stay saved; the rest are saved from the new blocks as
+        the engine computes them again. A tail still to patch is dropped: the loaded KV is gone.
+        """
+        self._tails.discard(req_id)
+        tracked = self._tracked.get(req_id)
+        if tracked is None:
+            return
+        tracked.block_ids = list(block_ids)
+        self._plan_saves(req_id, tracked, computed_after, plan)
+
     def finished(self, req_id: str) -> None:
-        for table in (self._chunks, self._matched, self._stored, self._tracked, self._extras):
+        for table in (self._chunks, self._matched, self._stored, self._tracked):
             table.pop(req_id, None)
         self._attempted.discard(req_id)
         self._tails.discard(req_id)
@@ -310,4 +306,5 @@ class Planner:
             ready.append(chunk)
             tracked.next_chunk += 1
         if ready:
-            plan.saves.append(SavePlan(req_id, ready, list(tracked.block_ids)))
+            last = tracked.next_chunk == len(tracked.chunks)
+            plan.saves.append(SavePlan(req_id, ready, list(tracked.block_ids), last))

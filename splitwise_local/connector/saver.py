@@ -1,19 +1,44 @@
 """Worker side, saving: the chunks a step completed go from the paged cache to the store.
 
-After the step's forward (`wait_for_save`) every planned chunk is gathered, all layers at once,
-into a token-major tensor of its own; a background thread checks which of them the store holds
-already (a shared prefix, a chunk this engine loaded), encodes the rest and puts them. The step
-waits for those puts, so when the engine answers, every chunk is readable by any other engine;
-but never longer than `DEADLINE_S`: a frozen store then costs the saves, not the engine, and
-the `StoreGuard` stops further saves until the store answers again.
+Saves run off the forward path. In `wait_for_save` every planned chunk is gathered, all layers
+at once, into a token-major tensor of its own (on a GPU: a device copy, then a non-blocking copy
+to pinned host memory, with a CUDA event after it), and the forward goes on; one background
+thread waits for that event, checks which chunks the store holds already (a shared prefix, a
+chunk this engine loaded), encodes the rest and puts them. The gathered copies wait in a queue
+bounded by bytes (`queue_bytes`): a request whose chunks do not fit is not saved from there on
+(its later chunks would be unreachable, keys chain) and counted in `save_dropped`; nothing ever
+waits for room. A store that fails or times out opens this saver's own `StoreGuard`, never the
+one loads use, so a store that is slow to write keeps serving loads.
+
+Why gather in the step rather than let vLLM keep the blocks (`request_finished` returning
+`delay_free_blocks` until `get_finished` reports the request in `finished_sending`): vLLM 0.32
+frees a *preempted* request's blocks without asking the connector (`Scheduler._preempt_request`),
+so a put still reading them could store another request's KV; a copy taken within the step is
+ours whatever vLLM does with the blocks next. On a GPU the gather is queued on vLLM's stream,
+before anything a later step writes into those blocks. The copy costs one memory-bound pass over
+the chunk, far below what computing it cost.
+
+When the engine answers, its prompt's chunks are in the store: the proxy sends the request on to
+decode as soon as prefill answers, and decode asks the store once. vLLM 0.32 sends a request's
+answer in the step in which it stops, whatever `request_finished` returns
+(`Scheduler.update_from_output` emits the finished `EngineCoreOutput` right after
+`_free_request`; `delay_free_blocks` only holds the blocks), so the connector cannot hold the
+answer back without holding the step. A pure producer (the prefill engine, whose answers carry
+nothing but the KV they stored) therefore waits in `wait_for_save` for the puts of the chunks
+that complete a prompt, at most `answer_wait_s`, and only when the queue had nothing older
+pending: a store that keeps up costs the step one put, as before; a slow one costs at most one
+bounded wait and then none while it is behind (each such answer counted in `save_late`; decode
+then finds fewer chunks and computes the rest). An engine that also decodes (kv_both) never
+waits: nobody is waiting for its saves.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -24,7 +49,8 @@ from splitwise_local.connector.metrics import Counters
 from splitwise_local.connector.planner import SavePlan
 
 logger = logging.getLogger("splitwise_local.connector")
-DEADLINE_S = 2.0
+QUEUE_BYTES = 512 << 20
+ANSWER_WAIT_S = 1.0
 
 
 def to_host(rows: torch.Tensor) -> torch.Tensor:
@@ -50,7 +76,7 @@ def copies_done(device: torch.device):
 
 
 class KVSaver:
-    """Stores the chunks of `SavePlan`s; one instance per worker."""
+    """Stores the chunks of `SavePlan`s in the background; one instance per worker."""
 
     def __init__(
         self,
@@ -60,73 +86,126 @@ class KVSaver:
         caches: LayerCaches,
         *,
         rank: int,
-        guard: StoreGuard,
         counters: Counters,
-        deadline_s: float = DEADLINE_S,
+        queue_bytes: int = QUEUE_BYTES,
+        answer_wait_s: float = 0.0,
+        guard: StoreGuard | None = None,
     ) -> None:
         self._backend = backend
         self.codec = codec
         self.layout = layout
         self.caches = caches
         self.rank = rank
-        self.guard = guard
         self.counters = counters
-        self.deadline_s = deadline_s
+        self.queue_bytes = queue_bytes
+        self.answer_wait_s = answer_wait_s
+        self.guard = guard or StoreGuard("saves")
+        first = caches.layers[0]
+        self._token_bytes = (
+            len(caches) * layout.kv * layout.heads * layout.head_size * first.element_size()
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitwise-save")
-        self._skipped: set[str] = set()  # requests already told that their saves are skipped
+        self._lock = threading.Lock()
+        self._queued = 0  # bytes gathered and not yet stored (or given up)
+        self._active: set[str] = set()  # requests with saves, until vLLM finishes them
+        self._stopped: dict[str, str] = {}  # requests not saved from some chunk on, and why
+
+    @property
+    def queued_bytes(self) -> int:
+        with self._lock:
+            return self._queued
 
     def save(self, plans: Sequence[SavePlan]) -> None:
-        """Gathers every planned chunk now and waits (bounded) until they are stored."""
+        """Gathers every planned chunk that fits the queue and hands it to the save thread.
+
+        Returns at once, except for the bounded wait for a prompt's last chunks (`answer_wait_s`).
+        """
         if not plans:
             return
+        with self._lock:
+            self._active.update(plan.req_id for plan in plans)
         try:
             self.guard.check()
         except StoreDown as exc:
             for plan in plans:
-                self.counters.add(save_failures=len(plan.chunks))
-                if plan.req_id not in self._skipped:
-                    self._skipped.add(plan.req_id)
-                    logger.warning("splitwise save skipped req=%s: %s", plan.req_id, exc)
+                self._give_up(plan, "save_failures", f"skipped: {exc}")
             return
         device = self.caches.layers[0].device
-        pending: list[tuple[SavePlan, Future]] = []
+        behind = self.queued_bytes > 0
+        answers = []
         for plan in plans:
+            with self._lock:
+                stopped = self._stopped.get(plan.req_id)
+            if stopped is not None:
+                self.counters.add(**{stopped: len(plan.chunks)})
+                continue
+            size = sum(chunk.end - chunk.start for chunk in plan.chunks) * self._token_bytes
+            with self._lock:
+                fits = self._queued + size <= self.queue_bytes
+                if fits:
+                    self._queued += size
+            if not fits:
+                queued = self.queued_bytes
+                self._give_up(plan, "save_dropped", f"save queue full ({queued >> 20} MiB)")
+                continue
             started = time.perf_counter()
             rows = []
             for chunk in plan.chunks:
                 slots = slots_for(plan.block_ids, chunk.start, chunk.end, self.layout.block_size)
                 rows.append(to_host(self.layout.gather(self.caches, slots)))
             gathered = time.perf_counter() - started
-            job = self._executor.submit(self._put, plan, rows, copies_done(device), gathered)
-            pending.append((plan, job))
-        _, late = wait([job for _, job in pending], timeout=self.deadline_s)
-        failures = []
-        for plan, job in pending:
-            if job in late:
-                failures.append(f"req={plan.req_id}: no answer within {self.deadline_s} s")
-                self.counters.add(save_failures=len(plan.chunks))
-            elif job.exception() is not None:
-                failures.append(f"req={plan.req_id}: {job.exception()}")
-                self.counters.add(save_failures=len(plan.chunks))
-        if late:
-            self.guard.failed(TimeoutError(f"saves took over {self.deadline_s} s"))
-        if failures:
-            logger.error("splitwise: %d chunk saves failed: %s", len(failures), failures[0])
+            job = self._executor.submit(self._put, plan, rows, copies_done(device), gathered, size)
+            if plan.completes_prompt and self.answer_wait_s > 0 and not behind:
+                answers.append((plan, job))
+        if answers:
+            _, late = wait([job for _, job in answers], timeout=self.answer_wait_s)
+            for plan, job in answers:
+                if job in late:
+                    self.counters.add(save_late=1)
+                    logger.info(
+                        "splitwise save-late req=%s: answering before its chunks are stored "
+                        "(no put within %.1f s)", plan.req_id, self.answer_wait_s,
+                    )  # fmt: skip
 
-    def _put(self, plan: SavePlan, rows: list[torch.Tensor], copied, gathered: float) -> None:
+    def _give_up(self, plan: SavePlan, counter: str, reason: str) -> None:
+        """This and every later chunk of the request go unsaved, counted under `counter`."""
+        self.counters.add(**{counter: len(plan.chunks)})
+        with self._lock:
+            first = plan.req_id in self._active and plan.req_id not in self._stopped
+            if first:
+                self._stopped[plan.req_id] = counter
+        if first:
+            logger.warning(
+                "splitwise save req=%s stops at tokens %d-: %s",
+                plan.req_id, plan.chunks[0].start, reason,
+            )  # fmt: skip
+
+    def _put(
+        self, plan: SavePlan, rows: list[torch.Tensor], copied, gathered: float, size: int
+    ) -> None:
+        """On the save thread: never raises (the result is counted and logged)."""
+        try:
+            self.guard.check()  # a store that failed meanwhile: the queue drains at once
+            self._store(plan, rows, copied, gathered)
+        except StoreDown as exc:
+            self._give_up(plan, "save_failures", f"skipped: {exc}")
+        except Exception as exc:  # the store's errors, or a bug of ours: the cache pays
+            self.guard.failed(exc)
+            self._give_up(plan, "save_failures", f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._queued -= size
+
+    def _store(self, plan: SavePlan, rows: list[torch.Tensor], copied, gathered: float) -> None:
         started = time.perf_counter()
         if copied is not None:
             copied.synchronize()  # the GPU-to-host copies of these chunks have landed
         keys = [chunk.keys[self.rank] for chunk in plan.chunks]
         backend = self._backend()
-        try:
-            stored = backend.exists(keys)  # a shared prefix is in the store already
-            todo = zip(keys[stored:], rows[stored:], strict=True)
-            items = [(key, self.codec.encode(kv)) for key, kv in todo]
-            backend.put_many(items)
-        except Exception as exc:
-            self.guard.failed(exc)
-            raise
+        stored = backend.exists(keys)  # a shared prefix is in the store already
+        todo = zip(keys[stored:], rows[stored:], strict=True)
+        items = [(key, self.codec.encode(kv)) for key, kv in todo]
+        backend.put_many(items)
         self.guard.ok()
         put = plan.chunks[stored:]
         for chunk, (key, _) in zip(put, items, strict=True):
@@ -144,7 +223,11 @@ class KVSaver:
         )  # fmt: skip
 
     def forget(self, req_ids) -> None:
-        self._skipped.difference_update(req_ids)
+        """Requests vLLM finished: their chunks still queued are stored all the same."""
+        with self._lock:
+            for req_id in req_ids:
+                self._active.discard(req_id)
+                self._stopped.pop(req_id, None)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -43,6 +43,23 @@ def test_chunked_prefill_saves_each_chunk_once_when_complete_including_the_parti
     step3 = p.begin_step(idle=False)
     p.running_request("r", None, 301, step3)  # decoding: nothing more to save
     assert step3.saves == []
+    assert [s.completes_prompt for s in (step1.saves[0], step2.saves[0])] == [False, True]
+
+
+def test_a_preempted_request_goes_on_saving_from_its_new_blocks():
+    p = planner(loads=False, saves=True)
+    step1 = p.begin_step(idle=False)
+    p.new_request("r", PROMPT, [4, 5], 0, 200, step1)  # chunk 0-128 saved
+    step2 = p.begin_step(idle=False)
+    p.resumed("r", [7, 8, 9], 256, step2)  # preempted; recomputed in all-new blocks
+    (save,) = step2.saves
+    assert [(c.start, c.end) for c in save.chunks] == [(128, 256)]
+    assert save.block_ids == [7, 8, 9] and not save.completes_prompt
+    step3 = p.begin_step(idle=False)
+    p.running_request("r", None, 300, step3)
+    (save,) = step3.saves
+    assert [(c.start, c.end) for c in save.chunks] == [(256, 300)] and save.completes_prompt
+    assert save.block_ids == [7, 8, 9]
 
 
 def test_a_full_hit_loads_all_but_the_last_token_async_and_keeps_the_tail():

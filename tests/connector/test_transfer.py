@@ -1,15 +1,20 @@
 """The worker's data path against a real store: save, asynchronous load, and every failure a
 load can meet turned into blocks to recompute (never an exception), with the guard backing off
-from a dead store and the client reconnecting once it is back on the same address."""
+from a dead store and the client reconnecting once it is back on the same address; saves that
+never wait for the store (a bounded queue that drops what does not fit), a store slow to write
+that never switches loads off, and a load reported done only once its copies have landed."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 
 import pytest
 import torch
 
+from splitwise_local.bench.slow_store import hold_writes
 from splitwise_local.connector.codec import ChunkCodec
 from splitwise_local.connector.health import StoreGuard
 from splitwise_local.connector.keys import KeyIdentity
@@ -19,6 +24,7 @@ from splitwise_local.connector.metrics import Counters
 from splitwise_local.connector.planner import LoadPlan, SavePlan, prompt_chunks
 from splitwise_local.connector.saver import KVSaver
 from splitwise_local.store.backend import open_backend
+from splitwise_local.store.client import ShmClient
 from splitwise_local.store.server import ServerSettings, StoreServer
 from tests.store.helpers import unique_name
 
@@ -155,8 +161,153 @@ def test_a_dead_store_fails_loads_cleanly_and_a_restarted_one_serves_again(sourc
 def test_a_failed_save_is_counted_and_never_raises(source, chunks, store, caplog):
     client = open_backend(store.tcp_url)
     store.stop()
-    with caplog.at_level(logging.ERROR, logger="splitwise_local.connector"):
+    with caplog.at_level(logging.WARNING, logger="splitwise_local.connector"):
         counters = save(source, chunks, client)
     client.close()
-    assert "chunk saves failed" in caplog.text
+    assert "splitwise save req=save stops at tokens 0-" in caplog.text
     assert counters.data["save_failures"] == len(chunks)
+
+
+CHUNK_BYTES = 32 * 3 * 2 * 2 * 8 * 4  # 32 tokens x 3 layers x K,V x 2 heads x 8 x float32
+
+
+@pytest.fixture
+def held_store():
+    """A real store whose writes wait until the test opens the gate (reads never wait)."""
+    gate = threading.Event()
+    settings = ServerSettings(capacity=32 << 20, port=0, shm_name=unique_name())
+    server = StoreServer(settings).start()
+    hold_writes(server, gate.wait)
+    yield server, gate
+    gate.set()
+    server.stop()
+
+
+def other_prompt(seed: int):
+    identity = KeyIdentity("test-model", "float32", LAYOUT.name, 32)
+    return prompt_chunks(identity, range(seed, seed + TOKENS))
+
+
+def saver_of(caches, client, counters, **options) -> KVSaver:
+    return KVSaver(lambda: client, ChunkCodec("naive"), LAYOUT, caches, rank=0,
+                   counters=counters, **options)  # fmt: skip
+
+
+def until(condition, what: str, timeout: float = 30) -> None:
+    """A hang guard, not a timing claim."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def stored(client, chunks) -> int:
+    return client.exists([chunk.key for chunk in chunks])
+
+
+def test_saves_never_wait_for_the_store_and_what_does_not_fit_the_queue_is_dropped(
+    source, chunks, held_store, caplog
+):
+    server, gate = held_store
+    client = open_backend(server.shm_url)
+    counters = Counters()
+    saver = saver_of(source, client, counters, queue_bytes=2 * CHUNK_BYTES)
+    other = other_prompt(5000)
+    with caplog.at_level(logging.WARNING, logger="splitwise_local.connector"):
+        saver.save([SavePlan("a", chunks[:2], SOURCE_BLOCKS)])  # fits; its put is held
+        saver.save([SavePlan("b", other[:1], SOURCE_BLOCKS)])  # the queue is full
+        saver.save([SavePlan("a", chunks[2:], SOURCE_BLOCKS, completes_prompt=True)])
+        saver.save([SavePlan("b", other[1:], SOURCE_BLOCKS)])  # b stopped at its first chunk
+    # Every save returned while the store still held the first put back.
+    assert saver.queued_bytes == 2 * CHUNK_BYTES and stored(client, chunks) == 0
+    gate.set()
+    saver.close()
+    assert stored(client, chunks) == 2 and stored(client, other) == 0
+    stats = counters.take().data
+    assert stats["save_dropped"] == len(other) + len(chunks) - 2
+    assert stats["saves"] == 1 and stats["saved_tokens"] == 64 and stats["save_failures"] == 0
+    assert "splitwise save req=a stops at tokens 64-: save queue full" in caplog.text
+    assert "splitwise save req=b stops at tokens 0-: save queue full" in caplog.text
+    client.close()
+
+
+def test_a_producer_answers_once_its_prompt_is_stored_but_never_waits_long(
+    source, chunks, held_store
+):
+    server, gate = held_store
+    client = open_backend(server.shm_url)
+    counters = Counters()
+    saver = saver_of(source, client, counters, answer_wait_s=0.2)
+    late, behind, quick = other_prompt(5000), other_prompt(6000), other_prompt(7000)
+    saver.save([SavePlan("late", late, SOURCE_BLOCKS, completes_prompt=True)])
+    assert counters.take().data["save_late"] == 1  # gave up waiting, answered anyway
+    assert stored(client, late) == 0
+    saver.save([SavePlan("behind", behind, SOURCE_BLOCKS, completes_prompt=True)])
+    assert counters.take() is None  # a put still pending: did not wait at all, not late
+    gate.set()
+    until(lambda: saver.queued_bytes == 0, "the held puts land once the gate opens")
+    saver.save([SavePlan("quick", quick[:3], SOURCE_BLOCKS)])  # not the prompt's end: no wait
+    saver.save([SavePlan("quick", quick[3:], SOURCE_BLOCKS, completes_prompt=True)])
+    assert stored(client, quick) == len(quick)  # readable by anyone when save returns
+    assert counters.take().data["save_late"] == 0
+    saver.close()
+    assert stored(client, late) == len(late) and stored(client, behind) == len(behind)
+    client.close()
+
+
+def test_a_store_too_slow_to_write_switches_saves_off_but_never_loads(source, chunks, held_store):
+    server, gate = held_store
+    gate.set()
+    client = ShmClient(server.shm_name, timeout=0.5)
+    save(source, chunks, client)
+    gate.clear()  # from now on writes get no answer within the client's deadline
+    counters = Counters()
+    saver = saver_of(source, client, counters)
+    saver.save([SavePlan("slow", other_prompt(5000), SOURCE_BLOCKS)])
+    until(lambda: saver.guard.down, "the timed-out put opens the saves' guard")
+    loads = StoreGuard("loads")
+    _, done, invalid, _, stats = load(chunks, client, guard=loads)
+    assert done == {"load"} and invalid == set() and not loads.down
+    assert stats.data["loaded_tokens"] == TOKENS - 1
+    saver.save([SavePlan("next", other_prompt(6000), SOURCE_BLOCKS)])  # skipped, not tried
+    gate.set()
+    saver.close()
+    assert counters.take().data["save_failures"] == 2 * len(chunks)
+    client.close()
+
+
+class HeldCopies:
+    """Stands in for `DeviceOrder`'s CUDA events (no GPU here): the job's copies "land" when
+    the test says so, as an event on a busy stream completes some time after the job ends."""
+
+    def __init__(self) -> None:
+        self.landed = threading.Event()
+
+    def mark(self):
+        return None
+
+    @contextlib.contextmanager
+    def copies(self, after):
+        landed: list = []
+        yield landed
+        landed.append(self)
+
+    def query(self) -> bool:
+        return self.landed.is_set()
+
+
+def test_a_load_is_reported_only_once_its_copies_have_landed(source, chunks, backend):
+    save(source, chunks, backend)
+    target = LayerCaches([torch.zeros(2, 8, 16, 2, 8) for _ in range(3)])
+    copies = HeldCopies()
+    loader = KVLoader(lambda: backend, LAYOUT, target, rank=0, guard=StoreGuard("t"),
+                      counters=Counters(), order=copies)  # fmt: skip
+    loader.submit([LoadPlan("load", chunks, 0, TOKENS - 1, TARGET_BLOCKS)])
+    expected = token_rows(source, SOURCE_BLOCKS, 0, TOKENS - 1)
+    until(lambda: torch.equal(token_rows(target, TARGET_BLOCKS, 0, TOKENS - 1), expected),
+          "the job writes the blocks")  # fmt: skip
+    until(lambda: not loader._running, "the job ends")
+    assert loader.finished() == (set(), set())  # copies still in flight: vLLM must not read
+    copies.landed.set()
+    assert loader.finished() == ({"load"}, set())
+    loader.close()
