@@ -37,7 +37,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from splitwise_local.config import SplitwiseConfig, load_config
 from splitwise_local.connector.codec import ChunkCodec
 from splitwise_local.connector.health import StoreDown, StoreGuard
-from splitwise_local.connector.keys import KeyIdentity, key_identity, mla_layout, per_head_layout
+from splitwise_local.connector.keys import (
+    KeyIdentity,
+    Uncovered,
+    key_identity,
+    mla_layout,
+    per_head_layout,
+    request_key_extras,
+)
 from splitwise_local.connector.layout import LayerCaches, layout_for
 from splitwise_local.connector.loader import KVLoader
 from splitwise_local.connector.lookups import StoreLookups
@@ -287,6 +294,19 @@ class SplitwiseConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         assert self._planner is not None
+        extras = None
+        try:
+            extras = request_key_extras(request)
+        except Uncovered as why:
+            logger.info(
+                "splitwise req=%s: its KV depends on %s, which the chunk keys do not cover: "
+                "neither loaded nor saved", request.request_id, why,
+            )  # fmt: skip
+        except Exception:  # a bug of ours: this request is neither loaded nor saved
+            logger.exception("splitwise keys for req=%s failed", request.request_id)
+        self._planner.admit(request.request_id, extras)
+        if extras is None:
+            return 0, False
         try:
             tokens = request.prompt_token_ids or []
             matched = self._planner.match(request.request_id, tokens, num_computed_tokens)

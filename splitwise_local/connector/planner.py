@@ -22,7 +22,13 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from splitwise_local.connector.keys import KeyIdentity, chunk_keys, chunk_spans
+from splitwise_local.connector.keys import (
+    NO_EXTRAS,
+    KeyExtras,
+    KeyIdentity,
+    chunk_keys,
+    chunk_spans,
+)
 from splitwise_local.connector.lookups import Lookup
 
 logger = logging.getLogger("splitwise_local.connector")
@@ -119,8 +125,10 @@ class _Match:
     stored_chunks: int
 
 
-def prompt_chunks(identity: KeyIdentity, token_ids: Sequence[int]) -> list[ChunkRef]:
-    per_rank = [chunk_keys(rank, token_ids) for rank in identity.all_ranks()]
+def prompt_chunks(
+    identity: KeyIdentity, token_ids: Sequence[int], extras: KeyExtras = NO_EXTRAS
+) -> list[ChunkRef]:
+    per_rank = [chunk_keys(rank, token_ids, extras) for rank in identity.all_ranks()]
     spans = chunk_spans(len(token_ids), identity.chunk_size)
     return [
         ChunkRef(tuple(keys), start, end)
@@ -174,10 +182,20 @@ class Planner:
         self._stored: dict[str, int] = {}  # chunks the store held when the load was planned
         self._new_loads: list[LoadPlan] = []
         self._tracked: dict[str, _Tracked] = {}
+        self._extras: dict[str, KeyExtras | None] = {}  # None: neither loaded nor saved
+
+    def admit(self, req_id: str, extras: KeyExtras | None) -> None:
+        """What the request's keys cover besides its tokens (`keys.request_key_extras`); None
+        when the keys cannot cover the request: it is then neither loaded nor saved. The
+        connector admits every request in `get_num_new_matched_tokens`, which vLLM calls before
+        it first schedules one (and again after a preemption); a request never admitted (unit
+        tests) is keyed by its tokens alone."""
+        self._extras[req_id] = extras
 
     def chunks_of(self, req_id: str, token_ids: Sequence[int]) -> list[ChunkRef]:
         if req_id not in self._chunks:
-            self._chunks[req_id] = prompt_chunks(self.identity, token_ids)
+            extras = self._extras.get(req_id) or NO_EXTRAS
+            self._chunks[req_id] = prompt_chunks(self.identity, token_ids, extras)
         return self._chunks[req_id]
 
     def match(self, req_id: str, token_ids: Sequence[int], num_computed: int) -> int | None:
@@ -188,6 +206,8 @@ class Planner:
         serde is lossless) the load keeps its stored KV for the tail.
         """
         if not self.loads or len(token_ids) < 2 or req_id in self._attempted:
+            return 0
+        if self._extras.get(req_id, NO_EXTRAS) is None:
             return 0
         chunks = self.chunks_of(req_id, token_ids)
         answer = self.lookup(req_id, chunk_keys_of(chunks))
@@ -245,6 +265,8 @@ class Planner:
         plan: StepPlan,
     ) -> None:
         """A request scheduled for the first time (also right after its load finished)."""
+        if self._extras.get(req_id, NO_EXTRAS) is None:
+            return
         chunks = self.chunks_of(req_id, token_ids)
         if req_id in self._tails:
             self._tails.discard(req_id)
@@ -291,7 +313,7 @@ class Planner:
         self._plan_saves(req_id, tracked, computed_after, plan)
 
     def finished(self, req_id: str) -> None:
-        for table in (self._chunks, self._matched, self._stored, self._tracked):
+        for table in (self._chunks, self._matched, self._stored, self._tracked, self._extras):
             table.pop(req_id, None)
         self._attempted.discard(req_id)
         self._tails.discard(req_id)
