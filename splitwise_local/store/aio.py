@@ -61,10 +61,12 @@ class AsyncStoreClient:
             values.extend(await self._run(lambda b=batch: ops.get(b, new_buffer)))
         return values
 
-    async def exists(self, keys: Sequence[str | bytes]) -> int:
+    async def exists(self, keys: Sequence[str | bytes], touch: bool = True) -> int:
+        """How many of `keys`, from the first, are present; `touch=False` leaves their LRU
+        order as it is."""
         present = 0
         for batch in ops.batches([p.key_bytes(k) for k in keys]):
-            found = await self._run(lambda b=batch: ops.exists(b))
+            found = await self._run(lambda b=batch: ops.exists(b, touch))
             present += found
             if found < len(batch):
                 break

@@ -141,11 +141,12 @@ class StoreClient:
                 use(done, value)
                 done += 1
 
-    def exists(self, keys: Sequence[str | bytes]) -> int:
-        """How many of `keys`, from the first, are present."""
+    def exists(self, keys: Sequence[str | bytes], touch: bool = True) -> int:
+        """How many of `keys`, from the first, are present; `touch=False` leaves their LRU
+        order as it is."""
         present = 0
         for batch in ops.batches([p.key_bytes(k) for k in keys]):
-            found = self._run(lambda conn, batch=batch: conn.run(ops.exists(batch)))
+            found = self._run(lambda conn, batch=batch: conn.run(ops.exists(batch, touch)))
             present += found
             if found < len(batch):
                 break

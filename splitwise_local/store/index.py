@@ -179,8 +179,11 @@ class StoreIndex:
                     if slot.state is SlotState.DROPPED:
                         self._free(slot)
 
-    def exists_prefix(self, keys: Sequence[bytes], protocol: str = OURS) -> int:
-        """How many of `keys`, in order, are present; those are refreshed as recently used."""
+    def exists_prefix(
+        self, keys: Sequence[bytes], protocol: str = OURS, touch: bool = True
+    ) -> int:
+        """How many of `keys`, in order, are present; those are refreshed as recently used
+        unless `touch` is false."""
         with self._lock:
             counters = self.counters[protocol]
             for n, key in enumerate(keys):
@@ -188,7 +191,8 @@ class StoreIndex:
                     counters.lookup_hits += n
                     counters.lookup_misses += 1
                     return n
-                self._index.move_to_end(key)
+                if touch:
+                    self._index.move_to_end(key)
             counters.lookup_hits += len(keys)
             return len(keys)
 

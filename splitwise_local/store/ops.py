@@ -38,9 +38,11 @@ BATCH_ITEMS = 4096  # keys per frame: 4096 x (2 + 512 + 8) bytes stays under MAX
 Flow = Generator[Step, Any, T]
 
 
-def call(op: p.Op, count: int = 0, meta: bytes = b"", payload: Sequence[Buffer] = ()) -> Flow:
+def call(
+    op: p.Op, count: int = 0, meta: bytes = b"", payload: Sequence[Buffer] = (), flags: int = 0
+) -> Flow:
     """Sends one request and returns its (header, metadata); an error status raises."""
-    yield Send([p.frame(op, count, meta), *payload])
+    yield Send([p.frame(op, count, meta, flags), *payload])
     return (yield from response())
 
 
@@ -78,8 +80,9 @@ def get(keys: Sequence[bytes], allocate: Callable[[int], memoryview]) -> Flow[li
     return values
 
 
-def exists(keys: Sequence[bytes]) -> Flow[int]:
-    header, _ = yield from call(p.Op.EXISTS, len(keys), p.encode_keys(keys))
+def exists(keys: Sequence[bytes], touch: bool = True) -> Flow[int]:
+    flags = 0 if touch else p.Flag.NO_TOUCH
+    header, _ = yield from call(p.Op.EXISTS, len(keys), p.encode_keys(keys), flags=flags)
     return header.count
 
 

@@ -60,6 +60,7 @@ class Flag(IntFlag):
     """Request flags; unknown bits are refused so they stay free for later versions."""
 
     BEST_EFFORT = 1  # ALLOC: answer length -1 for a value that finds no room, not an error
+    NO_TOUCH = 2  # EXISTS: leave the keys' LRU order as it is (a router's probe is no use)
 
 
 class Status(IntEnum):
@@ -116,7 +117,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         raise FrameError(f"count {count} exceeds {MAX_COUNT}")
     if meta_len > MAX_META:
         raise FrameError(f"metadata length {meta_len} exceeds {MAX_META}")
-    if flags & ~int(Flag.BEST_EFFORT):
+    if flags & ~int(Flag.BEST_EFFORT | Flag.NO_TOUCH):
         raise FrameError(f"unknown flags {flags:#x}")
     return Header(code, count, meta_len, flags)
 

@@ -221,7 +221,8 @@ class Session:
             self.ctx.index.release([slot for slot in slots if slot is not None])
 
     def _exists(self, header: p.Header, meta: memoryview) -> None:
-        self._reply(self.ctx.index.exists_prefix(p.decode_keys(meta, header.count)))
+        touch = not header.flags & p.Flag.NO_TOUCH
+        self._reply(self.ctx.index.exists_prefix(p.decode_keys(meta, header.count), touch=touch))
 
     def _delete(self, header: p.Header, meta: memoryview) -> None:
         flags = bytes(self.ctx.index.delete(key) for key in p.decode_keys(meta, header.count))

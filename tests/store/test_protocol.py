@@ -27,7 +27,7 @@ def test_header_round_trip_and_size():
         (p.encode_header(1)[:4] + b"\x09" + p.encode_header(1)[5:], p.Status.UNSUPPORTED_VERSION),
         (p.HEADER.pack(p.MAGIC, p.VERSION, 1, 0, p.MAX_COUNT + 1, 0), p.Status.BAD_FRAME),
         (p.HEADER.pack(p.MAGIC, p.VERSION, 1, 0, 0, p.MAX_META + 1), p.Status.BAD_FRAME),
-        (p.HEADER.pack(p.MAGIC, p.VERSION, 1, 2, 0, 0), p.Status.BAD_FRAME),  # unknown flag
+        (p.HEADER.pack(p.MAGIC, p.VERSION, 1, 4, 0, 0), p.Status.BAD_FRAME),  # unknown flag
     ],
 )
 def test_bad_headers_are_refused_with_the_right_status(raw, status):
