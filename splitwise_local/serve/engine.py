@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from splitwise_local.serve.dtype import cpu_dtype
+
 Role = Literal["prefill", "decode", "both", "plain"]
 Device = Literal["cpu", "cuda"]
 Connector = Literal["splitwise", "lmcache"]
 KV_ROLES: dict[str, str] = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 CONNECTOR_NAME = "SplitwiseConnector"
 CONNECTOR_MODULE = "splitwise_local.connector"
-CPU_DEFAULT_ARGS = ("--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "2048")
+CPU_DEFAULT_ARGS = ("--enforce-eager", "--max-model-len", "2048")  # and --dtype: EngineSpec
 GPU_DEFAULT_ARGS = (
     "--enforce-eager",
     "--gpu-memory-utilization",
@@ -107,6 +109,7 @@ class EngineSpec:
     connector_extra: dict = field(default_factory=dict)
     connector: Connector = "splitwise"
     store_url: str | None = None  # lmcache: the store's lm:// address, if not remote_url's
+    dtype: str | None = None  # CPU: None means the fastest for this CPU (serve/dtype.py)
 
     def command(self) -> list[str]:
         """The vLLM API server's command line: our KV transfer config and the device's defaults,
@@ -125,8 +128,16 @@ class EngineSpec:
         kv = kv_transfer_config(self.role, self.config_file, self.connector_extra, self.connector)
         if kv is not None:
             cmd += ["--kv-transfer-config", json.dumps(kv)]
-        defaults = CPU_DEFAULT_ARGS if self.device == "cpu" else GPU_DEFAULT_ARGS
-        return cmd + merge_args(defaults, self.extra_args)
+        return cmd + merge_args(self.default_args(), self.extra_args)
+
+    def default_args(self) -> list[str]:
+        """vLLM flags for the device; on the CPU the dtype this CPU runs fastest, measured once
+        per machine, unless the caller's `--dtype` overrides it."""
+        if self.device != "cpu":
+            return list(GPU_DEFAULT_ARGS)
+        if _has_flag(self.extra_args, "--dtype"):
+            return list(CPU_DEFAULT_ARGS)
+        return [*CPU_DEFAULT_ARGS, "--dtype", self.dtype or cpu_dtype().dtype]
 
     def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The engine's environment: offline Hub, our config's path, and its CPU cores (OpenMP

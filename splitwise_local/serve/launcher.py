@@ -233,6 +233,7 @@ class Plan:
     prometheus: tuple[Child, Readiness] | None = None
     prometheus_url: str | None = None
     routing: dict[str, object] = field(default_factory=dict)  # ProxySettings' routing fields
+    dtype_line: str | None = None  # the engines' dtype and why, for the ready banner
 
     def urls(self, role: str) -> list[str]:
         """The base URLs of the engines of `role`, in order."""
@@ -365,6 +366,26 @@ def announce(console: Console, args: argparse.Namespace, model: Model, device: s
         where += " (no GPU found)"
     which = f"the embedded model {model.name}" if args.model is None else f"model {model.name}"
     console.say(LAUNCHER, f"serving {which} {where} ({model.folder})")
+
+
+def engine_dtype(device: str, extra: list[str], console: Console) -> tuple[list[str], str | None]:
+    """The engines' vLLM arguments with the dtype this CPU runs fastest (unless the caller's
+    `--dtype` says otherwise), and a line saying which and why. GPUs keep vLLM's own choice."""
+    from splitwise_local.serve.dtype import ProbeFailed, cache_path, cpu_dtype
+    from splitwise_local.serve.engine import merge_args
+
+    if device != "cpu":
+        return extra, None
+    if (given := flag_value(extra, "--dtype")) is not None:
+        return extra, f"dtype: {given} (given after --)"
+    if not cache_path().exists():
+        console.say(LAUNCHER, "measuring this CPU's fastest engine dtype (first run only)")
+    try:
+        choice = cpu_dtype()
+    except ProbeFailed as exc:
+        raise LaunchError(f"{exc}; pass `-- --dtype bfloat16` or `-- --dtype float32`") from None
+    line = f"dtype: {choice.dtype} ({choice.reason}; `-- --dtype X` overrides)"
+    return merge_args(["--dtype", choice.dtype], extra), line
 
 
 @dataclass(frozen=True)
@@ -530,6 +551,7 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         )
 
     extra = merge_args(["--served-model-name", model.name], args.extra)
+    extra, dtype_line = engine_dtype(device, extra, console)
     defaults = EngineDefaults(
         model=model.folder,
         device=device,
@@ -563,7 +585,8 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
         proxy_socket=listen(args.host, args.port),
         prometheus=prometheus,
         prometheus_url=f"http://127.0.0.1:{args.prometheus_port}" if prometheus else None,
-        routing=routing_settings(args, model.folder, device, config_file, extra, engines),
+        routing=routing_settings(args, model.folder, config_file, extra, engines),
+        dtype_line=dtype_line,
     )
 
 
@@ -616,7 +639,6 @@ def kv_roles(use_store: bool, disagg: str) -> dict[str, str]:
 def routing_settings(
     args: argparse.Namespace,
     model: Path,
-    device: str,
     config_file: Path | None,
     extra: list[str],
     engines: list[EngineMember],
@@ -625,7 +647,7 @@ def routing_settings(
     tokenizer and key identity (KV dtype, tensor-parallel size), and the store's config."""
     dtype = flag_value(extra, "--kv-cache-dtype") or "auto"
     if dtype == "auto":
-        dtype = flag_value(extra, "--dtype") or ("bfloat16" if device == "cpu" else "auto")
+        dtype = flag_value(extra, "--dtype") or "auto"  # on the CPU engine_dtype always sets it
     gpus = engines[0].spec.gpus
     return {
         "disagg": args.disagg,
@@ -647,6 +669,7 @@ def banner(plan: Plan, api_key: str | None) -> str:
         f"ready: {plan.proxy_url} (OpenAI-compatible; logs in {plan.run_dir}; "
         "Ctrl-C stops everything)\n"
         + "".join(f"  {line}\n" for line in engine_lines(plan))
+        + (f"  {plan.dtype_line}\n" if plan.dtype_line else "")
         + prometheus_line(plan)
         + f"  curl {plan.proxy_url}/v1/chat/completions -H 'Content-Type: application/json' "
         f"{auth}-d {shlex.quote(body)}"

@@ -83,6 +83,7 @@ def fake_env(tmp_path: Path, ports: Ports, modes: dict[int, str] | None = None) 
     env["FAKE_ENGINE_EVENTS"] = str(tmp_path / "events.jsonl")
     env["FAKE_PROXY_PORT"] = str(ports.proxy)
     env["FAKE_STORE_PORT"] = str(ports.store)
+    env.setdefault("SPLITWISE_CPU_DTYPE", "bfloat16")  # no real vLLM to measure a dtype with
     for port, mode in (modes or {}).items():
         env[f"FAKE_ENGINE_MODE_{port}"] = mode
     return env
