@@ -23,6 +23,7 @@ import pytest
 from splitwise_local.bench.engines import start_system
 from splitwise_local.config import SplitwiseConfig
 from splitwise_local.connector.keys import chunk_keys, key_identity, per_head_layout
+from splitwise_local.serve.dtype import cpu_dtype
 from tests.engine.checks import Reference, assert_matches, completion_tokens, reference_reply
 
 pytestmark = pytest.mark.engine
@@ -47,7 +48,7 @@ def system(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def identity(model_dir):
     layout = per_head_layout(3, 64)
-    return key_identity(model_dir, dtype="bfloat16", layout=layout, chunk_size=CHUNK)
+    return key_identity(model_dir, dtype=cpu_dtype().dtype, layout=layout, chunk_size=CHUNK)
 
 
 @pytest.fixture(scope="module")

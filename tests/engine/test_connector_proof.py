@@ -10,6 +10,7 @@ import torch
 from splitwise_local.bench.engines import start_system
 from splitwise_local.config import SplitwiseConfig
 from splitwise_local.connector.keys import chunk_keys, key_identity, per_head_layout
+from splitwise_local.serve.dtype import cpu_dtype
 
 pytestmark = pytest.mark.engine
 
@@ -39,7 +40,7 @@ def saved_keys(engine) -> list[str]:
 def test_the_proxy_derives_the_engines_identity_and_keys(system, model_dir, prose_tokens):
     """`key_identity` from plain facts gives the seed both engines log and the keys they store."""
     expected = key_identity(
-        model_dir, dtype="bfloat16", layout=per_head_layout(3, 64), chunk_size=256
+        model_dir, dtype=cpu_dtype().dtype, layout=per_head_layout(3, 64), chunk_size=256
     )
     for engine in system.engines.values():
         logged = re.findall(r"splitwise key identity (.*)", engine.child.log_path.read_text())

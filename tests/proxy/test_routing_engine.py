@@ -30,6 +30,7 @@ from splitwise_local.proxy.prefix import engine_identity
 from splitwise_local.proxy.settings import ProxySettings
 from splitwise_local.proxy.tokens import PromptTokenizer
 from splitwise_local.samples import LONG_PROMPT
+from splitwise_local.serve.dtype import cpu_dtype
 from tests.engine.checks import References, first_diff
 from tests.proxy.routes import route_of, routes_counted
 from tests.proxy.servers import Servers
@@ -215,7 +216,7 @@ def test_stored_prompts_go_straight_to_decode_and_answer_like_a_plain_engine(
     model = system.engines["decode"].model
     decode = system.engines["decode"]
     config = load_config(Path(system.supervisor.run) / "splitwise.yaml")
-    identity = engine_identity(model, "bfloat16", config.chunk_size)
+    identity = engine_identity(model, cpu_dtype().dtype, config.chunk_size)
     store = system.backend()
     hits = "vllm:external_prefix_cache_hits_total"
     messages = [{"role": "user", "content": LONG_PROMPT}]
