@@ -283,7 +283,8 @@ def run_fault(
     settle_s: float = 5.0,
 ) -> FaultResult:
     """Injects `fault` under `load`, waits until the component is back and a request sent after
-    the fault has succeeded, lets the load run `settle_s` more, and measures."""
+    the fault has succeeded, lets the load run `settle_s` more (and on until a request sent
+    after the system noticed has ended), and measures."""
     result = FaultResult(fault.name)
     others = sorted({f.component for f in FAULTS.values()} - {fault.component})
     before = {c: system.restarts(c) for c in (fault.component, *others)}
@@ -313,7 +314,15 @@ def run_fault(
         if thaw is None and result.back_s is not None and succeeded:
             break
         time.sleep(POLL_S)
-    time.sleep(settle_s)
+    # Settle, and (however slow this CPU) until a request sent after the notice has ended:
+    # what happens to those is what the fault is judged on.
+    settled = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        noticed_at = began + (result.noticed_s if result.noticed_s is not None else 0.0)
+        ended_after = any(c.ended is not None for c in load.since(noticed_at))
+        if time.monotonic() >= settled and ended_after:
+            break
+        time.sleep(POLL_S)
     if store is not None:
         if result.back_s is not None:
             result.hits_resumed = system.external_hits() > hits_at_back
