@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "sweep": "SLO attainment of one server across request rates and seeds (DistServe's metric)",
     "chaos": "faults under load (kill -9, freeze): failed requests, recovery seconds, orphans",
     "soak": "the mixed workload for N minutes: errors, latency per minute, RSS and fds drift",
+    "prefill": "prefill tokens/s of the launched system against plain bf16 and fp32 engines",
 }
 
 
