@@ -6,12 +6,13 @@ through prefill, send a copy with `max_tokens=1`, `stream=false` to the chosen p
 (whose KV connector stores the prompt's KV), and send the caller's original bytes to the chosen
 decode engine (which loads that KV) and relay its answer: whole, or as server-sent events chunk
 by chunk as they arrive (after the first event, so a stream the engine refuses at once is still
-answered with a plain 4xx). The answer carries the decision in an `x-splitwise-route` header and
-/metrics counts it. If prefill fails the decode engine computes the prompt itself (unless
-configured to fail); if no decode engine can be reached a prefill engine, a complete vLLM
-engine, serves the whole request, and with neither the caller gets a 503 with `Retry-After`.
-Engines' own error answers are passed through unchanged; the proxy's own errors use the OpenAI
-error shape. A caller that disconnects cancels whatever upstream request is running.
+answered with a plain 4xx). /metrics counts each decision; only with `route_detail` on does the
+answer carry it (`x-splitwise-route`) and do errors and /health name engine addresses. If
+prefill fails the decode engine computes the prompt itself (unless configured to fail); if no
+decode engine can be reached a prefill engine, a complete vLLM engine, serves the whole
+request, and with neither the caller gets a 503 with `Retry-After`. Engines' own error answers
+are passed through unchanged; the proxy's own errors use the OpenAI error shape. A caller that
+disconnects cancels whatever upstream request is running.
 
 The launcher, which supervises the engines, tells the proxy of every death and return
 (`engine_state`, from any thread): a dead engine gets no new request, and the answers still
@@ -21,9 +22,9 @@ being read from it end at once, a stream with an OpenAI-format error event and `
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -71,12 +72,19 @@ class BodyTooLarge(Exception):
     """The caller's body is over `max_body_bytes`: answered 413, never read whole."""
 
 
-def prefill_body(request: dict) -> bytes:
-    """The prefill engine's copy: one token, not streamed; only its KV cache is wanted.
+# Dropped from the prefill engine's copy: work whose result only the final answer needs (prompt
+# and token logprobs, echo, several choices), stream settings, and `min_tokens`, which vLLM
+# rejects above `max_tokens`.
+PREFILL_DROPPED = frozenset(
+    {"prompt_logprobs", "echo", "logprobs", "top_logprobs", "n", "best_of", "stream_options",
+     "min_tokens"}
+)  # fmt: skip
 
-    `min_tokens` is dropped because vLLM rejects `min_tokens > max_tokens`.
-    """
-    body = {k: v for k, v in request.items() if k not in ("stream_options", "min_tokens")}
+
+def prefill_body(request: dict) -> bytes:
+    """The prefill engine's copy: one token, one choice, not streamed; only its KV cache is
+    wanted (`PREFILL_DROPPED` says what else goes)."""
+    body = {k: v for k, v in request.items() if k not in PREFILL_DROPPED}
     body["max_tokens"] = 1
     if "max_completion_tokens" in body:
         body["max_completion_tokens"] = 1
@@ -158,7 +166,7 @@ class Proxy:
         """For the app's life: the router (its tokenizer takes seconds to load: off the event loop)
         and the session to the engines; both closed after."""
         self.router = await asyncio.to_thread(
-            build_router, self.settings, self.prefill, self.decode
+            build_router, self.settings, self.prefill, self.decode, self._served_models
         )
         async with open_session(self.settings.max_connections) as session:
             self._upstream = Upstream(session)
@@ -216,7 +224,7 @@ class Proxy:
             body = await self.upstream.read(pool, endpoint, answer)
         except UpstreamFailure as failure:
             self.metrics.errors.labels(failure.metric_kind).inc()
-            return failure.response(self.settings.retry_after_s)
+            return self._failed(failure)
         return passthrough(answer, body)
 
     async def health(self, request: Request) -> Response:
@@ -230,11 +238,16 @@ class Proxy:
             self.settings.fallback_to_prefill and any(prefill.values())
         )
         everything = all(prefill.values()) and all(decode.values())
+        if not self.settings.route_detail:  # engines by role and number, not by address
+            prefill, decode = (
+                {f"{role} {i}": up for i, up in enumerate(states.values())}
+                for role, states in (("prefill", prefill), ("decode", decode))
+            )
         body = {
             "status": "unavailable" if not servable else "ok" if everything else "degraded",
-            "prefill": {url: "up" if up else "down" for url, up in prefill.items()},
-            "decode": {url: "up" if up else "down" for url, up in decode.items()},
-            "down": [url for states in (prefill, decode) for url, up in states.items() if not up],
+            "prefill": {name: "up" if up else "down" for name, up in prefill.items()},
+            "decode": {name: "up" if up else "down" for name, up in decode.items()},
+            "down": [name for states in (prefill, decode) for name, up in states.items() if not up],
         }
         return JSONResponse(body, 200 if servable else 503)
 
@@ -299,7 +312,8 @@ class Proxy:
     ) -> Response:
         decision = await self.router.decide(route, body)
         response = await self._follow(decision, route, raw, body, headers, record)
-        response.headers[ROUTE_HEADER] = decision.header()
+        if self.settings.route_detail:
+            response.headers[ROUTE_HEADER] = decision.header()
         self.metrics.routes.labels(*decision.labels).inc()
         return response
 
@@ -379,7 +393,7 @@ class Proxy:
             return None
         if answer is not None:
             return passthrough(answer, content)
-        return failure.response(self.settings.retry_after_s)
+        return self._failed(failure)
 
     async def _generate(
         self,
@@ -405,7 +419,7 @@ class Proxy:
             if fallible and failure.kind == "unreachable":
                 raise
             self.metrics.errors.labels(failure.metric_kind).inc()
-            return failure.response(self.settings.retry_after_s)
+            return self._failed(failure)
         setattr(decision, pool.role, endpoint.url)
         self.router.served(endpoint, decision)
         streamed = answer.content_type == "text/event-stream"
@@ -415,7 +429,7 @@ class Proxy:
             content = await read(pool, endpoint, answer)
         except UpstreamFailure as failure:  # nothing reached the caller yet: a plain error
             self.metrics.errors.labels(failure.metric_kind).inc()
-            return failure.response(self.settings.retry_after_s)
+            return self._failed(failure)
         finally:
             pool.computed(endpoint, tokens)
         self.metrics.decode_ttft_seconds.labels(endpoint.url).observe(time.perf_counter() - started)
@@ -442,7 +456,8 @@ class Proxy:
         except UPSTREAM_ERRORS as exc:
             failure = self.upstream.failed(pool, endpoint, exc)
             self.metrics.errors.labels(f"{failure.metric_kind}_mid_stream").inc()
-            event = error_body(502, str(failure), code=failure.metric_kind)
+            message = str(failure) if self.settings.route_detail else failure.public
+            event = error_body(502, message, code=failure.metric_kind)
             yield f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.errors.labels("client_disconnected").inc()
@@ -453,15 +468,47 @@ class Proxy:
     # -- helpers -----------------------------------------------------------------------------
 
     def _deny(self, request: Request) -> Response | None:
-        """A 401 unless the caller shows the configured API key (constant-time compare)."""
+        """A 401 unless the caller shows the configured API key (constant-time compare), and
+        for a credential that is not ASCII whether a key is configured or not: it can be
+        neither compared as text nor forwarded to the engines as sent."""
+        auth = request.headers.get("authorization")
         key = self.settings.api_key
-        if key is None:
+        if auth is not None and not auth.isascii():
+            message = "malformed Authorization header"
+        elif key is None:
             return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), key):
-            return None
+        else:
+            scheme, _, token = (auth or "").partition(" ")
+            sent = token.strip().encode()
+            if scheme.lower() == "bearer" and hmac.compare_digest(sent, key.encode()):
+                return None
+            message = "missing or wrong API key"
         self.metrics.errors.labels("unauthorized").inc()
-        return error_response(401, "missing or wrong API key", "invalid_api_key")
+        return error_response(401, message, "invalid_api_key")
+
+    def _failed(self, failure: UpstreamFailure) -> Response:
+        """The caller's answer to an engine failure (engine addresses only with route_detail)."""
+        return failure.response(self.settings.retry_after_s, self.settings.route_detail)
+
+    async def _served_models(self) -> dict:
+        """An engine's `/v1/models` (decode's, prefill's while no decode engine is up): the
+        router learns the LoRA adapters' names and paths from it."""
+        pool = self._generating_pool()
+        now = time.monotonic()
+        endpoint = next((e for e in pool.endpoints if e.available(now)), None)
+        if endpoint is None:
+            raise LookupError(f"no {pool.role} engine to ask")
+        headers = self._engine_auth()
+        limit = aiohttp.ClientTimeout(total=self.settings.health_timeout_s)
+        async with self.upstream.session.get(
+            endpoint.url + "/v1/models", headers=headers, timeout=limit
+        ) as answer:
+            answer.raise_for_status()
+            return await answer.json()
+
+    def _engine_auth(self) -> dict[str, str]:
+        key = self.settings.api_key
+        return {"authorization": f"Bearer {key}"} if key else {}
 
     def _headers(self, request: Request) -> dict[str, str]:
         """Headers for the engines: JSON, the API key (ours, else the caller's), request id."""

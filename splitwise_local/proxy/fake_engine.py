@@ -41,6 +41,7 @@ class FakeBehaviour:
     fail_status: int | None = None
     max_prompt_words: int | None = None
     set_cookie: bool = False
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA name -> path, in /v1/models
 
 
 @dataclass
@@ -87,8 +88,14 @@ class FakeEngine:
         return Response(status_code=self.behaviour.fail_status or 200)
 
     async def _models(self, request: Request) -> Response:
-        model = {"id": self.behaviour.model, "object": "model", "owned_by": self.behaviour.name}
-        return JSONResponse({"object": "list", "data": [model]})
+        """The base model, then each LoRA adapter as vLLM lists it (`root`: its path)."""
+        behaviour = self.behaviour
+        cards = [{"id": behaviour.model, "object": "model", "owned_by": behaviour.name}]
+        cards += [
+            {"id": name, "object": "model", "root": path, "parent": behaviour.model}
+            for name, path in behaviour.adapters.items()
+        ]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def _complete(self, request: Request) -> Response:
         response = await self._answer(request)
@@ -104,7 +111,7 @@ class FakeEngine:
             return Response(status_code=499)
         if behaviour.fail_status:
             return _error(behaviour.fail_status, "fake engine failure", "InternalServerError")
-        if body.get("model") != behaviour.model:
+        if body.get("model") != behaviour.model and body.get("model") not in behaviour.adapters:
             message = f"The model `{body.get('model')}` does not exist."
             return _error(404, message, "NotFoundError", "model")
         words = _prompt_words(body)

@@ -7,6 +7,14 @@ checkpoint folder's config.json, without vLLM: the same model fingerprint, KV dt
 (per-head K/V or an MLA latent, heads per tensor-parallel rank) and chunk size the connector
 logs at startup; tests/proxy/test_routing_engine.py checks the keys against a real engine's.
 
+The keys also carry what the engines' keys carry besides tokens (`keys.KeyExtras`): the
+request's `cache_salt`, and the LoRA adapter its `model` names, with the path the engines
+registered it under (`ServedModels`, from an engine's `/v1/models`). What the proxy cannot
+name as the engine does (images and other non-text content, prompt embeddings) gets no keys:
+the tokenizer refuses such requests and they route as if nothing were stored.
+
+The store is asked with `touch=False`: a routing probe does not refresh the entries' LRU order.
+
 A store that does not answer is not an error for the caller: the lookup raises
 `StoreUnavailable`, the router routes as if nothing were stored, and this object stops asking
 for a back-off period (doubling, capped) so a dead store costs no per-request timeout. It logs
@@ -20,11 +28,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitwise_local.connector.keys import (
+    NO_EXTRAS,
+    KeyExtras,
     KeyIdentity,
     chunk_spans,
     key_identity,
@@ -81,6 +91,64 @@ def engine_identity(
         chunk_size=chunk_size,
         tp_size=tp_size,
     )
+
+
+class ServedModels:
+    """The `model` names the engines answer to, learnt from an engine's `/v1/models`: base
+    models, and LoRA adapters (a card with a `parent`) with the path vLLM registered them
+    under (the card's `root`), which its block hash and our keys cover.
+
+    `fetch()` returns that page's JSON; a name not seen yet makes it ask again, at most every
+    `refresh_s` seconds.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], Awaitable[dict]],
+        refresh_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._fetch = fetch
+        self._refresh_s = refresh_s
+        self._clock = clock
+        self._asked_at: float | None = None
+        self.base: set[str] = set()
+        self.adapters: dict[str, tuple[str, str]] = {}
+
+    async def extras(self, body: dict) -> KeyExtras | None:
+        """The request's `KeyExtras`, None when its keys cannot be named exactly (an unknown
+        model name, a salt that is not a string: the engine refuses those anyway)."""
+        salt = body.get("cache_salt")
+        if salt is not None and not isinstance(salt, str):
+            return None
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            return None
+        if model is not None and not self._knows(model) and self._may_ask():
+            await self._learn()
+        if model is not None and not self._knows(model):
+            return None
+        lora = self.adapters.get(model) if model is not None else None
+        if lora is None and not salt:
+            return NO_EXTRAS
+        return KeyExtras(lora=lora, cache_salt=salt or None)
+
+    def _knows(self, model: str) -> bool:
+        return model in self.base or model in self.adapters
+
+    def _may_ask(self) -> bool:
+        return self._asked_at is None or self._clock() - self._asked_at >= self._refresh_s
+
+    async def _learn(self) -> None:
+        self._asked_at = self._clock()
+        try:
+            cards = (await self._fetch())["data"]
+            base = {c["id"] for c in cards if not c.get("parent")}
+            adapters = {c["id"]: (c["id"], c["root"]) for c in cards if c.get("parent")}
+        except Exception as exc:  # an engine down or not vLLM: those names stay unknown
+            log.info("cannot learn the engines' model names: %r", exc)
+            return
+        self.base, self.adapters = base, adapters
 
 
 class StoredPrefix:
@@ -164,7 +232,7 @@ class StoredPrefix:
             if self._client is None:
                 token = self._config.store_auth_token
                 self._client = AsyncStoreClient(self.url, token, timeout=self._timeout_s)
-            return await self._client.exists(list(keys))
+            return await self._client.exists(list(keys), touch=False)
         # Other backends (Mooncake) have a sync client: run it off the event loop.
         if self._client is None:
             self._client = await asyncio.to_thread(self._open_sync)

@@ -12,7 +12,8 @@ to which engine of each role.
   `prefill_busy`); otherwise through
   prefill (`long_uncached`). Without token ids (a request tokens.py does not follow, no
   tokenizer) it goes through prefill (`tokens_unknown`), and likewise while the store does not
-  answer (`store_unavailable`): always safe, never a failed request.
+  answer (`store_unavailable`): always safe, never a failed request. A request whose keys the
+  proxy cannot name as the engines do (a `model` no engine lists) counts nothing as stored.
 
 Unlike Dynamo's rule there is no ratio condition: a short prompt with nothing stored also goes
 straight to decode, because on its own a short prompt costs decode less than the hand-over.
@@ -24,8 +25,9 @@ Engines are ranked by policy (settings `prefill_policy`, `decode_policy`):
   computed or loaded lately), then as least_loaded. Prefill defaults to it; decode engines load
   any stored prefix from the shared store, so by default they are picked by load.
 
-Each decision is a `Decision`, counted in /metrics by policy, path and reason and returned to the
-caller in the `x-splitwise-route` header.
+Each decision is a `Decision`, counted in /metrics by policy, path and reason. The caller sees
+it in the `x-splitwise-route` header only when the operator turns `route_detail` on: path,
+reason and stored tokens tell whether someone else's prompt is stored.
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from splitwise_local.connector.keys import KeyIdentity, chunk_keys, chunk_spans
 from splitwise_local.proxy.pool import Endpoint, EnginePool, Rank, least_loaded
-from splitwise_local.proxy.prefix import StoredPrefix, engine_identity
+from splitwise_local.proxy.prefix import ServedModels, StoredPrefix, engine_identity
 from splitwise_local.proxy.settings import ProxySettings
 from splitwise_local.proxy.tokens import PromptTokenizer
 from splitwise_local.store.errors import StoreUnavailable
@@ -167,6 +169,7 @@ class Router:
         tokenizer: PromptTokenizer | None = None,
         identity: KeyIdentity = LOCAL_IDENTITY,
         stored: StoredPrefix | None = None,
+        models: ServedModels | None = None,
     ) -> None:
         self.settings = settings
         self.prefill = prefill
@@ -174,6 +177,7 @@ class Router:
         self.tokenizer = tokenizer
         self.identity = identity
         self.stored = stored
+        self.models = models
         self.memory = PrefixMemory(settings.affinity_chunks)
         # One thread: off the event loop, and never two calls into one tokenizer at once
         # (Hugging Face's Rust tokenizers refuse concurrent use: "Already borrowed").
@@ -206,7 +210,10 @@ class Router:
             token_ids = await loop.run_in_executor(
                 self._tokenizing, self.tokenizer.token_ids, api_route, body
             )
-        keys = chunk_keys(self.identity, token_ids) if token_ids else []
+        extras = None
+        if token_ids and self.models is not None:
+            extras = await self.models.extras(body)
+        keys = chunk_keys(self.identity, token_ids, extras) if extras is not None else []
         decision = Decision(
             policy, DISAGGREGATED, policy, token_ids, keys, self.identity.chunk_size
         )
@@ -217,7 +224,7 @@ class Router:
         if token_ids is None:
             decision.reason = "tokens_unknown"
             return decision
-        if self.stored is not None:
+        if self.stored is not None and keys:
             try:
                 decision.stored_tokens = await self.stored.tokens(token_ids, keys)
             except StoreUnavailable:
@@ -269,9 +276,15 @@ class Router:
             self.memory.remember(engine.url, decision.keys)
 
 
-def build_router(settings: ProxySettings, prefill: EnginePool, decode: EnginePool) -> Router:
+def build_router(
+    settings: ProxySettings,
+    prefill: EnginePool,
+    decode: EnginePool,
+    fetch_models: Callable[[], Awaitable[dict]] | None = None,
+) -> Router:
     """The router the settings describe: with the model's tokenizer and key identity when
-    `model` is set, asking the store of `kv_config` when that is set too.
+    `model` is set, asking the store of `kv_config` when that is set too; `fetch_models`
+    returns an engine's `/v1/models`, whose names (LoRA adapters) the keys cover.
 
     A tokenizer or config that cannot be loaded is logged and routing goes on without it
     (every auto request then goes through prefill, as `tokens_unknown`).
@@ -306,4 +319,5 @@ def build_router(settings: ProxySettings, prefill: EnginePool, decode: EnginePoo
         settings.disagg, settings.disagg_threshold_tokens, settings.prefill_policy,
         settings.decode_policy, stored.url if stored else "none", identity,
     )  # fmt: skip
-    return Router(settings, prefill, decode, tokenizer, identity, stored)
+    models = ServedModels(fetch_models) if fetch_models is not None else None
+    return Router(settings, prefill, decode, tokenizer, identity, stored, models)

@@ -89,6 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tp", type=int, dest="tp_size", help="the engines' tensor-parallel size")
     parser.add_argument(
+        "--route-detail",
+        action="store_true",
+        default=None,
+        help="show callers each request's route (x-splitwise-route: path, reason, stored "
+        "tokens, engines) and engine addresses in errors and /health; off by default, since "
+        "it tells any caller whether another caller's prompt is stored",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
@@ -110,7 +118,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         values["api_key"] = api_key
     for name in (
         "prefill_timeout_s", "decode_timeout_s", "max_body_bytes", "disagg",
-        "disagg_threshold_tokens", "model", "kv_config", "kv_dtype", "tp_size",
+        "disagg_threshold_tokens", "model", "kv_config", "kv_dtype", "tp_size", "route_detail",
     ):  # fmt: skip
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)

@@ -109,6 +109,12 @@ class ProxySettings(BaseModel):
     )
     tp_size: int = Field(default=1, gt=0, description="the engines' tensor-parallel size")
     store_timeout_s: float = Field(default=1.0, gt=0, description="longest wait for the store")
+    route_detail: bool = Field(
+        default=False,
+        description="show callers how each request was routed (the x-splitwise-route header: "
+        "path, reason, stored tokens, engines) and engine addresses in errors and /health; off, "
+        "a caller cannot learn whether another caller's prompt is stored",
+    )
 
     @model_validator(mode="after")
     def _prefill_unless_never(self) -> ProxySettings:

@@ -31,12 +31,14 @@ KEEPALIVE_S = 4.0
 
 class UpstreamFailure(Exception):
     """No answer from an engine of `role`; `kind` (unreachable, timeout, transport, died) says
-    why."""
+    why. The message names the engine, for logs and operators; `public` says the same without
+    its address, for callers."""
 
-    def __init__(self, role: str, kind: str, message: str) -> None:
+    def __init__(self, role: str, kind: str, message: str, public: str | None = None) -> None:
         super().__init__(message)
         self.role = role
         self.kind = kind
+        self.public = public or message
 
     @property
     def metric_kind(self) -> str:
@@ -44,11 +46,13 @@ class UpstreamFailure(Exception):
         answer's `code`."""
         return f"{self.role}_{self.kind}"
 
-    def response(self, retry_after_s: int | None = None) -> JSONResponse:
-        """The caller's error; a 503 (no engine to send to) says when to try again."""
+    def response(self, retry_after_s: int | None = None, detail: bool = False) -> JSONResponse:
+        """The caller's error (the engine's address only with `detail`); a 503 (no engine to
+        send to) says when to try again."""
         status = FAILURE_STATUS.get(self.kind, 502)
         headers = {"retry-after": str(retry_after_s)} if status == 503 and retry_after_s else None
-        return error_response(status, str(self), code=self.metric_kind, headers=headers)
+        message = str(self) if detail else self.public
+        return error_response(status, message, code=self.metric_kind, headers=headers)
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -128,11 +132,12 @@ class Upstream:
             pool.mark_up(endpoint)
             self._open[endpoint].add(response)
             return endpoint, response
+        public = f"every {pool.role} engine is marked down after failing; retrying later"
+        message = public
         if tried:
-            message = f"no {pool.role} engine reachable (tried {', '.join(e.url for e in tried)})"
-        else:
-            message = f"every {pool.role} engine is marked down after failing; retrying later"
-        raise UpstreamFailure(pool.role, "unreachable", message)
+            public = f"no {pool.role} engine reachable"
+            message = f"{public} (tried {', '.join(e.url for e in tried)})"
+        raise UpstreamFailure(pool.role, "unreachable", message, public)
 
     async def read(
         self, pool: EnginePool, endpoint: Endpoint, response: aiohttp.ClientResponse
@@ -193,8 +198,11 @@ class Upstream:
         kind = failure_kind(exc)
         if endpoint.dead is not None:  # never reached it: still worth trying another
             message = f"{pool.role} engine {endpoint.url} died: {endpoint.dead}"
-            return UpstreamFailure(pool.role, kind if kind == "unreachable" else "died", message)
+            public = f"{pool.role} engine died: {endpoint.dead}"
+            kind = kind if kind == "unreachable" else "died"
+            return UpstreamFailure(pool.role, kind, message, public)
         reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
         pool.mark_down(endpoint, reason)
         message = f"{pool.role} engine {endpoint.url}: {reason}"
-        return UpstreamFailure(pool.role, kind, message)
+        public = f"{pool.role} engine failed: {type(exc).__name__}"  # exc may name the address
+        return UpstreamFailure(pool.role, kind, message, public)

@@ -61,6 +61,27 @@ def test_whole_chat_prefills_one_token_then_returns_decode_answer(pair):
     assert decoded == body
 
 
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        (
+            "/v1/completions",
+            {**COMPLETION, "echo": True, "logprobs": 2, "prompt_logprobs": 1, "n": 3,
+             "best_of": 4, "stream": True, "stream_options": {"include_usage": True}},
+        ),
+        ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 2, "n": 2}),
+    ],
+)  # fmt: skip
+def test_the_prefill_hop_drops_what_only_the_final_answer_needs(pair, route, body):
+    prefill, decode, base = pair
+    assert httpx.post(base + route, json=body).status_code == 200
+    [(_, sent, _)] = prefill.record.requests
+    kept = {k: v for k, v in body.items() if k in ("model", "prompt", "messages")}
+    assert sent == {**kept, "max_tokens": 1, "stream": False}
+    [(_, decoded, _)] = decode.record.requests
+    assert decoded == body
+
+
 def test_streamed_completion_passes_decode_events_through(pair):
     prefill, decode, base = pair
     body = {**COMPLETION, "stream": True, "stream_options": {"include_usage": True}}
@@ -255,7 +276,14 @@ def test_api_key_is_required_and_forwarded(fake, proxy):
     prefill, prefill_url = fake(name="prefill")
     decode, decode_url = fake(name="decode")
     base = proxy(prefill=[prefill_url], decode=[decode_url], api_key="s3cret")
-    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+    malformed = [
+        {"authorization": "Bearer s3crét".encode()},  # UTF-8 bytes, read as latin-1
+        {"authorization": b"Bearer \xff\xfe"},  # not text at all
+        {"authorization": "Bearer s3cret\u00e9".encode("latin-1")},
+        {"authorization": b"Bearer"},
+        {"authorization": b"\xe9\xe9 s3cret"},
+    ]
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}, *malformed):
         response = httpx.post(base + "/v1/completions", json=COMPLETION, headers=headers)
         assert assert_openai_error(response, 401)["code"] == "invalid_api_key"
         assert httpx.get(base + "/v1/models", headers=headers).status_code == 401
@@ -267,6 +295,19 @@ def test_api_key_is_required_and_forwarded(fake, proxy):
     assert httpx.get(base + "/health").status_code == 200
 
 
+def test_a_credential_that_is_not_ascii_is_refused_without_a_key_too(pair):
+    prefill, decode, base = pair
+    for raw in ("Bearer s3crét".encode(), b"Bearer \xff\xfe"):
+        response = httpx.post(
+            base + "/v1/completions", json=COMPLETION, headers={"authorization": raw}
+        )
+        assert assert_openai_error(response, 401)["message"] == "malformed Authorization header"
+    assert prefill.record.requests == decode.record.requests == []
+    plain = {"authorization": "Bearer anything"}  # an engine with a key judges this one
+    assert httpx.post(base + "/v1/completions", json=COMPLETION, headers=plain).status_code == 200
+    assert decode.record.requests[0][2]["authorization"] == "Bearer anything"
+
+
 def test_health_says_which_engines_are_down(fake, proxy, dead_url):
     _, prefill_url = fake(name="prefill")
     _, decode_url = fake(name="decode")
@@ -275,7 +316,15 @@ def test_health_says_which_engines_are_down(fake, proxy, dead_url):
     assert healthy.status_code == 200 and healthy.json()["status"] == "ok"
     degraded = httpx.get(proxy(prefill=[prefill_url], decode=[decode_url, dead]) + "/health")
     assert degraded.status_code == 200
+    # Engines by role and number: their addresses are the operator's business.
     assert degraded.json() == {
+        "status": "degraded",
+        "prefill": {"prefill 0": "up"},
+        "decode": {"decode 0": "up", "decode 1": "down"},
+        "down": ["decode 1"],
+    }
+    detailed = proxy(prefill=[prefill_url], decode=[decode_url, dead], route_detail=True)
+    assert httpx.get(detailed + "/health").json() == {
         "status": "degraded",
         "prefill": {prefill_url: "up"},
         "decode": {decode_url: "up", dead: "down"},
@@ -287,7 +336,21 @@ def test_health_says_which_engines_are_down(fake, proxy, dead_url):
     sick = proxy(prefill=[prefill_url], decode=[dead], fallback_to_prefill=False)
     sick = httpx.get(sick + "/health")
     assert sick.status_code == 503
-    assert sick.json()["status"] == "unavailable" and sick.json()["down"] == [dead]
+    assert sick.json()["status"] == "unavailable" and sick.json()["down"] == ["decode 0"]
+
+
+@pytest.mark.parametrize("detail", [False, True])
+def test_errors_name_engine_addresses_only_with_route_detail(fake, proxy, dead_url, detail):
+    _, prefill_url = fake(name="prefill")
+    dead = dead_url()
+    base = proxy(
+        prefill=[prefill_url], decode=[dead], fallback_to_prefill=False, route_detail=detail
+    )
+    response = httpx.post(base + "/v1/chat/completions", json=CHAT)
+    error = assert_openai_error(response, 503)
+    assert "no decode engine reachable" in error["message"]
+    assert (dead in error["message"]) is detail
+    assert ("127.0.0.1" in response.text) is detail
 
 
 def test_requests_spread_round_robin_over_idle_engines(fake, proxy):

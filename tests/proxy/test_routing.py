@@ -4,7 +4,8 @@ takes, and how the decision shows in the `x-splitwise-route` header and /metrics
 The proxy runs with the embedded model's real tokenizer and a real store (in this process), so
 token ids, chunk keys and the store's `exists` are the real ones; only the engines are fakes
 (they record what they were sent). Whether the proxy's keys are the engine's own is checked
-against real engines in test_routing_engine.py.
+against real engines in test_routing_engine.py. These proxies run with `route_detail` on, so
+the header shows each decision; without it no answer carries one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 
 from splitwise_local.bench.scrape import total
 from splitwise_local.config import SplitwiseConfig, dump_config
-from splitwise_local.connector.keys import chunk_keys
+from splitwise_local.connector.keys import NO_EXTRAS, KeyExtras, chunk_keys
 from splitwise_local.models.checkpoint import prepare_default_model
 from splitwise_local.proxy.prefix import engine_identity
 from splitwise_local.proxy.routing import Decision, PrefixMemory, decide_auto
@@ -108,10 +109,11 @@ def kv_config(tmp_path, store):
 def routed(fake, proxy, model, kv_config):
     """`engines, url = routed(prefill=1, decode=1, **settings)`: fakes and a routing proxy."""
 
-    def start(prefill: int = 1, decode: int = 1, **settings):
+    def start(prefill: int = 1, decode: int = 1, adapters: dict | None = None, **settings):
+        adapters = adapters or {}
         engines = {
-            "prefill": [fake(name=f"prefill{i}") for i in range(prefill)],
-            "decode": [fake(name=f"decode{i}", tokens=3) for i in range(decode)],
+            "prefill": [fake(name=f"prefill{i}", adapters=adapters) for i in range(prefill)],
+            "decode": [fake(name=f"decode{i}", tokens=3, adapters=adapters) for i in range(decode)],
         }
         values = dict(
             prefill=[url for _, url in engines["prefill"]],
@@ -119,6 +121,7 @@ def routed(fake, proxy, model, kv_config):
             model=str(model),
             kv_config=str(kv_config[1]),
             disagg_threshold_tokens=THRESHOLD,
+            route_detail=True,
         )
         return engines, proxy(**{**values, **settings})
 
@@ -141,13 +144,13 @@ def pending_tokens(url: str) -> float:
     return total(url, "splitwise_proxy_engine_pending_tokens")
 
 
-def store_prompt(tokenizer, model, config, text: str) -> int:
-    """Puts (dummy) values under the prompt's chunk keys, as a prefill engine would; returns
-    the prompt's token count."""
+def store_prompt(tokenizer, model, config, text: str, extras: KeyExtras = NO_EXTRAS) -> int:
+    """Puts (dummy) values under the prompt's chunk keys (a request with `extras`), as a prefill
+    engine would; returns the prompt's token count."""
     ids = tokenizer.token_ids("/v1/chat/completions", chat(text))
     identity = engine_identity(model, "bfloat16", config.chunk_size)
     with open_backend(config.remote_url, config) as client:
-        for key in chunk_keys(identity, ids):
+        for key in chunk_keys(identity, ids, extras):
             client.put(key, b"kv")
     return len(ids)
 
@@ -290,3 +293,67 @@ def test_decode_engines_are_picked_by_load(routed):
     for _ in range(4):
         send(url, chat("Hi there!"))
     assert [len(e.record.requests) for e, _ in engines["decode"]] == [2, 2]
+
+
+# -- what the keys cover besides tokens, and what answers reveal ------------------------------
+
+
+def test_no_answer_reveals_the_route_unless_route_detail_is_on(routed, tokenizer, model, kv_config):
+    tokens = store_prompt(tokenizer, model, kv_config[0], LONG)
+    _, url = routed(route_detail=False)
+    for stream in (False, True):
+        reply = send(url, chat(LONG, stream))
+        assert "x-splitwise-route" not in reply.headers
+        assert "stored" not in str(reply.headers).lower()
+        assert str(tokens) not in reply.headers.values()
+    # The operator still sees every decision in /metrics.
+    assert routes_counted(url, "auto", "direct", "stored_prefix") == 2
+    _, detailed = routed()
+    route = route_of(send(detailed, chat(LONG)))
+    assert (route["reason"], int(route["stored_tokens"])) == ("stored_prefix", tokens)
+
+
+@pytest.mark.parametrize(
+    ("stored_as", "asked_as", "reason"),
+    [
+        ({"cache_salt": "tenant-a"}, {"cache_salt": "tenant-a"}, "stored_prefix"),
+        ({"cache_salt": "tenant-a"}, {"cache_salt": "tenant-b"}, "long_uncached"),
+        ({"cache_salt": "tenant-a"}, {}, "long_uncached"),
+        ({}, {"cache_salt": "tenant-a"}, "long_uncached"),
+        ({"lora": ("sql", "/adapters/sql")}, {"model": "sql"}, "stored_prefix"),
+        ({"lora": ("sql", "/adapters/sql")}, {"model": "chat"}, "long_uncached"),
+        ({"lora": ("sql", "/adapters/sql")}, {}, "long_uncached"),
+        ({}, {"model": "sql"}, "long_uncached"),
+    ],
+)
+def test_the_proxys_keys_are_the_connectors_for_salted_and_adapter_requests(
+    routed, tokenizer, model, kv_config, stored_as, asked_as, reason
+):
+    """The proxy finds a prompt stored under the connector's keys for the request's salt and
+    LoRA adapter (name and the path the engines list it under), and only then."""
+    store_prompt(tokenizer, model, kv_config[0], LONG, KeyExtras(**stored_as))
+    adapters = {"sql": "/adapters/sql", "chat": "/adapters/chat"}
+    _, url = routed(adapters=adapters)
+    route = route_of(send(url, {**chat(LONG), **asked_as}))
+    assert route["reason"] == reason
+
+
+def test_a_model_no_engine_lists_counts_nothing_as_stored(routed, tokenizer, model, kv_config):
+    store_prompt(tokenizer, model, kv_config[0], LONG)  # under the base model's keys
+    engines, url = routed(adapters={"sql": "/adapters/sql"})
+    body = {**chat(LONG), "model": "no-such-adapter"}
+    reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+    assert reply.status_code == 404  # the engines' verdict, passed through
+    assert route_of(reply)["stored_tokens"] == "0"
+    assert len(engines["prefill"][0][0].record.requests) == 1  # sent through prefill (refused)
+
+
+def test_routing_lookups_leave_the_stores_lru_order_alone(
+    routed, tokenizer, model, kv_config, store
+):
+    store_prompt(tokenizer, model, kv_config[0], LONG)
+    store_prompt(tokenizer, model, kv_config[0], OTHER)
+    before = store.index.keys()
+    _, url = routed()
+    assert route_of(send(url, chat(LONG)))["reason"] == "stored_prefix"  # LONG's keys asked
+    assert store.index.keys() == before  # LONG's chunks are still the next to be evicted

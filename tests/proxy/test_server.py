@@ -26,6 +26,12 @@ def test_flags_win_over_environment():
     assert settings.api_key is None
 
 
+def test_route_detail_is_off_unless_the_operator_turns_it_on():
+    endpoints = ("--prefill", "http://p:1", "--decode", "http://d:2")
+    assert settings_from_args(parse(*endpoints), {}).route_detail is False
+    assert settings_from_args(parse(*endpoints, "--route-detail"), {}).route_detail is True
+
+
 def test_dotenv_file_is_read_and_environment_wins(tmp_path, monkeypatch):
     (tmp_path / ".env").write_text(
         "PREFILL_ENDPOINTS=http://from-file:1\nDECODE_ENDPOINTS=http://from-file:2\n"
