@@ -195,12 +195,17 @@ class SplitwiseConnector(KVConnectorBase_V1):
         )
         caches = LayerCaches(list(kv_caches.values()))
         common = {"rank": rank, "counters": self.counters}
+        codec = ChunkCodec(  # seals chunks with the store's token; loads check the seal
+            self.config.remote_serde,
+            self.config.serde_options,
+            secret=self.config.store_auth_token,
+        )
         if self.is_consumer:
             self._loader = KVLoader(
-                self._backend, layout, caches, guard=self._guard, verify=self.verify, **common
-            )
+                self._backend, layout, caches, guard=self._guard, verify=self.verify,
+                codec=codec, **common,
+            )  # fmt: skip
         if self.is_producer:
-            codec = ChunkCodec(self.config.remote_serde, self.config.serde_options)
             self._saver = KVSaver(
                 self._backend, codec, layout, caches, queue_bytes=self.save_queue_bytes,
                 answer_wait_s=self.answer_wait_s, guard=StoreGuard("worker saves"), **common,

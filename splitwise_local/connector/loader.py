@@ -132,8 +132,10 @@ class KVLoader:
         counters: Counters,
         verify: bool = False,
         order: DeviceOrder | None = None,
+        codec: ChunkCodec | None = None,
     ) -> None:
         self._backend = backend
+        self.codec = codec or ChunkCodec()  # with the store's token: only sealed chunks pass
         self.layout = layout
         self.caches = caches
         self.rank = rank
@@ -235,7 +237,7 @@ class KVLoader:
         shape = (len(self.caches), self.layout.kv, chunk.end - chunk.start,
                  self.layout.heads, self.layout.head_size)  # fmt: skip
         try:
-            kv = ChunkCodec.decode(value, shape)
+            kv = self.codec.decode(value, shape, chunk.keys[self.rank])
         except CorruptChunk as exc:
             job.fail(f"chunk {chunk.start}-{chunk.end}: {exc}")
             return

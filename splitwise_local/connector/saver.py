@@ -204,7 +204,7 @@ class KVSaver:
         backend = self._backend()
         stored = backend.exists(keys)  # a shared prefix is in the store already
         todo = zip(keys[stored:], rows[stored:], strict=True)
-        items = [(key, self.codec.encode(kv)) for key, kv in todo]
+        items = [(key, self.codec.encode(kv, key)) for key, kv in todo]
         backend.put_many(items)
         self.guard.ok()
         put = plan.chunks[stored:]

@@ -125,8 +125,9 @@ class PageAllocator:
         self.num_pages = num_pages
         self.page_size = page_size
         # A stack (8 bytes a page): the most recently freed pages are reused first, which
-        # keeps a value's pages together when it replaces one of its own size.
-        self._free = array.array("Q", range(num_pages))
+        # keeps a value's pages together when it replaces one of its own size. Runs go on in
+        # descending order, so they come off ascending: successive allocations are adjacent.
+        self._free = array.array("Q", range(num_pages - 1, -1, -1))
 
     @property
     def free_pages(self) -> int:
@@ -154,7 +155,7 @@ class PageAllocator:
 
     def release(self, runs: Sequence[Run]) -> None:
         for first, count in runs:
-            self._free.extend(range(first, first + count))
+            self._free.extend(range(first + count - 1, first - 1, -1))
 
     def extents(self, runs: Sequence[Run], length: int) -> list[Extent]:
         """The byte extents a value of `length` bytes occupies in `runs`."""

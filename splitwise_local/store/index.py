@@ -1,12 +1,14 @@
 """Which key lives where in the arena: the LRU index, pins, eviction and the counters.
 
 A value goes through three states. `reserve` gives pages but nobody can see them (pending);
+a value arriving over a socket instead `open`s an empty pending slot and `grow`s it as its
+bytes arrive, so a writer that announces a large value and sends nothing evicts nothing;
 `commit` names them with a key and makes the value visible to every reader at once, replacing
-an older value of the same key;
-`abort` (or a writer that vanished) frees it unseen. So a put that did not complete is never
-visible, and a put that returned is visible to all. Readers `acquire` values, which pins them:
-eviction skips pinned values and a deleted or replaced value keeps its pages until the last
-reader releases it, so nobody ever copies bytes that are being overwritten.
+an older value of the same key; `abort` (or a writer that vanished) frees it unseen. So a put
+that did not complete is never visible, and a put that returned is visible to all. Readers
+`acquire` values, which pins them: eviction skips pinned values and a deleted or replaced
+value keeps its pages until the last reader releases it, so nobody ever copies bytes that are
+being overwritten.
 
 Every value and every counter belongs to a protocol (ours, LMCache's): the one whose client
 wrote the value or asked for it. The arena and the LRU are shared; the accounting is kept per
@@ -105,13 +107,35 @@ class StoreIndex:
                 raise ValueTooLarge(
                     f"value of {length} bytes exceeds the store's largest value ({self.max_value})"
                 )
-            if not self._make_room(need):
-                self.counters[protocol].refused += 1
-                raise StoreFull(f"no room for {length} bytes: the rest is pinned or being written")
-            runs = self.allocator.allocate(need)
-            assert runs is not None  # _make_room freed enough
+            runs = self._allocate(need, length, protocol)
             self._pending += 1
             return Slot(length, runs, self.allocator.extents(runs, length), protocol=protocol)
+
+    def open(self, protocol: str = OURS) -> Slot:
+        """An empty pending slot, for a value whose pages `grow` adds as its bytes arrive."""
+        with self._lock:
+            self._pending += 1
+        return Slot(0, [], [], protocol=protocol)
+
+    def grow(self, slot: Slot, length: int) -> list[Extent]:
+        """Adds whole pages for at least `length` more bytes to a slot from `open`, evicting
+        LRU values to make room; returns the new pages' extents, where the next bytes go. The
+        slot's `length` is its room meanwhile; `commit` trims it. Pages come from the bottom
+        of the free stack, so on a fresh arena a slot grown step by step stays one extent."""
+        need = self.allocator.pages_for(length)
+        page = self.allocator.page_size
+        with self._lock:
+            if slot.state is not SlotState.PENDING:
+                raise ValueError(f"cannot grow a {slot.state.value} slot")
+            runs = self._allocate(need, length, slot.protocol)
+            new = [(first * page, count * page) for first, count in runs]
+            if slot.runs and runs[0][0] == sum(slot.runs[-1]):  # adjacent: one longer run
+                first, count = slot.runs.pop()
+                runs[0] = (first, count + runs[0][1])
+            slot.runs.extend(runs)
+            slot.length += need * page
+            slot.extents = self.allocator.extents(slot.runs, slot.length)
+            return new
 
     def check_sizes(self, lengths: Sequence[int], protocol: str = OURS) -> None:
         """Refuses (and counts as refused) a batch holding any value over the largest value,
@@ -179,9 +203,7 @@ class StoreIndex:
                     if slot.state is SlotState.DROPPED:
                         self._free(slot)
 
-    def exists_prefix(
-        self, keys: Sequence[bytes], protocol: str = OURS, touch: bool = True
-    ) -> int:
+    def exists_prefix(self, keys: Sequence[bytes], protocol: str = OURS, touch: bool = True) -> int:
         """How many of `keys`, in order, are present; those are refreshed as recently used
         unless `touch` is false."""
         with self._lock:
@@ -226,6 +248,14 @@ class StoreIndex:
                 "pinned": self._pinned,
                 "protocols": shares,
             }
+
+    def _allocate(self, need: int, length: int, protocol: str) -> list[Run]:
+        if not self._make_room(need):
+            self.counters[protocol].refused += 1
+            raise StoreFull(f"no room for {length} bytes: the rest is pinned or being written")
+        runs = self.allocator.allocate(need)
+        assert runs is not None  # _make_room freed enough
+        return runs
 
     def _make_room(self, need: int) -> bool:
         """Evicts least recently used unpinned values until `need` pages are free; evicts

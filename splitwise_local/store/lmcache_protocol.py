@@ -21,6 +21,12 @@ The fmt, dtype and shape a value was put with are kept beside it (`LMCacheFronte
 keyed by the value's index slot, so they live exactly as long as the value) and come back in
 the GET reply; a value our own protocol stored is described as LMCache's own opaque byte
 buffer (format BINARY_BUFFER, no dtype, shape [length, 0, 0, 0]).
+
+The store's limits hold here too: the first request must arrive by the connection's pass
+deadline and until it has, the connection counts as unauthenticated (the protocol carries no
+token; a store with one refuses LMCache clients outright); every request, with its value,
+must arrive whole within the frame deadline; a value's pages are reserved as its bytes
+arrive (`ValueIntake`).
 """
 
 from __future__ import annotations
@@ -28,13 +34,15 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import time
 import weakref
 from enum import IntEnum
 from typing import NamedTuple
 
 from splitwise_local.store.errors import StoreFull, ValueTooLarge
 from splitwise_local.store.index import LMCACHE, Slot
-from splitwise_local.store.session import SessionContext
+from splitwise_local.store.limits import Pass
+from splitwise_local.store.session import SessionContext, ValueIntake
 from splitwise_local.store.transport import PeerClosed, SocketReader, send_all
 
 log = logging.getLogger(__name__)
@@ -50,7 +58,7 @@ DTYPES = range(9)
 LOCATIONS = range(3)
 BINARY_BUFFER = 5  # LMCache's format for opaque bytes, received into a plain bytearray
 NO_DTYPE = 0
-_DISCARD_CHUNK = 1 << 20
+_DISCARD_CHUNK = 64 * 1024
 
 
 class Command(IntEnum):
@@ -132,7 +140,7 @@ class LMCacheFrontend:
         self.ctx = ctx
         self.tags: weakref.WeakKeyDictionary[Slot, Tag] = weakref.WeakKeyDictionary()
 
-    def serve(self, sock: socket.socket, first: bytes, peer: str) -> None:
+    def serve(self, sock: socket.socket, first: bytes, peer: str, ticket: Pass) -> None:
         """Runs one LMCache connection until it closes; `first` is what the dispatcher read."""
         if self.ctx.auth_token:
             log.warning(
@@ -141,46 +149,59 @@ class LMCacheFrontend:
                 peer,
             )
             return
-        LMCacheSession(sock, self, peer).serve(first)
+        LMCacheSession(sock, self, peer, ticket).serve(first)
 
 
 class LMCacheSession:
     """One LMCache client connection; anything malformed ends this connection only."""
 
-    def __init__(self, sock: socket.socket, frontend: LMCacheFrontend, peer: str) -> None:
+    def __init__(
+        self, sock: socket.socket, frontend: LMCacheFrontend, peer: str, ticket: Pass
+    ) -> None:
         self.sock = sock
-        self.reader = SocketReader(sock)
+        self.reader = SocketReader(sock, deadlines=True)
         self.frontend = frontend
+        self.ctx = frontend.ctx
         self.index = frontend.ctx.index
         self.arena = frontend.ctx.arena
         self.peer = peer
+        self.ticket = ticket
 
     def serve(self, first: bytes) -> None:
-        self.sock.settimeout(self.frontend.ctx.io_timeout)
+        self.reader.deadline = self.ticket.auth_deadline
         try:
             data = first + self.reader.read(REQUEST.size - len(first))
             while True:
                 self._handle(decode_request(data))
+                self.ticket.authenticated()  # a well-formed request on a store without a token
                 data = self._next_request()
         except PeerClosed as exc:
             if not exc.clean:
                 log.warning("store: LMCache client %s vanished mid-frame", self.peer)
         except MalformedRequest as exc:
             log.warning("store: closing LMCache client %s: %s", self.peer, exc)
+        except TimeoutError:
+            log.warning(
+                "store: dropping LMCache client %s: a request did not cross whole within %g s",
+                self.peer,
+                self.ctx.frame_timeout,
+            )
         except OSError as exc:
             log.warning("store: LMCache client %s failed: %s", self.peer, str(exc))
         except Exception:
             log.exception("store: internal error serving LMCache client %s", self.peer)
 
     def _next_request(self) -> bytes:
-        """Idles as long as the client likes; a started request must finish within the I/O
-        timeout."""
-        while not self.reader.buffered:
-            try:
-                self.reader.fill(first=True)
-            except TimeoutError:
-                continue
+        """Idles as long as the client likes; once a request's first byte is in, the whole
+        request (with its value) must be within the frame deadline."""
+        if not self.reader.buffered:
+            self.reader.deadline = None
+            self.reader.fill(first=True)
+        self.reader.deadline = time.monotonic() + self.ctx.frame_timeout
         return self.reader.read(REQUEST.size)
+
+    def _send(self, buffers: list) -> None:
+        send_all(self.sock, buffers, self.ctx.send_deadline())
 
     def _handle(self, request: Request) -> None:
         if request.command == Command.PUT:
@@ -189,9 +210,9 @@ class LMCacheSession:
             self._get(request.key)
         elif request.command == Command.EXIST:
             found = self.index.exists_prefix([request.key], LMCACHE) == 1
-            send_all(self.sock, [encode_reply(SUCCESS if found else FAIL)])
+            self._send([encode_reply(SUCCESS if found else FAIL)])
         elif request.command == Command.HEALTH:
-            send_all(self.sock, [encode_reply(SUCCESS)])
+            self._send([encode_reply(SUCCESS)])
         else:  # LIST: LMCache's server never answers it either, so no client can rely on it
             raise MalformedRequest("LIST is not implemented by LMCache's protocol")
 
@@ -199,33 +220,28 @@ class LMCacheSession:
         """Stores the value straight into arena pages; visible once every byte is in. A value
         the store cannot take is read and dropped (PUT has no reply to refuse it with), so the
         client's stream stays in step."""
+        intake = ValueIntake(self.reader, self.ctx, request.length)
         try:
-            slot = self.index.reserve(request.length, LMCACHE)
+            self.index.check_sizes([request.length], LMCACHE)
+            slot = intake.receive(LMCACHE)
         except (ValueTooLarge, StoreFull) as exc:
             log.warning("store: dropping LMCache put from %s: %s", self.peer, exc)
-            self._discard(request.length)
+            self._discard(request.length - intake.received)
             return
-        try:
-            self.arena.populate(slot.extents)
-            for offset, size in slot.extents:
-                self.reader.read_into(self.arena.view[offset : offset + size])
-        except BaseException:
-            self.index.abort(slot)
-            raise
         self.frontend.tags[slot] = request.tag  # before commit: no reader sees it untagged
         self.index.commit(slot, request.key, request.length)
 
     def _get(self, key: bytes) -> None:
         (slot,) = self.index.acquire([key], LMCACHE)
         if slot is None:
-            send_all(self.sock, [encode_reply(FAIL)])
+            self._send([encode_reply(FAIL)])
             return
         try:
             tag = self.frontend.tags.get(slot) or Tag.byte_buffer(slot.length)
             self.arena.populate(slot.extents)
             view = self.arena.view
             payload = [view[offset : offset + size] for offset, size in slot.extents]
-            send_all(self.sock, [encode_reply(SUCCESS, slot.length, tag), *payload])
+            self._send([encode_reply(SUCCESS, slot.length, tag), *payload])
         finally:
             self.index.release([slot])
 

@@ -19,14 +19,33 @@ from splitwise_local.store.errors import (
     ProtocolError,
     StoreError,
     StoreFull,
+    StoreUnavailable,
     ValueTooLarge,
 )
 
-MAGIC = b"SWKV"
+#
+# Store wire protocol version
+#
+# Increment VERSION whenever an existing frame changes meaning: a header field, a metadata
+# encoding, an opcode's request or response, or what a status obliges the client to do. New
+# opcodes, flag bits, status codes and JSON fields, and tighter limits, do not change it: a
+# server answers what it does not know with BAD_FRAME, readers ignore unknown JSON fields and
+# clients map an unknown status to a plain StoreError.
+#
+# Version history:
+#   1: HELLO, PUT, GET, EXISTS, DELETE, STATS; the shared-memory opcodes ATTACH, ALLOC,
+#      COMMIT, ABORT, LEASE; the BEST_EFFORT flag. Later, without a version change: LMCache's
+#      own protocol on the same port (told apart by the first four bytes); limits on what a
+#      peer may cost the store (HELLO metadata at most MAX_HELLO_META, a whole-frame deadline,
+#      connection caps refused with status BUSY, PUT memory reserved as its bytes arrive).
+#
 VERSION = 1
+
+MAGIC = b"SWKV"
 HEADER = struct.Struct("<4sBBHII")  # magic, version, opcode|status, flags, count, meta_len
 MAX_COUNT = 65536  # items in one batch
 MAX_META = 16 * 1024 * 1024  # bytes of metadata in one frame
+MAX_HELLO_META = 4096  # bytes of HELLO metadata: read before the token is checked
 MAX_KEY = 512  # bytes of one key
 
 _U16 = struct.Struct("<H")
@@ -74,6 +93,7 @@ class Status(IntEnum):
     STORE_FULL = 5
     BAD_REQUEST = 6
     INTERNAL = 7
+    BUSY = 8  # too many connections: refused before anything was read
 
 
 class FrameError(ProtocolError):
@@ -261,6 +281,7 @@ def error_for(status: int, message: str) -> StoreError:
         Status.AUTH_FAILED: AuthError,
         Status.VALUE_TOO_LARGE: ValueTooLarge,
         Status.STORE_FULL: StoreFull,
+        Status.BUSY: StoreUnavailable,
         Status.BAD_FRAME: ProtocolError,
         Status.UNSUPPORTED_VERSION: ProtocolError,
     }

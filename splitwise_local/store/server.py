@@ -9,6 +9,11 @@ are few: one per engine worker thread), so a slow or huge transfer on one never 
 another, and the socket calls that move the bytes release the GIL. The first four bytes of a
 connection choose its protocol, so the same port also speaks LMCache's own `lm://`
 (lmcache_protocol.py, chosen in `_dispatch`).
+
+What a peer may cost is bounded (limits.py): connections are capped, those not yet
+authenticated more tightly, and each frame must arrive whole within `frame_timeout`. Without
+a token, only processes of the store's own user (or root) may use the shared-memory socket,
+whose ATTACH hands out the whole arena read-write.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import uuid
@@ -30,15 +36,19 @@ from typing import Any
 from splitwise_local.store import protocol as p
 from splitwise_local.store.arena import PageAllocator, SharedArena
 from splitwise_local.store.index import LMCACHE, OURS, PROTOCOLS, StoreIndex
+from splitwise_local.store.limits import Admission, Lingering, Pass
 from splitwise_local.store.lmcache_protocol import LMCacheFrontend, speaks_lmcache
 from splitwise_local.store.metrics import MetricsServer
 from splitwise_local.store.session import Session, SessionContext
-from splitwise_local.store.transport import PeerClosed, control_address, recv_exact
+from splitwise_local.store.transport import PeerClosed, control_address, recv_exact, remaining
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10080
 DEFAULT_PAGE_KB = 64
+DEFAULT_MAX_CONNECTIONS = 256  # an engine holds a few (one per worker thread), the proxy one
+DEFAULT_MAX_UNAUTHENTICATED = 32
+_PEERCRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,9 @@ class ServerSettings:
     max_value: int | None = None  # default: the capacity
     page_size: int = DEFAULT_PAGE_KB * 1024
     prefault: bool = False
-    io_timeout: float = 30.0  # seconds a started frame may stall before the connection drops
+    frame_timeout: float = 30.0  # seconds a frame may take, first byte to last, either way
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # Prometheus's /metrics over HTTP; None: off, 0: any port
 
@@ -66,6 +78,9 @@ class StoreServer:
                 f"({settings.page_size} B)"
             )
         self.settings = settings
+        self._admission = Admission(
+            settings.max_connections, settings.max_unauthenticated, settings.frame_timeout
+        )
         num_pages = settings.capacity // settings.page_size
         self.index = StoreIndex(
             PageAllocator(num_pages, settings.page_size),
@@ -97,7 +112,7 @@ class StoreServer:
             arena=self.arena,
             arena_id=uuid.uuid4().hex,
             auth_token=settings.auth_token,
-            io_timeout=settings.io_timeout,
+            frame_timeout=settings.frame_timeout,
             server_stats=self._server_stats,
         )
         self._lmcache = LMCacheFrontend(self._context)
@@ -164,6 +179,8 @@ class StoreServer:
             open_by, accepted_by = dict(self._open_by), dict(self._accepted_by)
         return {
             "connections": connections,
+            "connections_unauthenticated": self._admission.unauthenticated,
+            "refused_connections": self._admission.refused,
             "accepted": self._accepted,
             "connections_by_protocol": open_by,
             "accepted_by_protocol": accepted_by,
@@ -176,49 +193,79 @@ class StoreServer:
             selector.register(self._tcp, selectors.EVENT_READ, False)
             selector.register(self._unix, selectors.EVENT_READ, True)
             selector.register(self._wake_r, selectors.EVENT_READ, None)
-            while True:
-                for key, _ in selector.select():
-                    if key.data is None:
-                        return
-                    self._accept(key.fileobj, unix=key.data)  # type: ignore[arg-type]
+            lingering = Lingering(selector)
+            try:
+                while True:
+                    for key, _ in selector.select(lingering.timeout()):
+                        if key.data is None:
+                            return
+                        if key.data is lingering:
+                            lingering.drain(key.fileobj)  # type: ignore[arg-type]
+                        else:
+                            self._accept(key.fileobj, key.data, lingering)  # type: ignore[arg-type]
+            finally:
+                lingering.close_all()
 
-    def _accept(self, listener: socket.socket, unix: bool) -> None:
+    def _accept(self, listener: socket.socket, unix: bool, lingering: Lingering) -> None:
         try:
             sock, addr = listener.accept()
         except OSError as exc:  # e.g. out of file descriptors: keep serving the others
             log.warning("store: accept failed: %s", exc)
             return
+        peer = "unix client" if unix else f"{addr[0]}:{addr[1]}"
+        if unix and not self.settings.auth_token and not self._same_user(sock):
+            log.warning("store: refusing %s of another user: this store has no token", peer)
+            message = b"this store has no token: only its own user may use shared memory"
+            lingering.add(sock, p.frame(p.Status.AUTH_FAILED, 0, message))
+            return
+        ticket = self._admission.admit()
+        if isinstance(ticket, str):
+            log.warning("store: refusing %s: %s", peer, ticket)
+            lingering.add(sock, p.frame(p.Status.BUSY, 0, ticket.encode()))
+            return
         if not unix:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = "unix client" if unix else f"{addr[0]}:{addr[1]}"
         thread = threading.Thread(
-            target=self._serve, args=(sock, peer, unix), name=f"store {peer}", daemon=True
+            target=self._serve, args=(sock, peer, unix, ticket), name=f"store {peer}", daemon=True
         )
         with self._lock:
             self._connections[sock] = thread
             self._accepted += 1
         thread.start()
 
-    def _serve(self, sock: socket.socket, peer: str, unix: bool) -> None:
+    @staticmethod
+    def _same_user(sock: socket.socket) -> bool:
+        """Whether a Unix-socket peer runs as this process's user, or as root."""
+        _, uid, _ = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        return uid in (os.getuid(), 0)
+
+    def _serve(self, sock: socket.socket, peer: str, unix: bool, ticket: Pass) -> None:
         try:
-            self._dispatch(sock, peer, unix)
+            self._dispatch(sock, peer, unix, ticket)
         finally:
+            ticket.close()
             with self._lock:
                 self._connections.pop(sock, None)
             sock.close()
 
-    def _dispatch(self, sock: socket.socket, peer: str, unix: bool) -> None:
+    def _dispatch(self, sock: socket.socket, peer: str, unix: bool, ticket: Pass) -> None:
         """Chooses the protocol by the connection's first four bytes."""
         try:
+            sock.settimeout(remaining(ticket.auth_deadline))
             first = bytes(recv_exact(sock, len(p.MAGIC), first=True))
+        except TimeoutError:
+            log.warning("store: dropping %s: it sent nothing within the frame deadline", peer)
+            return
         except (PeerClosed, OSError):
             return
         if first == p.MAGIC:
             with self._counted(OURS):
-                Session(sock, self._context, peer, unix).serve(first)
+                Session(sock, self._context, peer, unix, ticket).serve(first)
         elif speaks_lmcache(first):
             with self._counted(LMCACHE):
-                self._lmcache.serve(sock, first, peer)
+                self._lmcache.serve(sock, first, peer, ticket)
         else:
             log.warning("store: %s speaks an unknown protocol (first bytes %r)", peer, first)
 
@@ -252,6 +299,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-host", default="127.0.0.1", help="the /metrics address (default 127.0.0.1)"
     )
+    parser.add_argument(
+        "--frame-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a frame may take, first byte to last; a slower one drops its connection",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="connections held at once; more are refused (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=DEFAULT_MAX_UNAUTHENTICATED,
+        help="connections not yet past HELLO at once; more are refused (default %(default)s)",
+    )
     parser.add_argument("--config", help="YAML config file")
 
 
@@ -262,6 +327,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     size_gb = args.max_size_gb if args.max_size_gb is not None else config.max_local_cpu_size
     if size_gb <= 0 or (args.max_value_mb is not None and args.max_value_mb <= 0):
         raise ValueError("--max-size-gb and --max-value-mb must be positive")
+    if args.frame_timeout <= 0:
+        raise ValueError("--frame-timeout must be positive")
     return ServerSettings(
         capacity=int(size_gb * 1024**3),
         host=args.host,
@@ -271,6 +338,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_value=int(args.max_value_mb * 1024**2) if args.max_value_mb else None,
         page_size=args.page_kb * 1024,
         prefault=args.prefault,
+        frame_timeout=args.frame_timeout,
+        max_connections=args.max_connections,
+        max_unauthenticated=args.max_unauthenticated,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
     )
@@ -294,6 +364,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"store: cannot serve /metrics on {where}: {exc.strerror}", file=sys.stderr)
         return 1
     try:
+        if not server.settings.auth_token:
+            log.warning(
+                "store: no auth token: any client that reaches %s may read and write the KV "
+                "(shared memory is limited to this user); set store_auth_token",
+                server.tcp_url,
+            )
         print(f"store ready on {server.tcp_url} {server.shm_url}", flush=True)
         if server.metrics is not None:
             print(f"store metrics on {server.metrics.url}", flush=True)

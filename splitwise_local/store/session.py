@@ -4,6 +4,12 @@ Bytes never pass through Python objects: a put is received straight into the val
 pages, a get is sent straight from them. Whatever goes wrong on one connection (a malformed
 frame, an absurd length, a client that vanishes mid-transfer) ends that connection only: its
 unfinished writes are aborted unseen, its pins released, and one line is logged.
+
+What a connection may cost is bounded before trust and by what it sends after: the first
+frame must be HELLO with at most MAX_HELLO_META bytes of metadata, checked before anything
+else is read; every frame, request or answer, must cross whole within the frame deadline; and
+a value's pages are reserved as its bytes arrive (`ValueIntake`), so a put that announces a
+large value and sends it slowly, or not at all, evicts only what it has already sent.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from typing import Any
 from splitwise_local.store import protocol as p
 from splitwise_local.store.arena import SharedArena
 from splitwise_local.store.errors import AuthError, StoreError, StoreFull, ValueTooLarge
-from splitwise_local.store.index import Slot, StoreIndex
+from splitwise_local.store.index import OURS, Slot, StoreIndex
+from splitwise_local.store.limits import Pass
 from splitwise_local.store.transport import PeerClosed, SocketReader, send_all
 
 log = logging.getLogger(__name__)
@@ -35,8 +42,44 @@ class SessionContext:
     arena: SharedArena
     arena_id: str
     auth_token: str | None
-    io_timeout: float
+    frame_timeout: float
     server_stats: Callable[[], dict[str, Any]]
+
+    def send_deadline(self) -> float:
+        """When an answer starting now must be sent by."""
+        return time.monotonic() + self.frame_timeout
+
+
+class ValueIntake:
+    """Receives one value of `length` bytes straight into arena pages that are reserved as
+    its bytes arrive: each step takes pages for what the socket already holds (rounded up to
+    a page), so eviction never runs ahead of the writer by more than a page. `received`
+    says how far it got, should it fail."""
+
+    def __init__(self, reader: SocketReader, ctx: SessionContext, length: int) -> None:
+        self.reader = reader
+        self.ctx = ctx
+        self.length = length
+        self.received = 0
+
+    def receive(self, protocol: str = OURS) -> Slot:
+        """The filled pending slot (commit or abort it); aborted here if anything fails."""
+        index, arena = self.ctx.index, self.ctx.arena
+        slot = index.open(protocol)
+        try:
+            if not self.length:
+                index.grow(slot, 0)  # an empty value still takes a page
+            while self.received < self.length:
+                paid = min(self.length - self.received, self.reader.available())
+                for offset, size in index.grow(slot, paid):
+                    take = min(size, self.length - self.received)
+                    arena.populate([(offset, take)])
+                    self.reader.read_into(arena.view[offset : offset + take])
+                    self.received += take
+        except BaseException:
+            index.abort(slot)
+            raise
+        return slot
 
 
 def _status_of(exc: Exception) -> p.Status:
@@ -53,12 +96,15 @@ def _status_of(exc: Exception) -> p.Status:
 class Session:
     """Serves our protocol on one accepted socket until the client leaves or errs."""
 
-    def __init__(self, sock: socket.socket, ctx: SessionContext, peer: str, unix: bool) -> None:
+    def __init__(
+        self, sock: socket.socket, ctx: SessionContext, peer: str, unix: bool, ticket: Pass
+    ) -> None:
         self.sock = sock
-        self.reader = SocketReader(sock)
+        self.reader = SocketReader(sock, deadlines=True)
         self.ctx = ctx
         self.peer = peer
         self.unix = unix
+        self.ticket = ticket
         self._greeted = False
         self._last_ticket = 0
         self._pending: dict[int, Slot] = {}  # ALLOC'd, not yet COMMIT'ed, by ticket
@@ -79,8 +125,9 @@ class Session:
         }
 
     def serve(self, first: bytes) -> None:
-        """Runs until the connection ends; `first` is the magic the dispatcher already read."""
-        self.sock.settimeout(self.ctx.io_timeout)
+        """Runs until the connection ends; `first` is the magic the dispatcher already read.
+        The first frame is due by the pass's deadline, counted from the connection's accept."""
+        self.reader.deadline = self.ticket.auth_deadline
         try:
             header = first + self.reader.read(p.HEADER.size - len(first))
             while True:
@@ -94,6 +141,12 @@ class Session:
                 )
         except (StoreError, ValueError) as exc:
             self._refuse(exc)
+        except TimeoutError:
+            log.warning(
+                "store: dropping connection from %s: a frame did not cross whole within %g s",
+                self.peer,
+                self.ctx.frame_timeout,
+            )
         except OSError as exc:  # logged as text: a kept exception would pin arena views
             log.warning("store: connection from %s failed: %s", self.peer, str(exc))
         except Exception as exc:
@@ -103,14 +156,12 @@ class Session:
             self._cleanup()
 
     def _next_header(self) -> bytes:
-        """Waits for the next frame as long as the client likes; once it starts, the rest of
-        it must arrive within the I/O timeout."""
-        while self.reader.buffered < p.HEADER.size:
-            try:
-                self.reader.fill(first=True)
-            except TimeoutError:
-                if self.reader.buffered:
-                    raise  # a frame began and stalled
+        """Waits for the next frame as long as the client likes; once its first byte is in,
+        the whole frame must be within the frame deadline."""
+        if not self.reader.buffered:
+            self.reader.deadline = None
+            self.reader.fill(first=True)
+        self.reader.deadline = time.monotonic() + self.ctx.frame_timeout
         return self.reader.read(p.HEADER.size)
 
     def _end_lease(self) -> None:
@@ -125,6 +176,10 @@ class Session:
             raise p.FrameError(f"unknown opcode {header.code}")
         if not self._greeted and header.code != p.Op.HELLO:
             raise p.FrameError("the first frame must be HELLO", p.Status.BAD_REQUEST)
+        if header.code == p.Op.HELLO and header.meta_len > p.MAX_HELLO_META:
+            raise p.FrameError(
+                f"HELLO metadata of {header.meta_len} bytes exceeds {p.MAX_HELLO_META}"
+            )
         if header.code in p.SHM_OPS and not self.unix:
             raise p.FrameError("shared-memory opcodes need the Unix socket", p.Status.BAD_REQUEST)
         handler(header, memoryview(self.reader.read(header.meta_len)))
@@ -138,7 +193,7 @@ class Session:
         if not payload and self.reader.buffered >= p.HEADER.size:
             self._held.append(answer)
             return
-        send_all(self.sock, [*self._held, answer, *payload])
+        send_all(self.sock, [*self._held, answer, *payload], self.ctx.send_deadline())
         self._held.clear()
 
     def _refuse(self, exc: Exception) -> None:
@@ -149,7 +204,7 @@ class Session:
             self.sock.settimeout(_DRAIN_SECONDS)
             send_all(self.sock, [*self._held, p.frame(status, 0, str(exc).encode())])
             self.sock.shutdown(socket.SHUT_WR)
-            sink = memoryview(bytearray(1 << 20))
+            sink = memoryview(bytearray(64 * 1024))
             deadline = time.monotonic() + _DRAIN_SECONDS
             while time.monotonic() < deadline and self.sock.recv_into(sink):
                 pass
@@ -172,6 +227,7 @@ class Session:
         ):
             raise AuthError("missing or wrong auth token")
         self._greeted = True
+        self.ticket.authenticated()
         index = self.ctx.index
         self._reply(
             0,
@@ -191,14 +247,7 @@ class Session:
         items = p.decode_sized_keys(meta, header.count)
         self._check_sizes([length for _, length in items])
         for key, length in items:
-            slot = self.ctx.index.reserve(length)
-            self.ctx.arena.populate(slot.extents)
-            try:
-                for offset, size in slot.extents:
-                    self.reader.read_into(self.ctx.arena.view[offset : offset + size])
-            except BaseException:
-                self.ctx.index.abort(slot)
-                raise
+            slot = ValueIntake(self.reader, self.ctx, length).receive()
             self.ctx.index.commit(slot, key, length)
         self._reply(header.count)
 
@@ -236,6 +285,7 @@ class Session:
     def _attach(self, header: p.Header, meta: memoryview) -> None:
         arena = self.ctx.arena
         info = {"size": arena.size, "arena_id": self.ctx.arena_id}
+        self.sock.settimeout(self.ctx.frame_timeout)
         socket.send_fds(self.sock, [p.frame(p.Status.OK, 0, p.encode_json(info))], [arena.fd])
 
     def _alloc(self, header: p.Header, meta: memoryview) -> None:

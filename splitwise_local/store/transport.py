@@ -7,7 +7,11 @@ socket file behind.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import socket
+import termios
+import time
 from collections.abc import Iterable
 
 CONTROL_PREFIX = "splitwise-store/"
@@ -20,6 +24,20 @@ class PeerClosed(ConnectionError):
     def __init__(self, clean: bool) -> None:
         super().__init__("connection closed by peer" + ("" if clean else " mid-frame"))
         self.clean = clean
+
+
+class FrameTimeout(TimeoutError):
+    """A frame did not cross whole before its deadline."""
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left before `deadline` (None: no deadline); FrameTimeout once it has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise FrameTimeout("frame deadline passed")
+    return left
 
 
 def control_address(name: str) -> str:
@@ -62,11 +80,18 @@ def recv_exact(sock: socket.socket, size: int, first: bool = False) -> bytearray
     return data
 
 
-def send_all(sock: socket.socket, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
-    """Sends the buffers in order with as few system calls as the kernel allows (no joining)."""
+def send_all(
+    sock: socket.socket,
+    buffers: Iterable[bytes | bytearray | memoryview],
+    deadline: float | None = None,
+) -> None:
+    """Sends the buffers in order with as few system calls as the kernel allows (no joining);
+    with a `deadline` (monotonic time) all of it must be sent by then, else FrameTimeout."""
     views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
     i = 0
     while i < len(views):
+        if deadline is not None:
+            sock.settimeout(remaining(deadline))
         sent = sock.sendmsg(views[i : i + _IOV_MAX])
         while sent:
             if sent >= len(views[i]):
@@ -80,13 +105,24 @@ def send_all(sock: socket.socket, buffers: Iterable[bytes | bytearray | memoryvi
 class SocketReader:
     """Reads a socket through a small buffer, so a frame's header and metadata (and any frames
     sent right behind it) cost one system call; payloads larger than what is buffered go
-    straight into their destination, so values are never copied an extra time."""
+    straight into their destination, so values are never copied an extra time.
 
-    def __init__(self, sock: socket.socket, size: int = 64 * 1024) -> None:
+    A reader built with `deadlines=True` (the server's) ignores the socket's own timeout and
+    waits until `deadline` (monotonic time) for each receive, or without limit while
+    `deadline` is None: so a frame must arrive whole in time, however its bytes trickle."""
+
+    def __init__(self, sock: socket.socket, size: int = 64 * 1024, deadlines: bool = False):
         self.sock = sock
         self._buffer = bytearray(size)
         self._view = memoryview(self._buffer)
         self._start = self._end = 0
+        self._deadlines = deadlines
+        self.deadline: float | None = None
+
+    def _recv_into(self, target: memoryview) -> int:
+        if self._deadlines:
+            self.sock.settimeout(remaining(self.deadline))
+        return self.sock.recv_into(target)
 
     @property
     def buffered(self) -> int:
@@ -100,16 +136,22 @@ class SocketReader:
             rest = bytes(self._view[self._start : self._end])
             self._view[: len(rest)] = rest
             self._start, self._end = 0, len(rest)
-        got = self.sock.recv_into(self._view[self._end :])
+        got = self._recv_into(self._view[self._end :])
         if got == 0:
             raise PeerClosed(clean=first and self._start == self._end)
         self._end += got
 
     def read(self, size: int, first: bool = False) -> bytes:
-        """Exactly `size` bytes."""
+        """Exactly `size` bytes. More than the buffer holds are collected as they arrive, so
+        memory follows the bytes received, never a length the peer announced."""
         if size > len(self._buffer):
-            data = bytearray(size)
-            self.read_into(memoryview(data))
+            data = bytearray()
+            while len(data) < size:
+                if not self.buffered:
+                    self.fill(first and not data)
+                take = min(size - len(data), self.buffered)
+                data += self._view[self._start : self._start + take]
+                self._start += take
             return bytes(data)
         while self.buffered < size:
             self.fill(first)
@@ -122,5 +164,25 @@ class SocketReader:
         take = min(len(target), self.buffered)
         target[:take] = self._view[self._start : self._start + take]
         self._start += take
-        if take < len(target):
-            recv_into_exact(self.sock, target[take:])
+        pos, size = take, len(target)
+        while pos < size:
+            got = self._recv_into(target[pos:])
+            if got == 0:
+                raise PeerClosed(clean=False)
+            pos += got
+
+    def available(self) -> int:
+        """Bytes that can be read now without waiting (at least one: waits for it, within the
+        deadline); what a writer has paid for so far."""
+        if self.buffered:
+            return self.buffered
+        if not self._recv_peek():
+            raise PeerClosed(clean=False)
+        count = array.array("i", [0])
+        fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, count)
+        return max(1, count[0])
+
+    def _recv_peek(self) -> bool:
+        if self._deadlines:
+            self.sock.settimeout(remaining(self.deadline))
+        return bool(self.sock.recv(1, socket.MSG_PEEK))

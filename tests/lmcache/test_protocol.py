@@ -132,7 +132,7 @@ def test_replies_match_lmcaches_own_server_byte_for_byte(server, raw) -> None:
 
 
 def test_a_truncated_header_closes_only_that_connection(make_server, raw, lmcache_client) -> None:
-    server = make_server(io_timeout=0.5)
+    server = make_server(frame_timeout=0.5)
     client = lmcache_client(server.tcp_url)
     obj = client.value((2, 2, 16, 64))
     client.put(client.key(1), obj)
@@ -218,7 +218,7 @@ def test_a_store_with_a_token_refuses_lmcache_clients(make_server, raw) -> None:
 
 def test_an_idle_connection_outlives_the_io_timeout(make_server, raw) -> None:
     """The I/O timeout bounds a started request; between requests a client may idle."""
-    server = make_server(io_timeout=0.05)
+    server = make_server(frame_timeout=0.05)
     sock = raw(server.port)
     sock.sendall(request(ClientCommand.HEALTH, key(0)))
     assert reply(sock).code == ServerReturnCode.SUCCESS

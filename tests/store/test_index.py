@@ -22,9 +22,10 @@ def put(index: StoreIndex, key: bytes, pages: int = 1) -> None:
 def test_allocator_returns_runs_and_reuses_freed_pages_whole():
     allocator = PageAllocator(8, PAGE)
     first = allocator.allocate(3)
-    assert first == [(5, 3)]
-    assert allocator.extents(first, 2 * PAGE + 10) == [(5 * PAGE, 2 * PAGE + 10)]
+    assert first == [(0, 3)]
+    assert allocator.extents(first, 2 * PAGE + 10) == [(0, 2 * PAGE + 10)]
     second = allocator.allocate(5)
+    assert second == [(3, 5)]  # successive allocations are adjacent
     assert allocator.allocate(1) is None
     allocator.release(first)
     assert allocator.allocate(3) == first
@@ -37,8 +38,8 @@ def test_allocator_splits_a_value_over_scattered_runs():
     runs = [allocator.allocate(1) for _ in range(6)]
     allocator.release(runs[1] + runs[3] + runs[4])
     got = allocator.allocate(3)
-    assert sum(n for _, n in got) == 3 and len(got) == 2
-    assert allocator.extents(got, 3 * PAGE - 1)[-1][1] == PAGE - 1
+    assert got == [(1, 1), (3, 2)]
+    assert allocator.extents(got, 3 * PAGE - 1) == [(PAGE, PAGE), (3 * PAGE, 2 * PAGE - 1)]
 
 
 def test_arena_write_and_read_across_extents():

@@ -37,6 +37,14 @@ def settle(server: StoreServer) -> dict:
         time.sleep(0.01)
 
 
+def wait_for(condition, seconds: float = 10) -> None:
+    """Polls `condition` until it holds; a generous hang guard, not a timing assertion."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
 def assert_serves_correct_data(server: StoreServer) -> None:
     with open_backend(server.tcp_url) as tcp, open_backend(server.shm_url) as shm:
         for key, value in CANARIES.items():
@@ -158,9 +166,9 @@ def test_client_killed_mid_put_leaves_no_visible_partial_value(server, writer):
     )
     try:
         assert child.stdout.readline() == "sent\n"
+        wait_for(lambda: server.index.stats()["pending"] == 1)  # the kernel took the bytes first
         with open_backend(server.tcp_url) as tcp:
             assert tcp.get("partial") is None and tcp.exists(["partial"]) == 0
-            assert server.index.stats()["pending"] == 1
         child.send_signal(signal.SIGKILL)
         child.wait()
         stats = settle(server)
