@@ -1,0 +1,292 @@
+"""Trace replay: the shipped traces parse, scaling keeps their shape, Mooncake's blocks become
+tokens that share exactly the trace's prefixes, and the ideal prefix reuse is computed right."""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splitwise_local.bench import traces
+from splitwise_local.bench.traces import (
+    BlockTokens,
+    ReplaySettings,
+    TraceError,
+    TraceRequest,
+    build_replay,
+    interarrival_cv,
+    load_trace,
+    parse_azure,
+    parse_mooncake,
+    prefix_reuse,
+    scale,
+    window,
+)
+from splitwise_local.bench.workloads import poisson_arrivals
+
+
+@pytest.mark.parametrize(
+    ("name", "count", "first", "median_prompt", "median_output", "rate"),
+    [
+        ("azure-conv", 19_366, (374, 44), 1020, 129, 5.5),
+        ("azure-code", 8_819, (4808, 10), 1469, 13, 2.6),
+        ("mooncake-conv", 12_031, (6758, 500), 6909, 350, 3.4),
+    ],
+)
+def test_each_shipped_trace_parses_whole(name, count, first, median_prompt, median_output, rate):
+    trace = load_trace(name)
+    assert len(trace) == count
+    assert (trace[0].input_len, trace[0].output_len) == first
+    arrivals = [r.arrival_s for r in trace]
+    assert arrivals[0] == 0.0 and all(np.diff(arrivals) >= 0)
+    assert 3400 < arrivals[-1] < 3600  # one hour-long sample
+    assert np.median([r.input_len for r in trace]) == median_prompt
+    assert np.median([r.output_len for r in trace]) == median_output
+    assert count / arrivals[-1] == pytest.approx(rate, abs=0.05)
+    if name == "mooncake-conv":
+        assert all(len(r.hash_ids) == -(-r.input_len // 512) for r in trace)
+        assert trace[0].hash_ids == tuple(range(14))
+    else:
+        assert all(not r.hash_ids for r in trace)
+
+
+def test_parsers_read_the_published_formats():
+    azure = parse_azure(
+        [
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n",
+            "2023-11-16 18:15:59.9000000,374,44\n",
+            "2023-11-16 18:16:00.4000001,396,109\n",
+        ]
+    )
+    assert [(r.row, r.input_len, r.output_len) for r in azure] == [(0, 374, 44), (1, 396, 109)]
+    assert azure[0].arrival_s == 0.0
+    assert azure[1].arrival_s == pytest.approx(0.5000001, abs=1e-9)  # across a minute, in ns
+    mooncake = parse_mooncake(
+        [
+            '{"timestamp": 1500, "input_length": 600, "output_length": 5, "hash_ids": [0, 1]}\n',
+            "\n",
+            '{"timestamp": 4000, "input_length": 512, "output_length": 2, "hash_ids": [0]}\n',
+        ]
+    )
+    assert [r.arrival_s for r in mooncake] == [0.0, 2.5]  # ms, from the first request
+    assert mooncake[0].hash_ids == (0, 1)
+    assert mooncake[0].blocks() == [(0, 512), (1, 88)]
+
+
+@pytest.mark.parametrize(
+    ("parse", "lines", "message"),
+    [
+        (parse_azure, ["time,tokens\n", "1,2\n"], "columns"),
+        (parse_azure, ["TIMESTAMP,ContextTokens,GeneratedTokens\n", "x,1,2\n"], "malformed"),
+        (parse_mooncake, ['{"timestamp": 0}\n'], "line 1"),
+        (
+            parse_mooncake,
+            ['{"timestamp": 0, "input_length": 513, "output_length": 1, "hash_ids": [0]}'],
+            "1 hash ids for 513 tokens",
+        ),
+    ],
+)
+def test_malformed_traces_are_refused_with_the_reason(parse, lines, message):
+    with pytest.raises(TraceError, match=message):
+        parse(lines)
+
+
+def test_a_window_is_a_time_span_and_a_count():
+    trace = [TraceRequest(i, t, 10, 1) for i, t in enumerate([0.0, 1.0, 2.0, 2.5, 3.0, 9.0])]
+    assert [r.row for r in window(trace, 1.0, 2.0)] == [1, 2, 3]  # [1, 3): 3.0 is out
+    assert [r.row for r in window(trace, 2.0)] == [2, 3, 4, 5]
+    assert [r.row for r in window(trace, 0.0, None, 2)] == [0, 1]
+    assert window(trace, 10.0) == []
+
+
+def test_length_scaling_keeps_the_whole_distribution_not_just_the_mean():
+    chosen = window(load_trace("azure-conv"), 600.0, 600.0)
+    replayed = scale(chosen, 0.5, 1.0, max_model_len=10**6)
+    trace_lengths = np.array([r.input_len for r in chosen])
+    replay_lengths = np.array([r.prompt_len for r in replayed])
+    assert not any(r.prompt_clipped or r.output_clipped for r in replayed)
+    for q in (1, 10, 25, 50, 75, 90, 99):  # every quantile scales, within rounding
+        assert np.percentile(replay_lengths, q) == pytest.approx(
+            0.5 * np.percentile(trace_lengths, q), abs=1
+        )
+    # each request keeps its own lengths, so the joint shape survives too
+    assert [(r.prompt_len, r.output_len) for r in replayed] == [
+        (max(1, round(r.input_len * 0.5)), max(1, round(r.output_len * 0.5))) for r in chosen
+    ]
+
+
+def test_lengths_that_do_not_fit_the_model_are_cut_and_counted():
+    chosen = [
+        TraceRequest(0, 0.0, 90, 20),  # prompt cut to 100 - 20
+        TraceRequest(1, 1.0, 10, 500),  # output cut to 100 - 1, then the prompt to 1
+        TraceRequest(2, 2.0, 60, 40),  # fits exactly
+        TraceRequest(3, 3.0, 0, 0),  # at least one token each
+    ]
+    replayed = scale(chosen, 1.0, 1.0, max_model_len=100)
+    assert [(r.prompt_len, r.output_len) for r in replayed] == [(80, 20), (1, 99), (60, 40), (1, 1)]
+    assert [r.prompt_clipped for r in replayed] == [True, True, False, False]
+    assert [r.output_clipped for r in replayed] == [False, True, False, False]
+    # on the shipped trace at full length: exactly those over 2,048 with their output
+    chosen = window(load_trace("azure-conv"), 0.0, 300.0)
+    replayed = scale(chosen, 1.0, 1.0, max_model_len=2048)
+    over = sum(r.input_len + r.output_len > 2048 for r in chosen)
+    assert over > 10
+    assert sum(r.prompt_clipped for r in replayed) == over
+    assert all(r.prompt_len + r.output_len <= 2048 for r in replayed)
+
+
+def test_time_scaling_keeps_the_bursts():
+    chosen = window(load_trace("azure-code"), 0.0, 900.0)
+    replayed = scale(chosen, 1.0, 7.0, max_model_len=10**6)
+    trace_times = [r.arrival_s for r in chosen]
+    replay_times = [r.arrival_s for r in replayed]
+    assert replay_times == pytest.approx([(t - trace_times[0]) * 7.0 for t in trace_times])
+    assert interarrival_cv(replay_times) == pytest.approx(interarrival_cv(trace_times))
+    # the coding trace is far burstier than a Poisson process of the same rate (CV 1), which a
+    # replay that kept only the mean rate would send
+    rate = (len(replay_times) - 1) / replay_times[-1]
+    assert interarrival_cv(replay_times) > 3
+    poisson = poisson_arrivals(len(replay_times), rate, seed=0)
+    assert interarrival_cv(poisson) == pytest.approx(1.0, abs=0.15)
+
+
+def test_a_mooncake_block_is_a_function_of_its_id(tokenizer):
+    one, other = BlockTokens(tokenizer, 64, seed=3), BlockTokens(tokenizer, 64, seed=3)
+    assert np.array_equal(one.block(7), other.block(7))  # same id, same tokens, any instance
+    assert not np.array_equal(one.block(7), one.block(8))  # another id, other tokens
+    assert not np.array_equal(one.block(7), BlockTokens(tokenizer, 64, seed=4).block(7))
+    ids = np.concatenate([one.block(h) for h in range(200)])
+    assert ids.min() >= 0 and ids.max() < len(tokenizer)
+    assert not set(ids.tolist()) & set(tokenizer.all_special_ids)
+    assert one.prompt([(7, 64), (8, 10)]) == (*one.block(7).tolist(), *one.block(8)[:10].tolist())
+
+
+def common_blocks(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]) -> int:
+    return next(
+        (k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x[0] != y[0]), min(len(a), len(b))
+    )
+
+
+def test_synthesized_mooncake_prompts_share_exactly_the_traces_prefixes(tokenizer):
+    settings = ReplaySettings("mooncake-conv", length_scale=0.05, start_s=600.0, duration_s=120.0)
+    replay = build_replay(settings, tokenizer)
+    size = settings.block_tokens()
+    assert size == 26  # ceil(512 x 0.05)
+    rows = {r.row: r for r in load_trace("mooncake-conv")}
+    judged = shared_beyond_the_first = 0
+    for spec, sent in zip(replay.specs, replay.replayed, strict=True):
+        assert isinstance(spec.prompt, tuple) and len(spec.prompt) == spec.prompt_len
+        ids = [h for h, _ in sent.blocks]
+        assert ids == list(rows[sent.row].hash_ids[: len(ids)])  # the trace's blocks, in order
+        assert -(-spec.prompt_len // size) == len(ids)  # only the last block is partial
+    for (a, ra), (b, rb) in itertools.combinations(
+        zip(replay.specs, replay.replayed, strict=True), 2
+    ):
+        k = common_blocks(ra.blocks, rb.blocks)
+        shared = min(k * size, a.prompt_len, b.prompt_len)
+        assert a.prompt[:shared] == b.prompt[:shared]
+        if k < min(len(ra.blocks), len(rb.blocks)):  # the first block that differs differs
+            end = min((k + 1) * size, a.prompt_len, b.prompt_len)
+            assert a.prompt[k * size : end] != b.prompt[k * size : end]
+        judged += 1
+        shared_beyond_the_first += k > 1
+    assert judged > 1000 and shared_beyond_the_first > 10  # the window has real sharing
+
+
+def test_ideal_reuse_counts_only_prefixes_already_seen():
+    prompts = [
+        [(1, 4), (2, 4), (3, 2)],  # nothing seen yet
+        [(1, 4), (2, 4), (3, 4)],  # all three blocks seen; only 2 tokens of the last one
+        [(9, 4), (2, 4)],  # block 2 was seen, but never after block 9: not a prefix
+        [(1, 4), (2, 4), (3, 4), (4, 4)],  # three blocks and 12 tokens seen
+    ]
+    ideal = prefix_reuse(prompts).as_dict()
+    assert (ideal["blocks"], ideal["reused_blocks"]) == (12, 6)
+    assert (ideal["tokens"], ideal["reused_tokens"]) == (46, 22)
+    assert ideal["block_ratio"] == 0.5
+    # an LRU of 12 tokens: prompt 3 evicts blocks 3 and 2 (least recent), keeping block 1,
+    # which the prompt before it used first: prompt 4 finds only its first block
+    lru = prefix_reuse(prompts, capacity_tokens=12).as_dict()
+    assert (lru["reused_blocks"], lru["reused_tokens"]) == (4, 14)
+    assert prefix_reuse(prompts, capacity_tokens=10**6) == prefix_reuse(prompts)
+    assert prefix_reuse(prompts, capacity_tokens=1).reused_blocks == 0
+
+
+def test_the_mooncake_hours_ideal_reuse_is_the_published_share():
+    reuse = prefix_reuse(r.blocks() for r in load_trace("mooncake-conv"))
+    assert reuse.as_dict()["block_ratio"] == pytest.approx(0.366, abs=5e-4)
+
+
+def test_a_replay_states_its_scales_and_sends_exact_lengths(tokenizer):
+    settings = ReplaySettings("azure-conv", length_scale=0.25, time_scale=10.0, duration_s=20.0)
+    replay = build_replay(settings, tokenizer, max_model_len=2048)
+    summary = replay.summary
+    assert (summary["length_scale"], summary["time_scale"]) == (0.25, 10.0)
+    assert summary["window"]["requests"] == len(replay.specs) > 10
+    assert summary["shape"]["interarrival_cv"]["replay"] == pytest.approx(
+        summary["shape"]["interarrival_cv"]["trace"]
+    )
+    assert summary["shape"]["requests_per_s"]["replay"] == pytest.approx(
+        summary["shape"]["requests_per_s"]["trace"] / 10
+    )
+    for spec in replay.specs:
+        assert isinstance(spec.prompt, str) and spec.kind == "azure-conv"
+        assert len(tokenizer(spec.prompt)["input_ids"]) == spec.prompt_len
+    assert replay.arrivals[0] == 0.0 and replay.arrivals == sorted(replay.arrivals)
+    assert build_replay(settings, tokenizer).specs == replay.specs  # seeded
+
+
+def test_a_mooncake_replay_reports_ideal_reuse_at_each_capacity(tokenizer):
+    settings = ReplaySettings("mooncake-conv", length_scale=0.05, start_s=600.0, duration_s=60.0)
+    replay = build_replay(settings, tokenizer, capacities=[{"blocks": 50}, {"bytes": 23_040}])
+    reuse = replay.summary["prefix_reuse"]
+    assert reuse["replay"]["block_ratio"] > 0
+    small, one_token = reuse["lru"]
+    assert (small["capacity_blocks"], small["capacity_tokens"]) == (50, 50 * 26)
+    assert (one_token["capacity_bytes"], one_token["capacity_tokens"]) == (23_040, 1)
+    assert small["reused_blocks"] <= reuse["replay"]["reused_blocks"]
+    assert one_token["reused_blocks"] == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "capacities", "message"),
+    [
+        (ReplaySettings("azure-conv", length_scale=0), (), "length_scale"),
+        (ReplaySettings("azure-conv", time_scale=-1), (), "time_scale"),
+        (ReplaySettings("azure-conv", duration_s=0), (), "duration"),
+        (ReplaySettings("azure-conv", max_requests=0), (), "requests"),
+        (ReplaySettings("azure-conv", start_s=10**6), (), "no request"),
+        (ReplaySettings("nope"), (), "unknown trace"),
+        (ReplaySettings("azure-code"), ({"blocks": 4},), "no prompt blocks"),
+    ],
+)
+def test_impossible_replays_are_refused_with_the_setting_named(
+    tokenizer, settings, capacities, message
+):
+    with pytest.raises(TraceError, match=message):
+        build_replay(settings, tokenizer, capacities=capacities)
+
+
+def test_traces_ship_with_their_licenses():
+    folder = resources.files("splitwise_local.bench").joinpath("data", "traces")
+    names = {p.name for p in folder.iterdir()}
+    assert {info.file for info in traces.TRACES.values()} <= names
+    assert {"README.md", "LICENSE-CC-BY-4.0.txt", "LICENSE-Apache-2.0.txt"} <= names
+    readme = " ".join(folder.joinpath("README.md").read_text("utf-8").split())
+    assert "Splitwise: Efficient generative LLM inference using phase splitting" in readme
+    assert "Mooncake" in readme and "CC-BY 4.0" in readme and "Apache-2.0" in readme
+
+
+def test_the_package_data_patterns_cover_every_trace_file():
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["splitwise_local"]
+    package = root / "splitwise_local"
+    shipped = {p for pattern in patterns for p in package.glob(pattern) if p.is_file()}
+    files = {p for p in (package / "bench" / "data" / "traces").iterdir()}
+    assert files and files <= shipped
