@@ -12,7 +12,8 @@ The workloads: `fixed` (one prompt and output length; with a short prompt, the s
 workload of conditional disaggregation), `mixed` (short chats decoding while long prompts
 arrive: the Splitwise interference case), `shared-prefix` (groups of requests share a long
 prefix, e.g. a system prompt) and `multi-turn` (conversations whose every turn resends the
-whole history: what prefix caching and KV-aware routing are for).
+whole history: what prefix caching and KV-aware routing are for). Public traces are replayed
+by bench/traces.py with the same prompt cutter and request specs.
 """
 
 from __future__ import annotations
@@ -119,11 +120,13 @@ class RequestSpec:
     """One request of a workload: its text and the exact token counts it must produce."""
 
     index: int
-    kind: str  # "fixed", "short", "long", "shared-prefix" or "turn-N" (multi-turn, 1-based)
-    prompt: str
+    # "fixed", "short", "long", "shared-prefix", "turn-N" (multi-turn, 1-based) or a trace's name
+    kind: str
+    prompt: str | tuple[int, ...]  # text, or token ids (trace blocks that must be exact)
     prompt_len: int
     output_len: int
     conversation: int | None = None  # multi-turn: which conversation this turn belongs to
+    trace_row: int | None = None  # a trace replay: the request's row in the trace
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,7 +136,8 @@ def load_corpus() -> str:
     return resources.files("splitwise_local.data").joinpath(CORPUS_FILE).read_text("utf-8")
 
 
-def _streams(seed: int) -> list[np.random.Generator]:
+def streams(seed: int) -> list[np.random.Generator]:
+    """Independent generators for prompts, arrivals and warm-up, from one seed."""
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
 
 
@@ -147,6 +151,11 @@ class PromptCutter:
         self._ring = pool + pool  # a window may wrap past the end
         self._added = len(tokenizer("")["input_ids"])  # BOS and the like, per prompt
         self._rng = rng
+
+    @property
+    def min_length(self) -> int:
+        """The shortest prompt it can cut: one token of text after BOS and the like."""
+        return self._added + 1
 
     def count(self, text: str) -> list[int]:
         """The token ids the server will see for `text` (special tokens included)."""
@@ -176,7 +185,7 @@ def build_workload(
 ) -> list[RequestSpec]:
     """The requests of one run, in arrival order."""
     settings.validate()
-    rng = _streams(settings.seed)[PROMPT_STREAM]
+    rng = streams(settings.seed)[PROMPT_STREAM]
     cutter = PromptCutter(tokenizer, load_corpus() if corpus is None else corpus, rng)
     n = settings.num_requests
     specs: list[RequestSpec] = []
@@ -240,7 +249,7 @@ def warmup_requests(
     the measured prompts into its prefix cache."""
     if count < 1:
         return []
-    cutter = PromptCutter(tokenizer, load_corpus(), _streams(settings.seed)[WARMUP_STREAM])
+    cutter = PromptCutter(tokenizer, load_corpus(), streams(settings.seed)[WARMUP_STREAM])
     return [
         RequestSpec(i, "warmup", cutter.cut(settings.prompt_len), settings.prompt_len, output_len)
         for i in range(count)
@@ -252,5 +261,5 @@ def poisson_arrivals(num_requests: int, rate: float, seed: int) -> list[float]:
     1/rate (a Poisson process), drawn from the seed's arrival stream."""
     if rate <= 0:
         raise WorkloadError(f"rate must be positive (got {rate})")
-    gaps = _streams(seed)[ARRIVAL_STREAM].exponential(1.0 / rate, size=max(num_requests - 1, 0))
+    gaps = streams(seed)[ARRIVAL_STREAM].exponential(1.0 / rate, size=max(num_requests - 1, 0))
     return [0.0, *np.cumsum(gaps).tolist()][:num_requests]
