@@ -25,11 +25,11 @@ answer in the step in which it stops, whatever `request_finished` returns
 `_free_request`; `delay_free_blocks` only holds the blocks), so the connector cannot hold the
 answer back without holding the step. A pure producer (the prefill engine, whose answers carry
 nothing but the KV they stored) therefore waits in `wait_for_save` for the puts of the chunks
-that complete a prompt, at most `answer_wait_s`, and only when the queue had nothing older
-pending: a store that keeps up costs the step one put, as before; a slow one costs at most one
-bounded wait and then none while it is behind (each such answer counted in `save_late`; decode
-then finds fewer chunks and computes the rest). An engine that also decodes (kv_both) never
-waits: nobody is waiting for its saves.
+that complete a prompt, at most `answer_wait_s`: a store that keeps up costs the step one put,
+as before; a slow one costs one bounded wait, and then none until the queue has drained (each
+answer sent before its chunks were stored is counted in `save_late`; decode then finds fewer
+chunks and computes the rest). An engine that also decodes (kv_both) never waits: nobody is
+waiting for its saves.
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ class KVSaver:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitwise-save")
         self._lock = threading.Lock()
         self._queued = 0  # bytes gathered and not yet stored (or given up)
+        self._behind = False  # an answer went out late; no more waits until the queue drains
         self._active: set[str] = set()  # requests with saves, until vLLM finishes them
         self._stopped: dict[str, str] = {}  # requests not saved from some chunk on, and why
 
@@ -131,7 +132,8 @@ class KVSaver:
                 self._give_up(plan, "save_failures", f"skipped: {exc}")
             return
         device = self.caches.layers[0].device
-        behind = self.queued_bytes > 0
+        with self._lock:
+            behind = self._behind
         answers = []
         for plan in plans:
             with self._lock:
@@ -159,6 +161,8 @@ class KVSaver:
                 answers.append((plan, job))
         if answers:
             _, late = wait([job for _, job in answers], timeout=self.answer_wait_s)
+            with self._lock:
+                self._behind = bool(late) and self._queued > 0
             for plan, job in answers:
                 if job in late:
                     self.counters.add(save_late=1)
@@ -195,6 +199,7 @@ class KVSaver:
         finally:
             with self._lock:
                 self._queued -= size
+                self._behind = self._behind and self._queued > 0
 
     def _store(self, plan: SavePlan, rows: list[torch.Tensor], copied, gathered: float) -> None:
         started = time.perf_counter()

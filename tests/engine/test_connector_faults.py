@@ -85,6 +85,15 @@ def metric_reaches(engine, name: str, value: float, timeout: float = 15) -> floa
     return current
 
 
+def stored_chunks(backend, keys, expected: int, timeout: float = 15) -> int:
+    """How many of `keys` the store holds once `expected` are there: saves land a moment after
+    the answer of an engine that also decodes."""
+    deadline = time.monotonic() + timeout
+    while (held := backend.exists(keys)) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return held
+
+
 def assert_serving(engine, reference, prompt) -> None:
     """Still up, and the next request answers correctly."""
     assert_matches(answer(engine, prompt, 8), reference_answer(reference, prompt, 8), "next")
@@ -105,7 +114,7 @@ def test_a_prompt_extending_a_stored_one_loads_the_stored_part_and_saves_the_res
     assert "load-partial" not in decode.new_log()
     assert_matches(got, reference_answer(reference, prompt), "257-token prompt")
     # kv_both: the chunk decode computed (token 256) is in the store now, under its key.
-    assert system.backend().exists(chunk_keys(identity, prompt)) == 2
+    assert stored_chunks(system.backend(), chunk_keys(identity, prompt), 2) == 2
     assert_serving(decode, reference, extra)
 
 
@@ -124,7 +133,7 @@ def test_a_missing_middle_chunk_loads_the_part_before_it(system, reference, text
     assert [int(t) for _, t, _ in re.findall(LOAD, log)] == [256]
     assert decode.metric("vllm:external_prefix_cache_hits_total") - hits == 256  # 744 computed
     assert_matches(got, reference_answer(reference, prompt), "missing chunk 256-512")
-    assert backend.exists(keys) == 4  # kv_both saved the chunks it computed, the hole is filled
+    assert stored_chunks(backend, keys, 4) == 4  # kv_both saved what it computed: no more hole
 
 
 def test_a_corrupted_middle_chunk_is_caught_and_recomputed_from_there(
@@ -263,7 +272,7 @@ def test_a_frozen_store_never_hangs_an_engine(system, reference, texts):
         began = time.monotonic()
         got = answer(decode, stored, 8)
         assert_matches(got, reference_answer(reference, stored, 8), "frozen store")
-        answer(prefill, fresh, 1)  # its saves give up after their deadline
+        answer(prefill, fresh, 1)  # it waits a moment for its save, then answers anyway
         assert time.monotonic() - began < 30
     finally:
         system.store_child.signal_group(signal.SIGCONT)
