@@ -316,6 +316,7 @@ def kv_geometry(model: Path) -> tuple[int, int, int]:
 def layout_costs(tokens: int, model: Path) -> dict:
     """Per-layer scatter and gather of `tokens` tokens' KV on a cache shaped like the engine's."""
     import torch
+    from vllm.v1.kv_cache_layout import KVCacheLayout
 
     from splitwise_local.connector.layout import LayerCaches, layout_for, slots_for
 
@@ -325,8 +326,8 @@ def layout_costs(tokens: int, model: Path) -> dict:
     blocks = -(-tokens // block) * 2 + 8
     buffer = torch.zeros(layers, blocks, heads, block, 2 * head_size, dtype=torch.bfloat16)
     caches = LayerCaches([buffer[i] for i in range(layers)])
-    layout = layout_for(buffer[0], use_mla=False, heads=heads, head_size=head_size,
-                        block_size=block)  # fmt: skip
+    layout = layout_for(buffer[0], kv_cache_layout=KVCacheLayout.LBHNC, use_mla=False,
+                        heads=heads, head_size=head_size, block_size=block)  # fmt: skip
     table = torch.randperm(blocks)[: -(-tokens // block)].tolist()
     slots = slots_for(table, 0, tokens - 1, block)
     rows = torch.randn(layers, 2, len(slots), heads, head_size).bfloat16()

@@ -188,6 +188,7 @@ class SplitwiseConnector(KVConnectorBase_V1):
         first = next(iter(kv_caches.values()))
         layout = layout_for(
             first,
+            kv_cache_layout=self._vllm_config.cache_config.get_resolved_kv_cache_layout(),
             use_mla=model.use_mla,
             heads=model.get_num_kv_heads(self._vllm_config.parallel_config),
             head_size=model.get_head_size(),

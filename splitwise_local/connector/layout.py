@@ -6,19 +6,25 @@ head_size]` (kv = 2 for K and V, 1 for MLA's single latent): the chunk format th
 the store see. So `chunk_size` need not match the engine's block size, stored KV does not depend
 on the CPU's instruction set, and the serdes see real token and channel axes.
 
-All layers at once because vLLM allocates every layer's cache as a view of one buffer (the CPU
-backend does): `LayerCaches` sees them as one `[layers, ...]` tensor, so one copy moves a block
-of every layer, and the per-call overhead is paid per block instead of per block and layer.
+All layers at once because vLLM 0.32 allocates every layer's cache as a view of one buffer
+(`allocate_kv_cache`, on every device): `LayerCaches` sees them as one `[layers, ...]` tensor,
+so one copy moves a block of every layer, and the per-call overhead is paid per block instead
+of per block and layer.
 
-The CPU backend does not store a block token by token: `cpu_attn_reshape_and_cache` packs each
-(block, head) as `[2 * block_size, head_size]` elements in an ISA-dependent order (`vec`, `amx`,
-...). Rather than hard-coding those orders, `probe_cpu_packing` asks vLLM's own kernel where it
-writes each (token, channel), and that permutation is the source of truth. For power-of-two
-block and head sizes every packing seen (vec, vec16, amx) permutes the *bits* of the
-(token, channel) index; `HalfPacking` finds that bit permutation in the probe's answer, checks
-that it reproduces the probe exactly, and turns it into a reshape + axis permutation, so a
-whole block moves in one strided copy. Tokens of partly covered blocks, and shapes where no bit
-permutation exists, go element by element through the probed offsets.
+Two adapters. `PagedLayout` reads vLLM's logical per-layer view `[blocks, heads, block_size,
+K|V]` (or MLA's latent) under whichever `KVCacheLayout` the engine resolved: GPU attention and
+MLA everywhere. `CpuPackedLayout` reads the CPU attention backend's packed blocks. `layout_for`
+picks one from the device and the resolved layout.
+
+The CPU attention backend does not store a block token by token: `cpu_attn_reshape_and_cache`
+packs each (block, head) as `[2 * block_size, head_size]` elements in an ISA-dependent order
+(`vec`, `amx`, ...). Rather than hard-coding those orders, `probe_cpu_packing` asks vLLM's
+own kernel where it writes each (token, channel), and that permutation is the source of truth.
+For power-of-two block and head sizes every packing seen (vec, vec16, amx) permutes the *bits*
+of the (token, channel) index; `HalfPacking` finds that bit permutation in the probe's answer,
+checks that it reproduces the probe exactly, and turns it into a reshape + axis permutation, so
+a whole block moves in one strided copy. Tokens of partly covered blocks, and shapes where no
+bit permutation exists, go element by element through the probed offsets.
 """
 
 from __future__ import annotations
@@ -28,8 +34,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from vllm.v1.kv_cache_layout import KVCacheLayout
 
 PROBE_BASE = 64  # digits below 64 are exact in every float dtype the cache may use
 ELEMENTWISE_BELOW = 4  # fewer tokens of a block than this move element by element
@@ -49,6 +59,10 @@ class LayerCaches:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
 
     def groups(self) -> Iterator[tuple[slice, torch.Tensor]]:
         """(layer range, `[n, *layer_shape]` tensor) pieces that together cover every layer."""
@@ -99,6 +113,7 @@ class KVLayout(ABC):
 
     def scatter(self, caches: LayerCaches, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Writes `rows` (as `gather` returns them) into every layer's cache at `slots`."""
+        rows = to_device(rows, caches.device)
         for layers, cache in caches.groups():
             self._scatter(cache, slots, rows[layers])
 
@@ -363,68 +378,106 @@ class CpuPackedLayout(KVLayout):
 
 
 @dataclass
-class LatentLayout(KVLayout):
-    """MLA: one latent vector per token, token-major, `[blocks, (1,) block_size, width]`.
+class PagedLayout(KVLayout):
+    """vLLM 0.32's cache as its model runners allocate it (`allocate_kv_cache`), on a GPU.
 
-    Used by vLLM's CPU MLA backends and, with the same indexing, the CUDA MLA backends
-    (FlashMLA, Triton MLA: `[num_blocks, block_size, kv_lora_rank + rope_dim]`).
-    """
+    Each layer gets a `[blocks, heads, block_size, C]` view of one buffer. C holds K then V,
+    `head_size` channels each (FlashAttention and FlashInfer split it so:
+    `kv_cache.transpose(1, 2).split(head_size, dim=-1)`), or MLA's one latent per token (its
+    backends read `kv_cache.squeeze(1)`, heads = 1). The engine's `KVCacheLayout` only orders
+    these axes in memory, so the adapter indexes the logical view and the strides come with
+    the tensors; `layout_for` checks them against the layout the engine resolved.
 
-    head_size: int
-    block_size: int
-    heads: int = 1
-    kv: int = 1
-
-    def __post_init__(self) -> None:
-        self.name = "mla-latent"
-
-    def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        n = cache.shape[0]
-        rows = cache.reshape(n, -1, self.head_size)[:, slots.to(cache.device)]
-        return rows.view(n, 1, -1, 1, self.head_size)
-
-    def _scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        n = cache.shape[0]
-        flat = cache.view(n, -1, self.head_size)
-        flat[:, slots.to(cache.device)] = rows.reshape(n, -1, self.head_size).to(flat)
-
-
-@dataclass
-class KvFirstLayout(KVLayout):
-    """CUDA FlashAttention-style cache: `[2, blocks, block_size, heads, head_size]`.
-
-    Written from vLLM's flash_attn backend (`get_kv_cache_shape`); no GPU runs here, so only
-    its indexing is tested (on CPU tensors of that shape).
+    vLLM cuts the layer views out of one `[layers, blocks, heads, block_size, C]` view, so
+    `LayerCaches` stacks them back and one indexing op moves the tokens of every layer: in the
+    block-major layouts (BL*, BHLNC) it reads or writes a block of every layer as one
+    contiguous region. A cache split into kernel blocks smaller than `block_size` is indexed
+    in its own block size: vLLM splits only dense pages, so kernel block j of block b is
+    `b * ratio + j` and a slot's kernel block is `slot // kernel_block_size`.
     """
 
     heads: int
     head_size: int
     block_size: int
+    kv_cache_layout: str
     kv: int = 2
 
     def __post_init__(self) -> None:
-        self.name = "kv-first"
+        self.name = f"{'mla' if self.kv == 1 else 'per-head'}-{self.kv_cache_layout}"
+
+    def _index(self, cache: torch.Tensor, slots: torch.Tensor):
+        kernel_block_size = cache.shape[3]
+        return _split_slots(slots.to(cache.device), kernel_block_size)
 
     def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        blocks, positions = _split_slots(slots.to(cache.device), self.block_size)
-        return cache[:, :, blocks, positions]
+        blocks, positions = self._index(cache, slots)
+        picked = cache[:, blocks, :, positions]  # [tokens, n, heads, C]
+        rows = picked.unflatten(-1, (self.kv, self.head_size)).permute(1, 3, 0, 2, 4)
+        return rows.contiguous()
 
     def _scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        blocks, positions = _split_slots(slots.to(cache.device), self.block_size)
-        cache[:, :, blocks, positions] = rows.to(cache)
+        blocks, positions = self._index(cache, slots)
+        values = rows.to(cache.dtype).permute(2, 0, 3, 1, 4).flatten(-2)
+        cache[:, blocks, :, positions] = values
+
+
+def to_device(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`rows` on `device`. Host rows bound for a GPU are staged in pinned memory and copied
+    without blocking, on the current stream, so the scatter queued after the copy reads them in
+    order, and the caller's buffer (a store lease) may be released as soon as this returns:
+    PyTorch's pinned allocator keeps the staging buffer until the copy is done."""
+    if device.type != "cuda" or rows.device.type != "cpu":
+        return rows.to(device)
+    staged = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    staged.copy_(rows)
+    return staged.to(device, non_blocking=True)
+
+
+def _check_strides(cache: torch.Tensor, name: str, order: tuple[int, ...]) -> None:
+    """Refuses a cache whose memory order is not that of `name`'s stride order.
+
+    vLLM's `KVCacheLayout` values are stride orders of `[L, B, H, N, C]`; one layer's view
+    `[B, H, N, C]` keeps the order of the last four (vLLM's `layer_view_order`). Axes of size
+    one have no order.
+    """
+    view_order = [axis - 1 for axis in order if axis != 0]
+    strides = [cache.stride(axis) for axis in view_order if cache.shape[axis] > 1]
+    if cache.dim() != 4 or cache.stride(3) != 1 or strides != sorted(set(strides), reverse=True):
+        raise ValueError(
+            f"a KV cache of shape {tuple(cache.shape)} and strides {cache.stride()} is not "
+            f"laid out as {name}"
+        )
 
 
 def layout_for(
-    cache: torch.Tensor, *, use_mla: bool, heads: int, head_size: int, block_size: int
+    cache: torch.Tensor,
+    *,
+    kv_cache_layout: KVCacheLayout,
+    use_mla: bool,
+    heads: int,
+    head_size: int,
+    block_size: int,
 ) -> KVLayout:
-    """Picks the adapter for one layer's cache tensor, from the model's facts and the device."""
-    if use_mla:
-        return LatentLayout(head_size=cache.shape[-1], block_size=block_size)
-    if cache.device.type == "cpu":
+    """The adapter for an engine's caches, from one layer's cache tensor (its device), the
+    `KVCacheLayout` the engine resolved (`cache_config.get_resolved_kv_cache_layout()`, as
+    vLLM's model runners read it: only its `name` and its stride order, `value`, are used) and
+    the model's facts."""
+    name, order = kv_cache_layout.name, tuple(kv_cache_layout.value)
+    _check_strides(cache, name, order)
+    if block_size % cache.shape[2]:
+        raise ValueError(f"{cache.shape[2]}-token cache blocks do not divide {block_size}")
+    if cache.device.type == "cpu" and not use_mla:
+        if name != "LBHNC" or cache.shape[2] != block_size:
+            raise NotImplementedError(f"vLLM's CPU attention packs LBHNC blocks, not {name}")
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
         isa = _get_attn_isa(cache.dtype, block_size, head_size)
         return CpuPackedLayout(heads, head_size, block_size, isa, cache.dtype)
-    if cache.dim() == 5 and cache.shape[0] == 2:
-        return KvFirstLayout(heads, head_size, block_size)
-    raise NotImplementedError(f"no KV layout adapter for a cache of shape {tuple(cache.shape)}")
+    kv = 1 if use_mla else 2
+    width = kv * head_size if not use_mla else cache.shape[-1]
+    if cache.shape[-1] != width or (not use_mla and cache.shape[1] != heads):
+        raise NotImplementedError(
+            f"no KV layout adapter for a cache of shape {tuple(cache.shape)} "
+            f"({heads} heads of {head_size}, mla={use_mla})"
+        )
+    return PagedLayout(cache.shape[1], width // kv, block_size, name, kv)

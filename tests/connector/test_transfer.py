@@ -18,7 +18,7 @@ from splitwise_local.bench.slow_store import hold_writes
 from splitwise_local.connector.codec import ChunkCodec
 from splitwise_local.connector.health import StoreGuard
 from splitwise_local.connector.keys import KeyIdentity
-from splitwise_local.connector.layout import KvFirstLayout, LayerCaches
+from splitwise_local.connector.layout import LayerCaches, PagedLayout
 from splitwise_local.connector.loader import KVLoader
 from splitwise_local.connector.metrics import Counters
 from splitwise_local.connector.planner import LoadPlan, SavePlan, prompt_chunks
@@ -30,7 +30,7 @@ from tests.store.helpers import unique_name
 
 pytestmark = pytest.mark.timeout(120)
 
-LAYOUT = KvFirstLayout(heads=2, head_size=8, block_size=16)
+LAYOUT = PagedLayout(heads=2, head_size=8, block_size=16, kv_cache_layout="LBHNC")
 TOKENS = 100  # chunks of 32: 0-32, 32-64, 64-96, 96-100
 SOURCE_BLOCKS = list(range(7))
 TARGET_BLOCKS = [7, 6, 5, 4, 3, 2, 1]
@@ -39,7 +39,7 @@ TARGET_BLOCKS = [7, 6, 5, 4, 3, 2, 1]
 @pytest.fixture
 def source():
     generator = torch.Generator().manual_seed(0)
-    buffer = torch.randn(3, 2, 8, 16, 2, 8, generator=generator)  # 3 layers, one buffer
+    buffer = torch.randn(3, 8, 2, 16, 16, generator=generator)  # 3 layers, one buffer
     return LayerCaches([buffer[i] for i in range(3)])
 
 
@@ -75,7 +75,7 @@ def save(caches, chunks, backend):
 
 def load(chunks, backend, *, end=TOKENS - 1, tail=TOKENS - 1, guard=None):
     """Runs one async load to its end; returns the target caches, the loader's report, stats."""
-    target = LayerCaches([torch.zeros(2, 8, 16, 2, 8) for _ in range(3)])
+    target = LayerCaches([torch.zeros(8, 2, 16, 16) for _ in range(3)])
     counters = Counters()
     loader = KVLoader(lambda: backend, LAYOUT, target, rank=0, guard=guard or StoreGuard("t"),
                       counters=counters, verify=True)  # fmt: skip
@@ -298,7 +298,7 @@ class HeldCopies:
 
 def test_a_load_is_reported_only_once_its_copies_have_landed(source, chunks, backend):
     save(source, chunks, backend)
-    target = LayerCaches([torch.zeros(2, 8, 16, 2, 8) for _ in range(3)])
+    target = LayerCaches([torch.zeros(8, 2, 16, 16) for _ in range(3)])
     copies = HeldCopies()
     loader = KVLoader(lambda: backend, LAYOUT, target, rank=0, guard=StoreGuard("t"),
                       counters=Counters(), order=copies)  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 from splitwise_local.connector.codec import ChunkCodec
 from splitwise_local.connector.health import StoreGuard
 from splitwise_local.connector.keys import KeyIdentity
-from splitwise_local.connector.layout import KvFirstLayout, LayerCaches
+from splitwise_local.connector.layout import LayerCaches, PagedLayout
 from splitwise_local.connector.loader import KVLoader
 from splitwise_local.connector.metrics import Counters
 from splitwise_local.connector.planner import LoadPlan, SavePlan, prompt_chunks
@@ -77,9 +77,9 @@ def test_a_store_without_memory_is_full(make_own_client):
 def kv():
     """Three layers of a small FlashAttention-layout cache, a 100-token prompt in 32-token
     chunks, stored from blocks 0..6 and loaded into blocks 7..1."""
-    layout = KvFirstLayout(heads=2, head_size=8, block_size=16)
+    layout = PagedLayout(heads=2, head_size=8, block_size=16, kv_cache_layout="LBHNC")
     torch.manual_seed(0)
-    source = {f"layer{i}": torch.randn(2, 8, 16, 2, 8) for i in range(3)}
+    source = {f"layer{i}": torch.randn(8, 2, 16, 16) for i in range(3)}
     identity = KeyIdentity("test-model", "float32", layout.name, chunk_size=32)
     chunks = prompt_chunks(identity, list(range(100)))
     return layout, source, chunks
@@ -94,7 +94,7 @@ def save(layout, caches, chunks, backend) -> None:
 
 
 def load(layout, chunks, backend) -> tuple[dict[str, torch.Tensor], set[int]]:
-    target = {f"layer{i}": torch.zeros(2, 8, 16, 2, 8) for i in range(3)}
+    target = {f"layer{i}": torch.zeros(8, 2, 16, 16) for i in range(3)}
     loader = KVLoader(lambda: backend, layout, LayerCaches(list(target.values())), rank=0,
                       guard=StoreGuard("test"), counters=Counters(), verify=True)  # fmt: skip
     loader.submit([LoadPlan("load", chunks, 0, 99, [7, 6, 5, 4, 3, 2, 1])])
@@ -118,7 +118,7 @@ def test_connector_moves_kv_through_mooncake_and_recomputes_when_the_master_dies
     for name in source:  # token t sits in block t // 16 there and block 7 - t // 16 here
         for token in range(99):
             block, offset = divmod(token, 16)
-            assert torch.equal(target[name][:, 7 - block, offset], source[name][:, block, offset])
+            assert torch.equal(target[name][7 - block, :, offset], source[name][block, :, offset])
 
     own_master.process.kill()
     own_master.process.wait()
