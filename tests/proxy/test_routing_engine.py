@@ -8,7 +8,9 @@ in this process that has the model's tokenizer and the engines' config. It check
 - under auto a new long prompt goes through prefill, the same prompt again and a long shared
   prefix with a short question go straight to decode, which loads the stored prefix (external
   hits counted) and answers what a plain engine answers; both decisions are in the header and
-  in /metrics.
+  in /metrics (the proxy runs with `route_detail` on);
+- `cache_salt` isolates tenants across the store as vLLM's own prefix cache does: a prompt
+  stored under one salt is never loaded for another, and loads again for its own.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 
 from splitwise_local.bench.engines import Engine, System, start_system
 from splitwise_local.config import SplitwiseConfig, load_config
-from splitwise_local.connector.keys import chunk_keys
+from splitwise_local.connector.keys import KeyExtras, chunk_keys
 from splitwise_local.models.checkpoint import prepare_default_model
 from splitwise_local.proxy.app import build_app
 from splitwise_local.proxy.prefix import engine_identity
@@ -73,6 +75,7 @@ def proxy(system, model) -> Iterator[str]:
         decode=[system.engines["decode"].url],
         model=str(model),
         kv_config=str(Path(system.supervisor.run) / "splitwise.yaml"),
+        route_detail=True,
     )
     try:
         yield servers.serve(build_app(settings))
@@ -276,3 +279,48 @@ def test_stored_prompts_go_straight_to_decode_and_answer_like_a_plain_engine(
     assert routes_counted(proxy, "auto", "disaggregated", "long_uncached") == 1
     assert routes_counted(proxy, "auto", "direct", "stored_prefix") == 3
     store.close()
+
+
+def test_a_prompt_stored_under_one_cache_salt_is_never_loaded_under_another(
+    system, proxy, tokenizer, references
+):
+    """Salt A through the system, then the same tokens with salt B straight to decode: nothing
+    is loaded (vLLM's external hit counter stays) and the answer is a plain engine's; salt A
+    again finds its own KV, through the proxy's keys for a salted request."""
+    model = system.engines["decode"].model
+    decode = system.engines["decode"]
+    config = load_config(Path(system.supervisor.run) / "splitwise.yaml")
+    identity = engine_identity(model, cpu_dtype().dtype, config.chunk_size)
+    hits = "vllm:external_prefix_cache_hits_total"
+    body = chat_body(model, [{"role": "user", "content": PASSAGE[:1400]}])
+    ids = tokenizer.token_ids(CHAT, body)
+    assert len(ids) > 2 * config.chunk_size
+    tenant_a, tenant_b = (f"tenant-{uuid.uuid4().hex}" for _ in range(2))
+
+    route = route_of(httpx.post(proxy + CHAT, json={**body, "cache_salt": tenant_a}, timeout=600))
+    assert (route["path"], route["reason"]) == ("disaggregated", "long_uncached")
+
+    before = decode.metric(hits)
+    salted_b = {**body, "cache_salt": tenant_b}
+    answer_b = answer_tokens(httpx.post(decode.url + CHAT, json=salted_b, timeout=600))
+    assert decode.metric(hits) == before  # A's KV was there, and B loaded none of it
+    plain = references.tokens("salted", lambda engine: plain_answer(engine, body))
+    if plain is not None:
+        assert answer_b == plain, f"first difference at token {first_diff(answer_b, plain)}"
+
+    # The store holds A's chunks under A's keys only (and now B's, which decode saved).
+    store = system.backend()
+    for salt in (tenant_a, tenant_b):
+        keys = chunk_keys(identity, ids, KeyExtras(cache_salt=salt))
+        assert store.exists(keys) == len(keys)
+    assert store.exists(chunk_keys(identity, ids)) == 0
+
+    before = decode.metric(hits)
+    reply = httpx.post(proxy + CHAT, json={**body, "cache_salt": tenant_a}, timeout=600)
+    route = route_of(reply)
+    assert (route["path"], route["reason"]) == ("direct", "stored_prefix")
+    assert int(route["stored_tokens"]) == len(ids)
+    assert decode.metric(hits) - before == len(ids) - 1
+    if plain is not None:
+        got = answer_tokens(reply)
+        assert got == plain, f"first difference at token {first_diff(got, plain)}"
