@@ -167,9 +167,12 @@ class System:
         self.store_child = store
 
     def stop(self) -> None:
-        self.supervisor.stop_all()
-        for cleanup in self.cleanups:
-            cleanup()
+        """Stops the engines and the store; the cleanups run even if that failed."""
+        try:
+            self.supervisor.stop_all()
+        finally:
+            for cleanup in self.cleanups:
+                cleanup()
 
 
 def start_system(

@@ -9,6 +9,7 @@ log files unless `--log-level info` asks for them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -62,35 +63,49 @@ def line_level(line: str, previous: int) -> int:
 
 
 class Console:
-    """Writes whole lines from many threads, each prefixed by its component."""
+    """Writes whole lines from many threads, each prefixed by its component.
+
+    Without streams of its own it writes to `sys.stdout` and `sys.stderr` as they are at each
+    line, not as they were when it was made: pytest swaps them per test and closes its
+    captures on Ctrl-C before the fixtures that stop the engines tear down. A line that cannot
+    be written (a closed stream or pipe) is dropped: stopping the children matters more.
+    """
 
     def __init__(
         self, level: str = "warning", out: TextIO | None = None, err: TextIO | None = None
     ) -> None:
         self.threshold = LEVELS[level]
-        self._out = out if out is not None else sys.stdout
-        self._err = err if err is not None else sys.stderr
+        self._out = out
+        self._err = err
         self._lock = threading.Lock()
 
+    @property
+    def _stdout(self) -> TextIO:
+        return self._out if self._out is not None else sys.stdout
+
+    @property
+    def _stderr(self) -> TextIO:
+        return self._err if self._err is not None else sys.stderr
+
     def _write(self, stream: TextIO, component: str, text: str) -> None:
-        with self._lock:
+        with self._lock, contextlib.suppress(ValueError, OSError):
             for line in text.splitlines() or [""]:
                 stream.write(f"[{component}] {line}\n")
             stream.flush()
 
     def say(self, component: str, text: str) -> None:
         """A line that always shows: the launcher's progress."""
-        self._write(self._out, component, text)
+        self._write(self._stdout, component, text)
 
     def error(self, component: str, text: str) -> None:
         """A failure the user must read; goes to stderr."""
-        self._write(self._err, component, "error: " + text)
+        self._write(self._stderr, component, "error: " + text)
 
     def child_line(self, component: str, line: str, level: int) -> None:
         """One line of a child's output, shown if its level reaches the console's threshold (the
         log file has every line)."""
         if level >= self.threshold:
-            self._write(self._out, component, line)
+            self._write(self._stdout, component, line)
 
 
 class ConsoleHandler(logging.Handler):

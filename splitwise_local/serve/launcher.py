@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from splitwise_local.serve.console import LEVELS, Console, ConsoleHandler
 from splitwise_local.serve.placement import Placement, PlacementError, placement
-from splitwise_local.serve.process import RUN_ENV, Child
+from splitwise_local.serve.process import RUN_ENV, Child, sweep_orphans
 from splitwise_local.serve.prometheus import DEFAULT_INTERVAL_S as SCRAPE_INTERVAL_S
 from splitwise_local.serve.prometheus import DEFAULT_PORT as PROMETHEUS_PORT
 from splitwise_local.serve.supervisor import (
@@ -776,6 +776,8 @@ def run(args: argparse.Namespace) -> int:
     """`python -m splitwise_local [serve]`: the whole system until Ctrl-C or SIGTERM; 1 after a
     failure."""
     console = Console(args.log_level)
+    if (swept := sweep_orphans()) is not None:  # before the ports are checked: they held some
+        console.say(LAUNCHER, swept)
     try:
         plan = make_plan(args, console)
     except LaunchError as exc:

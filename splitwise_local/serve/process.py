@@ -6,19 +6,30 @@ reaches whatever the child spawned itself (vLLM's engine-core process). Its outp
 line, to its log file and to the console. A child may be started again after it exited (the
 supervisor's restarts); its log then continues, and what it says about its cause of death is
 read from the current run's part of the log only.
+
+A child dies with the process that started it, however that ends (kill -9, the OOM killer):
+the kernel sends it SIGTERM when its parent goes (Linux's parent-death signal), and a guardian
+process (serve/guardian.py) then kills whatever is still running after a grace period. A child
+that outlived both (the guardian killed as well) is swept by the next launch: every child
+carries the tag of the process that started it, so what a dead launcher left is told apart
+from what a live one runs.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
+import ctypes
 import os
+import queue
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -27,10 +38,124 @@ from splitwise_local.serve.console import LEVELS, Console, line_level
 
 RUN_ENV = "SPLITWISE_RUN_DIR"  # set in every child and inherited below: finds a run's processes
 COMPONENT_ENV = "SPLITWISE_COMPONENT"  # the child's name, likewise: finds one child's leftovers
+LAUNCHER_ENV = "SPLITWISE_LAUNCHER"  # `launcher_tag()` of the process that started the child
 ORPHAN_GRACE_S = 3.0  # for what a child left running after it exited
+# SIGTERM, not SIGKILL: vLLM's API server then stops its engine core and worker with it (measured:
+# all gone 1.3 s after it), where a SIGKILLed one leaves them running, renamed and untagged.
+PARENT_DEATH_SIGNAL = signal.SIGTERM
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 # "ModuleNotFoundError: No module named 'x'" opening a line or a vLLM message ("... [file.py:1] ");
 # elsewhere in a line it is prose ("fd limit errors like `OSError: ...`").
 _EXCEPTION_LINE = re.compile(r"(?:^|\] )([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's prctl(2), resolved before any fork (the child only calls it); None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_prctl = _load_prctl()
+
+
+def _dies_with_parent(sig: int) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel send `sig` to the child once the thread that forked it
+    exits (PR_SET_PDEATHSIG); None where the kernel has no such signal."""
+    if _prctl is None:
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), sig)
+
+    return arm
+
+
+def launcher_tag(pid: int | None = None) -> str:
+    """`pid:start time` of a process (this one by default): a pid alone may be reused."""
+    process = psutil.Process(pid)
+    return f"{process.pid}:{process.create_time():.2f}"
+
+
+def _launcher_alive(tag: str) -> bool:
+    """Whether the process `tag` names still runs; a tag that is not one counts as alive, so
+    nothing is killed on its account."""
+    pid = tag.partition(":")[0]
+    if not pid.isdigit():
+        return True
+    try:
+        return launcher_tag(int(pid)) == tag
+    except psutil.NoSuchProcess:
+        return False
+
+
+class _Spawner:
+    """Forks every child from one thread that lives as long as this process, and starts this
+    process's guardian with the first child.
+
+    Linux sends the parent-death signal when the *thread* that forked a child exits, not its
+    process: a child started from a supervisor's watcher thread (a restart) would otherwise be
+    killed as soon as that watcher returned.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner = 0  # the pid whose thread and guardian these are (a fork needs its own)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._guardian: subprocess.Popen[bytes] | None = None
+
+    def popen(self, command: Sequence[str], **options: object) -> subprocess.Popen[bytes]:
+        """`subprocess.Popen(command, **options)`, forked by the spawner thread; the child's pid
+        goes to the guardian."""
+        with self._lock:
+            if self._owner != os.getpid():
+                self._guardian = _start_guardian()
+                self._jobs = queue.SimpleQueue()
+                thread = threading.Thread(
+                    target=self._serve, args=(self._jobs,), name="spawner", daemon=True
+                )
+                thread.start()
+                self._owner = os.getpid()
+        done: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
+        self._jobs.put((done, command, options))
+        process = done.result()
+        with self._lock, contextlib.suppress(OSError, ValueError):  # a guardian that is gone
+            assert self._guardian is not None and self._guardian.stdin is not None
+            self._guardian.stdin.write(f"{process.pid}\n".encode())
+            self._guardian.stdin.flush()
+        return process
+
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue) -> None:
+        while True:
+            done, command, options = jobs.get()
+            try:
+                done.set_result(subprocess.Popen(command, **options))
+            except BaseException as exc:  # the caller raises it
+                done.set_exception(exc)
+
+
+def _start_guardian() -> subprocess.Popen[bytes]:
+    """The guardian of this process's children (serve/guardian.py): it reads their pids from its
+    stdin, whose end this process holds until it exits. In a session of its own, untagged, so
+    no Ctrl-C, group kill or sweep aimed at the children reaches it."""
+    env = {k: v for k, v in os.environ.items() if k not in (RUN_ENV, COMPONENT_ENV, LAUNCHER_ENV)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "splitwise_local.serve.guardian", launcher_tag()],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+_spawner = _Spawner()
 
 
 def terminate(process: subprocess.Popen, grace: float = 10.0) -> None:
@@ -107,13 +232,14 @@ class Child:
             self._log_offset = log.tell()
         self.stopping = False
         self.starts += 1
-        self.popen = subprocess.Popen(
+        self.popen = _spawner.popen(
             self.command,
-            env={**self.env, COMPONENT_ENV: self.name},
+            env={**self.env, COMPONENT_ENV: self.name, LAUNCHER_ENV: launcher_tag()},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_dies_with_parent(PARENT_DEATH_SIGNAL),
         )
         self._pump = threading.Thread(
             target=self._copy_output, name=f"{self.name}-log", daemon=True
@@ -270,3 +396,74 @@ def tagged(run: str, component: str | None = None) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return alive(found)
+
+
+def left_behind(
+    belongs: Callable[[Mapping[str, str]], bool], sessions: Iterable[int] = ()
+) -> list[psutil.Process]:
+    """Live processes whose environment `belongs`, every process in their sessions or in
+    `sessions`, and the descendants of all of them; never this process, its ancestors or its
+    own session.
+
+    The sessions matter: vLLM's engine core and workers rename themselves (setproctitle), which
+    blanks the environment /proc shows, so only the session their API server leads says whose
+    they are.
+    """
+    me = psutil.Process()
+    spared = {me.pid, *(parent.pid for parent in me.parents())}
+    wanted = set(sessions)
+    found: dict[int, psutil.Process] = {}
+    everyone = [process for process in psutil.process_iter() if process.pid not in spared]
+    for process in everyone:
+        with contextlib.suppress(psutil.Error, OSError):
+            if belongs(process.environ()):
+                found[process.pid] = process
+                wanted.add(os.getsid(process.pid))
+    wanted.discard(os.getsid(0))
+    for process in everyone:
+        with contextlib.suppress(OSError):
+            if process.pid not in found and os.getsid(process.pid) in wanted:
+                found[process.pid] = process
+    for process in list(found.values()):
+        with contextlib.suppress(psutil.Error):
+            for descendant in process.children(recursive=True):
+                if descendant.pid not in spared:
+                    found.setdefault(descendant.pid, descendant)
+    return alive(list(found.values()))
+
+
+def describe(process: psutil.Process) -> str:
+    """`decode engine (pid 12)`, or the process's name where its environment is unreadable."""
+    try:
+        name = process.environ().get(COMPONENT_ENV) or process.name()
+    except psutil.Error:
+        name = "a process"
+    return f"{name} (pid {process.pid})"
+
+
+def sweep_orphans() -> str | None:
+    """Kills what launchers that have died left running (their tag names a process that is
+    gone, with those processes' sessions and descendants) and says what it killed; None when
+    there was nothing. Processes of a live launcher, this one's included, are never touched."""
+    dead: dict[str, bool] = {}
+
+    def orphaned(env: Mapping[str, str]) -> bool:
+        tag = env.get(LAUNCHER_ENV)
+        if tag is None:
+            return False
+        if tag not in dead:
+            dead[tag] = not _launcher_alive(tag)
+        return dead[tag]
+
+    found = left_behind(orphaned)
+    if not found:
+        return None
+    names = [describe(process) for process in found]
+    for process in found:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(found, timeout=5.0)  # gone, so their ports are free
+    return (
+        f"killed {len(found)} process(es) that an earlier run left running when its launcher "
+        f"died: {', '.join(names)}"
+    )

@@ -1,0 +1,95 @@
+"""A test run that is stopped midway (Ctrl-C, SIGTERM, kill -9) leaves no engine or store.
+
+The run under test is a pytest process whose session fixture starts a store and two engines
+with `bench.engines.start_system`, the path of the real-engine fixtures; its engines are
+fake_vllm's, which start in a second and leave helper processes of their own behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from splitwise_local.serve.process import alive, tagged
+from tests.launcher.helpers import FAKE_VLLM
+
+pytestmark = pytest.mark.timeout(180)
+GONE_WITHIN_S = 10.0
+
+INNER_TEST = """
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from splitwise_local.bench.engines import start_system
+from splitwise_local.config import SplitwiseConfig
+
+
+@pytest.fixture(scope="session")
+def system():
+    roles = {"prefill": "prefill", "decode": "decode"}
+    model = Path(os.environ["FAKE_MODEL"])
+    system = start_system(Path(os.environ["RUN_ROOT"]), model, SplitwiseConfig(), roles)
+    yield system
+    system.stop()
+
+
+def test_waits_to_be_stopped(system):
+    Path(os.environ["READY_FILE"]).write_text("ready")
+    time.sleep(600)
+"""
+
+
+def _sigint_at_its_default() -> None:
+    """As from a terminal: a background job (CI) starts with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_test_run_leaves_no_engine_or_store(tmp_path, fake_model, sig):
+    (tmp_path / "test_inner.py").write_text(INNER_TEST)
+    run_root, ready = tmp_path / "run", tmp_path / "ready"
+    env = dict(os.environ, RUN_ROOT=str(run_root), READY_FILE=str(ready))
+    env.update(FAKE_MODEL=str(fake_model), PYTHONPATH=str(FAKE_VLLM))
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_inner.py"]
+    inner = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_sigint_at_its_default,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert inner.poll() is None and time.monotonic() < deadline, inner.stdout.read()
+            time.sleep(0.2)
+        processes = psutil.Process(inner.pid).children(recursive=True)
+        names = {" ".join(p.cmdline()) for p in processes}
+        assert any("splitwise_local store" in name for name in names), names
+        assert sum("vllm.entrypoints.openai.api_server" in name for name in names) == 2, names
+        inner.send_signal(sig)
+        output = inner.communicate(timeout=120)[0].decode(errors="replace")
+        deadline = time.monotonic() + GONE_WITHIN_S
+        while alive(processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [f"{p.pid} {' '.join(p.cmdline())}" for p in alive(processes)]
+        assert left == [], output
+        assert tagged(str(run_root)) == []
+        if sig == signal.SIGINT:  # the fixture's teardown ran, and ran cleanly
+            assert "stopping prefill, decode" in output, output
+            assert "Traceback" not in output and "I/O operation" not in output, output
+    finally:
+        inner.kill()
+        inner.wait()
+        for process in tagged(str(run_root)):
+            process.kill()
