@@ -100,18 +100,21 @@ def whole_buffer(cache: torch.Tensor) -> torch.Tensor:
 
 def probe(case: Case, caches: list[torch.Tensor], count: int, seed: int = 0) -> list[list[int]]:
     """`[layer, slot, head, kv, channel, offset]`: where writing one element through vLLM's
-    views lands in the buffer, for `count` positions drawn at random."""
+    views lands in the buffer, for `count` distinct positions drawn at random."""
     generator = torch.Generator().manual_seed(seed)
     views = [vllm_views(cache, case) for cache in caches]
     blocks, size = caches[0].shape[0], caches[0].shape[2]
-    found = []
+    found, seen = [], set()
     buffer = whole_buffer(caches[0])
-    for _ in range(count):
-        layer, block, position, head, kv, channel = (
+    while len(found) < count:
+        layer, block, position, head, kv, channel = drawn = tuple(
             int(torch.randint(high, (1,), generator=generator))
             for high in (case.layers, blocks, size, caches[0].shape[1], len(views[0]),
                          views[0][0].shape[-1])
         )  # fmt: skip
+        if drawn in seen:
+            continue
+        seen.add(drawn)
         buffer.zero_()
         view = views[layer][kv]
         index = (block, position, channel) if case.mla else (block, position, head, channel)
