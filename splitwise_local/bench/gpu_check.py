@@ -236,7 +236,7 @@ def prefill_seconds(model: Model, tokens: int, device: torch.device, repeats: in
     x = torch.randn(tokens, model.hidden, device=device, dtype=torch.bfloat16)
 
     def heads(t: torch.Tensor, count: int) -> torch.Tensor:
-        return t.view(tokens, count, model.head_size).transpose(0, 1)
+        return t.view(1, tokens, count, model.head_size).transpose(1, 2)
 
     def forward() -> None:
         h = x
@@ -246,7 +246,7 @@ def prefill_seconds(model: Model, tokens: int, device: torch.device, repeats: in
                 heads(q, model.heads), heads(k, model.kv_heads), heads(v, model.kv_heads),
                 is_causal=True, enable_gqa=True,
             )  # fmt: skip
-            h = h + attention.transpose(0, 1).reshape(tokens, q_width) @ out
+            h = h + attention.transpose(1, 2).reshape(tokens, q_width) @ out
             gate, up = (h @ gate_up).chunk(2, dim=-1)
             h = h + (F.silu(gate) * up) @ down
 
@@ -329,6 +329,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     else:
         setup, device = SEVEN_B, torch.device(args.device)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     results = run_check(setup, device)
     failed = [c["case"] for c in results["layout_checks"] if not (c["gather"] and c["scatter"])]
     print_table(

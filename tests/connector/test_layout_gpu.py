@@ -197,3 +197,17 @@ def test_the_carried_allocations_are_vllms():
             buffer[offset] = 1
             read = read_through_vllm(caches, case, torch.tensor([slot]))
             assert read[layer, kv, 0, head, channel] == 1 and read.sum() == 1
+
+
+def test_the_carried_layouts_pick_the_paged_adapter_as_the_gpu_check_does():
+    """Without vLLM the check hands `layout_for` the layouts as carried; off the CPU (`meta`
+    here, CUDA there) every carried allocation gets the paged adapter with its layout."""
+    data = gpu_layouts.load()
+    carried = gpu_layouts.layouts(data)
+    for entry in data["cases"]:
+        case = Case(**entry["case"])
+        cache = gpu_layouts.rebuild(entry, "meta")[0]
+        layout = layout_for(cache, kv_cache_layout=carried[case.layout], use_mla=case.mla,
+                            heads=case.heads, head_size=case.head_size,
+                            block_size=case.block_size)  # fmt: skip
+        assert isinstance(layout, PagedLayout) and layout.kv_cache_layout == case.layout
