@@ -170,6 +170,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TOKENS",
         help="auto: prompts with fewer uncached tokens go straight to decode (%(default)s)",
     )
+    parser.add_argument(
+        "--route-detail",
+        action="store_true",
+        help="show callers each request's route (x-splitwise-route header) and engine addresses "
+        "in errors and /health; off by default: it tells any caller whether another caller's "
+        "prompt is stored",
+    )
     parser.add_argument("--api-key", help="require this Bearer token from the proxy's callers")
     parser.add_argument("--run-dir", help="folder for logs and the per-run config (runs/<time>)")
     parser.add_argument(
@@ -652,6 +659,7 @@ def routing_settings(
     return {
         "disagg": args.disagg,
         "disagg_threshold_tokens": args.disagg_threshold,
+        "route_detail": args.route_detail,
         "model": str(model),
         "kv_config": str(config_file) if config_file and args.connector == "splitwise" else None,
         "kv_dtype": dtype,

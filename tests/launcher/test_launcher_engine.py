@@ -71,7 +71,8 @@ def system(request, tmp_path_factory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp(f"launcher-{prefill}p{decode}d")
     ports = Ports.for_engines(prefill, decode)
     counts = ["--prefill", str(prefill), "--decode", str(decode), "--disagg", disagg]
-    launch = Launch([*ports.args(), *counts, "--restart", "never"], root / "run")
+    detail = ["--route-detail"]  # the route header these tests read
+    launch = Launch([*ports.args(), *counts, *detail, "--restart", "never"], root / "run")
     try:
         launch.wait_for("ready: http://", STARTUP_TIMEOUT_S)
         url = f"http://127.0.0.1:{ports.proxy}"

@@ -3,8 +3,9 @@
 A recipe is a YAML block (the engines' config) and a bash block of commands. Hosts are named
 by address in the docs (10.0.0.1, .2, .3); here each address becomes a namespace's own, every
 command runs in the namespace whose address it binds (`--host X`, `--rpc_address=X`), and a
-command that binds none (the proxy) runs in the root namespace. The only other change is the
-proxy's port (8030 in the docs), which becomes a free one: the machine is shared.
+command that binds none (the proxy) runs in the root namespace. The only other changes are the
+proxy's port (8030 in the docs), which becomes a free one (the machine is shared), and the
+proxy's `--route-detail`, whose header says how each request was routed.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def run_commands(
         host = hosts[bound.group(1)] if bound else None
         for doc_address, namespace in hosts.items():
             line = line.replace(doc_address, namespace.address)
-        if host is None:
-            line = line.replace(f"--port {DOC_PROXY_PORT}", f"--port {proxy_port}")
+        if host is None:  # the proxy: a free port, and the route header the test reads
+            line = line.replace(f"--port {DOC_PROXY_PORT}", f"--port {proxy_port} --route-detail")
         argv = ["bash", "-c", line]
         with (workdir / f"{index}-{host.name if host else 'root'}.log").open("wb") as log:
             running.processes.append(
