@@ -1,6 +1,6 @@
 """`bench prefill`: does the launched system prefill as fast as this CPU allows?
 
-The engine dtype is chosen per CPU (`serve/dtype.py`: bf16 where AMX or AVX512-BF16 make it
+The engine dtype is chosen per CPU (`hardware/dtype.py`: bf16 where AMX or AVX512-BF16 make it
 fast, fp32 where vLLM's bf16 linears fall back to torch). This measures the result: prefill
 tokens/s of a plain bf16 engine and a plain fp32 engine, each alone on core 0, and of the
 launched system's prefill engine (the whole system, as `python -m splitwise_local` starts it,
@@ -23,9 +23,9 @@ import httpx
 from splitwise_local.bench.engines import PROSE, start_system
 from splitwise_local.bench.launched import launch_system, sweep
 from splitwise_local.bench.report import print_table, write_json
+from splitwise_local.hardware.dtype import DTYPES, cpu_dtype
 from splitwise_local.models.hub import resolve_model
 from splitwise_local.progress import Progress
-from splitwise_local.serve.dtype import DTYPES, cpu_dtype
 
 HEALTH_DEADLINE_S = 120.0
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from splitwise_local.serve.machine import cpu_model, isa_flags
+from splitwise_local.hardware.cpu import cpu_model, isa_flags
 
 REPO = Path(__file__).resolve().parents[2]
 

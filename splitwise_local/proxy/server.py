@@ -19,6 +19,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from splitwise_local.hardware.device import detect_device
+from splitwise_local.hardware.dtype import ProbeFailed, cpu_dtype
 from splitwise_local.proxy.settings import (
     API_KEY_ENV,
     DECODE_ENV,
@@ -85,7 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the engines' splitwise YAML: the store auto routing asks (with --model)",
     )
     parser.add_argument(
-        "--dtype", dest="kv_dtype", help="the engines' KV cache dtype (default bfloat16)"
+        "--dtype",
+        dest="kv_dtype",
+        help="the engines' KV cache dtype (default: what an engine on this host runs: the "
+        "CPU's fastest, as the launcher chooses it, or the checkpoint's on GPUs)",
     )
     parser.add_argument("--tp", type=int, dest="tp_size", help="the engines' tensor-parallel size")
     parser.add_argument(
@@ -139,6 +144,12 @@ def environment(cwd: Path) -> dict[str, str]:
     return {**from_file, **os.environ}
 
 
+def local_engine_dtype() -> str:
+    """The dtype an engine started on this host runs (keys depend on it): on the CPU the one
+    the launcher measures as fastest, on GPUs the checkpoint's (vLLM's "auto")."""
+    return cpu_dtype().dtype if detect_device() == "cpu" else "auto"
+
+
 def run(args: argparse.Namespace) -> int:
     """`python -m splitwise_local proxy`: serves until Ctrl-C or SIGTERM; 2 on bad settings, 1
     if it could not start."""
@@ -151,8 +162,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.model is not None:  # a folder, Hub id or short name, as `engine --model` takes
             args.model = str(resolve_model(args.model).folder)
+            if args.kv_dtype is None:
+                args.kv_dtype = local_engine_dtype()
         settings = settings_from_args(args, environment(Path.cwd()))
-    except (ValueError, ModelError) as exc:
+    except (ValueError, ModelError, ProbeFailed) as exc:
         print(f"proxy: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from splitwise_local.serve.dtype import cpu_dtype
+from splitwise_local.hardware.device import Device, detect_device
+from splitwise_local.hardware.dtype import cpu_dtype
 
 Role = Literal["prefill", "decode", "both", "plain"]
-Device = Literal["cpu", "cuda"]
 Connector = Literal["splitwise", "lmcache"]
 KV_ROLES: dict[str, str] = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 CONNECTOR_NAME = "SplitwiseConnector"
@@ -38,16 +38,6 @@ GPU_DEFAULT_ARGS = (
     "8192",
     "--trust-remote-code",
 )
-
-
-def detect_device() -> Device:
-    """CUDA when torch sees a GPU, else the CPU (every machine of this project's CI)."""
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
 
 
 def kv_transfer_config(
@@ -109,7 +99,7 @@ class EngineSpec:
     connector_extra: dict = field(default_factory=dict)
     connector: Connector = "splitwise"
     store_url: str | None = None  # lmcache: the store's lm:// address, if not remote_url's
-    dtype: str | None = None  # CPU: None means the fastest for this CPU (serve/dtype.py)
+    dtype: str | None = None  # CPU: None means the fastest for this CPU (hardware/dtype.py)
 
     def command(self) -> list[str]:
         """The vLLM API server's command line: our KV transfer config and the device's defaults,

@@ -378,7 +378,7 @@ def announce(console: Console, args: argparse.Namespace, model: Model, device: s
 def engine_dtype(device: str, extra: list[str], console: Console) -> tuple[list[str], str | None]:
     """The engines' vLLM arguments with the dtype this CPU runs fastest (unless the caller's
     `--dtype` says otherwise), and a line saying which and why. GPUs keep vLLM's own choice."""
-    from splitwise_local.serve.dtype import ProbeFailed, cache_path, cpu_dtype
+    from splitwise_local.hardware.dtype import ProbeFailed, cache_path, cpu_dtype
     from splitwise_local.serve.engine import merge_args
 
     if device != "cpu":
@@ -486,9 +486,10 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
     """Resolves and checks everything; raises LaunchError. Creates only the run folder and,
     last, the proxy's listening socket."""
     from splitwise_local.config import ConfigError, load_config
+    from splitwise_local.hardware.device import detect_device
     from splitwise_local.models.checkpoint import ModelError, default_model_dir
     from splitwise_local.models.hub import resolve_model
-    from splitwise_local.serve.engine import detect_device, merge_args
+    from splitwise_local.serve.engine import merge_args
 
     device = detect_device() if args.device == "auto" else args.device
     try:

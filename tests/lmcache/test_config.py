@@ -11,7 +11,8 @@ from lmcache.v1.config import LMCacheEngineConfig
 
 from splitwise_local import cli
 from splitwise_local.config import SplitwiseConfig, load_config
-from splitwise_local.serve.engine import EngineSpec, detect_device
+from splitwise_local.hardware.device import detect_device
+from splitwise_local.serve.engine import EngineSpec
 from splitwise_local.serve.lmcache_config import (
     CONFIG_ENV_VAR,
     LMCacheConfigError,

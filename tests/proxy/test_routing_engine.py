@@ -26,13 +26,13 @@ import pytest
 from splitwise_local.bench.engines import Engine, System, start_system
 from splitwise_local.config import SplitwiseConfig, load_config
 from splitwise_local.connector.keys import KeyExtras, chunk_keys
+from splitwise_local.hardware.dtype import cpu_dtype
 from splitwise_local.models.checkpoint import prepare_default_model
 from splitwise_local.proxy.app import build_app
 from splitwise_local.proxy.prefix import engine_identity
 from splitwise_local.proxy.settings import ProxySettings
 from splitwise_local.proxy.tokens import PromptTokenizer
 from splitwise_local.samples import LONG_PROMPT
-from splitwise_local.serve.dtype import cpu_dtype
 from tests.engine.checks import References, first_diff
 from tests.proxy.routes import route_of, routes_counted
 from tests.proxy.servers import Servers

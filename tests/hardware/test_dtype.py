@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from splitwise_local.serve import dtype
-from splitwise_local.serve.dtype import DtypeChoice, ProbeFailed, choose, cpu_dtype
+from splitwise_local.hardware import dtype
+from splitwise_local.hardware.dtype import DtypeChoice, ProbeFailed, choose, cpu_dtype
 from splitwise_local.serve.engine import EngineSpec
 
 
@@ -82,7 +82,7 @@ def test_the_launcher_gives_engines_and_proxy_keys_the_same_dtype(monkeypatch, t
 def test_the_module_runs_as_a_command_with_the_override():
     env = {**os.environ, dtype.OVERRIDE_ENV: "float32"}
     done = subprocess.run(
-        [sys.executable, "-m", "splitwise_local.serve.dtype"],
+        [sys.executable, "-m", "splitwise_local.hardware.dtype"],
         capture_output=True, text=True, timeout=60, env=env, check=True,
     )  # fmt: skip
     assert done.stdout.startswith("float32: set by SPLITWISE_CPU_DTYPE")

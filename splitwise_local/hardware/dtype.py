@@ -27,7 +27,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from splitwise_local.serve.machine import cpu_model, describe, isa_flags
+from splitwise_local.hardware.cpu import cpu_model, describe, isa_flags
 
 DTYPES = ("bfloat16", "float32")
 BF16_MARGIN = 1.1  # bf16 is chosen while it is at most this much slower than fp32
@@ -118,7 +118,7 @@ def probe() -> DtypeChoice:
     """Runs `measure` in a child process (vLLM stays out of the caller) and chooses."""
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "splitwise_local.serve.dtype", "--measure"],
+            [sys.executable, "-m", "splitwise_local.hardware.dtype", "--measure"],
             capture_output=True,
             text=True,
             timeout=PROBE_TIMEOUT_S,
@@ -158,7 +158,7 @@ def _measured() -> DtypeChoice:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m splitwise_local.serve.dtype`: print this CPU's choice (`--measure`: the raw
+    """`python -m splitwise_local.hardware.dtype`: print this CPU's choice (`--measure`: the raw
     seconds as JSON, what the probe's parent reads)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--measure", action="store_true", help="time both dtypes, print JSON")

@@ -1,6 +1,6 @@
 """The CPU facts every benchmark records, read from /proc/cpuinfo."""
 
-from splitwise_local.serve import machine
+from splitwise_local.hardware import cpu as machine
 
 
 def test_model_and_flags_come_from_cpuinfo(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ engine runs on it (AVX2, AVX-512, AVX512-BF16, AMX).
 Machines of the same name differ: an "AMD EPYC" may be a Zen 3 with AVX2 only, where vLLM's bf16
 linears fall back to torch and prefill is five times slower than fp32, or a Zen 4 with
 AVX512-BF16, where bf16 is the faster one. Every benchmark records these facts, and the engine's
-dtype is chosen per machine (`serve/dtype.py`).
+dtype is chosen per machine (`hardware/dtype.py`).
 """
 
 from __future__ import annotations
