@@ -13,13 +13,17 @@ import socket
 import time
 
 import httpx
+import psutil
 import pytest
 
 from splitwise_local.bench import scrape
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
+from splitwise_local.serve.launcher import bind_problem
+from splitwise_local.serve.process import alive
 from tests.launcher.helpers import READY, Ports, events, launch_fake, leftovers
 
 pytestmark = pytest.mark.timeout(120)
+GONE_WITHIN_S = 10.0  # after kill -9 of the launcher, every child is gone by then
 
 
 def test_serves_then_stops_proxy_engines_store_in_order(tmp_path, ports, fake_model, launched):
@@ -179,3 +183,57 @@ def test_xpyd_starts_uses_and_stops_every_engine(tmp_path, fake_model, launched,
     stopped = sorted(e["port"] for e in events(tmp_path / "events.jsonl"))
     assert stopped == sorted(engine_ports["prefill"] + engine_ports["decode"])
     assert leftovers(system.run_dir) == []
+
+
+def busy_ports(ports: Ports) -> list[int]:
+    every = [ports.proxy, ports.prefill, ports.decode, ports.store, ports.store_metrics]
+    return [port for port in every if bind_problem("127.0.0.1", port) is not None]
+
+
+def test_kill_9_of_the_launcher_leaves_nothing_and_the_next_start_succeeds(
+    tmp_path, ports, fake_model, launched
+):
+    system = launch_fake(tmp_path, ports, fake_model)
+    launched.append(system)
+    system.wait_for(READY, 60)
+    processes = psutil.Process(system.popen.pid).children(recursive=True)
+    assert len(system.processes()) >= 7  # store, two engines and their four helpers
+    system.finish(signal.SIGKILL)
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while (alive(processes) or busy_ports(ports)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive(processes) == []  # the guardian included, once its work is done
+    assert busy_ports(ports) == []
+    assert f"[guardian] process {system.popen.pid} exited with" in system.err
+
+    again = launch_fake(tmp_path / "again", ports, fake_model)
+    launched.append(again)
+    again.wait_for(READY, 60)
+    assert again.finish(signal.SIGTERM) == 0
+    assert leftovers(again.run_dir) == []
+
+
+def test_next_start_kills_and_names_what_a_dead_launcher_left(
+    tmp_path, ports, fake_model, launched
+):
+    """An engine that ignores SIGTERM outlives its parent-death signal; with the guardian killed
+    too (one kill for the whole machine's worth), only the next launch can free its port."""
+    system = launch_fake(tmp_path, ports, fake_model, modes={ports.prefill: "stubborn"})
+    launched.append(system)
+    system.wait_for(READY, 60)
+    (stubborn,) = [p for p in system.processes("prefill engine") if p.ppid() == system.popen.pid]
+    system.child("splitwise_local.serve.guardian").kill()
+    system.finish(signal.SIGKILL)
+    deadline = time.monotonic() + GONE_WITHIN_S  # the rest stops on its parent-death signal
+    while busy_ports(ports) != [ports.prefill] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stubborn.is_running() and busy_ports(ports) == [ports.prefill]
+
+    again = launch_fake(tmp_path / "again", ports, fake_model)
+    launched.append(again)
+    again.wait_for(READY, 60)
+    assert "an earlier run left running when its launcher died: " in again.out
+    assert f"prefill engine (pid {stubborn.pid})" in again.out
+    assert leftovers(system.run_dir) == []
+    assert again.finish(signal.SIGTERM) == 0
+    assert leftovers(again.run_dir) == []
