@@ -406,19 +406,21 @@ class PagedLayout(KVLayout):
         self.name = f"{'mla' if self.kv == 1 else 'per-head'}-{self.kv_cache_layout}"
 
     def _index(self, cache: torch.Tensor, slots: torch.Tensor):
-        kernel_block_size = cache.shape[3]
-        return _split_slots(slots.to(cache.device), kernel_block_size)
+        """`cache` as `[n, heads, blocks, block_size, C]`, and each slot's block and position:
+        indexing the two adjacent axes keeps the layers and heads in front, in place."""
+        blocks, positions = _split_slots(slots.to(cache.device), cache.shape[3])
+        return cache.transpose(1, 2), blocks, positions
 
     def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        blocks, positions = self._index(cache, slots)
-        picked = cache[:, blocks, :, positions]  # [tokens, n, heads, C]
-        rows = picked.unflatten(-1, (self.kv, self.head_size)).permute(1, 3, 0, 2, 4)
+        heads_first, blocks, positions = self._index(cache, slots)
+        picked = heads_first[:, :, blocks, positions]  # [n, heads, tokens, C]
+        rows = picked.unflatten(-1, (self.kv, self.head_size)).permute(0, 3, 2, 1, 4)
         return rows.contiguous()
 
     def _scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        blocks, positions = self._index(cache, slots)
-        values = rows.to(cache.dtype).permute(2, 0, 3, 1, 4).flatten(-2)
-        cache[:, blocks, :, positions] = values
+        heads_first, blocks, positions = self._index(cache, slots)
+        values = rows.to(cache.dtype).permute(0, 3, 2, 1, 4).flatten(-2)  # [n, heads, tokens, C]
+        heads_first[:, :, blocks, positions] = values
 
 
 def to_device(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
