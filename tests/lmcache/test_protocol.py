@@ -227,6 +227,62 @@ def test_an_idle_connection_outlives_the_io_timeout(make_server, raw) -> None:
     assert reply(sock).code == ServerReturnCode.SUCCESS
 
 
+def test_a_trickled_request_is_dropped_at_the_frame_deadline(make_server, raw) -> None:
+    """Every byte comes well within any per-receive timeout; the request as a whole does not."""
+    server = make_server(frame_timeout=0.5)
+    sock = raw(server.port)
+    sock.sendall(request(ClientCommand.HEALTH, key(0)))  # a first request: past the handshake
+    assert reply(sock).code == ServerReturnCode.SUCCESS
+    frame = request(ClientCommand.EXIST, key(1))
+    for sent in range(len(frame)):
+        try:
+            sock.send(frame[sent : sent + 1])
+        except OSError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the trickled request was read whole")
+    assert sent < len(frame)
+    with open_backend(server.tcp_url) as ours:
+        assert ours.stats()["connections"] == 1  # only ours is left
+
+
+def test_a_put_without_its_value_evicts_nothing(make_server, raw) -> None:
+    """A PUT announcing the whole capacity reserves pages only as its bytes arrive."""
+    server = make_server(capacity=8 * MiB, page_size=64 * 1024, max_value=8 * MiB)
+    with open_backend(server.tcp_url) as ours:
+        for i in range(8):
+            ours.put(f"v{i}", bytes([i]) * (MiB - 4096))
+        sock = raw(server.port)
+        sock.sendall(request(ClientCommand.PUT, key(1), 8 * MiB))
+        deadline = time.monotonic() + 10
+        while server.index.stats()["pending"] == 0:
+            assert time.monotonic() < deadline, "the PUT never started"
+            time.sleep(0.01)
+        assert ours.stats()["evictions"] == 0 and ours.stats()["items"] == 8
+        sock.close()
+        while server.index.stats()["pending"]:
+            assert time.monotonic() < deadline, "the abandoned PUT was never aborted"
+            time.sleep(0.01)
+        assert ours.exists([f"v{i}" for i in range(8)]) == 8
+
+
+def test_lmcache_connections_count_as_unauthenticated_until_their_first_request(
+    make_server, raw
+) -> None:
+    server = make_server(max_unauthenticated=1)
+    quiet = raw(server.port)
+    quiet.sendall(request(ClientCommand.HEALTH, key(0))[:10])  # a request begun, not finished
+    busy = raw(server.port)
+    header = p.decode_header(recv_exact(busy, p.HEADER.size))
+    assert header.code == p.Status.BUSY
+    quiet.sendall(request(ClientCommand.HEALTH, key(0))[10:])
+    assert reply(quiet).code == ServerReturnCode.SUCCESS
+    fresh = raw(server.port)  # the first has proved itself: there is room again
+    fresh.sendall(request(ClientCommand.HEALTH, key(0)))
+    assert reply(fresh).code == ServerReturnCode.SUCCESS
+
+
 def test_the_documented_lmcache_example_is_what_lmcache_and_the_store_produce() -> None:
     text = (Path(__file__).parents[2] / "docs" / "wire-format.md").read_text()
     block = text.split("Example, EXIST of `m@1@0@2a@bfloat16`", 1)[1].split("```", 2)[1]
