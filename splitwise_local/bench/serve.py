@@ -1,11 +1,13 @@
 """`bench serve`: a load generator for any OpenAI-compatible server, measured from the stream.
 
 It sends a workload (bench/workloads.py) to `/v1/completions` with `stream=true` and usage in
-the stream, at Poisson arrivals of a given rate or at a fixed concurrency, and times every
-chunk as it arrives: time to first token (TTFT), the gaps between chunks (inter-token latency,
-ITL), the mean time per output token after the first (TPOT, what SLOs are set on, as in
-DistServe) and end-to-end latency (E2E), with throughput, SLO attainment (the share of sent
-requests meeting the TTFT SLO, the TPOT SLO, both) and goodput (requests/s meeting both). The
+the stream, at Poisson arrivals of a given rate or at a fixed concurrency, or replays a public
+trace (`--trace`, bench/traces.py: its arrivals and lengths, scaled to the machine, both scales
+stated in the report), and times every chunk as it arrives: time to first token (TTFT), the
+gaps between chunks (inter-token latency, ITL), the mean time per output token after the first
+(TPOT, what SLOs are set on, as in DistServe) and end-to-end latency (E2E), with throughput, SLO
+attainment (the share of sent requests meeting the TTFT SLO, the TPOT SLO, both) and goodput
+(requests/s meeting both). The
 same command measures our proxy, a plain vLLM server or anything else that speaks the API, so
 comparisons are like for like. Each run also records how much CPU other processes on the
 machine used meanwhile (bench/host_load.py), so a report can tell a quiet run from a noisy one.
@@ -33,7 +35,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from splitwise_local.bench import host_load, kv_cost, report
+from splitwise_local.bench import host_load, kv_cost, report, traces
 from splitwise_local.bench.workloads import (
     WORKLOADS,
     RequestSpec,
@@ -63,6 +65,7 @@ class RequestResult:
     multi_token_chunks: int = 0
     usage: dict[str, Any] | None = None
     error: str | None = None
+    scheduled_s: float | None = None  # open loop: when it was due, relative to the start
 
     @property
     def ok(self) -> bool:
@@ -110,6 +113,8 @@ class RequestResult:
             "kind": self.spec.kind,
             "prompt_len": self.spec.prompt_len,
             "output_len": self.spec.output_len,
+            "trace_row": self.spec.trace_row,
+            "scheduled_s": None if self.scheduled_s is None else round(self.scheduled_s, 6),
             "start_s": round(self.start_s, 6),
             "ttft_ms": round(self.ttft_s * 1e3, 3) if self.ok else None,
             "tpot_ms": round(self.tpot_s * 1e3, 3) if self.ok else None,
@@ -124,7 +129,7 @@ class RequestResult:
 def request_body(spec: RequestSpec, model: str) -> dict[str, Any]:
     return {
         "model": model,
-        "prompt": spec.prompt,
+        "prompt": spec.prompt if isinstance(spec.prompt, str) else list(spec.prompt),
         "max_tokens": spec.output_len,
         "temperature": 0.0,
         "stream": True,
@@ -210,6 +215,7 @@ async def run_load(
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             async with gate:
                 result = await stream_request(client, endpoint, model, spec, start)
+            result.scheduled_s = at if arrivals is not None else None
             bar.update()
             return result
 
@@ -318,6 +324,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--concurrency", type=int, default=4, help="requests in flight (default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot-dir", type=Path, help="write latency CDF and ITL PNGs here")
+    traces.add_arguments(parser)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -403,6 +410,25 @@ def settings_from_args(args: argparse.Namespace) -> WorkloadSettings:
 
 
 def print_results(label: str, results: dict[str, Any]) -> None:
+    if trace := results.get("trace"):
+        window, clipped = trace["window"], trace["clipped"]
+        print(
+            f"\ntrace {trace['name']}: rows {window['first_row']}-{window['last_row']} "
+            f"({window['requests']} requests, {window['trace_span_s']:.1f} trace s), length scale "
+            f"{trace['length_scale']:g}, time scale {trace['time_scale']:g}; clipped to "
+            f"max_model_len {trace['max_model_len']}: {clipped['prompts']} prompts, "
+            f"{clipped['outputs']} outputs"
+        )
+        if reuse := trace.get("prefix_reuse"):
+            ideal = reuse["replay"]
+            lru = ", ".join(
+                f"{c['token_ratio']:.3f} at {c['capacity_tokens']:,} tokens" for c in reuse["lru"]
+            )
+            print(
+                f"ideal prefix reuse ({trace['block_tokens']}-token blocks): "
+                f"{ideal['block_ratio']:.3f} of blocks, {ideal['token_ratio']:.3f} of tokens"
+                + (f"; under LRU: {lru}" if lru else "")
+            )
     rows = [
         [name, *(results[key][f"p{p}"] for p in PERCENTILES), results[key]["mean"]]
         for name, key in (
@@ -477,11 +503,15 @@ class Plan:
     specs: list[RequestSpec]
     warmup: list[RequestSpec]
     arrivals: list[float] | None
+    replay: traces.ReplaySettings | None = None
+    trace: dict[str, Any] | None = None  # a replay's summary (traces.build_replay)
 
 
 def plan_run(args: argparse.Namespace, target: Target | None = None) -> Plan:
     """Checks everything that can be checked before sending (raises with one line)."""
     settings = settings_from_args(args)
+    if getattr(args, "trace", None):
+        return plan_replay(args, settings, target)
     if args.rate is None and args.concurrency < 1:
         raise WorkloadError(f"concurrency must be at least 1 (got {args.concurrency})")
     target = target or connect(args)
@@ -494,6 +524,32 @@ def plan_run(args: argparse.Namespace, target: Target | None = None) -> Plan:
         specs=specs,
         warmup=warmup_requests(settings, target.tokenizer, args.warmup),
         arrivals=None if args.rate is None else poisson_arrivals(len(specs), args.rate, args.seed),
+    )
+
+
+def plan_replay(
+    args: argparse.Namespace, settings: WorkloadSettings, target: Target | None
+) -> Plan:
+    """A trace replay's plan: the trace sets the requests and when they are sent."""
+    if args.rate is not None:
+        raise WorkloadError("--trace sends at the trace's own arrivals: drop --rate")
+    replay_settings = traces.settings_from_args(args)
+    replay_settings.validate()
+    capacities = traces.capacities_from_args(args)
+    target = target or connect(args)
+    replay = traces.build_replay(
+        replay_settings, target.tokenizer, target.max_model_len, capacities,
+        args.kv_bytes_per_token,
+    )  # fmt: skip
+    return Plan(
+        base_url=target.base_url,
+        model=target.model,
+        settings=settings,
+        specs=replay.specs,
+        warmup=warmup_requests(settings, target.tokenizer, args.warmup),
+        arrivals=replay.arrivals,
+        replay=replay_settings,
+        trace=replay.summary,
     )
 
 
@@ -548,18 +604,28 @@ def measure(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
         )
     after = kv_cost.snapshot(args.store_url, args.metrics_url)
     summary = summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+    if plan.replay is None:
+        load_settings = {
+            **asdict(plan.settings),
+            "rate": args.rate,
+            "concurrency": None if args.rate is not None else args.concurrency,
+        }
+        trace = {}
+    else:
+        load_settings = {"workload": "trace", **asdict(plan.replay)}
+        lags = [r.start_s - r.scheduled_s for r in results if r.scheduled_s is not None]
+        trace = {"trace": {**(plan.trace or {}), "send_lag_ms": percentiles_ms(lags)}}
     return {
         "label": args.label,
         "url": plan.base_url,
         "model": plan.model,
         "settings": {
-            **asdict(plan.settings),
-            "rate": args.rate,
-            "concurrency": None if args.rate is not None else args.concurrency,
+            **load_settings,
             "warmup": args.warmup,
             "slo_ttft_ms": args.slo_ttft_ms,
             "slo_tpot_ms": args.slo_tpot_ms,
         },
+        **trace,
         **summary,
         "kv_cost": kv_cost.compare(before, after, summary["completed"]),
         "host_load": machine_load.result,

@@ -320,31 +320,27 @@ def prefix_reuse(
 ) -> Reuse:
     """Reuse of prompts given as (block id, tokens) lists, in arrival order.
 
-    A block is reused when the same prefix of ids up to it is held: first from earlier prompts
-    (without a capacity: held forever, the ideal), or under an LRU of `capacity_tokens`. Blocks
-    count by id, as the trace defines them; tokens count what is held of a block (a partial
-    block serves only the tokens an earlier prompt had), and a cache serves only a leading run.
-    Each prompt's blocks are then stored with its first block the most recent, so that a
-    prefix outlives the blocks that extend it (vLLM frees a request's blocks tail first)."""
+    A block is reused when the same prefix of ids up to it is held: from all earlier prompts
+    (without a capacity: the ideal), or from what an LRU of `capacity_tokens` kept. Blocks count
+    by id, as the trace defines them; tokens count what is held of a block (a partial block
+    serves only the tokens an earlier prompt had). Each prompt stores its blocks with its first
+    block the most recent (vLLM frees a request's blocks tail first), so a prefix outlives every
+    block that extends it and what is held of a prompt is always a leading run, as a prefix
+    cache needs; a partial block is held whole once any prompt went on past it."""
     nodes: dict[tuple[int, int], int] = {}  # (parent node, block id) -> node; root is 0
     held: OrderedDict[int, int] = OrderedDict()  # node -> tokens held, least recent first
     used = 0
     reuse = Reuse()
     for blocks in prompts:
-        parent, by_id, by_tokens = 0, True, True
+        parent = 0
         path = []
         for block_id, tokens in blocks:
             node = nodes.setdefault((parent, block_id), len(nodes) + 1)
-            stored = held.get(node)
             reuse.blocks += 1
             reuse.tokens += tokens
-            by_id = by_id and stored is not None
-            reuse.reused_blocks += by_id
-            if by_tokens and stored is not None:
+            if (stored := held.get(node)) is not None:
+                reuse.reused_blocks += 1
                 reuse.reused_tokens += min(tokens, stored)
-                by_tokens = stored >= tokens
-            else:
-                by_tokens = False
             path.append((node, tokens))
             parent = node
         for node, tokens in reversed(path):

@@ -1,11 +1,13 @@
 """A small vLLM-shaped streaming completions server for the load generator's tests.
 
 Unlike the proxy's fake engine (which counts words and answers instantly), this one counts
-prompt tokens with the real tokenizer and streams what vLLM streams for `/v1/completions`:
-`token_ids` per chunk (sometimes two tokens in one chunk, as vLLM does when a client lags), a
-final usage chunk, `max_model_len` in `/v1/models`, and a Prometheus `/metrics` with a
-transfer-like counter and histogram. Knobs let a test break exactly one thing (usage off by
-one, failing requests) to see the load generator notice.
+prompt tokens with the real tokenizer (a prompt of token ids is its length) and streams what
+vLLM streams for `/v1/completions`: `token_ids` per chunk (sometimes two tokens in one chunk,
+as vLLM does when a client lags), a final usage chunk, `max_model_len` in `/v1/models`, and a
+Prometheus `/metrics` with a transfer-like counter and histogram. A request with `stream`
+false (the proxy's prefill copy) gets the whole answer as one JSON body. It keeps every request
+body in arrival order. Knobs let a test break exactly one thing (usage off by one, failing
+requests) to see the load generator notice.
 """
 
 from __future__ import annotations
@@ -75,12 +77,34 @@ class FakeVLLM:
             return JSONResponse({"error": {"message": "fake failure"}}, status_code=500)
         if body.get("model") != MODEL:
             return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
-        prompt_tokens = self.count_tokens(body["prompt"])
+        prompt_tokens = self.prompt_tokens(body["prompt"])
         self.kv_bytes.inc(prompt_tokens * KV_BYTES_PER_PROMPT_TOKEN)
         self.kv_seconds.observe(0.25)
+        if not body.get("stream"):
+            return JSONResponse(self.whole(prompt_tokens, body["max_tokens"]))
         return StreamingResponse(
             self.stream(prompt_tokens, body["max_tokens"]), media_type="text/event-stream"
         )
+
+    def prompt_tokens(self, prompt: str | list[int]) -> int:
+        if isinstance(prompt, list) and all(type(t) is int for t in prompt):
+            return len(prompt)
+        return self.count_tokens(prompt)
+
+    def whole(self, prompt_tokens: int, max_tokens: int) -> dict:
+        ids = list(range(max_tokens))
+        choice = {
+            "index": 0,
+            "text": " tok" * max_tokens,
+            "token_ids": ids,
+            "finish_reason": "length",
+        }
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": max_tokens,
+            "total_tokens": prompt_tokens + max_tokens,
+        }
+        return {"choices": [choice], "usage": usage}
 
     async def stream(self, prompt_tokens: int, max_tokens: int) -> AsyncIterator[str]:
         sent, chunk_no = 0, 0

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
-from serve_fake import KV_BYTES_PER_PROMPT_TOKEN, MODEL, Knobs, serve_fake
+from serve_fake import (
+    KV_BYTES_PER_PROMPT_TOKEN,
+    MAX_MODEL_LEN,
+    MODEL,
+    FakeVLLM,
+    Knobs,
+    serve_fake,
+)
 
+from splitwise_local.bench.traces import ReplaySettings, build_replay, load_trace
 from splitwise_local.cli import main
+from splitwise_local.proxy.app import build_app
+from splitwise_local.proxy.settings import ProxySettings
+from tests.proxy.servers import Servers
 
 SMALL = ["--num-requests", "6", "--prompt-len", "24", "--output-len", "8",
          "--long-prompt-len", "200", "--long-output-len", "4", "--long-fraction", "0.34",
@@ -142,5 +156,125 @@ def test_workload_too_long_for_the_server_is_refused_before_sending(tokenizer, t
 def test_impossible_load_is_refused_before_sending(tokenizer, tmp_path, capsys, flags, message):
     with serve_fake(tokenizer) as (url, fake):
         code = main(["bench", "serve", "--url", url, *SMALL, *flags])
+    assert code == 1 and not fake.requests
+    assert message in capsys.readouterr().err
+
+
+@contextmanager
+def proxied_fakes(tokenizer) -> Iterator[tuple[str, FakeVLLM, FakeVLLM]]:
+    """The real proxy (every request through prefill, then decode) in front of two fakes."""
+    servers = Servers()
+    with (
+        serve_fake(tokenizer) as (prefill_url, prefill),
+        serve_fake(tokenizer) as (
+            decode_url,
+            decode,
+        ),
+    ):
+        try:
+            settings = ProxySettings(prefill=[prefill_url], decode=[decode_url], disagg="always")
+            yield servers.serve(build_app(settings)), prefill, decode
+        finally:
+            servers.stop()
+
+
+# A few seconds of each trace, small enough that nothing is clipped (Mooncake's requests come
+# in batches 3 s apart: two batches, sped up).
+TRACE_WINDOWS = {
+    "azure-conv": ["--trace-start", "600", "--trace-duration", "2", "--length-scale", "0.1",
+                   "--time-scale", "2"],
+    "azure-code": ["--trace-start", "0", "--trace-duration", "1.5", "--length-scale", "0.05",
+                   "--time-scale", "2"],
+    "mooncake-conv": ["--trace-start", "18", "--trace-duration", "3.5", "--length-scale", "0.02",
+                      "--time-scale", "0.5", "--ideal-capacity-blocks", "100"],
+}  # fmt: skip
+ORDER_SLACK_S = 1.0  # a hang guard on ordering, not a speed check: requests due this far apart
+
+
+@pytest.mark.parametrize("trace", sorted(TRACE_WINDOWS))
+def test_trace_replay_through_the_proxy_sends_the_windows_requests_in_order(
+    tokenizer, tmp_path, trace
+):
+    flags = [*TRACE_WINDOWS[trace], "--seed", "2"]
+    out = tmp_path / "trace.json"
+    with proxied_fakes(tokenizer) as (url, prefill, decode):
+        code = main(["bench", "serve", "--url", url, "--json", str(out), "--trace", trace,
+                     *flags, "--warmup", "0", "--no-progress"])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert code == 0, result["errors"] or result["checks"]
+    # the window, from the trace file itself: rows, lengths (scaled), send times (scaled)
+    settings = replay_settings(trace, flags)
+    start, duration = settings.start_s, settings.duration_s
+    length_scale, time_scale = settings.length_scale, settings.time_scale
+    rows = [r for r in load_trace(trace) if start <= r.arrival_s < start + duration]
+    assert len(rows) >= 3
+    expected = {
+        r.row: (
+            max(1, round(r.input_len * length_scale)),
+            max(1, round(r.output_len * length_scale)),
+        )
+        for r in rows
+    }
+    due = {r.row: (r.arrival_s - rows[0].arrival_s) * time_scale for r in rows}
+    records = result["per_request"]
+    assert [r["trace_row"] for r in records] == [r.row for r in rows]
+    for record in records:
+        assert (record["prompt_len"], record["output_len"]) == expected[record["trace_row"]]
+        assert record["output_tokens"] == record["output_len"]
+        assert record["scheduled_s"] == pytest.approx(due[record["trace_row"]], abs=1e-6)
+    # what reached the engines: each request once, with its lengths, through prefill first
+    replay = build_replay(settings, tokenizer, MAX_MODEL_LEN)
+    by_prompt = {json.dumps(list(s.prompt) if isinstance(s.prompt, tuple) else s.prompt): s
+                 for s in replay.specs}  # fmt: skip
+    for fake, max_tokens in ((prefill, lambda spec: 1), (decode, lambda spec: spec.output_len)):
+        got = [by_prompt[json.dumps(body["prompt"])] for body in fake.requests]
+        assert sorted(s.trace_row for s in got) == sorted(expected)
+        for body, spec in zip(fake.requests, got, strict=True):
+            assert body["max_tokens"] == max_tokens(spec) and body["ignore_eos"]
+            assert fake.prompt_tokens(body["prompt"]) == expected[spec.trace_row][0]
+    # arrival order: a request due well after another reached prefill after it
+    order = [by_prompt[json.dumps(body["prompt"])].trace_row for body in prefill.requests]
+    decided = 0
+    for i, j in itertools.combinations(range(len(order)), 2):
+        early, late = order[i], order[j]
+        assert due[late] > due[early] - ORDER_SLACK_S, (early, late)
+        decided += abs(due[late] - due[early]) > ORDER_SLACK_S
+    assert decided >= 2  # the check judged some pairs
+    summary = result["trace"]
+    assert (summary["length_scale"], summary["time_scale"]) == (length_scale, time_scale)
+    assert result["settings"]["workload"] == "trace"
+    assert result["settings"]["length_scale"] == length_scale
+    assert summary["clipped"] == {"prompts": 0, "outputs": 0}
+    if trace == "mooncake-conv":
+        assert summary["block_tokens"] == 11  # ceil(512 x 0.02)
+        assert summary["prefix_reuse"]["lru"][0]["capacity_blocks"] == 100
+        assert all(isinstance(b["prompt"], list) for b in decode.requests)
+
+
+def replay_settings(trace: str, flags: list[str]) -> ReplaySettings:
+    values = dict(zip(flags[::2], flags[1::2], strict=True))
+    return ReplaySettings(
+        trace,
+        length_scale=float(values["--length-scale"]),
+        time_scale=float(values["--time-scale"]),
+        start_s=float(values["--trace-start"]),
+        duration_s=float(values["--trace-duration"]),
+        seed=int(values["--seed"]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--rate", "2"], "drop --rate"),
+        (["--length-scale", "0"], "length_scale must be"),
+        (["--trace-start", "99999"], "no request of azure-conv"),
+        (["--ideal-capacity-blocks", "8"], "no prompt blocks"),
+    ],
+)
+def test_impossible_replays_are_refused_before_sending(tokenizer, capsys, flags, message):
+    with serve_fake(tokenizer) as (url, fake):
+        code = main(["bench", "serve", "--url", url, "--trace", "azure-conv", "--no-progress",
+                     *flags])  # fmt: skip
     assert code == 1 and not fake.requests
     assert message in capsys.readouterr().err
