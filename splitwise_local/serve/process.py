@@ -84,13 +84,14 @@ def launcher_tag(pid: int | None = None) -> str:
 
 
 def _launcher_alive(tag: str) -> bool:
-    """Whether the process `tag` names still runs; a tag that is not one counts as alive, so
-    nothing is killed on its account."""
+    """Whether the process `tag` names still runs (a zombie has died; its parent has not
+    collected it yet); a tag that is not one counts as alive, so nothing is killed for it."""
     pid = tag.partition(":")[0]
     if not pid.isdigit():
         return True
     try:
-        return launcher_tag(int(pid)) == tag
+        process = psutil.Process(int(pid))
+        return launcher_tag(process.pid) == tag and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
