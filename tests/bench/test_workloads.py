@@ -123,3 +123,11 @@ def test_a_prompt_longer_than_the_corpus_is_refused(tokenizer):
     cutter = PromptCutter(tokenizer, load_corpus(), np.random.default_rng(0))
     with pytest.raises(WorkloadError, match="corpus"):
         cutter.cut(10**6)
+
+
+def test_the_cutter_names_the_shortest_prompt_it_can_cut(tokenizer):
+    cutter = PromptCutter(tokenizer, load_corpus(), np.random.default_rng(0))
+    shortest = cutter.cut(cutter.min_length)
+    assert token_count(tokenizer, shortest) == cutter.min_length
+    with pytest.raises(WorkloadError, match="no text"):
+        cutter.cut(cutter.min_length - 1)
