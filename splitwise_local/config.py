@@ -142,6 +142,10 @@ def load_config(
 
 
 def dump_config(config: SplitwiseConfig, path: Path) -> Path:
-    """Writes a config that `load_config` reads back unchanged (used to hand it to children)."""
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    """Writes a config that `load_config` reads back unchanged (used to hand it to children),
+    readable by this user only: it may hold the store's token."""
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        os.fchmod(file.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
+        file.write(text)
     return path

@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import shlex
 import socket
 import sys
@@ -536,6 +537,11 @@ def make_plan(args: argparse.Namespace, console: Console) -> Plan:
             lmcache_settings(config, lmcache_url)
         except LMCacheConfigError as exc:
             raise LaunchError(str(exc)) from None
+    if args.connector == "splitwise" and not config.store_auth_token:
+        # A token for this launch: the store requires it, the engines' connectors seal their
+        # chunks with it, and the proxy's lookups present it; all read it from the run's
+        # config file, which only this user can read. (LMCache's protocol cannot carry one.)
+        config = config.model_copy(update={"store_auth_token": secrets.token_urlsafe(32)})
     check_ports(wanted)
     try:
         where = placement(args, device, lambda line: console.say(LAUNCHER, line))

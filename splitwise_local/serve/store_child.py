@@ -7,6 +7,7 @@ The launcher supervises its own store (`launcher.store_member`); this is the bar
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,14 +22,20 @@ class SpawnedStore(NamedTuple):
     process: subprocess.Popen
     tcp_url: str
     shm_url: str
+    token: str | None = None  # what its clients must present
 
 
 @contextlib.contextmanager
-def spawn(*args: str, env: dict[str, str] | None = None) -> Iterator[SpawnedStore]:
+def spawn(
+    *args: str, env: dict[str, str] | None = None, token: str | None = None
+) -> Iterator[SpawnedStore]:
     """Runs `python -m splitwise_local store --port 0 ARGS` as a child until its ready line;
-    stops it (SIGTERM, then SIGKILL) on exit. For benchmarks and tests; the launcher has its
-    own supervised children."""
+    stops it (SIGTERM, then SIGKILL) on exit. With `token` the store requires it (handed over
+    in the environment, not on the command line). For benchmarks and tests; the launcher has
+    its own supervised children."""
     command = [sys.executable, "-m", "splitwise_local", "store", "--port", "0", *args]
+    if token is not None:
+        env = {**(os.environ if env is None else env), "SPLITWISE_STORE_AUTH_TOKEN": token}
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
@@ -39,7 +46,7 @@ def spawn(*args: str, env: dict[str, str] | None = None) -> Iterator[SpawnedStor
             error = process.stderr.read() if process.stderr else ""
             raise RuntimeError(f"store did not start: {line.strip()} {error.strip()}")
         _, _, _, tcp_url, shm_url = line.split()
-        yield SpawnedStore(process, tcp_url, shm_url)
+        yield SpawnedStore(process, tcp_url, shm_url, token)
     finally:
         terminate(process)
         for stream in (process.stdout, process.stderr):
