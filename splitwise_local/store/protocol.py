@@ -35,9 +35,10 @@ from splitwise_local.store.errors import (
 # Version history:
 #   1: HELLO, PUT, GET, EXISTS, DELETE, STATS; the shared-memory opcodes ATTACH, ALLOC,
 #      COMMIT, ABORT, LEASE; the BEST_EFFORT flag. Later, without a version change: LMCache's
-#      own protocol on the same port (told apart by the first four bytes); limits on what a
-#      peer may cost the store (HELLO metadata at most MAX_HELLO_META, a whole-frame deadline,
-#      connection caps refused with status BUSY, PUT memory reserved as its bytes arrive).
+#      own protocol on the same port (told apart by the first four bytes); the NO_TOUCH flag
+#      (EXISTS); limits on what a peer may cost the store (HELLO metadata at most
+#      MAX_HELLO_META, a whole-frame deadline, connection caps refused with status BUSY, PUT
+#      memory reserved as its bytes arrive).
 #
 VERSION = 1
 
