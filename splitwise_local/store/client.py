@@ -37,6 +37,7 @@ from splitwise_local.store.transport import (
 T = TypeVar("T")
 Value = bytes | bytearray | memoryview
 DEFAULT_TIMEOUT = 5.0
+MAX_PUT_FRAME = 256 << 20  # bytes of values per PUT frame: within the frame deadline at 10 MB/s
 
 
 def new_buffer(size: int) -> memoryview:
@@ -184,7 +185,9 @@ class StoreClient:
         return conn.run(ops.get(keys, new_buffer))
 
     def _max_batch_bytes(self) -> int:
-        return 0  # values stream straight into the arena one at a time: no need to split
+        """Values stream straight into the arena one at a time, so a batch needs no room; it
+        is split only so each frame crosses well within the server's frame deadline."""
+        return MAX_PUT_FRAME
 
     def _on_connect(self, conn: Connection) -> None:
         """Hook run once per new connection, after HELLO."""
