@@ -13,6 +13,8 @@ store costs the stream is the difference between the phases:
 - `ratios.max_gap_slow_vs_quick`: the stream's largest token gap while prompts land, slow over
   quick (median over repeats); 1.0 means a slow store costs decode nothing;
 - `extra_gap_ms`: the same as a difference (the goal: at most 20 ms);
+- with `--baseline`, the same on an engine whose saves wait for the store (up to 2 s, as they
+  once did), to show what the measurement sees when saves do stall decode;
 - per phase, the quiet median gap before the landings and how many gaps during them exceed
   that median plus 20 ms, and the chunks the connector dropped rather than wait for the store.
 """
@@ -22,9 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,23 +38,6 @@ from splitwise_local.bench.engines import PROSE, Engine, start_system
 from splitwise_local.bench.report import print_table, write_json
 from splitwise_local.bench.slow_store import slow_store
 from splitwise_local.config import SplitwiseConfig
-
-
-def cpu_facts() -> dict:
-    """The CPU's model name and the ISA flags that decide the engine's kernels."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    wanted = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
-    return {"cpu_model": model, "isa_flags": wanted}
 
 
 def arrivals(engine: Engine, prompt: list[int], tokens: int, quiet: int, go: threading.Event):
@@ -111,6 +94,28 @@ def fresh_prompts(model: Path, length: int):
         yield [9000 + k, *ids[start + 1 : start + length]]
 
 
+def measure(root: Path, model: Path, store_url: str, delay: Path, extra: dict, args) -> dict:
+    """Quick and slow phases, alternately, on one fresh engine with `extra` connector settings."""
+    config = SplitwiseConfig(chunk_size=args.chunk, remote_url=store_url)
+    engine_args = ["--dtype", args.dtype] if args.dtype else []
+    system = start_system(root, model, config, {"decode": "both"}, extra, transport="remote",
+                          engine_args={"decode": engine_args})  # fmt: skip
+    try:
+        engine = system.engines["decode"]
+        prompts = fresh_prompts(model, args.prompt_tokens)
+        engine.complete(next(prompts), max_tokens=2)  # warm up
+        runs: dict[str, list[dict]] = {"quick": [], "slow": []}
+        for _ in range(args.repeats):
+            for name, seconds in (("quick", 0.0), ("slow", args.slow_write_s)):
+                delay.write_text(str(seconds))
+                runs[name].append(one_phase(engine, prompts, args))
+                delay.write_text("0")
+                time.sleep(args.slow_write_s * args.landings + 1)  # held writes land first
+    finally:
+        system.stop()
+    return runs
+
+
 def run(args) -> dict:
     from splitwise_local.models.checkpoint import prepare_default_model
 
@@ -118,48 +123,26 @@ def run(args) -> dict:
     root = Path(tempfile.mkdtemp(prefix="save-stall-"))
     delay = root / "delay"
     delay.write_text("0")
-    engine_args = ["--dtype", args.dtype] if args.dtype else []
+    # "waiting": the engine waits for its saves (up to 2 s, as the connector once did on every
+    # engine), the baseline that shows what the measurement sees when saves do stall decode.
+    setups = {"async": {}, **({"waiting": {"save_answer_wait_s": 2.0}} if args.baseline else {})}
+    results: dict[str, dict] = {}
     with slow_store(delay, "--max-size-gb", "2") as store:
-        config = SplitwiseConfig(chunk_size=args.chunk, remote_url=store.shm_url)
-        system = start_system(root, model, config, {"decode": "both"}, transport="remote",
-                              engine_args={"decode": engine_args})  # fmt: skip
-        try:
-            engine = system.engines["decode"]
-            prompts = fresh_prompts(model, args.prompt_tokens)
-            engine.complete(next(prompts), max_tokens=2)  # warm up
-            phases: dict[str, list[dict]] = {"quick": [], "slow": []}
-            for _ in range(args.repeats):
-                for name, seconds in (("quick", 0.0), ("slow", args.slow_write_s)):
-                    delay.write_text(str(seconds))
-                    phases[name].append(one_phase(engine, prompts, args))
-                    delay.write_text("0")
-                    time.sleep(args.slow_write_s * args.landings + 1)  # held writes land first
-        finally:
-            system.stop()
-    summary = {
-        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        for name, runs in phases.items()
-    }
-    quick, slow = summary["quick"]["max_gap_ms"], summary["slow"]["max_gap_ms"]
-    return {
-        "benchmark": "save_stall",
-        "command": " ".join(["python -m splitwise_local.bench.save_stall", *sys.argv[1:]]),
-        "git_commit": git_commit(),
-        **cpu_facts(),
-        "settings": vars(args),
-        "ratios": {"max_gap_slow_vs_quick": slow / quick},
-        "extra_gap_ms": slow - quick,
-        "phases": summary,
-        "runs": phases,
-    }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        for name, extra in setups.items():
+            runs = measure(root / name, model, store.shm_url, delay, extra, args)
+            summary = {
+                phase: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+                for phase, rs in runs.items()
+            }
+            results[name] = {"phases": summary, "runs": runs}
+    ratios, extra_ms = {}, {}
+    for name, result in results.items():
+        quick, slow = (result["phases"][phase]["max_gap_ms"] for phase in ("quick", "slow"))
+        key = "max_gap_slow_vs_quick" + ("" if name == "async" else f"_{name}")
+        ratios[key] = slow / quick
+        extra_ms[name] = slow - quick
+    return {"benchmark": "save_stall", "settings": vars(args), "ratios": ratios,
+            "extra_gap_ms": extra_ms, "setups": results}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,23 +154,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--landings", type=int, default=3)
     parser.add_argument("--stream-tokens", type=int, default=400)
     parser.add_argument("--quiet", type=int, default=32, help="stream tokens before landings")
-    parser.add_argument("--slow-write-s", type=float, default=2.0)
+    parser.add_argument("--slow-write-s", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--baseline", action="store_true", help="also measure an engine whose saves wait"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     results = run(args)
     rows = [
-        [name, p["quiet_p50_ms"], p["max_gap_ms"], p["gaps_over_quiet_p50_plus_20ms"],
+        [setup, name, p["quiet_p50_ms"], p["max_gap_ms"], p["gaps_over_quiet_p50_plus_20ms"],
          p["saves_dropped"]]
-        for name, p in results["phases"].items()
+        for setup, result in results["setups"].items()
+        for name, p in result["phases"].items()
     ]  # fmt: skip
     print_table(
         "decode stream while prompts are computed and saved (medians over repeats)",
-        ["store writes", "quiet p50 ms", "max gap ms", "gaps > p50+20ms", "chunks dropped"],
+        ["saves", "store writes", "quiet p50 ms", "max gap ms", "gaps > p50+20ms", "dropped"],
         rows,
     )
-    print(f"\nmax gap slow / quick: {results['ratios']['max_gap_slow_vs_quick']:.3f} "
-          f"({results['extra_gap_ms']:+.1f} ms)")  # fmt: skip
+    for setup, extra_ms in results["extra_gap_ms"].items():
+        print(f"{setup}: a store slow to write adds {extra_ms:+.1f} ms to the largest gap")
     write_json(args.json, results)
     if not args.json:
         print(json.dumps(results["ratios"]))
