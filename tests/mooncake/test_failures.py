@@ -125,6 +125,6 @@ def test_connector_moves_kv_through_mooncake_and_recomputes_when_the_master_dies
     target, invalid = load(layout, chunks, reader)
     assert invalid == {7, 6, 5, 4, 3, 2, 1}  # every block recomputed by vLLM
     assert all(not cache.any() for cache in target.values())
-    with caplog.at_level(logging.ERROR, logger="splitwise_local.connector"):
+    with caplog.at_level(logging.WARNING, logger="splitwise_local.connector"):
         save(layout, source, chunks, writer)  # a failed save never fails the request
-    assert "chunk saves failed" in caplog.text
+    assert "splitwise save req=save stops at tokens 0-" in caplog.text
