@@ -23,17 +23,23 @@ import psutil
 
 from splitwise_local.bench.scrape import read_page, total, value
 from splitwise_local.serve.ports import free_ports
-from splitwise_local.serve.process import tagged
+from splitwise_local.serve.process import PARENT_DEATH_SIGNAL, dies_with_parent, tagged
 
 if TYPE_CHECKING:
     from splitwise_local.store.backend import KVBackend
 
 
-def _ctrl_c_as_from_a_terminal() -> None:
+def _as_from_a_terminal() -> None:
     """SIGINT at its default in the launcher, as a user's shell starts it: a process run as a
     background job (CI, `cmd &`) starts with SIGINT ignored, children inherit that, and the
-    launcher rightly leaves an ignored signal ignored (nohup semantics)."""
+    launcher rightly leaves an ignored signal ignored (nohup semantics). And the launcher dies
+    with whoever started it (a test run killed with -9), taking its children with it."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if _ARM_PARENT_DEATH is not None:
+        _ARM_PARENT_DEATH()
+
+
+_ARM_PARENT_DEATH = dies_with_parent(PARENT_DEATH_SIGNAL)
 
 
 class LaunchFailed(RuntimeError):
@@ -56,7 +62,7 @@ class Launch:
                 stderr=err,
                 env=env,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_ctrl_c_as_from_a_terminal,
+                preexec_fn=_as_from_a_terminal,
             )
 
     @property

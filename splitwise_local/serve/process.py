@@ -62,7 +62,7 @@ def _load_prctl() -> Callable[..., int] | None:
 _prctl = _load_prctl()
 
 
-def _dies_with_parent(sig: int) -> Callable[[], None] | None:
+def dies_with_parent(sig: int) -> Callable[[], None] | None:
     """A `preexec_fn` that has the kernel send `sig` to the child once the thread that forked it
     exits (PR_SET_PDEATHSIG); None where the kernel has no such signal."""
     if _prctl is None:
@@ -240,7 +240,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_dies_with_parent(PARENT_DEATH_SIGNAL),
+            preexec_fn=dies_with_parent(PARENT_DEATH_SIGNAL),
         )
         self._pump = threading.Thread(
             target=self._copy_output, name=f"{self.name}-log", daemon=True

@@ -16,6 +16,7 @@ from splitwise_local.serve.ports import free_ports
 __all__ = ["Launch", "free_ports", "leftovers", "sweep"]  # re-exported for the tests
 
 FAKE_VLLM = Path(__file__).parent / "fake_vllm"
+TRIGGER = "engines-go-bad"  # `flaky` and `sick` engines turn bad 3 s after this file appears
 READY = "ready: http://"
 
 
@@ -84,6 +85,7 @@ def fake_env(tmp_path: Path, ports: Ports, modes: dict[int, str] | None = None) 
     env["FAKE_PROXY_PORT"] = str(ports.proxy)
     env["FAKE_STORE_PORT"] = str(ports.store)
     env.setdefault("SPLITWISE_CPU_DTYPE", "bfloat16")  # no real vLLM to measure a dtype with
+    env["FAKE_ENGINE_TRIGGER"] = str(tmp_path / TRIGGER)
     for port, mode in (modes or {}).items():
         env[f"FAKE_ENGINE_MODE_{port}"] = mode
     return env

@@ -10,7 +10,6 @@ tests/chaos/.)
 from __future__ import annotations
 
 import signal
-import time
 
 import httpx
 import pytest
@@ -19,7 +18,7 @@ from splitwise_local.bench.launched import open_store
 from splitwise_local.bench.scrape import total, value
 from splitwise_local.samples import SAMPLES, ask, chat_request
 from splitwise_local.serve.process import tagged
-from tests.launcher.helpers import READY, launch_fake, leftovers
+from tests.launcher.helpers import READY, TRIGGER, launch_fake, leftovers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,15 +78,14 @@ def test_frozen_engine_is_restarted(tmp_path, ports, fake_model, launched):
     prefill = system.child(f"--port {ports.prefill}")
     before = len(system.out)  # only what the launcher says after the freeze counts
     prefill.send_signal(signal.SIGSTOP)
-    began = time.monotonic()
-    system.wait_for(
+    said = system.wait_for(
         f"prefill engine has not answered its health check "
         f"(GET http://127.0.0.1:{ports.prefill}/health) for ",
-        30,
+        60,
         after=before,
     )
-    noticed = time.monotonic() - began
-    assert 3 <= noticed < 15
+    silent_s = int(system.out[said:].split(" s", 1)[0])
+    assert silent_s >= 3  # restarted once the health deadline had passed, not before
     with httpx.Client(timeout=30) as client:  # decode computes the prompt meanwhile
         assert ask(client, url, chat_request(fake_model.name, SAMPLES[0])).strip()
         system.wait_for("prefill engine is back after", 30)
@@ -119,6 +117,7 @@ def test_too_many_restarts_stop_everything(tmp_path, ports, fake_model, launched
     system = launch_fake(tmp_path, ports, fake_model, "--max-restarts", "2", modes=modes)
     launched.append(system)
     system.wait_for(READY, 60)
+    (tmp_path / TRIGGER).touch()
     assert system.finish(timeout=60) == 1
     assert (
         "error: decode engine exited (1) (RuntimeError: fake engine lost its device), after 2 "
@@ -136,13 +135,13 @@ def test_engine_saying_it_cannot_serve_is_restarted_at_once(tmp_path, ports, fak
     system = launch_fake(tmp_path, ports, fake_model, "--max-restarts", "1", modes=modes)
     launched.append(system)
     system.wait_for(READY, 60)
-    began = time.monotonic()
+    (tmp_path / TRIGGER).touch()
+    # Restarted for what /health said, not for missing the 30 s freeze deadline.
     system.wait_for(
         f"decode engine said it cannot serve (GET http://127.0.0.1:{ports.decode}/health "
         "answered 503: its engine core is gone); restarting it in 1 s",
-        20,
+        60,
     )
-    assert time.monotonic() - began < 10  # the 30 s freeze deadline did not apply
     assert system.finish(timeout=60) == 1  # sick again after its restart: it gives up
     assert "after 1 restarts within 600 s; giving up, so everything stops" in system.err
     assert leftovers(system.run_dir) == []

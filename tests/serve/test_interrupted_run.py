@@ -1,7 +1,8 @@
 """A test run that is stopped midway (Ctrl-C, SIGTERM, kill -9) leaves no engine or store.
 
 The run under test is a pytest process whose session fixture starts a store and two engines
-with `bench.engines.start_system`, the path of the real-engine fixtures; its engines are
+with `bench.engines.start_system`, the path of the real-engine fixtures, or the whole system
+with the launcher (`bench.launched`, the path of the launcher and chaos tests); its engines are
 fake_vllm's, which start in a second and leave helper processes of their own behind.
 """
 
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -21,6 +23,7 @@ from tests.launcher.helpers import FAKE_VLLM
 
 pytestmark = pytest.mark.timeout(180)
 GONE_WITHIN_S = 10.0
+REPO = str(Path(__file__).resolve().parents[2])
 
 INNER_TEST = """
 import os
@@ -47,6 +50,21 @@ def test_waits_to_be_stopped(system):
     time.sleep(600)
 """
 
+INNER_LAUNCH = INNER_TEST.replace(
+    """    roles = {"prefill": "prefill", "decode": "decode"}
+    model = Path(os.environ["FAKE_MODEL"])
+    system = start_system(Path(os.environ["RUN_ROOT"]), model, SplitwiseConfig(), roles)
+    yield system
+    system.stop()""",
+    """    from tests.launcher.helpers import Ports, free_ports, launch_fake
+
+    root = Path(os.environ["RUN_ROOT"]).parent  # launch_fake runs in root / "run"
+    system = launch_fake(root, Ports(*free_ports(5)), Path(os.environ["FAKE_MODEL"]))
+    system.wait_for("ready: http://", 120)
+    yield system
+    system.stop()""",
+)
+
 
 def _sigint_at_its_default() -> None:
     """As from a terminal: a background job (CI) starts with SIGINT ignored."""
@@ -55,10 +73,20 @@ def _sigint_at_its_default() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_a_stopped_test_run_leaves_no_engine_or_store(tmp_path, fake_model, sig):
-    (tmp_path / "test_inner.py").write_text(INNER_TEST)
+    stop_midway(tmp_path, fake_model, INNER_TEST, sig)
+
+
+def test_a_killed_test_run_leaves_no_launched_system(tmp_path, fake_model):
+    """The launcher dies with the test run that started it, and its children with it."""
+    stop_midway(tmp_path, fake_model, INNER_LAUNCH, signal.SIGKILL)
+
+
+def stop_midway(tmp_path, fake_model, inner_test: str, sig: int) -> None:
+    """Runs `inner_test` until its system is up, sends `sig`, and checks nothing is left."""
+    (tmp_path / "test_inner.py").write_text(inner_test)
     run_root, ready = tmp_path / "run", tmp_path / "ready"
     env = dict(os.environ, RUN_ROOT=str(run_root), READY_FILE=str(ready))
-    env.update(FAKE_MODEL=str(fake_model), PYTHONPATH=str(FAKE_VLLM))
+    env.update(FAKE_MODEL=str(fake_model), PYTHONPATH=os.pathsep.join([str(FAKE_VLLM), REPO]))
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_inner.py"]
     inner = subprocess.Popen(
         command,

@@ -5,6 +5,8 @@ Behaviour per engine port, from the environment (set by the tests):
   `hang` (never listens); `stubborn` (ignores SIGTERM, so only SIGKILL stops it); `flaky`
   (serves for 3 s, then exits 1, every time it is started); `sick` (after 3 s its /health
   answers 503 and its completions 503, as vLLM's do once its engine core has died).
+  With `FAKE_ENGINE_TRIGGER` set, those 3 s start once that file exists: a test creates it once
+  the system is ready, so how fast this machine starts one cannot race the fault.
 - `FAKE_ENGINE_EVENTS`: a file; on SIGTERM the engine appends one JSON line saying whether the
   proxy (`FAKE_PROXY_PORT`) and the store (`FAKE_STORE_PORT`) still accept connections.
 Like vLLM, it starts helper processes of its own; one of them leaves the process group
@@ -84,11 +86,14 @@ def main() -> None:
     if mode != "hang":
         # In a thread, uvicorn leaves signal handling to this main thread.
         threading.Thread(target=server.run, daemon=True).start()
-    if mode == "sick":
+    if mode in ("sick", "flaky"):
+        trigger = os.environ.get("FAKE_ENGINE_TRIGGER")
+        while trigger and not os.path.exists(trigger) and not stopping.is_set():
+            time.sleep(0.1)
         time.sleep(3.0)
+    if mode == "sick":
         engine.behaviour.fail_status = 503
     if mode == "flaky":
-        time.sleep(3.0)
         print("ERROR fake engine: lost its device", flush=True)
         raise RuntimeError("fake engine lost its device")
     while not stopping.wait(0.1):
