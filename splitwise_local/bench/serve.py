@@ -7,10 +7,10 @@ stated in the report), and times every chunk as it arrives: time to first token 
 gaps between chunks (inter-token latency, ITL), the mean time per output token after the first
 (TPOT, what SLOs are set on, as in DistServe) and end-to-end latency (E2E), with throughput, SLO
 attainment (the share of sent requests meeting the TTFT SLO, the TPOT SLO, both) and goodput
-(requests/s meeting both). The
-same command measures our proxy, a plain vLLM server or anything else that speaks the API, so
-comparisons are like for like. Each run also records how much CPU other processes on the
-machine used meanwhile (bench/host_load.py), so a report can tell a quiet run from a noisy one.
+(requests/s meeting both). The same command measures our proxy, a plain vLLM server or anything
+else that speaks the API, so comparisons are like for like. Each run also records how much CPU
+other processes on the machine used meanwhile (bench/host_load.py), so a report can tell a
+quiet run from a noisy one.
 
 Output lengths are made exact with two vLLM extensions, `ignore_eos` and `return_token_ids`
 (tokens per chunk, since vLLM may coalesce tokens into one chunk when the client lags). Every
