@@ -529,11 +529,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="replay seconds per trace second (10: a tenth of the trace's rate, same bursts)",
     )
-    group.add_argument("--trace-start", type=float, default=0.0, metavar="S", help="trace s")
+    group.add_argument(
+        "--trace-start", type=float, default=0.0, metavar="S", help="first trace second to replay"
+    )
     group.add_argument(
         "--trace-duration", type=float, metavar="S", help="trace seconds to replay (default: all)"
     )
-    group.add_argument("--requests", type=int, metavar="N", help="at most N requests")
+    group.add_argument(
+        "--requests", type=int, metavar="N", help="at most the window's first N requests"
+    )
     group.add_argument(
         "--ideal-capacity-blocks",
         type=int,
