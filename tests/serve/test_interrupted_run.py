@@ -8,6 +8,7 @@ fake_vllm's, which start in a second and leave helper processes of their own beh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -96,6 +97,7 @@ def stop_midway(tmp_path, fake_model, inner_test: str, sig: int) -> None:
         stderr=subprocess.STDOUT,
         preexec_fn=_sigint_at_its_default,
     )
+    processes: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
         while not ready.exists():
@@ -119,5 +121,6 @@ def stop_midway(tmp_path, fake_model, inner_test: str, sig: int) -> None:
     finally:
         inner.kill()
         inner.wait()
-        for process in tagged(str(run_root)):
-            process.kill()
+        for process in [*alive(processes), *tagged(str(run_root))]:  # the launcher is untagged
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
