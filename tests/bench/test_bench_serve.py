@@ -269,6 +269,8 @@ def replay_settings(trace: str, flags: list[str]) -> ReplaySettings:
         (["--rate", "2"], "drop --rate"),
         (["--length-scale", "0"], "length_scale must be"),
         (["--trace-start", "99999"], "no request of azure-conv"),
+        (["--requests", "0"], "requests must be at least 1"),
+        (["--time-scale", "-2"], "time_scale must be"),
         (["--ideal-capacity-blocks", "8"], "no prompt blocks"),
     ],
 )
