@@ -23,6 +23,7 @@ from splitwise_local.connector.loader import KVLoader
 from splitwise_local.connector.metrics import Counters
 from splitwise_local.connector.planner import LoadPlan, SavePlan, prompt_chunks
 from splitwise_local.connector.saver import KVSaver
+from splitwise_local.serde import decode_any
 from splitwise_local.store.backend import open_backend
 from splitwise_local.store.client import ShmClient
 from splitwise_local.store.server import ServerSettings, StoreServer
@@ -63,22 +64,22 @@ def backend(request, store):
     client.close()
 
 
-def save(caches, chunks, backend):
+def save(caches, chunks, backend, codec=None):
     """Saves every chunk from the source blocks; returns the saver's counters."""
     counters = Counters()
-    saver = KVSaver(lambda: backend, ChunkCodec("naive"), LAYOUT, caches, rank=0,
+    saver = KVSaver(lambda: backend, codec or ChunkCodec("naive"), LAYOUT, caches, rank=0,
                     guard=StoreGuard("test"), counters=counters)  # fmt: skip
     saver.save([SavePlan("save", chunks, SOURCE_BLOCKS)])
     saver.close()
     return counters.take()
 
 
-def load(chunks, backend, *, end=TOKENS - 1, tail=TOKENS - 1, guard=None):
+def load(chunks, backend, *, end=TOKENS - 1, tail=TOKENS - 1, guard=None, codec=None):
     """Runs one async load to its end; returns the target caches, the loader's report, stats."""
     target = LayerCaches([torch.zeros(8, 2, 16, 16) for _ in range(3)])
     counters = Counters()
     loader = KVLoader(lambda: backend, LAYOUT, target, rank=0, guard=guard or StoreGuard("t"),
-                      counters=counters, verify=True)  # fmt: skip
+                      counters=counters, verify=True, codec=codec)  # fmt: skip
     loader.submit([LoadPlan("load", chunks, 0, end, TARGET_BLOCKS, tail)])
     deadline = time.monotonic() + 30
     done, invalid = set(), set()
@@ -109,18 +110,35 @@ def test_a_load_lands_the_saved_kv_in_other_blocks_and_keeps_the_tail(source, ch
     assert save(source, chunks, backend).data["saved_tokens"] == 0  # all stored already
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt"])
-def test_a_bad_middle_chunk_stops_the_load_there(source, chunks, backend, store, damage, caplog):
-    save(source, chunks, backend)
+@pytest.mark.parametrize(
+    ("damage", "sealed"),
+    [
+        ("missing", False),
+        ("corrupt", False),
+        ("missing", True),
+        ("corrupt", True),
+        ("forged", True),
+    ],
+)
+def test_a_bad_middle_chunk_stops_the_load_there(
+    source, chunks, backend, store, damage, sealed, caplog
+):
+    """With the store's token, chunks are sealed: a forged one (plausible KV with valid
+    checksums, written without the token) is refused like a corrupt one."""
+    codec = ChunkCodec("naive", secret="launch-token") if sealed else None
+    save(source, chunks, backend, codec)
     key = chunks[1].key  # tokens 32-64: blocks 2 and 3 of the request
     if damage == "missing":
         backend.delete(key)
-    else:
+    elif damage == "corrupt":
         value = bytearray(backend.get(key))
         value[-100] ^= 0xFF  # one flipped byte in the last layer's values
         backend.put(key, bytes(value))
+    else:
+        kv, _ = decode_any(backend.get(key))
+        backend.put(key, ChunkCodec("naive").encode(torch.randn_like(kv)))
     with caplog.at_level(logging.WARNING, logger="splitwise_local.connector"):
-        target, done, invalid, tail, stats = load(chunks, backend)
+        target, done, invalid, tail, stats = load(chunks, backend, codec=codec)
     assert done == {"load"}
     assert invalid == set(TARGET_BLOCKS[2:])  # from token 32 to the end: recomputed by vLLM
     expected = token_rows(source, SOURCE_BLOCKS, 0, 32)
