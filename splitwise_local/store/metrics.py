@@ -78,6 +78,16 @@ class StoreCollector(Collector):
             connections.add_metric([protocol], count)
             accepted.add_metric([protocol], stats["accepted_by_protocol"][protocol])
         yield from (connections, accepted)
+        yield GaugeMetricFamily(
+            PREFIX + "connections_unauthenticated",
+            "Connections open now that have not yet authenticated",
+            stats["connections_unauthenticated"],
+        )
+        yield CounterMetricFamily(
+            PREFIX + "connections_refused",
+            "Connections refused at the connection caps (answered BUSY)",
+            stats["refused_connections"],
+        )
         for key, (name, text) in SIZES.items():
             yield GaugeMetricFamily(PREFIX + name, text, stats[key])
 

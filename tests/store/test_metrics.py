@@ -66,6 +66,18 @@ def test_metrics_count_what_the_clients_did(small):
     assert samples[("splitwise_store_items", lmcache)] == 0
 
 
+def test_connections_past_the_caps_are_counted(make_server):
+    server = make_server(auth_token="t", max_unauthenticated=1, metrics_port=0)
+    stranger = socket.create_connection(("127.0.0.1", server.port))
+    busy = socket.create_connection(("127.0.0.1", server.port))
+    assert busy.recv(5)[:4] == b"SWKV"  # the BUSY answer
+    samples = scrape(server.metrics.url)
+    assert samples[("splitwise_store_connections_unauthenticated", ())] == 1
+    assert samples[("splitwise_store_connections_refused_total", ())] == 1
+    for sock in (stranger, busy):
+        sock.close()
+
+
 def test_a_full_store_counts_a_rejected_put(make_server):
     """Everything pinned by a reader: the put is refused, and counted as rejected."""
     server = make_server(capacity=PAGE, page_size=PAGE, metrics_port=0)
