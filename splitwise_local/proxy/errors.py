@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from starlette.responses import JSONResponse
 
@@ -20,10 +21,13 @@ ERROR_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    429: "tokens",  # OpenAI's type for a tokens-per-minute limit (its code: rate_limit_exceeded)
 }
 
 
-def error_body(status: int, message: str, code: str | None = None, param: str | None = None):
+def error_body(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error object, its `type` named from the status as OpenAI and vLLM name it."""
     error_type = ERROR_TYPES.get(
         status, "server_error" if status >= 500 else "invalid_request_error"

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -48,14 +49,16 @@ class FakeBehaviour:
 class FakeRecord:
     """What the fake saw: request bodies and headers, and how its streams ended."""
 
-    requests: list[tuple[str, dict, dict[str, str]]] = field(default_factory=list)
+    requests: list[tuple[str, dict[str, Any], dict[str, str]]] = field(default_factory=list)
     streams_completed: int = 0
     streams_cut: int = 0
     whole_cut: int = 0
     cut: threading.Event = field(default_factory=threading.Event)
 
 
-def _error_body(status: int, message: str, error_type: str, param: str | None = None) -> dict:
+def _error_body(
+    status: int, message: str, error_type: str, param: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
 
 
@@ -63,7 +66,7 @@ def _error(status: int, message: str, error_type: str, param: str | None = None)
     return JSONResponse(_error_body(status, message, error_type, param), status)
 
 
-def _prompt_words(body: dict) -> int:
+def _prompt_words(body: dict[str, Any]) -> int:
     if "messages" in body:
         return sum(len(str(m.get("content", "")).split()) for m in body["messages"])
     return len(str(body.get("prompt", "")).split())
@@ -152,7 +155,7 @@ class FakeEngine:
                 if i:
                     await asyncio.sleep(self.behaviour.token_interval_s)
                 last = i == count - 1
-                choice = {"index": 0, "finish_reason": "length" if last else None}
+                choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if last else None}
                 token = self._token(i)
                 choice |= {"delta": {"content": token}} if chat else {"text": token}
                 yield _event(self._envelope(chat, stream=True, choice=choice))
@@ -183,7 +186,7 @@ class FakeEngine:
     def _token(self, i: int) -> str:
         return f" {self.behaviour.name}{i}"
 
-    def _envelope(self, chat: bool, stream: bool, choice: dict | None) -> dict:
+    def _envelope(self, chat: bool, stream: bool, choice: dict[str, Any] | None) -> dict[str, Any]:
         kind = "chat.completion" if chat else "text_completion"
         return {
             "id": f"cmpl-{self.behaviour.name}",
@@ -203,7 +206,7 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     }
 
 
-def _event(payload: dict) -> str:
+def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 

@@ -1,8 +1,9 @@
 """The proxy's Prometheus metrics, in a registry of its own.
 
 Each app gets its own `CollectorRegistry`, so several proxies in one process (tests, the
-launcher) never clash over metric names. Per-engine numbers are read from the pools when
-scraped rather than mirrored into gauges, so they cannot drift from what the pools decide on.
+launcher) never clash over metric names. Per-engine numbers are read from the pools, and each
+role's admission queue from admission.py, when scraped rather than mirrored into gauges, so they
+cannot drift from what the pools and the admission decide on.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from splitwise_local.proxy.admission import RoleQueue
 from splitwise_local.proxy.pool import EnginePool
 
 # From a cached prompt's millisecond prefill to a long CPU generation's minutes.
@@ -68,10 +70,48 @@ class EngineCollector(Collector):
         yield from (requests, failures, in_flight, up, pending)
 
 
-class ProxyMetrics:
-    """Request counts, errors by kind, prefill time, decode time to first byte, latency."""
+class AdmissionCollector(Collector):
+    """Per-role admission: refusals, queued prompt tokens, the bound and the measured rate."""
 
-    def __init__(self, pools: Iterable[EnginePool]) -> None:
+    def __init__(self, queues: Iterable[RoleQueue]) -> None:
+        self._queues = list(queues)
+
+    def collect(self) -> Iterator[Metric]:
+        """Read from the queues at scrape time."""
+        refused = CounterMetricFamily(
+            "splitwise_proxy_admission_refused",
+            "Requests refused (429) because their role had too many prompt tokens queued",
+            labels=["role"],
+        )
+        queued = GaugeMetricFamily(
+            "splitwise_proxy_admission_queued_tokens",
+            "Prompt tokens admitted to each role that its engines have not answered yet",
+            labels=["role"],
+        )
+        bound = GaugeMetricFamily(
+            "splitwise_proxy_admission_bound_tokens",
+            "The most prompt tokens each role queues before refusing (when admission is on)",
+            labels=["role"],
+        )
+        rate = GaugeMetricFamily(
+            "splitwise_proxy_admission_cleared_tokens_per_second",
+            "Prompt tokens each role answers per second while it has tokens queued (measured)",
+            labels=["role"],
+        )
+        for queue in self._queues:
+            refused.add_metric([queue.role], queue.refused)
+            queued.add_metric([queue.role], queue.queued)
+            bound.add_metric([queue.role], queue.bound)
+            if queue.rate.per_s is not None:
+                rate.add_metric([queue.role], queue.rate.per_s)
+        yield from (refused, queued, bound, rate)
+
+
+class ProxyMetrics:
+    """Request counts, errors by kind, prefill time, decode time to first byte, latency, and
+    the engines' and the admission queues' state."""
+
+    def __init__(self, pools: Iterable[EnginePool], queues: Iterable[RoleQueue]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "splitwise_proxy_requests",
@@ -129,6 +169,7 @@ class ProxyMetrics:
             registry=self.registry,
         )
         self.registry.register(EngineCollector(pools))
+        self.registry.register(AdmissionCollector(queues))
 
     def start(self, route: str) -> RequestRecord:
         """Counts a caller's request in flight until its record is finished."""

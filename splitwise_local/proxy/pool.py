@@ -21,10 +21,13 @@ import logging
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass
+from typing import Literal
 
 import aiohttp
 
 log = logging.getLogger(__name__)
+
+Role = Literal["prefill", "decode"]
 
 
 @dataclass(eq=False)
@@ -32,7 +35,7 @@ class Endpoint:
     """One engine's URL and what the proxy knows about it right now."""
 
     url: str
-    role: str
+    role: Role
     in_flight: int = 0
     requests: int = 0
     failures: int = 0
@@ -48,10 +51,11 @@ class Endpoint:
         return self.dead is None and now >= self.down_until
 
 
-Rank = Callable[[Endpoint], tuple]
+# Orders a role's engines for one request: the lowest key is picked.
+Rank = Callable[[Endpoint], tuple[int, ...]]
 
 
-def least_loaded(endpoint: Endpoint) -> tuple:
+def least_loaded(endpoint: Endpoint) -> tuple[int, ...]:
     """Fewest requests in flight, then fewest prompt tokens pending, then picked longest ago."""
     return (endpoint.in_flight, endpoint.pending_tokens, endpoint.last_pick)
 
@@ -61,7 +65,7 @@ class EnginePool:
 
     def __init__(
         self,
-        role: str,
+        role: Role,
         urls: list[str],
         backoff_initial_s: float,
         backoff_max_s: float,

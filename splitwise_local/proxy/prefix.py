@@ -30,8 +30,9 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+from splitwise_local.config import SplitwiseConfig
 from splitwise_local.connector.keys import (
     NO_EXTRAS,
     KeyExtras,
@@ -41,22 +42,22 @@ from splitwise_local.connector.keys import (
     mla_layout,
     per_head_layout,
 )
+from splitwise_local.store.aio import AsyncStoreClient
+from splitwise_local.store.backend import KVBackend, open_backend
 from splitwise_local.store.errors import StoreUnavailable
-
-if TYPE_CHECKING:
-    from splitwise_local.config import SplitwiseConfig
 
 log = logging.getLogger(__name__)
 
 MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 
 
-def hf_config(model: str | Path) -> dict:
+def hf_config(model: str | Path) -> dict[str, Any]:
     """The checkpoint's `config.json`."""
-    return json.loads((Path(model) / "config.json").read_text())
+    config: dict[str, Any] = json.loads((Path(model) / "config.json").read_text())
+    return config
 
 
-def kv_layout(config: dict, tp_size: int = 1) -> str:
+def kv_layout(config: dict[str, Any], tp_size: int = 1) -> str:
     """The connector's layout field for this checkpoint, as vLLM sizes its KV cache: an MLA
     latent (kv_lora_rank + rope dims) unless VLLM_MLA_DISABLE is set, else K/V per KV head of
     one tensor-parallel rank."""
@@ -70,7 +71,7 @@ def kv_layout(config: dict, tp_size: int = 1) -> str:
     return per_head_layout(max(1, kv_heads // tp_size), head_size)
 
 
-def kv_dtype(config: dict, dtype: str) -> str:
+def kv_dtype(config: dict[str, Any], dtype: str) -> str:
     """The KV cache dtype the engines run with: `dtype` as given to vLLM (`--kv-cache-dtype`,
     else `--dtype`), "auto" meaning the checkpoint's own."""
     if dtype != "auto":
@@ -104,7 +105,7 @@ class ServedModels:
 
     def __init__(
         self,
-        fetch: Callable[[], Awaitable[dict]],
+        fetch: Callable[[], Awaitable[dict[str, Any]]],
         refresh_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -115,7 +116,7 @@ class ServedModels:
         self.base: set[str] = set()
         self.adapters: dict[str, tuple[str, str]] = {}
 
-    async def extras(self, body: dict) -> KeyExtras | None:
+    async def extras(self, body: dict[str, Any]) -> KeyExtras | None:
         """The request's `KeyExtras`, None when its keys cannot be named exactly (an unknown
         model name, a salt that is not a string: the engine refuses those anyway)."""
         salt = body.get("cache_salt")
@@ -173,7 +174,11 @@ class StoredPrefix:
         self._clock = clock
         self._failures = 0
         self._down_until = 0.0
-        self._client = None
+        # Our store (lm://, shm://) is asked through the asyncio client; other backends
+        # (Mooncake) only have a sync one, run off the event loop.
+        self._native = self.url.partition("://")[0] in ("lm", "shm")
+        self._async: AsyncStoreClient | None = None
+        self._sync: KVBackend | None = None
 
     @property
     def down(self) -> bool:
@@ -199,13 +204,12 @@ class StoredPrefix:
 
     async def close(self) -> None:
         """Closes the store client, if one was opened."""
-        client, self._client = self._client, None
-        if client is None:
-            return
-        if hasattr(client, "__aexit__"):
-            await client.close()
-        else:
-            await asyncio.to_thread(client.close)
+        native, self._async = self._async, None
+        sync, self._sync = self._sync, None
+        if native is not None:
+            await native.close()
+        if sync is not None:
+            await asyncio.to_thread(sync.close)
 
     def _failed(self, exc: BaseException) -> None:
         self._failures += 1
@@ -220,27 +224,21 @@ class StoredPrefix:
             )  # fmt: skip
         # A sync client that failed may be stuck on a broken connection: open a new one next
         # time. (The asyncio client drops broken connections itself.)
-        if self._client is not None and not hasattr(self._client, "__aexit__"):
-            client, self._client = self._client, None
-            asyncio.get_running_loop().run_in_executor(None, client.close)  # Mooncake: ~2 s
+        if self._sync is not None:
+            sync, self._sync = self._sync, None
+            asyncio.get_running_loop().run_in_executor(None, sync.close)  # Mooncake: ~2 s
 
     async def _exists(self, keys: Sequence[str]) -> int:
-        scheme = self.url.partition("://")[0]
-        if scheme in ("lm", "shm"):
-            from splitwise_local.store.aio import AsyncStoreClient
-
-            if self._client is None:
+        if self._native:
+            if self._async is None:
                 token = self._config.store_auth_token
-                self._client = AsyncStoreClient(self.url, token, timeout=self._timeout_s)
-            return await self._client.exists(list(keys), touch=False)
-        # Other backends (Mooncake) have a sync client: run it off the event loop.
-        if self._client is None:
-            self._client = await asyncio.to_thread(self._open_sync)
-        return await asyncio.to_thread(self._client.exists, list(keys))
+                self._async = AsyncStoreClient(self.url, token, timeout=self._timeout_s)
+            return await self._async.exists(list(keys), touch=False)
+        if self._sync is None:
+            self._sync = await asyncio.to_thread(self._open_sync)
+        return await asyncio.to_thread(self._sync.exists, list(keys))
 
-    def _open_sync(self):
-        from splitwise_local.store.backend import open_backend
-
+    def _open_sync(self) -> KVBackend:
         config = self._config
         # The proxy only asks; it lends the store no memory of its own.
         mooncake = config.mooncake.model_copy(update={"global_segment_size": 0})

@@ -1,33 +1,46 @@
-"""Where each request goes: through a prefill engine first, or straight to a decode engine, and
-to which engine of each role.
+"""Where each request goes, decided once: an immutable `Route` that forward.py carries out.
+
+A route names its path, the engine request of each hop (the role, how that role's engines are
+ranked for it, the prompt tokens the chosen engine computes) and the routes to take instead when
+a hop fails. Paths:
+- `disaggregated`: a prefill engine computes the prompt's KV (a one-token copy of the request),
+  then a decode engine loads it and answers;
+- `direct`: a decode engine alone (it computes the prompt, loading any stored prefix);
+- `prefill_only`: a prefill engine, a complete vLLM engine, answers the whole request, while no
+  decode engine is up (setting `fallback_to_prefill`).
 
 `disagg` (a setting) decides the path:
-- `always`: prefill, then decode (the seed's behaviour);
-- `never`: decode engines alone (they compute the prompt, loading any stored prefix);
+- `always`: prefill, then decode;
+- `never`: decode engines alone;
 - `auto`: per request, after Dynamo's conditional disaggregation ("isl_or_load"). With
   `uncached` = prompt tokens minus those whose KV the store already holds, the request goes
   straight to decode when `uncached < disagg_threshold_tokens` (reason `stored_prefix` when
   the store held part of it, else `short_prompt`), or when every prefill engine is saturated
   (at least `busy_tokens` prompt tokens pending) and a decode engine is not (reason
-  `prefill_busy`); otherwise through
-  prefill (`long_uncached`). Without token ids (a request tokens.py does not follow, no
-  tokenizer) it goes through prefill (`tokens_unknown`), and likewise while the store does not
-  answer (`store_unavailable`): always safe, never a failed request. A request whose keys the
-  proxy cannot name as the engines do (a `model` no engine lists) counts nothing as stored.
+  `prefill_busy`); otherwise through prefill (`long_uncached`). Without token ids (a request
+  tokens.py does not follow, no tokenizer) it goes through prefill (`tokens_unknown`), and
+  likewise while the store does not answer (`store_unavailable`): always safe, never a failed
+  request. A request whose keys the proxy cannot name as the engines do (a `model` no engine
+  lists) counts nothing as stored.
 
 Unlike Dynamo's rule there is no ratio condition: a short prompt with nothing stored also goes
 straight to decode, because on its own a short prompt costs decode less than the hand-over.
+
+The fallbacks are part of the route: a failed prefill hands the prompt to decode
+(`prefill_failed`, setting `fallback_to_decode`), and a decode pool with no engine to reach
+hands the whole request to a prefill engine (`decode_unavailable`, `fallback_to_prefill`).
 
 Engines are ranked by policy (settings `prefill_policy`, `decode_policy`):
 - `least_loaded`: fewest requests in flight, then fewest prompt tokens pending, then round robin;
 - `kv_affinity`: least work, counting as work the tokens pending on an engine plus the prompt
   tokens its own prefix cache most likely lacks (`PrefixMemory`: the chunk keys each engine
-  computed or loaded lately), then as least_loaded. Prefill defaults to it; decode engines load
-  any stored prefix from the shared store, so by default they are picked by load.
+  computed or loaded lately, told by the forwarder once the request is served), then as
+  least_loaded. Prefill defaults to it; decode engines load any stored prefix from the shared
+  store, so by default they are picked by load.
 
-Each decision is a `Decision`, counted in /metrics by policy, path and reason. The caller sees
-it in the `x-splitwise-route` header only when the operator turns `route_detail` on: path,
-reason and stored tokens tell whether someone else's prompt is stored.
+Each route taken is counted in /metrics by policy, path and reason. The caller sees it in the
+`x-splitwise-route` header only when the operator turns `route_detail` on: path, reason and
+stored tokens tell whether someone else's prompt is stored.
 """
 
 from __future__ import annotations
@@ -35,12 +48,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from typing import Any
 
+from splitwise_local.config import ConfigError, SplitwiseConfig, load_config
 from splitwise_local.connector.keys import KeyIdentity, chunk_keys, chunk_spans
-from splitwise_local.proxy.pool import Endpoint, EnginePool, Rank, least_loaded
+from splitwise_local.proxy.pool import Endpoint, EnginePool, Rank, Role, least_loaded
 from splitwise_local.proxy.prefix import ServedModels, StoredPrefix, engine_identity
 from splitwise_local.proxy.settings import ProxySettings
 from splitwise_local.proxy.tokens import PromptTokenizer
@@ -55,60 +70,67 @@ PREFILL_ONLY = "prefill_only"  # a prefill engine alone, while no decode engine 
 # Keys for engines' prefix memories when no store identity is known (no store): any chained
 # digest of the tokens serves to compare prefixes.
 LOCAL_IDENTITY = KeyIdentity("proxy-affinity", "", "", 256)
+Json = dict[str, Any]
 
 
-@dataclass
-class Decision:
-    """One request's routing decision and what it was based on."""
+@dataclass(frozen=True)
+class Prompt:
+    """What the router knows of a request's prompt."""
 
-    policy: str
-    path: str
-    reason: str
-    token_ids: list[int] | None = None
-    keys: list[str] = field(default_factory=list)
+    tokens: int | None  # its length in tokens; None when the proxy did not tokenize it
+    stored: int = 0  # leading tokens whose KV the store holds
+    keys: tuple[str, ...] = ()  # its chunk keys; empty when they cannot be named
     chunk_size: int = LOCAL_IDENTITY.chunk_size
-    stored_tokens: int = 0
-    prefill: str | None = None
-    decode: str | None = None
-
-    @property
-    def prompt_tokens(self) -> int | None:
-        """The prompt's length in tokens; None when the proxy could not tokenize it."""
-        return None if self.token_ids is None else len(self.token_ids)
 
     @property
     def uncached(self) -> int:
         """Prompt tokens whose KV nobody holds (0 when the tokens are unknown)."""
-        return max(0, (self.prompt_tokens or 0) - self.stored_tokens)
+        return max(0, (self.tokens or 0) - self.stored)
 
     def covered(self, leading_keys: int) -> int:
         """Prompt tokens covered by the first `leading_keys` chunk keys."""
-        if not leading_keys or self.token_ids is None:
+        if not leading_keys or self.tokens is None:
             return 0
-        return chunk_spans(len(self.token_ids), self.chunk_size)[leading_keys - 1][1]
+        return chunk_spans(self.tokens, self.chunk_size)[leading_keys - 1][1]
 
-    def fall_back(self, reason: str) -> None:
-        """Prefill did not happen after all: decode computes the prompt itself."""
-        self.path, self.reason, self.prefill = DIRECT, reason, None
 
-    def whole_on_prefill(self) -> None:
-        """No decode engine can be reached: a prefill engine serves the whole request."""
-        self.path, self.reason, self.decode = PREFILL_ONLY, "decode_unavailable", None
+@dataclass(frozen=True)
+class Hop:
+    """One engine request of a route: the role it goes to, how that role's engines rank for it,
+    and the prompt tokens the chosen engine computes (its own cache aside; 0 when unknown)."""
+
+    role: Role
+    tokens: int
+    rank: Rank
+
+
+@dataclass(frozen=True)
+class Route:
+    """One request's route: its path and why, the hops, and the routes to take instead."""
+
+    policy: str
+    path: str
+    reason: str
+    prompt: Prompt
+    generate: Hop  # the engine request whose answer the caller gets
+    prefill: Hop | None = None  # before it, on the disaggregated path: the one-token copy
+    if_prefill_fails: Route | None = None  # None: the prefill failure is the answer
+    if_decode_unreachable: Route | None = None  # None: the decode failure is the answer
 
     @property
     def labels(self) -> tuple[str, str, str]:
         """The routes counter's labels: policy, path, reason."""
         return self.policy, self.path, self.reason
 
-    def header(self) -> str:
-        """`path=direct; reason=stored_prefix; policy=auto; prompt_tokens=1205; ...`"""
+    def header(self, engines: Mapping[Role, str]) -> str:
+        """`path=direct; reason=stored_prefix; policy=auto; prompt_tokens=1205; ...`, with the
+        URL of each engine (by role) that served the request."""
         fields: list[tuple[str, object]] = [
             ("path", self.path), ("reason", self.reason), ("policy", self.policy),
         ]  # fmt: skip
-        if self.prompt_tokens is not None:
-            fields += [("prompt_tokens", self.prompt_tokens), ("stored_tokens", self.stored_tokens)]
-        fields += [(role, url) for role, url in (("prefill", self.prefill), ("decode", self.decode))
-                   if url]  # fmt: skip
+        if self.prompt.tokens is not None:
+            fields += [("prompt_tokens", self.prompt.tokens), ("stored_tokens", self.prompt.stored)]
+        fields += [(role, engines[role]) for role in ("prefill", "decode") if role in engines]
         return "; ".join(f"{name}={value}" for name, value in fields)
 
 
@@ -159,7 +181,7 @@ class PrefixMemory:
 
 
 class Router:
-    """Decides each request's `Decision` and ranks the engines of each role for it."""
+    """Decides each request's `Route`; hears once, from the forwarder, which engines served it."""
 
     def __init__(
         self,
@@ -189,6 +211,50 @@ class Router:
         if self.stored is not None:
             await self.stored.close()
 
+    def generating_pool(self) -> EnginePool:
+        """The decode engines, or the prefill engines while no decode engine is in rotation
+        (and the proxy is allowed to fall back)."""
+        if self.settings.fallback_to_prefill and not self.decode.any_available():
+            return self.prefill
+        return self.decode
+
+    async def route(self, api_route: str, body: Json) -> Route:
+        """This request's route and why (the module's docstring); it is tokenized, and the store
+        asked, only when the settings need it."""
+        policy = self.settings.disagg
+        token_ids = await self._token_ids(api_route, body)
+        count = None if token_ids is None else len(token_ids)
+        prompt = Prompt(count, chunk_size=self.identity.chunk_size)
+        if token_ids:
+            prompt = replace(prompt, keys=await self._keys(token_ids, body))
+        if policy != "auto":
+            return self._route(DIRECT if policy == "never" else DISAGGREGATED, policy, prompt)
+        if token_ids is None:
+            return self._route(DISAGGREGATED, "tokens_unknown", prompt)
+        if self.stored is not None and prompt.keys:
+            try:
+                stored = await self.stored.tokens(token_ids, prompt.keys)
+            except StoreUnavailable:
+                return self._route(DISAGGREGATED, "store_unavailable", prompt)
+            prompt = replace(prompt, stored=stored)
+        path, reason = decide_auto(
+            len(token_ids),
+            prompt.stored,
+            self.settings.disagg_threshold_tokens,
+            self._prefill_busy(),
+            self._decode_has_room(),
+        )
+        return self._route(path, reason, prompt)
+
+    def served(self, route: Route, engines: Iterable[Endpoint]) -> None:
+        """The forwarder's report: these engines computed or loaded the route's prompt, so their
+        prefix caches hold its chunks now."""
+        if route.prompt.keys:
+            for engine in engines:
+                self.memory.remember(engine.url, route.prompt.keys)
+
+    # -- what the route rests on -------------------------------------------------------------
+
     def _needs_tokens(self) -> bool:
         """Token ids cost a tokenization per request; only a decision that uses them pays."""
         settings = self.settings
@@ -200,44 +266,19 @@ class Router:
         decode_affinity = settings.decode_policy == "kv_affinity" and len(self.decode.endpoints) > 1
         return decode_affinity or (prefill_affinity and settings.disagg == "always")
 
-    async def decide(self, api_route: str, body: dict) -> Decision:
-        """This request's path and why (the module's docstring); it is tokenized, and the store
-        asked, only when the settings need it."""
-        policy = self.settings.disagg
-        token_ids = None
-        if self.tokenizer is not None and self._needs_tokens():
-            loop = asyncio.get_running_loop()
-            token_ids = await loop.run_in_executor(
-                self._tokenizing, self.tokenizer.token_ids, api_route, body
-            )
-        extras = None
-        if token_ids and self.models is not None:
-            extras = await self.models.extras(body)
-        keys = chunk_keys(self.identity, token_ids, extras) if extras is not None else []
-        decision = Decision(
-            policy, DISAGGREGATED, policy, token_ids, keys, self.identity.chunk_size
+    async def _token_ids(self, api_route: str, body: Json) -> list[int] | None:
+        if self.tokenizer is None or not self._needs_tokens():
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizing, self.tokenizer.token_ids, api_route, body
         )
-        if policy == "never":
-            decision.path = DIRECT
-        if policy != "auto":
-            return decision
-        if token_ids is None:
-            decision.reason = "tokens_unknown"
-            return decision
-        if self.stored is not None and keys:
-            try:
-                decision.stored_tokens = await self.stored.tokens(token_ids, keys)
-            except StoreUnavailable:
-                decision.reason = "store_unavailable"
-                return decision
-        decision.path, decision.reason = decide_auto(
-            len(token_ids),
-            decision.stored_tokens,
-            self.settings.disagg_threshold_tokens,
-            self._prefill_busy(),
-            self._decode_has_room(),
-        )
-        return decision
+
+    async def _keys(self, token_ids: list[int], body: Json) -> tuple[str, ...]:
+        """The prompt's chunk keys as the engines name them; none when the request's extras
+        (LoRA adapter, salt) cannot be named exactly."""
+        extras = await self.models.extras(body) if self.models is not None else None
+        return () if extras is None else tuple(chunk_keys(self.identity, token_ids, extras))
 
     def _prefill_busy(self) -> bool:
         up = [e for e in self.prefill.endpoints if self.prefill.is_up(e)]
@@ -247,40 +288,62 @@ class Router:
         up = [e for e in self.decode.endpoints if self.decode.is_up(e)]
         return any(e.pending_tokens < self.settings.busy_tokens for e in up)
 
-    # -- picking engines ---------------------------------------------------------------------
+    # -- the route and its fallbacks ---------------------------------------------------------
 
-    def rank_for(self, role: str, decision: Decision) -> Rank:
-        """How to rank the engines of `role` ("prefill" or "decode") for this request."""
+    def _route(self, path: str, reason: str, prompt: Prompt) -> Route:
+        """The route along `path`, with the fallbacks the settings allow."""
+        policy = self.settings.disagg
+        whole = None
+        if self.settings.fallback_to_prefill:
+            whole_hop = self._hop("prefill", prompt, PREFILL_ONLY)
+            whole = Route(policy, PREFILL_ONLY, "decode_unavailable", prompt, whole_hop)
+            if self.generating_pool() is self.prefill:  # no decode engine up: no split either
+                return whole
+        direct_hop = self._hop("decode", prompt, DIRECT)
+        if path == DIRECT:
+            return Route(policy, DIRECT, reason, prompt, direct_hop, if_decode_unreachable=whole)
+        instead = None
+        if self.settings.fallback_to_decode:
+            instead = Route(
+                policy, DIRECT, "prefill_failed", prompt, direct_hop, if_decode_unreachable=whole
+            )
+        return Route(
+            policy, DISAGGREGATED, reason, prompt,
+            generate=self._hop("decode", prompt, DISAGGREGATED),
+            prefill=self._hop("prefill", prompt, DISAGGREGATED),
+            if_prefill_fails=instead,
+            if_decode_unreachable=whole,
+        )  # fmt: skip
+
+    def _hop(self, role: Role, prompt: Prompt, path: str) -> Hop:
+        """A hop to `role` on `path`: a prefill engine computes the whole prompt; a decode engine
+        the uncached part when the request goes straight to it, about one token after a
+        prefill."""
+        if role == "prefill":
+            tokens = prompt.tokens or 0
+        else:
+            tokens = prompt.uncached if path == DIRECT else 0
+        return Hop(role, tokens, self._rank(role, prompt, tokens))
+
+    def _rank(self, role: Role, prompt: Prompt, work: int) -> Rank:
+        """How to rank the engines of `role` for a hop that computes `work` prompt tokens."""
         policy = self.settings.prefill_policy if role == "prefill" else self.settings.decode_policy
         if policy == "least_loaded":
             return least_loaded
-        work = self.tokens_for(role, decision)
+        memory = self.memory
 
-        def affinity(e: Endpoint) -> tuple:
-            cached = decision.covered(self.memory.overlap(e.url, decision.keys))
+        def affinity(e: Endpoint) -> tuple[int, ...]:
+            cached = prompt.covered(memory.overlap(e.url, prompt.keys))
             return (e.pending_tokens + max(0, work - cached), *least_loaded(e))
 
         return affinity
-
-    def tokens_for(self, role: str, decision: Decision) -> int:
-        """Prompt tokens an engine of `role` computes for this request (its own cache aside):
-        a prefill engine the whole prompt; a decode engine the uncached part when the request
-        goes straight to it, about one token after a prefill."""
-        if role == "prefill":
-            return decision.prompt_tokens or 0
-        return decision.uncached if decision.path == DIRECT else 0
-
-    def served(self, engine: Endpoint, decision: Decision) -> None:
-        """`engine` computed or loaded the prompt: its prefix cache holds the chunks now."""
-        if decision.keys:
-            self.memory.remember(engine.url, decision.keys)
 
 
 def build_router(
     settings: ProxySettings,
     prefill: EnginePool,
     decode: EnginePool,
-    fetch_models: Callable[[], Awaitable[dict]] | None = None,
+    fetch_models: Callable[[], Awaitable[Json]] | None = None,
 ) -> Router:
     """The router the settings describe: with the model's tokenizer and key identity when
     `model` is set, asking the store of `kv_config` when that is set too; `fetch_models`
@@ -291,18 +354,16 @@ def build_router(
     """
     if settings.model is None:
         return Router(settings, prefill, decode)
-    from splitwise_local.config import ConfigError, load_config
-
     try:
         tokenizer = PromptTokenizer(settings.model)
     except Exception as exc:
         log.warning("no tokenizer in %s (%s): routing without token ids", settings.model, exc)
         return Router(settings, prefill, decode)
+    config: SplitwiseConfig | None = None
     try:
         config = load_config(settings.kv_config) if settings.kv_config else None
     except ConfigError as exc:
         log.warning("cannot read %s (%s): routing without the store", settings.kv_config, exc)
-        config = None
     chunk_size = config.chunk_size if config is not None else LOCAL_IDENTITY.chunk_size
     identity = engine_identity(settings.model, settings.kv_dtype, chunk_size, settings.tp_size)
     stored = None

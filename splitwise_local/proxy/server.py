@@ -16,14 +16,20 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import uvicorn
+from dotenv import dotenv_values
 from pydantic import ValidationError
 
 from splitwise_local.hardware.device import detect_device
 from splitwise_local.hardware.dtype import ProbeFailed, cpu_dtype
+from splitwise_local.models.checkpoint import ModelError
+from splitwise_local.models.hub import resolve_model
 from splitwise_local.proxy.settings import (
     API_KEY_ENV,
     DECODE_ENV,
+    DEFAULT_ADMISSION_TTFT_S,
     DEFAULT_DISAGG_THRESHOLD_TOKENS,
     PREFILL_ENV,
     ProxySettings,
@@ -33,6 +39,12 @@ from splitwise_local.proxy.settings import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `proxy` subcommand's options (settings may also come from the environment)."""
+    _serving_arguments(parser)
+    _routing_arguments(parser)
+    _admission_arguments(parser)
+
+
+def _serving_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
     )
@@ -63,12 +75,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-body-bytes", type=int, metavar="N")
     parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def _routing_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("routing")
+    group.add_argument(
         "--disagg",
         choices=["auto", "always", "never"],
         help="auto (default): through prefill only when the prompt's uncached part is long; "
         "always: through prefill; never: decode engines alone",
     )
-    parser.add_argument(
+    group.add_argument(
         "--disagg-threshold",
         type=int,
         metavar="TOKENS",
@@ -76,24 +96,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: prompts with fewer uncached tokens go straight to decode "
         f"({DEFAULT_DISAGG_THRESHOLD_TOKENS})",
     )
-    parser.add_argument(
+    group.add_argument(
         "--model",
         help="the engines' model (folder, Hugging Face id or short name): tokenizer and keys "
         "for KV-aware routing",
     )
-    parser.add_argument(
+    group.add_argument(
         "--config",
         dest="kv_config",
         help="the engines' splitwise YAML: the store auto routing asks (with --model)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--dtype",
         dest="kv_dtype",
         help="the engines' KV cache dtype (default: what an engine on this host runs: the "
         "CPU's fastest, as the launcher chooses it, or the checkpoint's on GPUs)",
     )
-    parser.add_argument("--tp", type=int, dest="tp_size", help="the engines' tensor-parallel size")
-    parser.add_argument(
+    group.add_argument("--tp", type=int, dest="tp_size", help="the engines' tensor-parallel size")
+    group.add_argument(
         "--route-detail",
         action="store_true",
         default=None,
@@ -101,15 +121,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "tokens, engines) and engine addresses in errors and /health; off by default, since "
         "it tells any caller whether another caller's prompt is stored",
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+
+
+def _admission_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("admission")
+    group.add_argument(
+        "--admission",
+        action="store_true",
+        default=None,
+        help="refuse a request (429, Retry-After) while its engines have more prompt tokens "
+        "queued than the bound; off, the queue and the bound are only measured (/metrics)",
     )
-    parser.add_argument("--access-log", action="store_true", help="log every request")
+    group.add_argument(
+        "--admission-tokens",
+        type=int,
+        metavar="TOKENS",
+        help="the bound on each engine role's queued prompt tokens (default: measured, what "
+        "the role clears within --admission-ttft)",
+    )
+    group.add_argument(
+        "--admission-ttft",
+        type=float,
+        metavar="S",
+        dest="admission_ttft_s",
+        help=f"the time to first token the measured bound aims at ({DEFAULT_ADMISSION_TTFT_S})",
+    )
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ProxySettings:
     """Merges the command line over the environment; raises ValueError naming what is missing."""
-    values: dict = {"fallback_to_decode": args.fallback_to_decode}
+    values: dict[str, Any] = {"fallback_to_decode": args.fallback_to_decode}
     for role, flag, var in (
         ("prefill", args.prefill, PREFILL_ENV),
         ("decode", args.decode, DECODE_ENV),
@@ -124,6 +165,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
     for name in (
         "prefill_timeout_s", "decode_timeout_s", "max_body_bytes", "disagg",
         "disagg_threshold_tokens", "model", "kv_config", "kv_dtype", "tp_size", "route_detail",
+        "admission", "admission_tokens", "admission_ttft_s",
     ):  # fmt: skip
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
@@ -138,8 +180,6 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
 
 def environment(cwd: Path) -> dict[str, str]:
     """The process environment over the working directory's `.env` file (if any)."""
-    from dotenv import dotenv_values
-
     from_file = {k: v for k, v in dotenv_values(cwd / ".env").items() if v is not None}
     return {**from_file, **os.environ}
 
@@ -153,10 +193,8 @@ def local_engine_dtype() -> str:
 def run(args: argparse.Namespace) -> int:
     """`python -m splitwise_local proxy`: serves until Ctrl-C or SIGTERM; 2 on bad settings, 1
     if it could not start."""
-    import uvicorn
-
-    from splitwise_local.models.checkpoint import ModelError
-    from splitwise_local.models.hub import resolve_model
+    # Heavy (aiohttp, starlette, numpy: most of a second): only when serving, so that
+    # `proxy --help` stays instant.
     from splitwise_local.proxy.app import build_app
 
     try:

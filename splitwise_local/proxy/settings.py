@@ -1,9 +1,8 @@
 """What the proxy needs to know: the engines of each role, the API key, timeouts and limits.
 
 The endpoint lists come from the command line, else from `PREFILL_ENDPOINTS` /
-`DECODE_ENDPOINTS` (comma-separated, as the seed configured its proxy), which a `.env` file in
-the working directory may also set. URLs are validated here so a typo fails at startup, not on
-the first request.
+`DECODE_ENDPOINTS` (comma-separated), which a `.env` file in the working directory may also set.
+URLs are validated here so a typo fails at startup, not on the first request.
 """
 
 from __future__ import annotations
@@ -19,6 +18,9 @@ API_KEY_ENV = "PROXY_API_KEY"
 # Chosen by measurement (`bench routing`) on this project's 2-core machines: docs/routing.md.
 DEFAULT_DISAGG_THRESHOLD_TOKENS = 128
 DEFAULT_BUSY_TOKENS = 4096
+# Three quarters of the experiment's 2 s TTFT SLO: the rest is left for the hand-over to decode
+# and its first token.
+DEFAULT_ADMISSION_TTFT_S = 1.5
 
 Disagg = Literal["always", "never", "auto"]
 EnginePolicy = Literal["kv_affinity", "least_loaded"]
@@ -109,6 +111,23 @@ class ProxySettings(BaseModel):
     )
     tp_size: int = Field(default=1, gt=0, description="the engines' tensor-parallel size")
     store_timeout_s: float = Field(default=1.0, gt=0, description="longest wait for the store")
+    # Admission (admission.py says how the bound is measured and what is counted).
+    admission: bool = Field(
+        default=False,
+        description="refuse (429, Retry-After) a request whose engine role has more prompt "
+        "tokens queued than the bound; off, the queue and bound are only measured",
+    )
+    admission_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="the bound on each role's queued prompt tokens (default: measured, the "
+        "tokens the role clears within admission_ttft_s)",
+    )
+    admission_ttft_s: float = Field(
+        default=DEFAULT_ADMISSION_TTFT_S,
+        gt=0,
+        description="the time to first token the measured bound aims at",
+    )
     route_detail: bool = Field(
         default=False,
         description="show callers how each request was routed (the x-splitwise-route header: "

@@ -56,7 +56,7 @@ class PromptTokenizer:
         template = self.tokenizer.chat_template
         self._openai_parts = bool(template and _LOOPS_OVER_CONTENT.search(template))
 
-    def token_ids(self, route: str, body: dict) -> list[int] | None:
+    def token_ids(self, route: str, body: dict[str, Any]) -> list[int] | None:
         """The prompt's token ids for this request, or None when it is beyond this module."""
         try:
             if route == CHAT_ROUTE:
@@ -69,7 +69,7 @@ class PromptTokenizer:
             log.debug("tokenizing failed: %s", exc)
         return None
 
-    def _completion(self, body: dict) -> list[int]:
+    def _completion(self, body: dict[str, Any]) -> list[int]:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
             prompt = prompt[0]  # a batch of one
@@ -85,7 +85,7 @@ class PromptTokenizer:
             return list(prompt)
         raise Unsupported("the prompt is neither a string nor one list of token ids")
 
-    def _chat(self, body: dict) -> list[int]:
+    def _chat(self, body: dict[str, Any]) -> list[int]:
         if any(body.get(field) for field in _UNSUPPORTED_CHAT_FIELDS):
             raise Unsupported("tools, truncation, embeddings or multimodal options")
         if body.get("add_special_tokens"):

@@ -22,8 +22,9 @@ from splitwise_local.bench.scrape import total
 from splitwise_local.config import SplitwiseConfig, dump_config
 from splitwise_local.connector.keys import NO_EXTRAS, KeyExtras, chunk_keys
 from splitwise_local.models.checkpoint import prepare_default_model
+from splitwise_local.proxy.pool import least_loaded
 from splitwise_local.proxy.prefix import engine_identity
-from splitwise_local.proxy.routing import Decision, PrefixMemory, decide_auto
+from splitwise_local.proxy.routing import Hop, PrefixMemory, Prompt, Route, decide_auto
 from splitwise_local.proxy.tokens import PromptTokenizer
 from splitwise_local.store.backend import open_backend
 from splitwise_local.store.server import ServerSettings, StoreServer
@@ -66,15 +67,14 @@ def test_prefix_memory_counts_leading_keys_and_forgets_the_oldest():
 
 
 def test_header_names_the_path_reason_policy_tokens_and_engines():
-    decision = Decision("auto", "direct", "stored_prefix", list(range(100)), stored_tokens=96)
-    decision.decode = "http://127.0.0.1:8020"
-    assert decision.header() == (
+    hop = Hop("decode", 4, least_loaded)
+    route = Route("auto", "direct", "stored_prefix", Prompt(100, stored=96), hop)
+    assert route.header({"decode": "http://127.0.0.1:8020"}) == (
         "path=direct; reason=stored_prefix; policy=auto; prompt_tokens=100; stored_tokens=96; "
         "decode=http://127.0.0.1:8020"
     )
-    assert Decision("always", "disaggregated", "always").header() == (
-        "path=disaggregated; reason=always; policy=always"
-    )
+    unknown = Route("always", "disaggregated", "always", Prompt(None), hop)
+    assert unknown.header({}) == "path=disaggregated; reason=always; policy=always"
 
 
 # -- a proxy with the real tokenizer and a real store ----------------------------------------
