@@ -14,13 +14,15 @@ exception: it becomes blocks to recompute and one warning for the request.
 On a GPU the loader's host-to-device copies go on a stream of their own, ordered by CUDA events
 (`DeviceOrder`), because vLLM's compute runs on another stream and nothing else orders the two:
 `submit` (on the forward thread) records an event on vLLM's stream and the job's copies wait for
-it, so they land after whatever vLLM queued into those blocks first (the zeroing of new blocks);
-after the job's last copy an event is recorded on the loader's stream, and `finished` reports
-the request, and so lets vLLM's scheduler run it, only once that event has completed. That is
-vLLM 0.32's contract for `get_finished`: a request named in its receiving set is one whose
-blocks the next forward may read. A job that failed part way waits for its event too: vLLM
-recomputes into the blocks our copies may still be writing. On the CPU there are no streams
-and every copy is done when the job ends.
+it, so they land after whatever vLLM queued into those blocks before (a zeroing of new blocks,
+where it does one); after the job's last copy an event is recorded on the loader's stream, and
+`finished` reports the request, and so lets vLLM's scheduler run it, only once that event has
+completed. That is vLLM 0.32's contract for `get_finished`: a request named in its receiving set
+is one whose blocks the next forward may read. A job that failed part way waits for its event
+too: vLLM recomputes into the blocks our copies may still be writing. The source of each copy
+is the store's shared memory, pageable, from which CUDA stages the bytes before the copy call
+returns, so a value's lease may end right after it. On the CPU there are no streams and every
+copy is done when the job ends.
 
 The loader thread runs at a lower CPU priority (`NICENESS`): on a machine whose cores the
 forward already uses, a landing load then takes its time rather than the running streams'.
