@@ -1,18 +1,18 @@
 """Parses the subcommand and hands over to the module that implements it.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`.
-Only the chosen one is imported (subcommand.py), so `--help` stays instant.
+Only the chosen one is imported, so `--help` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from splitwise_local.bench import BENCHMARKS
-from splitwise_local.subcommand import load_subcommand
 
 
 class Subcommand(NamedTuple):
@@ -51,17 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Disaggregated prefill/decode serving on one host.",
     )
     subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-    chosen = own[0]
     module = None
     for name, sub in SUBCOMMANDS.items():
         subparser = subparsers.add_parser(name, help=sub.help, description=sub.help)
-        if name == chosen:
-            module = load_subcommand(sub.module)
-            if module is not None:
-                module.add_arguments(subparser)
-    if chosen in SUBCOMMANDS and module is None and not {"-h", "--help"} & set(own):
-        print(f"splitwise_local: '{chosen}' is not implemented yet", file=sys.stderr)
-        return 2
-    args = parser.parse_args(own)
+        if name == own[0]:
+            module = importlib.import_module(sub.module)
+            module.add_arguments(subparser)
+    args = parser.parse_args(own)  # exits for --help and for an unknown subcommand
+    assert module is not None
     args.extra = extra
     return int(module.run(args) or 0)

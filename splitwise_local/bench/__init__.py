@@ -8,8 +8,7 @@ ratios against a baseline measured in the same run, never absolute timings.
 from __future__ import annotations
 
 import argparse
-
-from splitwise_local.subcommand import load_subcommand
+import importlib
 
 BENCHMARKS: dict[str, str] = {
     "store": "KV store throughput (TCP, shared memory) against socket and memcpy baselines",
@@ -30,14 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, help_text in BENCHMARKS.items():
         sub = names.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--json", metavar="PATH", help="write the results as JSON")
-        module = load_subcommand(f"splitwise_local.bench.{name}")
-        if module is not None:
-            module.add_arguments(sub)
+        importlib.import_module(f"splitwise_local.bench.{name}").add_arguments(sub)
 
 
 def run(args: argparse.Namespace) -> int:
-    module = load_subcommand(f"splitwise_local.bench.{args.benchmark}")
-    if module is None:
-        print(f"bench {args.benchmark}: not implemented yet")
-        return 2
+    module = importlib.import_module(f"splitwise_local.bench.{args.benchmark}")
     return int(module.run(args) or 0)

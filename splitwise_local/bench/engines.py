@@ -26,7 +26,7 @@ from splitwise_local.bench.scrape import read_page, total
 from splitwise_local.config import SplitwiseConfig, dump_config
 from splitwise_local.serve.console import Console
 from splitwise_local.serve.engine import EngineSpec
-from splitwise_local.serve.launcher import http_ok
+from splitwise_local.serve.probes import http_ok
 from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.process import RUN_ENV, Child
 from splitwise_local.serve.supervisor import Readiness, Supervisor

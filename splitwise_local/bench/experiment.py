@@ -47,7 +47,7 @@ import httpx
 from splitwise_local.bench import host_load, placement, sweep
 from splitwise_local.bench.placement import Cores, Placement, format_cores
 from splitwise_local.serve.console import Console
-from splitwise_local.serve.launcher import http_ok
+from splitwise_local.serve.probes import http_ok
 from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.process import RUN_ENV, Child
 from splitwise_local.serve.supervisor import Readiness, StartupError, Supervisor

@@ -69,6 +69,16 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of `--flag VALUE` or `--flag=VALUE` in a vLLM argument list, if present."""
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
 def merge_args(defaults: Sequence[str], overrides: Sequence[str]) -> list[str]:
     """Default vLLM flags, minus those the user set again in `overrides`, then the overrides."""
     merged: list[str] = []

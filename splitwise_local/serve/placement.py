@@ -10,13 +10,27 @@ do not split evenly, or give prefill and decode different tensor-parallel sizes)
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from splitwise_local.serve.settings import LaunchSettings
 
 GPU_LIST = re.compile(r"^\d+(,\d+)*$")
-Placement = dict[str, str]  # {"gpus": "0,1"} or {"cpu_cores": "0"}: EngineSpec's fields
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One engine's share of the machine: its GPUs (CUDA_VISIBLE_DEVICES) or its CPU cores."""
+
+    gpus: str | None = None
+    cpu_cores: str | None = None
+
+    @property
+    def tp(self) -> int:
+        """Its tensor-parallel size: one per GPU (1 on the CPU)."""
+        return len(self.gpus.split(",")) if self.gpus else 1
 
 
 class PlacementError(ValueError):
@@ -84,7 +98,7 @@ def split_gpus(role: str, gpus: list[int], engines: int, tp: int | None) -> list
 
 
 def gpu_placement(
-    args: argparse.Namespace, count: int, visible: str | None = None
+    settings: LaunchSettings, count: int, visible: str | None = None
 ) -> dict[str, list[Placement]]:
     """Per role, each engine's CUDA_VISIBLE_DEVICES on a machine whose CUDA sees `count` GPUs.
 
@@ -99,10 +113,10 @@ def gpu_placement(
             "--device cuda, but CUDA sees no GPU here: serve on the CPU (--device cpu), or run "
             "scripts/setup.sh on a machine whose nvidia-smi lists a GPU (it installs CUDA torch)"
         )
-    engines = {"prefill": args.prefill, "decode": args.decode}
+    engines = {"prefill": settings.prefill, "decode": settings.decode}
     named = {
         role: gpu_list(f"--{role}-gpus", value, count)
-        for role, value in (("prefill", args.prefill_gpus), ("decode", args.decode_gpus))
+        for role, value in (("prefill", settings.prefill_gpus), ("decode", settings.decode_gpus))
         if value is not None
     }
     if len(named) == 2 and (shared := sorted(set(named["prefill"]) & set(named["decode"]))):
@@ -115,13 +129,13 @@ def gpu_placement(
     for role, number in engines.items():
         gpus = named.get(role)
         if gpus is None:
-            wanted = number * (args.tp or 1)
+            wanted = number * (settings.tp or 1)
             if wanted > len(free):
-                raise PlacementError(too_few_gpus(args, count, named))
+                raise PlacementError(too_few_gpus(settings, count, named))
             gpus, free = free[:wanted], free[wanted:]
-        groups[role] = split_gpus(role, gpus, number, args.tp)
+        groups[role] = split_gpus(role, gpus, number, settings.tp)
     sizes = {role: len(parts[0]) for role, parts in groups.items()}
-    if sizes["prefill"] != sizes["decode"] and args.connector != "none":
+    if sizes["prefill"] != sizes["decode"] and settings.connector != "none":
         raise PlacementError(
             f"prefill engines would run on {sizes['prefill']} GPU(s) each and decode engines on "
             f"{sizes['decode']}: the KV they share is keyed by tensor-parallel size, so both "
@@ -132,14 +146,16 @@ def gpu_placement(
     def devices(gpus: list[int]) -> str:
         return ",".join(names[gpu] if names else str(gpu) for gpu in gpus)
 
-    return {role: [{"gpus": devices(gpus)} for gpus in parts] for role, parts in groups.items()}
+    return {
+        role: [Placement(gpus=devices(gpus)) for gpus in parts] for role, parts in groups.items()
+    }
 
 
-def too_few_gpus(args: argparse.Namespace, count: int, named: dict[str, list[int]]) -> str:
+def too_few_gpus(settings: LaunchSettings, count: int, named: dict[str, list[int]]) -> str:
     """The one line for engines that need more GPUs than the machine has."""
-    each = args.tp or 1
+    each = settings.tp or 1
     need, parts = 0, []
-    for role, engines in (("prefill", args.prefill), ("decode", args.decode)):
+    for role, engines in (("prefill", settings.prefill), ("decode", settings.decode)):
         if role in named:
             need += len(named[role])
             parts.append(f"--{role}-gpus {','.join(map(str, named[role]))}")
@@ -153,7 +169,7 @@ def too_few_gpus(args: argparse.Namespace, count: int, named: dict[str, list[int
 
 
 def placement(
-    args: argparse.Namespace, device: str, say: Callable[[str], None]
+    settings: LaunchSettings, device: str, say: Callable[[str], None]
 ) -> dict[str, list[Placement]]:
     """Per role, each engine's GPUs (CUDA_VISIBLE_DEVICES) or CPU cores (OMP binding), for the
     launcher's `--prefill/--decode`, `--prefill-gpus/--decode-gpus` and `--tp`; `say` tells
@@ -162,12 +178,12 @@ def placement(
         import torch  # heavy: only a GPU launch needs it
 
         count = torch.cuda.device_count()
-        return gpu_placement(args, count, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    if args.prefill_gpus or args.decode_gpus or args.tp:
+        return gpu_placement(settings, count, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if settings.prefill_gpus or settings.decode_gpus or settings.tp:
         say("--prefill-gpus, --decode-gpus and --tp have no effect on the CPU")
     cores = sorted(os.sched_getaffinity(0))
-    prefill, decode = split_cores(cores, args.prefill, args.decode)
-    engines = args.prefill + args.decode
+    prefill, decode = split_cores(cores, settings.prefill, settings.decode)
+    engines = settings.prefill + settings.decode
     if len(cores) < engines:
         say(
             f"{engines} engines on {len(cores)} CPU core(s): engines of a role share its cores "
@@ -175,6 +191,6 @@ def placement(
             f"{', '.join(sorted(set(decode)))})",
         )
     return {
-        "prefill": [{"cpu_cores": group} for group in prefill],
-        "decode": [{"cpu_cores": group} for group in decode],
+        "prefill": [Placement(cpu_cores=group) for group in prefill],
+        "decode": [Placement(cpu_cores=group) for group in decode],
     }

@@ -68,7 +68,8 @@ def test_a_cpu_engine_runs_the_chosen_dtype_unless_told_otherwise(monkeypatch, t
 
 def test_the_launcher_gives_engines_and_proxy_keys_the_same_dtype(monkeypatch, tmp_path):
     from splitwise_local.serve.console import Console
-    from splitwise_local.serve.launcher import engine_dtype, flag_value
+    from splitwise_local.serve.engine import flag_value
+    from splitwise_local.serve.resolve import engine_dtype
 
     monkeypatch.setenv(dtype.OVERRIDE_ENV, "float32")
     console = Console("warning")

@@ -8,27 +8,29 @@ import io
 import os
 from pathlib import Path
 
+from splitwise_local.config import SplitwiseConfig
+from splitwise_local.models.hub import Model
 from splitwise_local.serve.console import Console
 from splitwise_local.serve.engine import GPU_DEFAULT_ARGS, EngineSpec
-from splitwise_local.serve.launcher import EngineDefaults, EngineMember, engine_member, kv_roles
+from splitwise_local.serve.placement import Placement
+from splitwise_local.serve.plan import StorePlan, plan_engines
+from splitwise_local.serve.resolve import EngineArgs, Resolved
+from splitwise_local.serve.settings import LaunchSettings
+from splitwise_local.serve.system import EngineMember, engine_member
 
 CPU_ONLY = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")
 
 
 def gpu_engine(tmp_path: Path, gpus: str, extra: list[str] | None = None) -> EngineMember:
-    defaults = EngineDefaults(
-        model=Path("/models/m"),
-        device="cuda",
-        config_file=None,
-        kv_cache_gb=1,
-        extra_args=["--served-model-name", "m", *(extra or [])],
-        kv_roles=kv_roles(True, "always"),
-        lmcache_url=None,
-        disable_mla=False,
-        run_dir=tmp_path,
-    )
+    """The prefill engine of a CUDA launch on `gpus`, as the launcher builds it."""
+    settings = LaunchSettings(prefill_port=8100, disagg="always")
+    resolved = Resolved("cuda", SplitwiseConfig(), Model(Path("/models/m"), "m"))
+    args = EngineArgs(("--served-model-name", "m", *(extra or [])), "m")
+    where = {"prefill": [Placement(gpus=gpus)], "decode": [Placement(gpus="7")]}
+    store = StorePlan("splitwise", 10080, 10081, "shm://s")
+    plan = plan_engines(settings, resolved, args, where, store, None)[0]
     console = Console(out=io.StringIO(), err=io.StringIO())
-    return engine_member(defaults, "prefill", 0, 1, 8100, {"gpus": gpus}, console)
+    return engine_member(plan, tmp_path, console)
 
 
 def flag(command: list[str], name: str) -> str | None:

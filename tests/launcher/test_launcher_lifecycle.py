@@ -18,7 +18,7 @@ import pytest
 
 from splitwise_local.bench import scrape
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
-from splitwise_local.serve.launcher import bind_problem
+from splitwise_local.serve.ports import bind_problem
 from splitwise_local.serve.process import alive
 from tests.launcher.helpers import READY, Ports, events, launch_fake, leftovers
 

@@ -10,15 +10,11 @@ import sys
 import pytest
 
 from splitwise_local.serve.console import LEVELS, line_level
-from splitwise_local.serve.launcher import (
-    LaunchError,
-    check_ports,
-    engine_name,
-    flag_value,
-    log_name,
-    store_url,
-)
+from splitwise_local.serve.engine import flag_value
+from splitwise_local.serve.plan import engine_name, log_name, store_url
+from splitwise_local.serve.ports import PortClaim, port_problems
 from splitwise_local.serve.process import first_exception
+from splitwise_local.serve.settings import LaunchError
 
 
 def test_engines_are_named_by_role_and_number_only_when_a_role_has_several():
@@ -50,14 +46,12 @@ def test_flag_value_reads_both_spellings():
 def test_busy_and_duplicate_ports_are_all_named():
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
-        wanted = {
-            "proxy": ("127.0.0.1", port, "--port"),
-            "prefill engine": ("127.0.0.1", 1, "--prefill-port"),
-            "decode engine": ("127.0.0.1", 1, "--decode-port"),
-        }
-        with pytest.raises(LaunchError) as caught:
-            check_ports(wanted)
-    message = str(caught.value)
+        wanted = [
+            PortClaim("proxy", "127.0.0.1", port, "--port"),
+            PortClaim("prefill engine", "127.0.0.1", 1, "--prefill-port"),
+            PortClaim("decode engine", "127.0.0.1", 1, "--decode-port"),
+        ]
+        message = "; ".join(port_problems(wanted))
     assert f"port {port} for the proxy is in use (choose another: --port)" in message
     assert "decode engine and prefill engine both use port 1" in message
 

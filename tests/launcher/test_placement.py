@@ -11,8 +11,8 @@ import re
 import pytest
 import torch
 
-from splitwise_local.serve.launcher import add_arguments
 from splitwise_local.serve.placement import PlacementError, gpu_placement, placement, split_cores
+from splitwise_local.serve.settings import LaunchSettings, add_arguments, settings_from_args
 
 
 def test_every_engine_gets_its_own_cores_when_there_are_enough():
@@ -31,16 +31,16 @@ def test_with_fewer_cores_than_engines_a_role_shares_its_own_cores():
     assert split_cores([3], 2, 1) == (["3", "3"], ["3"])
 
 
-def launcher_args(*argv: str) -> argparse.Namespace:
-    """The launcher's options as its own parser reads them."""
+def launcher_args(*argv: str) -> LaunchSettings:
+    """The launcher's settings as its own parser reads them."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return parser.parse_args(list(argv))
+    return settings_from_args(parser.parse_args(list(argv)))
 
 
-def gpus(args: argparse.Namespace, count: int, visible: str | None = None) -> tuple[list, list]:
-    where = gpu_placement(args, count, visible)
-    return [e["gpus"] for e in where["prefill"]], [e["gpus"] for e in where["decode"]]
+def gpus(settings: LaunchSettings, count: int, visible: str | None = None) -> tuple[list, list]:
+    where = gpu_placement(settings, count, visible)
+    return [e.gpus for e in where["prefill"]], [e.gpus for e in where["decode"]]
 
 
 def test_by_default_prefill_takes_the_first_gpus_and_decode_the_next():

@@ -13,7 +13,7 @@ import pytest
 
 from splitwise_local.bench.launched import Launch, launch_system, leftovers, sweep
 from splitwise_local.samples import SAMPLES, ask, chat_request
-from splitwise_local.serve.launcher import bind_problem
+from splitwise_local.serve.ports import bind_problem
 from splitwise_local.serve.process import alive
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
