@@ -4,8 +4,8 @@ It speaks just enough of vLLM's API (chat and text completions, whole or streame
 `/health`, vLLM-shaped 400/404 errors, and like vLLM a stream refused only after its 200: too
 many `logprobs` end it with an error event) for the proxy to be load- and fault-tested without a
 model. It records what it was asked and whether a stream ran to the end or was cut off, and can
-be told to fail, stall, or pace its tokens. Each streamed chunk carries `sent_at` (wall clock)
-so a client can measure how long the bytes took to reach it.
+be told to fail, stall (a while, or until released), or pace its tokens. Each streamed chunk
+carries `sent_at` (wall clock) so a client can measure how long the bytes took to reach it.
 
 `python -m splitwise_local.proxy.fake_engine --port 8010` runs one in its own process.
 """
@@ -39,6 +39,7 @@ class FakeBehaviour:
     tokens: int = 8
     token_interval_s: float = 0.0
     delay_s: float = 0.0
+    hold: threading.Event | None = None  # when given, requests wait until it is set
     fail_status: int | None = None
     max_prompt_words: int | None = None
     set_cookie: bool = False
@@ -112,6 +113,8 @@ class FakeEngine:
         self.record.requests.append((request.url.path, body, dict(request.headers)))
         if behaviour.delay_s and await self._cut_short(request, behaviour.delay_s):
             return Response(status_code=499)
+        if behaviour.hold is not None and await self._held(request, behaviour.hold):
+            return Response(status_code=499)
         if behaviour.fail_status:
             return _error(behaviour.fail_status, "fake engine failure", "InternalServerError")
         if body.get("model") != behaviour.model and body.get("model") not in behaviour.adapters:
@@ -171,6 +174,13 @@ class FakeEngine:
             else:
                 self.record.streams_cut += 1
                 self.record.cut.set()
+
+    async def _held(self, request: Request, gate: threading.Event) -> bool:
+        """Waits until `gate` is set; True (and recorded) if the caller hung up meanwhile."""
+        while not gate.is_set():
+            if await self._cut_short(request, POLL_S):
+                return True
+        return False
 
     async def _cut_short(self, request: Request, seconds: float) -> bool:
         """Waits `seconds`; True (and recorded) if the caller hung up meanwhile."""

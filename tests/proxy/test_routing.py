@@ -13,28 +13,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 
 import httpx
 import pytest
 
 from splitwise_local.bench.scrape import total
-from splitwise_local.config import SplitwiseConfig, dump_config
-from splitwise_local.connector.keys import NO_EXTRAS, KeyExtras, chunk_keys
-from splitwise_local.models.checkpoint import prepare_default_model
+from splitwise_local.connector.keys import KeyExtras
 from splitwise_local.proxy.pool import least_loaded
-from splitwise_local.proxy.prefix import engine_identity
 from splitwise_local.proxy.routing import Hop, PrefixMemory, Prompt, Route, decide_auto
-from splitwise_local.proxy.tokens import PromptTokenizer
-from splitwise_local.store.backend import open_backend
-from splitwise_local.store.server import ServerSettings, StoreServer
-from tests.proxy.routes import route_of, routes_counted
-
-CHUNK = 32
-THRESHOLD = 64
-LONG = "Tell me everything you know about the long history of the city. " * 12  # ~170 tokens
-OTHER = "Rivers and mountains shape where people settle, farm and trade. " * 12
-
+from tests.proxy.routes import (
+    CHUNK,
+    LONG,
+    OTHER,
+    THRESHOLD,
+    chat,
+    route_of,
+    routes_counted,
+    send,
+    store_prompt,
+)
 
 # -- the rule and the memory, on their own --------------------------------------------------
 
@@ -80,79 +77,9 @@ def test_header_names_the_path_reason_policy_tokens_and_engines():
 # -- a proxy with the real tokenizer and a real store ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model():
-    return prepare_default_model()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model):
-    return PromptTokenizer(model)
-
-
-@pytest.fixture
-def store():
-    server = StoreServer(
-        ServerSettings(capacity=8 << 20, port=0, shm_name=f"routing-{uuid.uuid4().hex[:8]}")
-    ).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def kv_config(tmp_path, store):
-    config = SplitwiseConfig(chunk_size=CHUNK, remote_url=store.tcp_url)
-    return config, dump_config(config, tmp_path / "splitwise.yaml")
-
-
-@pytest.fixture
-def routed(fake, proxy, model, kv_config):
-    """`engines, url = routed(prefill=1, decode=1, **settings)`: fakes and a routing proxy."""
-
-    def start(prefill: int = 1, decode: int = 1, adapters: dict | None = None, **settings):
-        adapters = adapters or {}
-        engines = {
-            "prefill": [fake(name=f"prefill{i}", adapters=adapters) for i in range(prefill)],
-            "decode": [fake(name=f"decode{i}", tokens=3, adapters=adapters) for i in range(decode)],
-        }
-        values = dict(
-            prefill=[url for _, url in engines["prefill"]],
-            decode=[url for _, url in engines["decode"]],
-            model=str(model),
-            kv_config=str(kv_config[1]),
-            disagg_threshold_tokens=THRESHOLD,
-            route_detail=True,
-        )
-        return engines, proxy(**{**values, **settings})
-
-    return start
-
-
-def chat(text: str, stream: bool = False) -> dict:
-    body = {"model": "fake-model", "messages": [{"role": "user", "content": text}]}
-    return {**body, "max_tokens": 3, "stream": stream}
-
-
-def send(url: str, body: dict) -> httpx.Response:
-    reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
-    assert reply.status_code == 200, reply.text
-    return reply
-
-
 def pending_tokens(url: str) -> float:
     """Prompt tokens pending on all engines."""
     return total(url, "splitwise_proxy_engine_pending_tokens")
-
-
-def store_prompt(tokenizer, model, config, text: str, extras: KeyExtras = NO_EXTRAS) -> int:
-    """Puts (dummy) values under the prompt's chunk keys (a request with `extras`), as a prefill
-    engine would; returns the prompt's token count."""
-    ids = tokenizer.token_ids("/v1/chat/completions", chat(text))
-    identity = engine_identity(model, "bfloat16", config.chunk_size)
-    with open_backend(config.remote_url, config) as client:
-        for key in chunk_keys(identity, ids, extras):
-            client.put(key, b"kv")
-    return len(ids)
 
 
 def test_auto_sends_short_prompts_straight_to_decode(routed):
