@@ -6,11 +6,13 @@ run here. For 1 and 64 concurrent clients, whole and streamed, the same requests
 straight to the decode fake (the baseline) and once through the proxy (which adds the prefill
 hop and the relay), in the same run. The fakes do no work, but pace their tokens like a decode
 engine (`--token-interval-ms`), so 64 streams are 64 open streams rather than a tight loop that
-would only measure how fast Python can serve requests. Reported per case: end-to-end latency,
-and for streams the time to first token and each chunk's delay from the moment the engine
-wrote it (stamped in the chunk) to the moment the caller read it. A chunk counts as held back
-when it arrives after the engine had already sent the next one. Direct and proxied runs
-alternate (`--rounds`) so that both meet the same background load on a shared machine.
+would only measure how fast Python can serve requests. The proxy runs with admission control
+on (`--no-admission`: off), its bound measured as in serving; the fakes keep up, so it refuses
+nothing and only its cost shows. Reported per case: end-to-end latency, and for streams the
+time to first token and each chunk's delay from the moment the engine wrote it (stamped in the
+chunk) to the moment the caller read it. A chunk counts as held back when it arrives after the
+engine had already sent the next one. Direct and proxied runs alternate (`--rounds`) so that
+both meet the same background load on a shared machine.
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds", type=int, default=2, help="direct and proxied runs alternate this many times"
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    parser.add_argument(
+        "--admission",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the proxy with admission control on (default: on)",
+    )
 
 
 @contextmanager
@@ -159,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     paced = {"prefill": "0", "decode": str(args.token_interval_ms)}
     proxy = ["-m", "splitwise_local", "proxy", "--port", str(ports["proxy"])]
     proxy += ["--prefill", urls["prefill"], "--decode", urls["decode"], "--log-level", "warning"]
+    proxy += ["--admission"] if args.admission else []
     results: dict[str, dict] = {}
     cases = Progress(total=2 * len(args.concurrency), desc="bench proxy", unit="case")
     with ExitStack() as stack:
@@ -219,6 +228,7 @@ def report_results(args: argparse.Namespace, results: dict[str, dict]) -> int:
             "requests_per_client": args.requests_per_client,
             "single_client_requests": args.single_client_requests,
             "rounds": args.rounds,
+            "admission": args.admission,
             "load_average_1m_at_end": os.getloadavg()[0],
         },
         "results": results,
