@@ -17,8 +17,6 @@ being read from it end at once, a stream with an OpenAI-format error event and `
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -36,6 +34,7 @@ from starlette.routing import Route
 from splitwise_local.proxy.admission import Admission, Refusal
 from splitwise_local.proxy.errors import error_response
 from splitwise_local.proxy.forward import Call, Forwarder, RelayResponse, passthrough
+from splitwise_local.proxy.intake import Refused, check_key, engine_headers, read_json
 from splitwise_local.proxy.metrics import ProxyMetrics
 from splitwise_local.proxy.pool import EnginePool
 from splitwise_local.proxy.routing import Json, Router, build_router
@@ -46,24 +45,6 @@ log = logging.getLogger(__name__)
 
 COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the caller left first", used in metrics only
-
-
-class BodyTooLarge(Exception):
-    """The caller's body is over `max_body_bytes`: answered 413, never read whole."""
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (before reading it all) one over `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @dataclass(frozen=True)
@@ -129,7 +110,8 @@ class Proxy:
             if isinstance(accepted, Response):
                 response: Response | None = accepted
             else:
-                call = Call(api_route, *accepted, self._headers(request), record)
+                headers = engine_headers(request, self.settings.api_key)
+                call = Call(api_route, *accepted, headers, record)
                 response = await self._until_disconnect(request, self._serve(call))
         except BaseException:
             record.finish(500)
@@ -145,13 +127,17 @@ class Proxy:
     async def models(self, request: Request) -> Response:
         """`/v1/models`, answered by an engine that generates (decode; prefill while no decode
         engine is up)."""
-        if (denied := self._deny(request)) is not None:
-            return denied
+        try:
+            check_key(request, self.settings.api_key)
+        except Refused as refused:
+            self.metrics.errors.labels(refused.kind).inc()
+            return refused.response
         upstream = self.running.upstream
         pool = self.running.router.generating_pool()
+        headers = engine_headers(request, self.settings.api_key)
         try:
             endpoint, answer = await upstream.send(
-                pool, "GET", "/v1/models", self._headers(request), self._models_timeout
+                pool, "GET", "/v1/models", headers, self._models_timeout
             )
             body = await upstream.read(pool, endpoint, answer)
         except UpstreamFailure as failure:
@@ -218,26 +204,15 @@ class Proxy:
 
     async def _accept(self, request: Request) -> tuple[bytes, Json] | Response:
         """The caller's raw body and its parsed JSON object, or the error answer for it."""
-        if (denied := self._deny(request)) is not None:
-            return denied
         try:
-            raw = await read_body(request, self.settings.max_body_bytes)
+            check_key(request, self.settings.api_key)
+            return await read_json(request, self.settings.max_body_bytes)
         except ClientDisconnect:
             self.metrics.errors.labels("client_disconnected").inc()
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        except BodyTooLarge:
-            self.metrics.errors.labels("body_too_large").inc()
-            limit = self.settings.max_body_bytes
-            return error_response(413, f"request body is over {limit} bytes", "body_too_large")
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            self.metrics.errors.labels("bad_request").inc()
-            return error_response(400, f"request body is not valid JSON: {exc}", "invalid_json")
-        if not isinstance(body, dict):
-            self.metrics.errors.labels("bad_request").inc()
-            return error_response(400, "request body must be a JSON object", "invalid_json")
-        return raw, body
+        except Refused as refused:
+            self.metrics.errors.labels(refused.kind).inc()
+            return refused.response
 
     async def _serve(self, call: Call) -> Response:
         """Routes the call, admits it (or refuses it at once) and forwards it; its admission
@@ -253,25 +228,6 @@ class Proxy:
             ticket.close()
 
     # -- helpers -----------------------------------------------------------------------------
-
-    def _deny(self, request: Request) -> Response | None:
-        """A 401 unless the caller shows the configured API key (constant-time compare), and
-        for a credential that is not ASCII whether a key is configured or not: it can be
-        neither compared as text nor forwarded to the engines as sent."""
-        auth = request.headers.get("authorization")
-        key = self.settings.api_key
-        if auth is not None and not auth.isascii():
-            message = "malformed Authorization header"
-        elif key is None:
-            return None
-        else:
-            scheme, _, token = (auth or "").partition(" ")
-            sent = token.strip().encode()
-            if scheme.lower() == "bearer" and hmac.compare_digest(sent, key.encode()):
-                return None
-            message = "missing or wrong API key"
-        self.metrics.errors.labels("unauthorized").inc()
-        return error_response(401, message, "invalid_api_key")
 
     async def _served_models(self) -> Json:
         """An engine's `/v1/models` (decode's, prefill's while no decode engine is up): the
@@ -290,17 +246,6 @@ class Proxy:
             answer.raise_for_status()
             models: Json = await answer.json()
             return models
-
-    def _headers(self, request: Request) -> dict[str, str]:
-        """Headers for the engines: JSON, the API key (ours, else the caller's), request id."""
-        headers = {"content-type": "application/json"}
-        key = self.settings.api_key
-        auth = f"Bearer {key}" if key else request.headers.get("authorization")
-        if auth:
-            headers["authorization"] = auth
-        if request_id := request.headers.get("x-request-id"):
-            headers["x-request-id"] = request_id
-        return headers
 
     async def _until_disconnect(
         self, request: Request, work: Awaitable[Response]
