@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-DRAIN_SECONDS = 2.0
+DRAIN_SECONDS = 2.0  # after a refusal, how long to swallow what the client is still sending
 MAX_LINGERING = 64  # refused sockets drained at once; beyond that they are closed at once
 _SINK = memoryview(bytearray(64 * 1024))  # only the acceptor thread reads into it
 

@@ -26,12 +26,10 @@ from splitwise_local.store import protocol as p
 from splitwise_local.store.arena import SharedArena
 from splitwise_local.store.errors import AuthError, StoreError, StoreFull, ValueTooLarge
 from splitwise_local.store.index import OURS, Slot, StoreIndex
-from splitwise_local.store.limits import Pass
+from splitwise_local.store.limits import DRAIN_SECONDS, Pass
 from splitwise_local.store.transport import PeerClosed, SocketReader, send_all
 
 log = logging.getLogger(__name__)
-
-_DRAIN_SECONDS = 2.0  # after an error, how long to swallow what the client is still sending
 
 
 @dataclass(frozen=True)
@@ -201,11 +199,11 @@ class Session:
         status = _status_of(exc)
         log.warning("store: closing connection from %s: %s: %s", self.peer, status.name, str(exc))
         try:
-            self.sock.settimeout(_DRAIN_SECONDS)
+            self.sock.settimeout(DRAIN_SECONDS)
             send_all(self.sock, [*self._held, p.frame(status, 0, str(exc).encode())])
             self.sock.shutdown(socket.SHUT_WR)
             sink = memoryview(bytearray(64 * 1024))
-            deadline = time.monotonic() + _DRAIN_SECONDS
+            deadline = time.monotonic() + DRAIN_SECONDS
             while time.monotonic() < deadline and self.sock.recv_into(sink):
                 pass
         except OSError:
