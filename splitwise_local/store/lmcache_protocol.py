@@ -196,6 +196,7 @@ class LMCacheSession:
         request (with its value) must be within the frame deadline."""
         if not self.reader.buffered:
             self.reader.deadline = None
+            self.reader.wait()
             self.reader.fill(first=True)
         self.reader.deadline = time.monotonic() + self.ctx.frame_timeout
         return self.reader.read(REQUEST.size)

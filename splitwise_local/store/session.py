@@ -158,6 +158,7 @@ class Session:
         the whole frame must be within the frame deadline."""
         if not self.reader.buffered:
             self.reader.deadline = None
+            self.reader.wait()
             self.reader.fill(first=True)
         self.reader.deadline = time.monotonic() + self.ctx.frame_timeout
         return self.reader.read(p.HEADER.size)
@@ -283,8 +284,9 @@ class Session:
     def _attach(self, header: p.Header, meta: memoryview) -> None:
         arena = self.ctx.arena
         info = {"size": arena.size, "arena_id": self.ctx.arena_id}
-        self.sock.settimeout(self.ctx.frame_timeout)
+        self.sock.settimeout(self.ctx.frame_timeout)  # once per connection: blocking is fine
         socket.send_fds(self.sock, [p.frame(p.Status.OK, 0, p.encode_json(info))], [arena.fd])
+        self.sock.setblocking(False)  # back to the reader's own waits
 
     def _alloc(self, header: p.Header, meta: memoryview) -> None:
         """Pending slots for the client to fill; best effort answers -1 where none fits."""

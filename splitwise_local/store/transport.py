@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import array
 import fcntl
+import math
+import select
 import socket
 import termios
 import time
@@ -38,6 +40,13 @@ def remaining(deadline: float | None) -> float | None:
     if left <= 0:
         raise FrameTimeout("frame deadline passed")
     return left
+
+
+def wait_for(poll: select.poll, deadline: float | None) -> None:
+    """Waits until the socket registered in `poll` is ready, or FrameTimeout at `deadline`."""
+    left = remaining(deadline)
+    if not poll.poll(None if left is None else math.ceil(left * 1000)):
+        raise FrameTimeout("frame deadline passed")
 
 
 def control_address(name: str) -> str:
@@ -85,14 +94,21 @@ def send_all(
     buffers: Iterable[bytes | bytearray | memoryview],
     deadline: float | None = None,
 ) -> None:
-    """Sends the buffers in order with as few system calls as the kernel allows (no joining);
-    with a `deadline` (monotonic time) all of it must be sent by then, else FrameTimeout."""
+    """Sends the buffers in order with as few system calls as the kernel allows (no joining).
+    On a non-blocking socket (the server's) it waits for room as needed, and all of it must be
+    sent by `deadline` (monotonic time), else FrameTimeout."""
     views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
     i = 0
+    writable: select.poll | None = None
     while i < len(views):
-        if deadline is not None:
-            sock.settimeout(remaining(deadline))
-        sent = sock.sendmsg(views[i : i + _IOV_MAX])
+        try:
+            sent = sock.sendmsg(views[i : i + _IOV_MAX])
+        except BlockingIOError:
+            if writable is None:
+                writable = select.poll()
+                writable.register(sock, select.POLLOUT)
+            wait_for(writable, deadline)
+            continue
         while sent:
             if sent >= len(views[i]):
                 sent -= len(views[i])
@@ -107,22 +123,34 @@ class SocketReader:
     sent right behind it) cost one system call; payloads larger than what is buffered go
     straight into their destination, so values are never copied an extra time.
 
-    A reader built with `deadlines=True` (the server's) ignores the socket's own timeout and
-    waits until `deadline` (monotonic time) for each receive, or without limit while
-    `deadline` is None: so a frame must arrive whole in time, however its bytes trickle."""
+    A reader built with `deadlines=True` (the server's) makes its socket non-blocking and waits
+    itself, until `deadline` (monotonic time), or without limit while `deadline` is None: so a
+    frame must arrive whole in time, however its bytes trickle. Bytes already there cost one
+    system call, with no wait (a socket timeout would poll first)."""
 
     def __init__(self, sock: socket.socket, size: int = 64 * 1024, deadlines: bool = False):
         self.sock = sock
         self._buffer = bytearray(size)
         self._view = memoryview(self._buffer)
         self._start = self._end = 0
-        self._deadlines = deadlines
         self.deadline: float | None = None
+        self._readable: select.poll | None = None
+        if deadlines:
+            sock.setblocking(False)
+            self._readable = select.poll()
+            self._readable.register(sock, select.POLLIN)
+
+    def wait(self) -> None:
+        """Waits until the socket has something to read (or FrameTimeout at the deadline)."""
+        assert self._readable is not None, "only a reader with deadlines waits"
+        wait_for(self._readable, self.deadline)
 
     def _recv_into(self, target: memoryview) -> int:
-        if self._deadlines:
-            self.sock.settimeout(remaining(self.deadline))
-        return self.sock.recv_into(target)
+        while True:
+            try:
+                return self.sock.recv_into(target)
+            except BlockingIOError:
+                self.wait()
 
     @property
     def buffered(self) -> int:
@@ -183,6 +211,8 @@ class SocketReader:
         return max(1, count[0])
 
     def _recv_peek(self) -> bool:
-        if self._deadlines:
-            self.sock.settimeout(remaining(self.deadline))
-        return bool(self.sock.recv(1, socket.MSG_PEEK))
+        while True:
+            try:
+                return bool(self.sock.recv(1, socket.MSG_PEEK))
+            except BlockingIOError:
+                self.wait()
