@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -230,8 +231,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--token-interval-ms", type=float, default=0.0)
     args = parser.parse_args(argv)
-    import uvicorn
-
     behaviour = FakeBehaviour(
         name=args.name, tokens=args.tokens, token_interval_s=args.token_interval_ms / 1000
     )

@@ -50,6 +50,7 @@ class PromptTokenizer:
     """The model's tokenizer and chat template; `token_ids(route, body)` or None."""
 
     def __init__(self, model: str | Path) -> None:
+        # Heavy (transformers takes seconds to import): only a proxy that routes by tokens pays.
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model))
