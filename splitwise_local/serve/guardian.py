@@ -17,7 +17,8 @@ import time
 
 import psutil
 
-from splitwise_local.serve.process import LAUNCHER_ENV, alive, describe, left_behind
+from splitwise_local.serve.leftovers import describe, left_behind
+from splitwise_local.serve.process import LAUNCHER_ENV, alive
 
 GRACE_S = 5.0  # vLLM's API server stops with its engine core in 1.3 s after SIGTERM (measured)
 
@@ -64,10 +65,10 @@ def main(tag: str) -> int:
             process.kill()
         except psutil.NoSuchProcess:
             continue
-    pid = tag.partition(":")[0]
+    parent = tag.partition(":")[0]
     what = f"killed {', '.join(names)}" if names else "all stopped on their parent-death signal"
     sys.stderr.write(
-        f"[guardian] process {pid} exited with {len(found)} process(es) of its own still "
+        f"[guardian] process {parent} exited with {len(found)} process(es) of its own still "
         f"running; {what}\n"
     )
     return 0

@@ -9,8 +9,9 @@ Ctrl-C or SIGTERM stops the proxy, then the engines, then the store. A child tha
 freezes while serving is restarted (`--restart on-failure`, the default; the proxy routes around
 it meanwhile) or stops everything with a non-zero exit (`--restart never`, or too many restarts).
 
-The walk: settings.py (the options) -> resolve.py (device, config, model) -> plan.py (pure
-decisions) -> system.py (the children) -> `run` here (the supervisor, then the proxy).
+The walk: options.py and settings.py (what was asked) -> resolve.py (device, config, model) ->
+plan.py (pure decisions) -> system.py (the children) -> `launch` here (the supervisor, then the
+proxy).
 """
 
 from __future__ import annotations
@@ -25,17 +26,13 @@ import uvicorn
 from splitwise_local.proxy.app import build_app
 from splitwise_local.serve.banner import banner
 from splitwise_local.serve.console import Console, ConsoleHandler
+from splitwise_local.serve.leftovers import sweep_orphans
+from splitwise_local.serve.options import add_arguments, settings_from_args
 from splitwise_local.serve.placement import PlacementError, placement
 from splitwise_local.serve.plan import plan_engines, plan_ports, plan_proxy, plan_store
 from splitwise_local.serve.ports import listen, port_problems
-from splitwise_local.serve.process import sweep_orphans
 from splitwise_local.serve.resolve import engine_args, resolve
-from splitwise_local.serve.settings import (
-    LaunchError,
-    LaunchSettings,
-    add_arguments,
-    settings_from_args,
-)
+from splitwise_local.serve.settings import LaunchError, LaunchSettings
 from splitwise_local.serve.supervisor import (
     LAUNCHER,
     POLL_S,

@@ -1,7 +1,7 @@
-"""`--connector lmcache`: the seed's own stack (vLLM's in-tree `LMCacheConnectorV1`) on our store.
+"""`--connector lmcache`: LMCache's own stack (vLLM's in-tree `LMCacheConnectorV1`) on our store.
 
-The seed configured LMCache with a small YAML file whose keys our config keeps, so LMCache's
-file is a one-to-one translation of ours (LMCache 0.5.6 names on the right):
+Our config keeps LMCache's names for the settings the two share, so LMCache's YAML file is a
+one-to-one translation of ours (LMCache 0.5.6 names on the right):
 
 | ours                       | LMCache                                                   |
 |----------------------------|-----------------------------------------------------------|
@@ -14,7 +14,7 @@ file is a one-to-one translation of ours (LMCache 0.5.6 names on the right):
 | `max_local_cpu_size`       | `max_local_cpu_size` (GB)                                 |
 | `pipelined_backend`        | `use_layerwise` (LMCache v1's layer-by-layer pipeline)    |
 
-vLLM's LMCache integration reads that file from `LMCACHE_CONFIG_FILE`, as in the seed.
+vLLM's LMCache integration reads that file from `LMCACHE_CONFIG_FILE`.
 LMCache's protocol cannot carry our store's auth token, so a config with `store_auth_token`
 is refused here rather than producing engines the store turns away.
 """

@@ -22,17 +22,14 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 
+from splitwise_local.config import SplitwiseConfig, dump_config
+from splitwise_local.serve.console import Console
 from splitwise_local.serve.ports import free_port, free_ports
-
-if TYPE_CHECKING:
-    from splitwise_local.config import SplitwiseConfig
-    from splitwise_local.serve.console import Console
-    from splitwise_local.serve.process import Child
-    from splitwise_local.serve.supervisor import Readiness
+from splitwise_local.serve.process import Child
+from splitwise_local.serve.supervisor import Readiness
 
 DEFAULT_LEASE_MS = 10_000  # Mooncake's default: a value being read cannot be removed this long
 READY_TIMEOUT_S = 30.0
@@ -64,7 +61,7 @@ class MasterSpec:
     lease_ms: int = DEFAULT_LEASE_MS
 
     @classmethod
-    def on_free_ports(cls, host: str = "127.0.0.1", lease_ms: int = DEFAULT_LEASE_MS):
+    def on_free_ports(cls, host: str = "127.0.0.1", lease_ms: int = DEFAULT_LEASE_MS) -> MasterSpec:
         """A master on two ports free now (RPC and metrics)."""
         port, metrics_port = free_ports(2, host)  # distinct, unlike two separate picks
         return cls(port, metrics_port, host, lease_ms)
@@ -103,9 +100,6 @@ def supervised_master(
     spec: MasterSpec, env: Mapping[str, str], log_path: Path, console: Console
 ) -> tuple[Child, Readiness]:
     """The master as a launcher child: started, health-waited and stopped by the Supervisor."""
-    from splitwise_local.serve.process import Child
-    from splitwise_local.serve.supervisor import Readiness
-
     child = Child("mooncake master", spec.command(), env, log_path, console)
     return child, Readiness(spec.ready, f"GET {spec.metrics_url}")
 
@@ -114,9 +108,7 @@ def launcher_member(
     config: SplitwiseConfig, port: int, run_dir: Path, env: Mapping[str, str], console: Console
 ) -> tuple[tuple[Child, Readiness], Path]:
     """For `serve --store mooncake`: the master on 127.0.0.1:`port`, and the per-run config
-    that points the engines at it (as `launcher.store_member` does for our store)."""
-    from splitwise_local.config import dump_config
-
+    that points the engines at it (as `system.store_member` does for our store)."""
     spec = MasterSpec(port, free_port())
     engines_config = config.model_copy(update={"remote_url": spec.url})
     config_file = dump_config(engines_config, run_dir / "splitwise.yaml")

@@ -10,9 +10,9 @@ read from the current run's part of the log only.
 A child dies with the process that started it, however that ends (kill -9, the OOM killer):
 the kernel sends it SIGTERM when its parent goes (Linux's parent-death signal), and a guardian
 process (serve/guardian.py) then kills whatever is still running after a grace period. A child
-that outlived both (the guardian killed as well) is swept by the next launch: every child
-carries the tag of the process that started it, so what a dead launcher left is told apart
-from what a live one runs.
+that outlived both (the guardian killed as well) is swept by the next launch (leftovers.py):
+every child carries the tag of the process that started it, so what a dead launcher left is
+told apart from what a live one runs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -81,19 +81,6 @@ def launcher_tag(pid: int | None = None) -> str:
     """`pid:start time` of a process (this one by default): a pid alone may be reused."""
     process = psutil.Process(pid)
     return f"{process.pid}:{process.create_time():.2f}"
-
-
-def _launcher_alive(tag: str) -> bool:
-    """Whether the process `tag` names still runs (a zombie has died; its parent has not
-    collected it yet); a tag that is not one counts as alive, so nothing is killed for it."""
-    pid = tag.partition(":")[0]
-    if not pid.isdigit():
-        return True
-    try:
-        process = psutil.Process(int(pid))
-        return launcher_tag(process.pid) == tag and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 class _Spawner:
@@ -346,7 +333,8 @@ def wait_until(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not hurry.is_set():
         for child in children:
-            child.popen.poll()
+            if child.popen is not None:
+                child.popen.poll()
         if done():
             return
         time.sleep(0.1)
@@ -364,7 +352,7 @@ def stop_together(children: Sequence[Child], grace: float, hurry: threading.Even
     processes = [p for child in started for p in child.family()]
     for child in started:
         child.stopping = True
-        if child.running:
+        if child.popen is not None and child.running:
             child.popen.send_signal(signal.SIGTERM)
     began = time.monotonic()
     wait_until(lambda: not any(c.running for c in started), grace, hurry, started)
@@ -397,74 +385,3 @@ def tagged(run: str, component: str | None = None) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return alive(found)
-
-
-def left_behind(
-    belongs: Callable[[Mapping[str, str]], bool], sessions: Iterable[int] = ()
-) -> list[psutil.Process]:
-    """Live processes whose environment `belongs`, every process in their sessions or in
-    `sessions`, and the descendants of all of them; never this process, its ancestors or its
-    own session.
-
-    The sessions matter: vLLM's engine core and workers rename themselves (setproctitle), which
-    blanks the environment /proc shows, so only the session their API server leads says whose
-    they are.
-    """
-    me = psutil.Process()
-    spared = {me.pid, *(parent.pid for parent in me.parents())}
-    wanted = set(sessions)
-    found: dict[int, psutil.Process] = {}
-    everyone = [process for process in psutil.process_iter() if process.pid not in spared]
-    for process in everyone:
-        with contextlib.suppress(psutil.Error, OSError):
-            if belongs(process.environ()):
-                found[process.pid] = process
-                wanted.add(os.getsid(process.pid))
-    wanted.discard(os.getsid(0))
-    for process in everyone:
-        with contextlib.suppress(OSError):
-            if process.pid not in found and os.getsid(process.pid) in wanted:
-                found[process.pid] = process
-    for process in list(found.values()):
-        with contextlib.suppress(psutil.Error):
-            for descendant in process.children(recursive=True):
-                if descendant.pid not in spared:
-                    found.setdefault(descendant.pid, descendant)
-    return alive(list(found.values()))
-
-
-def describe(process: psutil.Process) -> str:
-    """`decode engine (pid 12)`, or the process's name where its environment is unreadable."""
-    try:
-        name = process.environ().get(COMPONENT_ENV) or process.name()
-    except psutil.Error:
-        name = "a process"
-    return f"{name} (pid {process.pid})"
-
-
-def sweep_orphans() -> str | None:
-    """Kills what launchers that have died left running (their tag names a process that is
-    gone, with those processes' sessions and descendants) and says what it killed; None when
-    there was nothing. Processes of a live launcher, this one's included, are never touched."""
-    dead: dict[str, bool] = {}
-
-    def orphaned(env: Mapping[str, str]) -> bool:
-        tag = env.get(LAUNCHER_ENV)
-        if tag is None:
-            return False
-        if tag not in dead:
-            dead[tag] = not _launcher_alive(tag)
-        return dead[tag]
-
-    found = left_behind(orphaned)
-    if not found:
-        return None
-    names = [describe(process) for process in found]
-    for process in found:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(found, timeout=5.0)  # gone, so their ports are free
-    return (
-        f"killed {len(found)} process(es) that an earlier run left running when its launcher "
-        f"died: {', '.join(names)}"
-    )

@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import contextlib
 import signal
+import subprocess
 import textwrap
 import threading
 import time
@@ -220,8 +221,9 @@ class Watch:
         policy, child = self.policy, self.child
         last_ok = time.monotonic()
         while not self.supervisor.stopping.is_set():
-            with contextlib.suppress(Exception):
-                child.popen.wait(POLL_S)  # returns at once when it exits
+            if child.popen is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.popen.wait(POLL_S)  # returns at once when it exits
             if child.returncode is not None:
                 kind, how, cause = how_it_ended(child)
                 return kind, how + cause

@@ -66,17 +66,6 @@ def test_log_levels_of_vllm_uvicorn_and_traceback_lines():
     assert line_level("x" * 70 + " ERROR in the message text", info) == info
 
 
-def test_help_lists_the_options():
-    out = subprocess.run(
-        [sys.executable, "-m", "splitwise_local", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    for option in ("--model", "--prefill-gpus", "--decode-gpus", "--connector", "--log-level"):
-        assert option in out
-
-
 def test_bad_arguments_are_refused_by_the_parser():
     result = subprocess.run(
         [sys.executable, "-m", "splitwise_local", "--connector", "nixl"],

@@ -11,8 +11,9 @@ import re
 import pytest
 import torch
 
+from splitwise_local.serve.options import add_arguments, settings_from_args
 from splitwise_local.serve.placement import PlacementError, gpu_placement, placement, split_cores
-from splitwise_local.serve.settings import LaunchSettings, add_arguments, settings_from_args
+from splitwise_local.serve.settings import LaunchSettings
 
 
 def test_every_engine_gets_its_own_cores_when_there_are_enough():

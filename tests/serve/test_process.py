@@ -14,7 +14,8 @@ import psutil
 import pytest
 
 from splitwise_local.serve.console import Console
-from splitwise_local.serve.process import RUN_ENV, Child, alive, sweep_orphans, tagged
+from splitwise_local.serve.leftovers import sweep_orphans
+from splitwise_local.serve.process import RUN_ENV, Child, alive, tagged
 from tests.serve.starter import EVERY_KIND
 
 pytestmark = pytest.mark.timeout(120)

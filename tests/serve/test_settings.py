@@ -1,6 +1,6 @@
-"""The launcher's settings (serve/settings.py): read once from the command line, frozen, with the
-parser's defaults taken from them, every setting reachable by an option, and a bad value one
-line naming its option before anything starts."""
+"""The launcher's settings (serve/settings.py) and its command line (serve/options.py): read once,
+frozen, the parser's defaults taken from the settings, every setting reachable by an option, and
+a bad value one line naming its option before anything starts."""
 
 from __future__ import annotations
 
@@ -11,13 +11,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from splitwise_local.serve.settings import (
-    DEFAULTS,
-    LaunchError,
-    LaunchSettings,
-    add_arguments,
-    settings_from_args,
-)
+from splitwise_local.serve.options import add_arguments, settings_from_args
+from splitwise_local.serve.settings import DEFAULTS, LaunchError, LaunchSettings
 
 # Every option of `serve` with a value that is not its default.
 EVERY_OPTION = [
@@ -112,6 +107,6 @@ def test_help_shows_the_groups_and_the_proxys_options():
     ).stdout
     for title in ("model and engines:", "ports:", "proxy: routing:", "supervision:"):
         assert title in out
-    for option in ("--busy-tokens", "--prefill-policy", "--decode-timeout", "--max-connections"):
+    for option in ("--model", "--prefill-gpus", "--connector", "--log-level", "--busy-tokens"):
         assert option in out
     assert "(4096)" in out  # the proxy's own default, shown
