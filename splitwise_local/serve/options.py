@@ -10,7 +10,7 @@ import argparse
 from pydantic import ValidationError
 
 from splitwise_local.serve.console import LEVELS
-from splitwise_local.serve.settings import DEFAULTS, LaunchError, LaunchSettings
+from splitwise_local.serve.settings import DEFAULTS, LaunchError, LaunchSettings, proxy_field
 
 
 def settings_from_args(args: argparse.Namespace) -> LaunchSettings:
@@ -46,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 Group = argparse._ArgumentGroup  # what add_argument_group returns (argparse has no public name)
+
+
+def proxy_help(name: str) -> str:
+    """The proxy's own description of its setting `name`."""
+    return str(proxy_field(name).description)
 
 
 def add_engine_arguments(group: Group) -> None:
@@ -247,25 +252,17 @@ def add_timeout_arguments(group: Group) -> None:
 
 
 def add_admission_arguments(group: Group) -> None:
-    """Whether the proxy refuses requests its engines cannot start in time (proxy/admission.py)."""
+    """Whether the proxy refuses requests its engines cannot start in time (proxy/admission.py);
+    the help is the proxy's own description of each setting."""
+    group.add_argument("--admission", action="store_true", help=proxy_help("admission"))
     group.add_argument(
-        "--admission",
-        action="store_true",
-        help="refuse a request (429, Retry-After) while its engines have more prompt tokens "
-        "queued than the bound; off, the queue and the bound are only measured (/metrics)",
-    )
-    group.add_argument(
-        "--admission-tokens",
-        type=int,
-        metavar="TOKENS",
-        help="the bound on each engine role's queued prompt tokens (default: measured, what "
-        "the role clears within --admission-ttft)",
+        "--admission-tokens", type=int, metavar="TOKENS", help=proxy_help("admission_tokens")
     )
     group.add_argument(
         "--admission-ttft",
         type=float,
         metavar="SECONDS",
-        help="the time to first token the measured bound aims at (%(default)s)",
+        help=proxy_help("admission_ttft_s") + " (%(default)s)",
     )
 
 
