@@ -32,6 +32,21 @@ def test_route_detail_is_off_unless_the_operator_turns_it_on():
     assert settings_from_args(parse(*endpoints, "--route-detail"), {}).route_detail is True
 
 
+def test_admission_flags_reach_the_settings():
+    endpoints = ("--prefill", "http://p:1", "--decode", "http://d:2")
+    default = settings_from_args(parse(*endpoints), {})
+    assert (default.admission, default.admission_tokens, default.admission_ttft_s) == (
+        False,
+        None,
+        1.5,
+    )
+    flags = ("--admission", "--admission-tokens", "5000", "--admission-ttft", "0.8")
+    chosen = settings_from_args(parse(*endpoints, *flags), {})
+    assert (chosen.admission, chosen.admission_tokens, chosen.admission_ttft_s) == (True, 5000, 0.8)
+    with pytest.raises(ValueError, match="admission_tokens"):
+        settings_from_args(parse(*endpoints, "--admission-tokens", "0"), {})
+
+
 def test_dotenv_file_is_read_and_environment_wins(tmp_path, monkeypatch):
     (tmp_path / ".env").write_text(
         "PREFILL_ENDPOINTS=http://from-file:1\nDECODE_ENDPOINTS=http://from-file:2\n"
