@@ -1,4 +1,4 @@
-"""`bench proxy` runs end to end (tiny settings) and writes the numbers the issue asks for."""
+"""`bench proxy` runs end to end (tiny settings) and writes its headline numbers."""
 
 from __future__ import annotations
 
