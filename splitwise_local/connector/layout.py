@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from splitwise_local.connector.device import to_device
+
 if TYPE_CHECKING:
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
@@ -421,18 +423,6 @@ class PagedLayout(KVLayout):
         heads_first, blocks, positions = self._index(cache, slots)
         values = rows.to(cache.dtype).permute(0, 3, 2, 1, 4).flatten(-2)  # [n, heads, tokens, C]
         heads_first[:, :, blocks, positions] = values
-
-
-def to_device(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`rows` on `device`. Host rows bound for a GPU are staged in pinned memory and copied
-    without blocking, on the current stream, so the scatter queued after the copy reads them in
-    order, and the caller's buffer (a store lease) may be released as soon as this returns:
-    PyTorch's pinned allocator keeps the staging buffer until the copy is done."""
-    if device.type != "cuda" or rows.device.type != "cpu":
-        return rows.to(device)
-    staged = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-    staged.copy_(rows)
-    return staged.to(device, non_blocking=True)
 
 
 def _check_strides(cache: torch.Tensor, name: str, order: tuple[int, ...]) -> None:

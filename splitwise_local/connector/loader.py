@@ -2,14 +2,14 @@
 
 A `LoadPlan` arrives with the step that parked its request in `WAITING_FOR_REMOTE_KVS`; a
 background thread fetches the request's chunks in one batched get (through shared memory the
-values are read in place, pinned, with no copy), checks each one (shape, per-layer checksums)
-and writes its rows, all layers at once, into the blocks vLLM allocated for the request and for
-nothing else, while the engine keeps running the rest of the batch. `finished` reports the
-request once its job is over, together with the blocks it could not fill (a missing or
-corrupt chunk stops the load there, a dead store stops it before it starts): vLLM recomputes
-exactly those, so a load can make a request slower but never wrong and never failed. Nothing
-a job meets (store errors, bad payloads, even a bug of ours) leaves this module as an
-exception: it becomes blocks to recompute and one warning for the request.
+values are read in place, pinned, with no copy), checks each one (its shape, and its seal or
+per-layer checksums) and writes its rows, all layers at once, into the blocks vLLM allocated
+for the request and for nothing else, while the engine keeps running the rest of the batch.
+`finished` reports the request once its job is over, together with the blocks it could not
+fill (a missing or corrupt chunk stops the load there, a dead store stops it before it
+starts): vLLM recomputes exactly those, so a load can make a request slower but never wrong
+and never failed. Nothing a job meets (store errors, bad payloads, even a bug of ours) leaves
+this module as an exception: it becomes blocks to recompute and one warning for the request.
 
 On a GPU the loader's host-to-device copies go on a stream of their own, ordered by CUDA events
 (`DeviceOrder`), because vLLM's compute runs on another stream and nothing else orders the two:
@@ -28,12 +28,6 @@ The loader thread runs at a lower CPU priority (`NICENESS`): on a machine whose 
 forward already uses, a landing load then takes its time rather than the running streams'.
 When the engine has nothing else to do (`wait_idle`) the forward thread sleeps instead of
 spinning through empty steps, so the load gets the core to itself.
-
-This replaces the former synchronous load (inside the forward, which every running stream
-felt as a gap) and its `pipelined_backend` variant, which overlapped one request's load with
-that same request's forward, layer by layer: the consumer computes one token, so there was
-nothing to overlap with, and its event handling was racy. The config key is still accepted
-(LMCache's `use_layerwise` is generated from it) and changes nothing here.
 """
 
 from __future__ import annotations
@@ -43,19 +37,23 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from splitwise_local.connector.codec import ChunkCodec, CorruptChunk
+from splitwise_local.connector.device import DeviceOrder
 from splitwise_local.connector.health import StoreDown, StoreGuard
 from splitwise_local.connector.layout import KVLayout, LayerCaches, slots_for
-from splitwise_local.connector.metrics import Counters
-from splitwise_local.connector.planner import ChunkRef, LoadPlan
 from splitwise_local.store.errors import StoreError
+
+if TYPE_CHECKING:
+    from splitwise_local.connector.metrics import Counters
+    from splitwise_local.connector.planner import ChunkRef, LoadPlan
+    from splitwise_local.store.backend import KVBackend, Value
 
 logger = logging.getLogger("splitwise_local.connector")
 NICENESS = 10
@@ -74,45 +72,12 @@ class _Job:
     verified: str = "off"
     seconds: float = 0.0
     invalid: set[int] = field(default_factory=set)
-    after: Any = None  # event on vLLM's stream that the job's copies wait for (GPU)
-    landed: Any = None  # event after the job's last copy (GPU); None: nothing in flight
+    after: torch.cuda.Event | None = None  # on vLLM's stream: the job's copies wait for it
+    landed: torch.cuda.Event | None = None  # after the job's last copy; None: none in flight
 
     def fail(self, reason: str) -> None:
         if self.failure is None:
             self.failure = reason
-
-
-class DeviceOrder:
-    """Orders the loader's copies against vLLM's stream with CUDA events; no-ops on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def mark(self):
-        """On the forward thread: an event after everything vLLM's stream has queued so far."""
-        if self.stream is None:
-            return None
-        event = torch.cuda.Event()
-        event.record()
-        return event
-
-    @contextlib.contextmanager
-    def copies(self, after) -> Iterator[list]:
-        """Copies inside go on the loader's stream, after `after`; yields a list that holds,
-        once the block exits, the event that completes when they have all landed."""
-        landed: list = []
-        if self.stream is None:
-            yield landed
-            return
-        with torch.cuda.stream(self.stream):
-            if after is not None:
-                self.stream.wait_event(after)
-            try:
-                yield landed
-            finally:
-                event = torch.cuda.Event()
-                event.record(self.stream)
-                landed.append(event)
 
 
 def _lower_priority() -> None:
@@ -125,7 +90,7 @@ class KVLoader:
 
     def __init__(
         self,
-        backend: Callable[[], object],
+        backend: Callable[[], KVBackend],
         layout: KVLayout,
         caches: LayerCaches,
         *,
@@ -185,7 +150,7 @@ class KVLoader:
         """The stored KV of the request's last prompt token, `[layers, kv, 1, heads, D]`."""
         return self._tails.pop(req_id, None)
 
-    def forget(self, req_ids) -> None:
+    def forget(self, req_ids: Iterable[str]) -> None:
         """Requests vLLM finished (aborted ones too): their tails are of no more use."""
         with self._changed:
             loading = self._running | {job.plan.req_id for job in self._done}
@@ -228,7 +193,7 @@ class KVLoader:
         for chunk, value in zip(plan.chunks, backend.get_many(keys), strict=True):
             self._use(job, chunk, value)
 
-    def _use(self, job: _Job, chunk: ChunkRef, value) -> None:
+    def _use(self, job: _Job, chunk: ChunkRef, value: Value | None) -> None:
         """Checks one fetched chunk and writes its rows; after a failure, ignores the rest."""
         if job.failure is not None:
             return

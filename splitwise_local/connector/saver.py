@@ -37,42 +37,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING
 
 import torch
 
-from splitwise_local.connector.codec import ChunkCodec
+from splitwise_local.connector.device import copies_done, to_host
 from splitwise_local.connector.health import StoreDown, StoreGuard
 from splitwise_local.connector.layout import KVLayout, LayerCaches, slots_for
-from splitwise_local.connector.metrics import Counters
-from splitwise_local.connector.planner import SavePlan
+
+if TYPE_CHECKING:
+    from splitwise_local.connector.codec import ChunkCodec
+    from splitwise_local.connector.metrics import Counters
+    from splitwise_local.connector.planner import SavePlan
+    from splitwise_local.store.backend import KVBackend
 
 logger = logging.getLogger("splitwise_local.connector")
 QUEUE_BYTES = 512 << 20
 ANSWER_WAIT_S = 1.0
-
-
-def to_host(rows: torch.Tensor) -> torch.Tensor:
-    """KV leaving a GPU goes to pinned host memory, copied without blocking the forward.
-
-    On the CPU this is the identity. The CUDA branch is written from PyTorch's documented
-    semantics and has not run here (no GPU on this project's machines).
-    """
-    if rows.device.type == "cpu":
-        return rows
-    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-    host.copy_(rows, non_blocking=True)
-    return host
-
-
-def copies_done(device: torch.device):
-    """A CUDA event after this step's device-to-host copies (None on the CPU)."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record()
-    return event
 
 
 class KVSaver:
@@ -80,7 +63,7 @@ class KVSaver:
 
     def __init__(
         self,
-        backend: Callable[[], object],
+        backend: Callable[[], KVBackend],
         codec: ChunkCodec,
         layout: KVLayout,
         caches: LayerCaches,
@@ -125,51 +108,60 @@ class KVSaver:
             return
         with self._lock:
             self._active.update(plan.req_id for plan in plans)
+            behind = self._behind
         try:
             self.guard.check()
         except StoreDown as exc:
             for plan in plans:
                 self._give_up(plan, "save_failures", f"skipped: {exc}")
             return
-        device = self.caches.layers[0].device
-        with self._lock:
-            behind = self._behind
         answers = []
         for plan in plans:
-            with self._lock:
-                stopped = self._stopped.get(plan.req_id)
-            if stopped is not None:
-                self.counters.add(**{stopped: len(plan.chunks)})
-                continue
-            size = sum(chunk.end - chunk.start for chunk in plan.chunks) * self._token_bytes
-            with self._lock:
-                fits = self._queued + size <= self.queue_bytes
-                if fits:
-                    self._queued += size
-            if not fits:
-                queued = self.queued_bytes
-                self._give_up(plan, "save_dropped", f"save queue full ({queued >> 20} MiB)")
-                continue
-            started = time.perf_counter()
-            rows = []
-            for chunk in plan.chunks:
-                slots = slots_for(plan.block_ids, chunk.start, chunk.end, self.layout.block_size)
-                rows.append(to_host(self.layout.gather(self.caches, slots)))
-            gathered = time.perf_counter() - started
-            job = self._executor.submit(self._put, plan, rows, copies_done(device), gathered, size)
-            if plan.completes_prompt and self.answer_wait_s > 0 and not behind:
+            job = self._queue(plan)
+            if job and plan.completes_prompt and self.answer_wait_s > 0 and not behind:
                 answers.append((plan, job))
         if answers:
-            _, late = wait([job for _, job in answers], timeout=self.answer_wait_s)
-            with self._lock:
-                self._behind = bool(late) and self._queued > 0
-            for plan, job in answers:
-                if job in late:
-                    self.counters.add(save_late=1)
-                    logger.info(
-                        "splitwise save-late req=%s: answering before its chunks are stored "
-                        "(no put within %.1f s)", plan.req_id, self.answer_wait_s,
-                    )  # fmt: skip
+            self._wait_for(answers)
+
+    def _queue(self, plan: SavePlan) -> Future[None] | None:
+        """Gathers the plan's chunks and submits their put; None when the request is not saved
+        from here on (stopped before, or its chunks do not fit the queue)."""
+        with self._lock:
+            stopped = self._stopped.get(plan.req_id)
+        if stopped is not None:
+            self.counters.add(**{stopped: len(plan.chunks)})
+            return None
+        size = sum(chunk.end - chunk.start for chunk in plan.chunks) * self._token_bytes
+        with self._lock:
+            fits = self._queued + size <= self.queue_bytes
+            if fits:
+                self._queued += size
+        if not fits:
+            queued = self.queued_bytes
+            self._give_up(plan, "save_dropped", f"save queue full ({queued >> 20} MiB)")
+            return None
+        started = time.perf_counter()
+        rows = []
+        for chunk in plan.chunks:
+            slots = slots_for(plan.block_ids, chunk.start, chunk.end, self.layout.block_size)
+            rows.append(to_host(self.layout.gather(self.caches, slots)))
+        copied = copies_done(self.caches.device)
+        gathered = time.perf_counter() - started
+        return self._executor.submit(self._put, plan, rows, copied, gathered, size)
+
+    def _wait_for(self, answers: list[tuple[SavePlan, Future[None]]]) -> None:
+        """At most `answer_wait_s` for the puts of chunks that complete a prompt; an answer sent
+        before them is counted late, and no answer waits again until the queue has drained."""
+        _, late = wait([job for _, job in answers], timeout=self.answer_wait_s)
+        with self._lock:
+            self._behind = bool(late) and self._queued > 0
+        for plan, job in answers:
+            if job in late:
+                self.counters.add(save_late=1)
+                logger.info(
+                    "splitwise save-late req=%s: answering before its chunks are stored "
+                    "(no put within %.1f s)", plan.req_id, self.answer_wait_s,
+                )  # fmt: skip
 
     def _give_up(self, plan: SavePlan, counter: str, reason: str) -> None:
         """This and every later chunk of the request go unsaved, counted under `counter`."""
@@ -185,7 +177,12 @@ class KVSaver:
             )  # fmt: skip
 
     def _put(
-        self, plan: SavePlan, rows: list[torch.Tensor], copied, gathered: float, size: int
+        self,
+        plan: SavePlan,
+        rows: list[torch.Tensor],
+        copied: torch.cuda.Event | None,
+        gathered: float,
+        size: int,
     ) -> None:
         """On the save thread: never raises (the result is counted and logged)."""
         try:
@@ -201,7 +198,13 @@ class KVSaver:
                 self._queued -= size
                 self._behind = self._behind and self._queued > 0
 
-    def _store(self, plan: SavePlan, rows: list[torch.Tensor], copied, gathered: float) -> None:
+    def _store(
+        self,
+        plan: SavePlan,
+        rows: list[torch.Tensor],
+        copied: torch.cuda.Event | None,
+        gathered: float,
+    ) -> None:
         started = time.perf_counter()
         if copied is not None:
             copied.synchronize()  # the GPU-to-host copies of these chunks have landed
@@ -227,7 +230,7 @@ class KVSaver:
             plan.req_id, tokens, len(put), size, stored, seconds * 1e3,
         )  # fmt: skip
 
-    def forget(self, req_ids) -> None:
+    def forget(self, req_ids: Iterable[str]) -> None:
         """Requests vLLM finished: their chunks still queued are stored all the same."""
         with self._lock:
             for req_id in req_ids:

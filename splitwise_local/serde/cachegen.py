@@ -23,6 +23,8 @@ Three steps, as in the paper:
 
 Steps 1 and 2 (and their inverses) are vectorised torch on the chunk's device, CPU or CUDA; the
 entropy coder runs on the CPU (constriction has no GPU coder), so symbols cross to the host.
+constriction is imported where the coder runs (`ans_encode`, `ans_decode`): the registry
+imports this module everywhere, and a machine that moves only naive chunks need not have it.
 
 Body layout (little-endian; "rows" are channels in (layer, kv, channel) order):
     u32 x3     number of delta-coded rows, of bin-table entries, of coded 32-bit words
@@ -44,7 +46,6 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-import constriction
 import numpy as np
 import torch
 
@@ -175,21 +176,49 @@ class BinModel:
         bits = -(counts * torch.log2(torch.where(counts > 0, p, 1.0))).sum(1)
         return model, table, bits + symbols.shape[1] * model.shift + 4 * model.bins
 
-    def categoricals(
-        self, tables: np.ndarray
-    ) -> list[constriction.stream.model.Categorical | None]:
-        """Each row's bin model for constriction (None for a single bin, which costs 0 bits),
-        from the rows' concatenated tables; powers of two in float64 are the same everywhere."""
+    def row_weights(self, tables: np.ndarray) -> list[np.ndarray | None]:
+        """Each row's bin weights from the rows' concatenated 4-bit tables (None for a single
+        bin, which costs 0 bits); powers of two in float64 are the same everywhere."""
         bins = self.bins.cpu().numpy()
         ends = np.cumsum(bins)
         if ends.size and int(ends[-1]) != tables.size:
             raise SerdeError("corrupt cachegen payload: bin tables disagree with symbol ranges")
         weights = np.where(tables > 0, np.exp2(tables.astype(np.float64) - 1), 0.0)
-        categorical = constriction.stream.model.Categorical
         return [
-            categorical(weights[end - n : end], perfect=False) if n > 1 else None
+            weights[end - n : end] if n > 1 else None
             for n, end in zip(bins.tolist(), ends.tolist(), strict=True)
         ]
+
+
+def ans_encode(bins: np.ndarray, weights: list[np.ndarray | None]) -> np.ndarray:
+    """Every row's bins under its categorical model, on one ANS stack: the coded u32 words."""
+    import constriction  # cachegen's coder alone needs it (see the module's docstring)
+
+    coder = constriction.stream.stack.AnsCoder()
+    categorical = constriction.stream.model.Categorical
+    for row in range(len(weights) - 1, -1, -1):  # a stack: encode backwards, decode forwards
+        row_weights = weights[row]
+        if row_weights is not None:
+            coder.encode_reverse(bins[row], categorical(row_weights, perfect=False))
+    words: np.ndarray = coder.get_compressed()
+    return words
+
+
+def ans_decode(words: np.ndarray, weights: list[np.ndarray | None], tokens: int) -> np.ndarray:
+    """The inverse of `ans_encode`: `[rows, tokens]` bins, 0 in the rows of a single bin."""
+    import constriction  # cachegen's coder alone needs it (see the module's docstring)
+
+    bins = np.zeros((len(weights), tokens), dtype=np.int32)
+    coder = constriction.stream.stack.AnsCoder(words)
+    categorical = constriction.stream.model.Categorical
+    coded = [row for row, row_weights in enumerate(weights) if row_weights is not None]
+    if coded:
+        bins[coded] = np.stack(
+            [coder.decode(categorical(weights[row], perfect=False), tokens) for row in coded]
+        )
+    if not coder.is_empty():
+        raise SerdeError("corrupt cachegen payload: coded words left over")
+    return bins
 
 
 def pack_nibbles(values: np.ndarray) -> np.ndarray:
@@ -282,12 +311,7 @@ class CacheGenSerde(Serde):
         shift = model.shift[:, None]
         bins = (shifted >> shift).cpu().numpy()
         offsets = (shifted & ((1 << shift) - 1)).cpu().numpy()
-        coder = constriction.stream.stack.AnsCoder()
-        models = model.categoricals(tables.cpu().numpy())
-        for row in range(len(models) - 1, -1, -1):  # a stack: encode backwards, decode forwards
-            if models[row] is not None:
-                coder.encode_reverse(bins[row], models[row])
-        words = coder.get_compressed()
+        words = ans_encode(bins, model.row_weights(tables.cpu().numpy()))
         base = levels[use_delta, 0]
         parts = [
             COUNTS.pack(int(base.numel()), int(tables.numel()), int(words.size)),
@@ -329,15 +353,7 @@ class CacheGenSerde(Serde):
         reader.finish()
         if int(use_delta.sum()) != n_delta:
             raise SerdeError("corrupt cachegen payload: delta flags disagree with their count")
-        bins = np.zeros((rows, tokens), dtype=np.int32)
-        coder = constriction.stream.stack.AnsCoder(words)
-        decode = coder.decode
-        models = model.categoricals(tables)
-        coded = [row for row, m in enumerate(models) if m is not None]
-        if coded:
-            bins[coded] = np.stack([decode(models[row], tokens) for row in coded])
-        if not coder.is_empty():
-            raise SerdeError("corrupt cachegen payload: coded words left over")
+        bins = ans_decode(words, model.row_weights(tables), tokens)
         symbols = (bins << shift[:, None]) + unpack_offsets(offset_parts, shift, tokens)
         levels = torch.from_numpy(symbols).to(device) + low.to(device)[:, None]
         if n_delta:
