@@ -14,17 +14,8 @@ of per block and layer.
 Two adapters. `PagedLayout` reads vLLM's logical per-layer view `[blocks, heads, block_size,
 K|V]` (or MLA's latent) under whichever `KVCacheLayout` the engine resolved: GPU attention and
 MLA everywhere. `CpuPackedLayout` reads the CPU attention backend's packed blocks. `layout_for`
-picks one from the device and the resolved layout.
-
-The CPU attention backend does not store a block token by token: `cpu_attn_reshape_and_cache`
-packs each (block, head) as `[2 * block_size, head_size]` elements in an ISA-dependent order
-(`vec`, `amx`, ...). Rather than hard-coding those orders, `probe_cpu_packing` asks vLLM's
-own kernel where it writes each (token, channel), and that permutation is the source of truth.
-For power-of-two block and head sizes every packing seen (vec, vec16, amx) permutes the *bits*
-of the (token, channel) index; `HalfPacking` finds that bit permutation in the probe's answer,
-checks that it reproduces the probe exactly, and turns it into a reshape + axis permutation, so
-a whole block moves in one strided copy. Tokens of partly covered blocks, and shapes where no
-bit permutation exists, go element by element through the probed offsets.
+picks one from the device and the resolved layout; `cpu_packing` says how the CPU kernel packs
+a block.
 """
 
 from __future__ import annotations
@@ -33,18 +24,18 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
 
+from splitwise_local.connector.cpu_packing import HalfPacking, probe_cpu_packing
 from splitwise_local.connector.device import to_device
 
 if TYPE_CHECKING:
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
-PROBE_BASE = 64  # digits below 64 are exact in every float dtype the cache may use
 ELEMENTWISE_BELOW = 4  # fewer tokens of a block than this move element by element
+Halves = tuple[HalfPacking, HalfPacking]  # K's packing, V's
 
 
 class LayerCaches:
@@ -162,120 +153,6 @@ def whole_blocks(
     return runs, rest
 
 
-@lru_cache(maxsize=16)
-def probe_cpu_packing(isa: str, block_size: int, head_size: int, dtype: torch.dtype):
-    """Where vLLM's CPU kernel puts K and V of (token, channel) inside one (block, head).
-
-    Returns a long tensor `[2, block_size, head_size]` of offsets into the flattened
-    `[2 * block_size * head_size]` region: [0] for K, [1] for V. Found by writing each digit of
-    the token and channel indices through `cpu_attn_reshape_and_cache` and reading them back.
-    """
-    from vllm._custom_ops import cpu_attn_reshape_and_cache
-
-    tokens = torch.arange(block_size).view(block_size, 1, 1).expand(block_size, 1, head_size)
-    channels = torch.arange(head_size).view(1, 1, head_size).expand(block_size, 1, head_size)
-    region = 2 * block_size * head_size
-
-    def read_back(values: torch.Tensor) -> torch.Tensor:
-        cache = torch.full((1, 1, block_size, 2 * head_size), -1, dtype=dtype)
-        key_cache, value_cache = cache.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
-        values = values.to(dtype).contiguous()
-        cpu_attn_reshape_and_cache(
-            values, values, key_cache, value_cache, torch.arange(block_size), isa
-        )
-        flat = cache.view(region).to(torch.float32)
-        if (flat < 0).any():
-            raise RuntimeError(f"CPU KV packing for isa={isa!r} left cache elements unwritten")
-        return flat.to(torch.long)
-
-    def decode(index: torch.Tensor) -> torch.Tensor:
-        value = torch.zeros(region, dtype=torch.long)
-        scale, remaining = 1, index
-        while True:
-            value += read_back(remaining % PROBE_BASE) * scale
-            remaining = torch.div(remaining, PROBE_BASE, rounding_mode="floor")
-            scale *= PROBE_BASE
-            if int(remaining.max()) == 0:
-                return value
-
-    token_at = decode(tokens)
-    channel_at = decode(channels)
-    half = torch.arange(region) >= block_size * head_size
-    offsets = torch.empty((2, block_size, head_size), dtype=torch.long)
-    offsets[half.long(), token_at, channel_at] = torch.arange(region)
-    if sorted(offsets.flatten().tolist()) != list(range(region)):
-        raise RuntimeError(f"CPU KV packing for isa={isa!r} is not a permutation")
-    return offsets
-
-
-@dataclass(frozen=True)
-class _Run:
-    """Consecutive bits of the token or channel index that stay consecutive when packed."""
-
-    field: str  # "t" or "d"
-    low: int  # lowest bit, within its field
-    bits: int
-    packed_low: int  # where its lowest bit lands in the packed offset
-
-
-class HalfPacking:
-    """One half's (K's or V's) packing as a reshape + axis permutation of `[tokens, D]`.
-
-    Only built when the probed offsets of the half permute the bits of `t * D + d`: the runs
-    of bits that stay together become the axes of a view, packed = those axes reordered.
-    """
-
-    def __init__(self, runs: list[_Run], heads: int) -> None:
-        t_runs = sorted((r for r in runs if r.field == "t"), key=lambda r: -r.low)
-        d_runs = sorted((r for r in runs if r.field == "d"), key=lambda r: -r.low)
-        # Token-major source view: [n, *t digits, heads, *d digits], most significant first.
-        self.source_sizes = [1 << r.bits for r in t_runs] + [heads] + [1 << r.bits for r in d_runs]
-        source_axis = {r: 1 + i for i, r in enumerate(t_runs)}
-        source_axis |= {r: 2 + len(t_runs) + i for i, r in enumerate(d_runs)}
-        packed = sorted(runs, key=lambda r: -r.packed_low)
-        self.packed_sizes = [heads] + [1 << r.bits for r in packed]
-        self.order = [0, 1 + len(t_runs)] + [source_axis[r] for r in packed]
-
-    @classmethod
-    def from_offsets(cls, offsets: torch.Tensor, heads: int) -> HalfPacking | None:
-        """The bit permutation behind `offsets` ([tokens, D] -> packed position), if any."""
-        tokens, width = offsets.shape
-        t_bits, d_bits = tokens.bit_length() - 1, width.bit_length() - 1
-        if tokens != 1 << t_bits or width != 1 << d_bits:
-            return None
-        flat = offsets.flatten()
-        images = [int(flat[1 << bit]) for bit in range(t_bits + d_bits)]
-        if any(x <= 0 or x & (x - 1) for x in images) or int(flat[0]) != 0:
-            return None
-        positions = [x.bit_length() - 1 for x in images]
-        index = torch.arange(flat.numel())
-        rebuilt = sum(((index >> bit) & 1) << pos for bit, pos in enumerate(positions))
-        if not torch.equal(rebuilt, flat):
-            return None
-        runs: list[_Run] = []
-        for bit, pos in enumerate(positions):
-            field, low = ("d", bit) if bit < d_bits else ("t", bit - d_bits)
-            last = runs[-1] if runs else None
-            if last and last.field == field and last.packed_low + last.bits == pos:
-                runs[-1] = _Run(field, last.low, last.bits + 1, last.packed_low)
-            else:
-                runs.append(_Run(field, low, 1, pos))
-        return cls(runs, heads)
-
-    def pack(self, source: torch.Tensor, packed: torch.Tensor) -> None:
-        """`source` `[n, tokens, heads, D]` (a view) into `packed` `[n, heads, tokens * D]`."""
-        n = source.shape[0]
-        view = source.reshape(n, *self.source_sizes).permute(self.order)
-        packed.view(n, *self.packed_sizes).copy_(view)
-
-    def unpack(self, packed: torch.Tensor, out: torch.Tensor) -> None:
-        """The inverse of `pack`: `packed` `[n, heads, tokens * D]` into `out` (a view)."""
-        n = out.shape[0]
-        out.view(n, *self.source_sizes).permute(self.order).copy_(
-            packed.view(n, *self.packed_sizes)
-        )
-
-
 @dataclass
 class CpuPackedLayout(KVLayout):
     """vLLM's CPU attention cache: `[blocks, heads, block_size, 2 * head_size]`, ISA-packed."""
@@ -291,29 +168,35 @@ class CpuPackedLayout(KVLayout):
         self.name = "cpu-packed"
         self.offsets = probe_cpu_packing(self.isa, self.block_size, self.head_size, self.dtype)
         half = self.block_size * self.head_size
-        # None for a half whose packing is no bit permutation: whole blocks then go by element.
-        self.halves = [HalfPacking.from_offsets(self.offsets[kv] - kv * half, self.heads)
-                       for kv in range(2)]  # fmt: skip
+        key, value = (HalfPacking.from_offsets(self.offsets[kv] - kv * half, self.heads)
+                      for kv in range(2))  # fmt: skip
+        # None when a half's packing is no bit permutation: every token then goes by element.
+        self.halves = (key, value) if key is not None and value is not None else None
 
     def _regions(self, cache: torch.Tensor) -> torch.Tensor:
         """`[n, blocks, heads, 2, block_size * D]`: each (block, head)'s K and V halves."""
         return cache.view(cache.shape[0], cache.shape[1], self.heads, 2, -1)
 
-    def _unpack(self, regions: torch.Tensor, block: int, out: torch.Tensor) -> None:
+    @staticmethod
+    def _unpack(halves: Halves, regions: torch.Tensor, block: int, out: torch.Tensor) -> None:
         """Block `block` of every layer into `out` `[n, 2, block_size, heads, D]` (a view)."""
-        for kv, half in enumerate(self.halves):
+        for kv, half in enumerate(halves):
             half.unpack(regions[:, block, :, kv], out[:, kv])
 
-    def _pack(self, rows: torch.Tensor, regions: torch.Tensor, block: int) -> None:
-        for kv, half in enumerate(self.halves):
+    @staticmethod
+    def _pack(halves: Halves, rows: torch.Tensor, regions: torch.Tensor, block: int) -> None:
+        for kv, half in enumerate(halves):
             half.pack(rows[:, kv], regions[:, block, :, kv])
 
-    def _partial_blocks(self, slots: torch.Tensor, rest: torch.Tensor):
+    def _partial_blocks(
+        self, slots: torch.Tensor, rest: torch.Tensor
+    ) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Tokens of `rest` grouped by block: (block, row indices, positions), and the tokens
         too few in their block to be worth moving the whole block (they go by element)."""
         rows = torch.nonzero(rest).flatten()
         blocks, positions = _split_slots(slots[rows], self.block_size)
-        grouped, single = [], torch.zeros(len(slots), dtype=torch.bool)
+        grouped: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        single = torch.zeros(len(slots), dtype=torch.bool)
         for block in torch.unique(blocks).tolist():
             mine = blocks == block
             if int(mine.sum()) < ELEMENTWISE_BELOW:
@@ -325,18 +208,19 @@ class CpuPackedLayout(KVLayout):
     def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         n, size = cache.shape[0], self.block_size
         out = cache.new_empty((n, 2, len(slots), self.heads, self.head_size))
-        if not all(self.halves):
+        halves = self.halves
+        if halves is None:
             self._gather_elements(cache, slots, torch.ones(len(slots), dtype=torch.bool), out)
             return out
         regions = self._regions(cache)
         runs, rest = whole_blocks(slots, size)
         for start, block in runs:
-            self._unpack(regions, block, out[:, :, start : start + size])
+            self._unpack(halves, regions, block, out[:, :, start : start + size])
         grouped, single = self._partial_blocks(slots, rest)
         if grouped:
             whole = cache.new_empty((n, 2, size, self.heads, self.head_size))
             for block, rows, positions in grouped:
-                self._unpack(regions, block, whole)
+                self._unpack(halves, regions, block, whole)
                 out[:, :, rows] = whole[:, :, positions]
         self._gather_elements(cache, slots, single, out)
         return out
@@ -347,33 +231,40 @@ class CpuPackedLayout(KVLayout):
         connector only writes blocks nothing else writes at that moment."""
         n, size = cache.shape[0], self.block_size
         rows = rows.to(cache.dtype)
-        if not all(self.halves):
+        halves = self.halves
+        if halves is None:
             self._scatter_elements(cache, slots, torch.ones(len(slots), dtype=torch.bool), rows)
             return
         regions = self._regions(cache)
         runs, rest = whole_blocks(slots, size)
         for start, block in runs:
-            self._pack(rows[:, :, start : start + size], regions, block)
+            self._pack(halves, rows[:, :, start : start + size], regions, block)
         grouped, single = self._partial_blocks(slots, rest)
         if grouped:
             whole = cache.new_empty((n, 2, size, self.heads, self.head_size))
             for block, indices, positions in grouped:
-                self._unpack(regions, block, whole)
+                self._unpack(halves, regions, block, whole)
                 whole[:, :, positions] = rows[:, :, indices]
-                self._pack(whole, regions, block)
+                self._pack(halves, whole, regions, block)
         self._scatter_elements(cache, slots, single, rows)
 
-    def _element_index(self, cache: torch.Tensor, slots: torch.Tensor):
+    def _element_index(
+        self, cache: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         blocks, positions = _split_slots(slots, self.block_size)
         flat = cache.view(cache.shape[0], cache.shape[1], self.heads, -1)
         return flat, blocks.view(1, -1, 1), self.offsets[:, positions, :]  # offsets [2, T, D]
 
-    def _gather_elements(self, cache, slots, which: torch.Tensor, out: torch.Tensor) -> None:
+    def _gather_elements(
+        self, cache: torch.Tensor, slots: torch.Tensor, which: torch.Tensor, out: torch.Tensor
+    ) -> None:
         if which.any():
             flat, blocks, offsets = self._element_index(cache, slots[which])
             out[:, :, which] = flat[:, blocks, :, offsets].permute(3, 0, 1, 4, 2)
 
-    def _scatter_elements(self, cache, slots, which: torch.Tensor, rows: torch.Tensor) -> None:
+    def _scatter_elements(
+        self, cache: torch.Tensor, slots: torch.Tensor, which: torch.Tensor, rows: torch.Tensor
+    ) -> None:
         if which.any():
             flat, blocks, offsets = self._element_index(cache, slots[which])
             flat[:, blocks, :, offsets] = rows[:, :, which].permute(1, 2, 4, 0, 3)
@@ -407,7 +298,9 @@ class PagedLayout(KVLayout):
     def __post_init__(self) -> None:
         self.name = f"{'mla' if self.kv == 1 else 'per-head'}-{self.kv_cache_layout}"
 
-    def _index(self, cache: torch.Tensor, slots: torch.Tensor):
+    def _index(
+        self, cache: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`cache` as `[n, heads, blocks, block_size, C]`, and each slot's block and position:
         indexing the two adjacent axes keeps the layers and heads in front, in place."""
         blocks, positions = _split_slots(slots.to(cache.device), cache.shape[3])
@@ -416,7 +309,7 @@ class PagedLayout(KVLayout):
     def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         heads_first, blocks, positions = self._index(cache, slots)
         picked = heads_first[:, :, blocks, positions]  # [n, heads, tokens, C]
-        rows = picked.unflatten(-1, (self.kv, self.head_size)).permute(0, 3, 2, 1, 4)
+        rows = picked.view(*picked.shape[:-1], self.kv, self.head_size).permute(0, 3, 2, 1, 4)
         return rows.contiguous()
 
     def _scatter(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:

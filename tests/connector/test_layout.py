@@ -10,11 +10,10 @@ vllm_ops = pytest.importorskip("vllm._custom_ops")
 
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # noqa: E402
 
+from splitwise_local.connector.cpu_packing import HalfPacking, probe_cpu_packing  # noqa: E402
 from splitwise_local.connector.layout import (  # noqa: E402
     CpuPackedLayout,
-    HalfPacking,
     LayerCaches,
-    probe_cpu_packing,
     slots_for,
     whole_blocks,
 )
@@ -81,7 +80,7 @@ def test_cpu_gather_and_scatter_match_the_kernel(isa, dtype, one_buffer):
     slots = mixed_slots(generator)
     buffer, key, value = kernel_written(isa, dtype, slots, generator)
     layout = CpuPackedLayout(HEADS, HEAD, BLOCK, isa, dtype)
-    assert all(layout.halves), "every packing seen so far is a bit permutation"
+    assert layout.halves is not None, "every packing seen so far is a bit permutation"
     layers = [buffer[i] for i in range(LAYERS)] if one_buffer else [b.clone() for b in buffer]
     caches = LayerCaches(layers)
     assert (caches.stacked is not None) == one_buffer
@@ -125,7 +124,7 @@ def test_the_fast_path_is_derived_from_the_probe_and_refuses_what_it_cannot_expr
     assert HalfPacking.from_offsets(shuffled, heads=3) is None  # not a bit permutation
     odd = probe_cpu_packing("vec", 128, 80, torch.bfloat16)  # head size not a power of two
     layout = CpuPackedLayout(1, 80, 128, "vec", torch.bfloat16)
-    assert HalfPacking.from_offsets(odd[0], heads=1) is None and not all(layout.halves)
+    assert HalfPacking.from_offsets(odd[0], heads=1) is None and layout.halves is None
     cache = torch.zeros(2, 1, 128, 160).bfloat16()
     rows = torch.randn(1, 2, 128, 1, 80).bfloat16()
     layout.scatter(LayerCaches([cache]), torch.arange(128, 256), rows)  # element by element
