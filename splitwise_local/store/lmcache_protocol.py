@@ -172,8 +172,9 @@ class LMCacheSession:
         try:
             data = first + self.reader.read(REQUEST.size - len(first))
             while True:
-                self._handle(decode_request(data))
+                request = decode_request(data)
                 self.ticket.authenticated()  # a well-formed request on a store without a token
+                self._handle(request)
                 data = self._next_request()
         except PeerClosed as exc:
             if not exc.clean:
