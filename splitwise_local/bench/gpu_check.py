@@ -32,7 +32,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from typing import Any
 
 import torch
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from splitwise_local.bench.report import print_table, write_json
 from splitwise_local.connector import gpu_layouts
 from splitwise_local.connector.device import DeviceOrder, copies_done, to_host
-from splitwise_local.connector.gpu_layouts import Case
+from splitwise_local.connector.gpu_layouts import CarriedLayout, Case
 from splitwise_local.connector.layout import LayerCaches, PagedLayout, layout_for, slots_for
 from splitwise_local.serde.base import read_payload
 from splitwise_local.serde.naive import NaiveSerde
@@ -105,7 +104,7 @@ def median_time(device: torch.device, action: Callable[[], Any], repeats: int) -
     return statistics.median(timed(device, action) for _ in range(repeats))
 
 
-def adapter(case: Case, caches: list[torch.Tensor], kv_cache_layout) -> PagedLayout:
+def adapter(case: Case, caches: list[torch.Tensor], kv_cache_layout: CarriedLayout) -> PagedLayout:
     """On a GPU the connector's own choice (`layout_for`). A dry run's CPU tensors get the same
     adapter directly: on the CPU, `layout_for` picks the packing of vLLM's CPU attention."""
     if caches[0].device.type == "cpu":
@@ -119,7 +118,9 @@ def adapter(case: Case, caches: list[torch.Tensor], kv_cache_layout) -> PagedLay
     return layout
 
 
-def check_layout(entry: dict[str, Any], layouts, device: torch.device) -> dict[str, Any]:
+def check_layout(
+    entry: dict[str, Any], layouts: dict[str, CarriedLayout], device: torch.device
+) -> dict[str, Any]:
     """The probed positions read, written back, and nothing else written."""
     case = Case(**entry["case"])
     caches = gpu_layouts.rebuild(entry, device)
@@ -193,8 +194,13 @@ class Moves:
             self.client.delete(key)
 
 
-def moves_for(entry: dict[str, Any], layouts: type[Enum], device: torch.device, setup: Setup,
-              client: ShmClient) -> Moves:  # fmt: skip
+def moves_for(
+    entry: dict[str, Any],
+    layouts: dict[str, CarriedLayout],
+    device: torch.device,
+    setup: Setup,
+    client: ShmClient,
+) -> Moves:
     """`setup`'s prompt in random blocks of `entry`'s allocation, its source KV random."""
     case = Case(**entry["case"])
     source, target = gpu_layouts.rebuild(entry, device), gpu_layouts.rebuild(entry, device)
@@ -213,16 +219,21 @@ def moves_for(entry: dict[str, Any], layouts: type[Enum], device: torch.device, 
     )
 
 
-def transfer(entry: dict[str, Any], layouts: type[Enum], device: torch.device, setup: Setup,
-             client: ShmClient) -> dict[str, Any]:  # fmt: skip
+def transfer(
+    entry: dict[str, Any],
+    layouts: dict[str, CarriedLayout],
+    device: torch.device,
+    setup: Setup,
+    client: ShmClient,
+) -> dict[str, Any]:
     """Save, store and load one prompt's KV through the connector's own functions, timed."""
     moves = moves_for(entry, layouts, device, setup, client)
     times: dict[str, list[float]] = {"save": [], "store": [], "load": []}
     for attempt in range(setup.repeats + 1):  # the first warms caches and allocators
         for name, action in (("save", moves.save), ("store", moves.store), ("load", moves.load)):
-            seconds = timed(device, action)
+            took = timed(device, action)
             if attempt:
-                times[name].append(seconds)
+                times[name].append(took)
         moves.forget()
     every = torch.cat(moves.slots)
     layout, source, target = moves.layout, moves.source, moves.target
@@ -278,7 +289,7 @@ def prefill_seconds(model: Model, tokens: int, device: torch.device, repeats: in
     def forward() -> None:
         h = x
         for _ in range(model.layers):
-            q, k, v = (h @ qkv).split([q_width, kv_width, kv_width], dim=-1)
+            q, k, v = torch.split(h @ qkv, [q_width, kv_width, kv_width], dim=-1)
             attention = F.scaled_dot_product_attention(
                 heads(q, model.heads), heads(k, model.kv_heads), heads(v, model.kv_heads),
                 is_causal=True, enable_gqa=True,

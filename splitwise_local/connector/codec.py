@@ -23,7 +23,7 @@ import hmac
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
@@ -31,6 +31,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from splitwise_local.serde import SERDES, Header, SerdeError, make_serde
 from splitwise_local.serde.base import check_chunk, dtype_name, pack_payload, read_payload
+
+if TYPE_CHECKING:
+    from splitwise_local.config import SerdeOptions
+    from splitwise_local.store.backend import Value
 
 LOSSLESS_SERDES = frozenset({"naive"})
 _NONCE = 12  # bytes: GCM's native nonce
@@ -97,7 +101,12 @@ class ChunkCodec:
     """Encodes chunks with one serde; decodes whatever serde wrote a payload. With `secret`,
     seals what it encodes and accepts only chunks sealed under the same secret and key."""
 
-    def __init__(self, serde_name: str = "naive", options=None, secret: str | None = None):
+    def __init__(
+        self,
+        serde_name: str = "naive",
+        options: SerdeOptions | None = None,
+        secret: str | None = None,
+    ) -> None:
         self.serde = make_serde(serde_name, options)
         self.lossless = serde_name in LOSSLESS_SERDES
         self._sealer = Sealer(secret) if secret else None
@@ -119,7 +128,9 @@ class ChunkCodec:
             header = Header(header.serde, params, kv.dtype, header.shape, {**meta, "mac": seal})
         return pack_payload(header, body, self.serde.hash_body)
 
-    def decode(self, data, expected_shape: tuple[int, ...], key: str | None = None) -> torch.Tensor:
+    def decode(
+        self, data: Value, expected_shape: tuple[int, ...], key: str | None = None
+    ) -> torch.Tensor:
         """The chunk's tensor; for `naive` a view of `data` (valid while `data` is)."""
         try:
             header, body = read_payload(data)

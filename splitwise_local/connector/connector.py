@@ -33,6 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
 from splitwise_local.config import SplitwiseConfig, load_config
 from splitwise_local.connector.codec import ChunkCodec
@@ -51,13 +52,20 @@ from splitwise_local.connector.lookups import StoreLookups
 from splitwise_local.connector.metrics import Counters, SplitwisePromMetrics, SplitwiseStats
 from splitwise_local.connector.planner import Planner, StepPlan
 from splitwise_local.connector.saver import ANSWER_WAIT_S, QUEUE_BYTES, KVSaver
+from splitwise_local.store.backend import KVBackend, open_backend
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
-    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+    from vllm.config import KVTransferConfig, VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
 logger = logging.getLogger("splitwise_local.connector")
@@ -81,9 +89,17 @@ class SplitwiseMetadata(KVConnectorMetadata):
         self.plan = plan
 
 
+def transfer_config(vllm_config: VllmConfig) -> KVTransferConfig:
+    """vLLM's `--kv-transfer-config`, which is what makes vLLM build a connector at all."""
+    config = vllm_config.kv_transfer_config
+    if config is None:
+        raise ValueError("the Splitwise connector needs vLLM's --kv-transfer-config")
+    return config
+
+
 def connector_config(vllm_config: VllmConfig) -> SplitwiseConfig:
     """Our YAML: kv_connector_extra_config.config_file, else the environment's config file."""
-    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    extra = transfer_config(vllm_config).kv_connector_extra_config or {}
     return load_config(extra.get("config_file"))
 
 
@@ -114,17 +130,20 @@ class SplitwiseConnector(KVConnectorBase_V1):
     """Prefill saves KV chunks to our store; decode finds them by key and loads them."""
 
     def __init__(
-        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig,
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         _log_to_stdout()
         self.config = connector_config(vllm_config)
-        transfer_config = vllm_config.kv_transfer_config
-        self.is_producer = transfer_config.is_kv_producer
-        self.is_consumer = transfer_config.is_kv_consumer
+        transfer = transfer_config(vllm_config)
+        self.is_producer = transfer.is_kv_producer
+        self.is_consumer = transfer.is_kv_consumer
         self.block_size = vllm_config.cache_config.block_size
         self.identity = engine_key_identity(vllm_config, self.config)
-        extra = transfer_config.kv_connector_extra_config or {}
+        extra = transfer.kv_connector_extra_config or {}
         self.verify = bool(extra.get("verify_loads", False))
         self.save_queue_bytes = int(extra.get("save_queue_mb", QUEUE_BYTES >> 20)) << 20
         # Only a pure producer's answers wait for their saves (see saver.py).
@@ -133,7 +152,7 @@ class SplitwiseConnector(KVConnectorBase_V1):
         # The last-token overwrite (LoadPlan.tail): only with a lossless serde, never lossy.
         self.keep_tail = self.config.remote_serde == "naive" and extra.get("keep_tail", True)
         self.counters = Counters()
-        self._store = None
+        self._store: KVBackend | None = None
         self._guard = StoreGuard(f"{role.name.lower()} loads")  # saves have their own
         self._warned: set[str] = set()
         self._planner: Planner | None = None
@@ -158,11 +177,9 @@ class SplitwiseConnector(KVConnectorBase_V1):
             self.config.remote_serde, self.config.chunk_size,
         )  # fmt: skip
 
-    def _backend(self):
+    def _backend(self) -> KVBackend:
         """The store client, opened on first use (it reconnects by itself after that)."""
         if self._store is None:
-            from splitwise_local.store.backend import open_backend
-
             self._store = open_backend(self.config.remote_url, self.config)
         return self._store
 
@@ -176,8 +193,6 @@ class SplitwiseConnector(KVConnectorBase_V1):
     # ==============================
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
-
         model = self._vllm_config.model_config
         rank = engine_key_identity(
             self._vllm_config,
@@ -195,7 +210,6 @@ class SplitwiseConnector(KVConnectorBase_V1):
             block_size=self.block_size,
         )
         caches = LayerCaches(list(kv_caches.values()))
-        common = {"rank": rank, "counters": self.counters}
         codec = ChunkCodec(  # seals chunks with the store's token; loads check the seal
             self.config.remote_serde,
             self.config.serde_options,
@@ -203,13 +217,14 @@ class SplitwiseConnector(KVConnectorBase_V1):
         )
         if self.is_consumer:
             self._loader = KVLoader(
-                self._backend, layout, caches, guard=self._guard, verify=self.verify,
-                codec=codec, **common,
+                self._backend, layout, caches, rank=rank, counters=self.counters,
+                guard=self._guard, verify=self.verify, codec=codec,
             )  # fmt: skip
         if self.is_producer:
             self._saver = KVSaver(
-                self._backend, codec, layout, caches, queue_bytes=self.save_queue_bytes,
-                answer_wait_s=self.answer_wait_s, guard=StoreGuard("worker saves"), **common,
+                self._backend, codec, layout, caches, rank=rank, counters=self.counters,
+                queue_bytes=self.save_queue_bytes, answer_wait_s=self.answer_wait_s,
+                guard=StoreGuard("worker saves"),
             )  # fmt: skip
         self._layout, self._caches = layout, caches
         logger.info(
@@ -233,7 +248,11 @@ class SplitwiseConnector(KVConnectorBase_V1):
         """Nothing to wait for: a request runs only once its whole load is in."""
 
     def save_kv_layer(
-        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
     ) -> None:
         """Nothing per layer: `wait_for_save` moves every layer at once after the forward."""
 
@@ -281,7 +300,11 @@ class SplitwiseConnector(KVConnectorBase_V1):
 
     @classmethod
     def build_prom_metrics(
-        cls, vllm_config, metric_types, labelnames, per_engine_labelvalues
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
     ) -> SplitwisePromMetrics:
         return SplitwisePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
@@ -351,14 +374,13 @@ class SplitwiseConnector(KVConnectorBase_V1):
             )
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
-            block_ids = cached.new_block_ids[i]
+            new_blocks = cached.new_block_ids[i]
+            block_ids = list(new_blocks[0]) if new_blocks else None
             computed_after = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
-            if req_id in cached.resumed_req_ids:
-                self._planner.resumed(req_id, list(block_ids[0]), computed_after, plan)
+            if req_id in cached.resumed_req_ids and block_ids is not None:
+                self._planner.resumed(req_id, block_ids, computed_after, plan)
                 continue
-            self._planner.running_request(
-                req_id, list(block_ids[0]) if block_ids else None, computed_after, plan
-            )
+            self._planner.running_request(req_id, block_ids, computed_after, plan)
         return SplitwiseMetadata(plan)
 
     def request_finished(

@@ -17,9 +17,12 @@ from collections.abc import Iterator
 
 import torch
 
+# torch leaves the constructors of `torch.cuda.Event` and `Stream`, and `Event.query`,
+# unannotated: their calls below carry `type: ignore[no-untyped-call]`.
+
 
 def _event() -> torch.cuda.Event:
-    return torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch leaves Event.__new__ unannotated
+    return torch.cuda.Event()  # type: ignore[no-untyped-call]
 
 
 def to_host(rows: torch.Tensor) -> torch.Tensor:
@@ -41,6 +44,11 @@ def copies_done(device: torch.device) -> torch.cuda.Event | None:
     return event
 
 
+def has_landed(event: torch.cuda.Event | None) -> bool:
+    """Whether the copies before `event` have all completed (None: nothing was in flight)."""
+    return event is None or bool(event.query())  # type: ignore[no-untyped-call]
+
+
 def to_device(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`rows` on `device`. Host rows bound for a GPU are staged in pinned memory and copied
     without blocking, on the current stream, so the scatter queued after the copy reads them in
@@ -57,11 +65,8 @@ class DeviceOrder:
     """Orders the loader's copies against vLLM's stream with CUDA events; no-ops on the CPU."""
 
     def __init__(self, device: torch.device) -> None:
-        self.stream = (
-            torch.cuda.Stream(device)  # type: ignore[no-untyped-call]  # unannotated in torch
-            if device.type == "cuda"
-            else None
-        )
+        cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if cuda else None  # type: ignore[no-untyped-call]
 
     def mark(self) -> torch.cuda.Event | None:
         """On the forward thread: an event after everything vLLM's stream has queued so far."""

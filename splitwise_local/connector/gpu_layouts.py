@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -47,12 +46,12 @@ class Case:
 
 
 LAYOUT_NAMES = ("LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC")
-SEVEN_B = {"layers": 32, "heads": 8, "head_size": 128, "block_size": 16, "num_blocks": 192}
 CASES = [
     *(Case(name, 3, 2, 8, block, 6) for name in LAYOUT_NAMES for block in (16, 32, 64)),
     *(Case(name, 3, 1, 40, 64, 4, mla=True) for name in LAYOUT_NAMES),
     *(Case(name, 3, 2, 8, 64, 4, kernel_block_size=16) for name in ("LBHNC", "LBNHC")),
-    *(Case(name, **SEVEN_B, probes=False) for name in LAYOUT_NAMES),
+    # A 7B-shaped model (32 layers, 8 KV heads of 128): shapes and strides only, no probes.
+    *(Case(name, 32, 8, 128, 16, 192, probes=False) for name in LAYOUT_NAMES),
 ]
 
 
@@ -88,14 +87,14 @@ def vllm_views(cache: torch.Tensor, case: Case) -> tuple[torch.Tensor, ...]:
     `[blocks, block_size, heads, head_size]`, or the MLA backends' `[blocks, block_size, C]`."""
     if case.mla:
         return (cache.squeeze(1),)
-    return cache.transpose(1, 2).split(case.head_size, dim=-1)
+    return torch.split(cache.transpose(1, 2), case.head_size, dim=-1)
 
 
 def whole_buffer(cache: torch.Tensor) -> torch.Tensor:
     """The flat buffer all layers are views of, in the caches' dtype."""
     storage = cache.untyped_storage()
     flat = torch.empty(0, dtype=cache.dtype, device=cache.device)
-    return flat.set_(storage, 0, (storage.nbytes() // cache.element_size(),))
+    return flat.set_(storage, 0, (storage.nbytes() // cache.element_size(),), (1,))
 
 
 def probe(case: Case, caches: list[torch.Tensor], count: int, seed: int = 0) -> list[list[int]]:
@@ -104,7 +103,8 @@ def probe(case: Case, caches: list[torch.Tensor], count: int, seed: int = 0) -> 
     generator = torch.Generator().manual_seed(seed)
     views = [vllm_views(cache, case) for cache in caches]
     blocks, size = caches[0].shape[0], caches[0].shape[2]
-    found, seen = [], set()
+    found: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()
     buffer = whole_buffer(caches[0])
     while len(found) < count:
         layer, block, position, head, kv, channel = drawn = tuple(
@@ -151,12 +151,20 @@ def write(path: Path = DATA) -> None:
 
 
 def load(path: Path = DATA) -> dict[str, Any]:
-    return json.loads(path.read_text())
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
 
 
-def layouts(data: dict[str, Any]) -> type[Enum]:
-    """vLLM's `KVCacheLayout` as carried: each member's name and stride order (its value)."""
-    return Enum("KVCacheLayout", {name: tuple(order) for name, order in data["layouts"].items()})
+class CarriedLayout(NamedTuple):
+    """A member of vLLM's `KVCacheLayout` as carried: its name and stride order (its value)."""
+
+    name: str
+    value: tuple[int, ...]
+
+
+def layouts(data: dict[str, Any]) -> dict[str, CarriedLayout]:
+    """vLLM's `KVCacheLayout` members by name, as `layout_for` reads them."""
+    return {name: CarriedLayout(name, tuple(order)) for name, order in data["layouts"].items()}
 
 
 def rebuild(entry: dict[str, Any], device: str | torch.device) -> list[torch.Tensor]:

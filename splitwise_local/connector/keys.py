@@ -40,7 +40,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -147,7 +147,7 @@ def model_fingerprint(model: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _safetensors_windows(file, size: int) -> list[tuple[int, int]] | None:
+def _safetensors_windows(file: BinaryIO, size: int) -> list[tuple[int, int]] | None:
     """The header, then the middle of every tensor; None if the file is not safetensors."""
     head = file.read(8)
     header_len = int.from_bytes(head, "little") if len(head) == 8 else 0

@@ -24,18 +24,27 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from splitwise_local.connector.cpu_packing import HalfPacking, probe_cpu_packing
 from splitwise_local.connector.device import to_device
 
-if TYPE_CHECKING:
-    from vllm.v1.kv_cache_layout import KVCacheLayout
-
 ELEMENTWISE_BELOW = 4  # fewer tokens of a block than this move element by element
 Halves = tuple[HalfPacking, HalfPacking]  # K's packing, V's
+
+
+class StrideOrder(Protocol):
+    """What `layout_for` reads of vLLM's `KVCacheLayout` (a member's name and its value, the
+    stride order of `[L, B, H, N, C]`), so a machine without vLLM can pass the layouts as
+    carried (`gpu_layouts.layouts`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def value(self) -> tuple[int, ...]: ...
 
 
 class LayerCaches:
@@ -337,7 +346,7 @@ def _check_strides(cache: torch.Tensor, name: str, order: tuple[int, ...]) -> No
 def layout_for(
     cache: torch.Tensor,
     *,
-    kv_cache_layout: KVCacheLayout,
+    kv_cache_layout: StrideOrder,
     use_mla: bool,
     heads: int,
     head_size: int,

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from splitwise_local.connector.codec import ChunkCodec, CorruptChunk
-from splitwise_local.connector.device import DeviceOrder
+from splitwise_local.connector.device import DeviceOrder, has_landed
 from splitwise_local.connector.health import StoreDown, StoreGuard
 from splitwise_local.connector.layout import KVLayout, LayerCaches, slots_for
 from splitwise_local.store.errors import StoreError
@@ -137,7 +137,7 @@ class KVLoader:
         """Requests whose load ended, and whose copies have landed, since the last call, and
         the blocks left to recompute."""
         with self._changed:
-            jobs = [job for job in self._done if job.landed is None or job.landed.query()]
+            jobs = [job for job in self._done if has_landed(job.landed)]
             self._done = [job for job in self._done if job not in jobs]
         for job in jobs:
             req_id = job.plan.req_id

@@ -50,7 +50,7 @@ class StoreLookups:
         self.wait_s = wait_s
         self.deadline_s = deadline_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitwise-lookup")
-        self._pending: dict[str, tuple[Future, float]] = {}
+        self._pending: dict[str, tuple[Future[Lookup], float]] = {}
         self._answers: dict[str, Lookup] = {}
 
     def __call__(self, req_id: str, keys: Sequence[str]) -> Lookup | None:

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from prometheus_client import REGISTRY
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
     KVConnectorStats,
+    PromMetric,
+    PromMetricT,
 )
 from vllm.v1.metrics.utils import create_metric_per_engine
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 COUNTERS: dict[str, str] = {
     "loads": "Requests whose prompt KV the connector loaded (fully or in part)",
@@ -80,8 +86,6 @@ class SplitwiseStats(KVConnectorStats):
 def _unregister_ours() -> None:
     """vLLM re-creates its stat loggers (and unregisters its own `vllm:` metrics first); do the
     same for ours, or a second registration would fail as a duplicate."""
-    from prometheus_client import REGISTRY
-
     for collector in list(REGISTRY._collector_to_names):
         if getattr(collector, "_name", "").startswith("splitwise:"):
             REGISTRY.unregister(collector)
@@ -90,7 +94,13 @@ def _unregister_ours() -> None:
 class SplitwisePromMetrics(KVConnectorPromMetrics):
     """One Prometheus counter per entry of `COUNTERS`, per engine."""
 
-    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> None:
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         _unregister_ours()
         self.counters = {
@@ -106,4 +116,5 @@ class SplitwisePromMetrics(KVConnectorPromMetrics):
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for name, value in transfer_stats_data.items():
             if name in self.counters and value:
-                self.counters[name][engine_idx].inc(value)
+                # vLLM types every metric as Gauge | Counter | Histogram; these are counters.
+                self.counters[name][engine_idx].inc(value)  # type: ignore[union-attr]

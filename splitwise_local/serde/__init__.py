@@ -11,7 +11,7 @@ chunk as missing". See `base.py` for the wire layout and each module for its sch
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from splitwise_local.config import SerdeOptions
 
 SERDES: dict[str, type[Serde]] = {cls.name: cls for cls in (NaiveSerde, KiviSerde, CacheGenSerde)}
+# The serdes that `serde_options` (bits, group_size) configure.
+QUANTIZING: dict[str, type[KiviSerde | CacheGenSerde]] = {
+    cls.name: cls for cls in (KiviSerde, CacheGenSerde)
+}
 
 __all__ = [
     "SERDES",
@@ -42,16 +46,17 @@ def make_serde(name: str, options: SerdeOptions | None = None) -> Serde:
     """The serde called `name`, configured from the config's `serde_options` (bits, group_size)."""
     if name == NaiveSerde.name:
         return NaiveSerde()
-    if name not in SERDES:
+    cls = QUANTIZING.get(name)
+    if cls is None:
         raise SerdeError(f"unknown serde {name!r}; expected one of {', '.join(SERDES)}")
     if options is None:
-        return SERDES[name]()
-    return SERDES[name](bits=options.bits, group_size=options.group_size)
+        return cls()
+    return cls(bits=options.bits, group_size=options.group_size)
 
 
 def decode_any(
     data: bytes | bytearray | memoryview, device: str | torch.device = "cpu"
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Decodes a payload written by any serde, with the parameters its header records."""
     header, body = read_payload(data)
     cls = SERDES.get(header.serde)

@@ -199,7 +199,7 @@ def view_tensor(body: memoryview, dtype: torch.dtype, offset: int, count: int) -
 def as_bytes(tensor: torch.Tensor) -> memoryview:
     """A CPU byte view of a tensor (copied off the GPU if it lives there) for `pack_payload`."""
     flat = tensor.detach().contiguous().reshape(-1).cpu()
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 class Serde(ABC):
@@ -227,7 +227,7 @@ class Serde(ABC):
     def decode_body(cls, header: Header, body: memoryview, device: torch.device) -> torch.Tensor:
         """The chunk, of `header.shape` and `header.dtype`, on `device`."""
 
-    def encode(self, kv: torch.Tensor, meta: dict | None = None) -> bytes:
+    def encode(self, kv: torch.Tensor, meta: dict[str, Any] | None = None) -> bytes:
         check_chunk(kv)
         params = self.params(kv)
         header = Header(self.name, params, kv.dtype, tuple(kv.shape), dict(meta or {}))
@@ -235,7 +235,7 @@ class Serde(ABC):
 
     def decode(
         self, data: bytes | bytearray | memoryview, device: str | torch.device = "cpu"
-    ) -> tuple[torch.Tensor, dict]:
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         header, body = read_payload(data)
         if header.serde != self.name:
             raise SerdeError(f"payload was written by serde {header.serde!r}, not {self.name!r}")
@@ -244,7 +244,7 @@ class Serde(ABC):
     @classmethod
     def decode_checked(
         cls, header: Header, body: memoryview, device: str | torch.device
-    ) -> tuple[torch.Tensor, dict]:
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Runs `decode_body`, turning malformed parameters into a SerdeError."""
         try:
             kv = cls.decode_body(header, body, torch.device(device))

@@ -342,11 +342,11 @@ class CacheGenSerde(Serde):
         base = torch.from_numpy(reader.array("<i2", n_delta).astype(np.int32))
         use_delta = np.unpackbits(reader.array("u1", -(-rows // 8)), count=rows).astype(bool)
         tables = unpack_nibbles(reader.array("u1", -(-n_tables // 2)), n_tables)
-        refine = None
+        refine: torch.Tensor | None = None
         if kvs == 2:
             count = layers * tokens * heads
-            refine = unpack_nibbles(reader.array("u1", -(-count // 2)), count)
-            refine = torch.from_numpy(refine.reshape(layers, tokens, heads).copy())
+            nibbles = unpack_nibbles(reader.array("u1", -(-count // 2)), count)
+            refine = torch.from_numpy(nibbles.reshape(layers, tokens, heads).copy()).to(device)
         model = BinModel(low, span, max_bins)
         shift = model.shift.numpy()
         offset_parts = [reader.array("u1", n) for n in offset_bytes(shift, tokens)]
@@ -360,9 +360,7 @@ class CacheGenSerde(Serde):
             delta_rows = torch.from_numpy(use_delta).to(device)
             levels[delta_rows] = undo_anchor_deltas(levels[delta_rows], base.to(device), group)
         levels = levels.view(layers, kvs, heads * size, tokens).transpose(2, 3)
-        steps = torch.tensor(steps, device=device)
-        refine = refine.to(device) if refine is not None else None
-        x = levels * element_steps(steps, refine, header.shape)
+        x = levels * element_steps(torch.tensor(steps, device=device), refine, header.shape)
         return x.to(header.dtype).reshape(header.shape)
 
 
@@ -379,7 +377,7 @@ class BodyReader:
         self.offset += nbytes
         return part
 
-    def struct(self, layout: struct.Struct) -> tuple:
+    def struct(self, layout: struct.Struct) -> tuple[Any, ...]:
         return layout.unpack(self.take(layout.size))
 
     def array(self, dtype: str, count: int) -> np.ndarray:

@@ -131,8 +131,10 @@ class Layout:
     def __init__(self, shape: tuple[int, ...], bits: int, group: int) -> None:
         layers, kv, tokens, heads, size = shape
         self.channels = heads * size
-        self.key_params = (layers, -(-tokens // group), self.channels)
-        self.value_params = (layers, tokens, -(-self.channels // group)) if kv == 2 else None
+        key_params = (layers, -(-tokens // group), self.channels)
+        value_params = (layers, tokens, -(-self.channels // group))
+        # Scales and zeros: keys' per channel group, then (kv=2) values' per token group.
+        self.param_shapes = [key_params] * 2 + ([value_params] * 2 if kv == 2 else [])
         self.codes = layers * kv * tokens * self.channels
         per_byte = 8 // bits
         self.packed = -(-self.codes // per_byte)
@@ -162,17 +164,7 @@ class KiviSerde(Serde):
         codes = torch.empty(layout.padded_codes, dtype=torch.uint8, device=kv.device)
         codes[layout.codes :].zero_()
         grid = codes[: layout.codes].view(x.shape)
-        new = {"dtype": PARAM_DTYPE, "device": kv.device}
-        key_scales, key_zeros = (
-            torch.empty(layout.key_params, **new),
-            torch.empty(layout.key_params, **new),
-        )
-        parts = [key_scales, key_zeros]
-        if layout.value_params:
-            parts += [
-                torch.empty(layout.value_params, **new),
-                torch.empty(layout.value_params, **new),
-            ]
+        parts = [torch.empty(s, dtype=PARAM_DTYPE, device=kv.device) for s in layout.param_shapes]
         for block in layer_blocks(layers, tokens * layout.channels, kv.device):
             for k, axis in enumerate((1, 2)[:kvs]):  # keys along tokens, values along channels
                 scales, zeros = parts[2 * k : 2 * k + 2]
@@ -194,9 +186,7 @@ class KiviSerde(Serde):
         bits, group = checked_params(header.params)
         layers, kvs, tokens = header.shape[:3]
         layout = Layout(header.shape, bits, group)
-        param_shapes = [layout.key_params] * 2 + (
-            [layout.value_params] * 2 if layout.value_params else []
-        )
+        param_shapes = layout.param_shapes
         itemsize = torch.empty(0, dtype=PARAM_DTYPE).element_size()
         expected = sum(torch.Size(s).numel() for s in param_shapes) * itemsize + layout.packed
         if body.nbytes != expected:

@@ -42,7 +42,7 @@ class NaiveSerde(Serde):
         return [as_bytes(kv)]
 
     def encode_into(
-        self, kv: torch.Tensor, out: bytearray | memoryview, meta: dict | None = None
+        self, kv: torch.Tensor, out: bytearray | memoryview, meta: dict[str, Any] | None = None
     ) -> int:
         """Writes the payload of `kv` at the start of the writable buffer `out` (the tensor is
         copied once, straight from its device); returns the payload's length."""
