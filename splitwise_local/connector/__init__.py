@@ -10,7 +10,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name == "SplitwiseConnector":
-        from splitwise_local.connector.connector import SplitwiseConnector
+        from splitwise_local.connector.connector import SplitwiseConnector  # imports vLLM
 
         return SplitwiseConnector
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,8 +6,8 @@ body byte, with a fresh random nonce; its nonce and tag ride in the header's `me
 recomputes it, so a chunk written by anyone without the token, or moved from another key, or
 with any byte changed, is a `CorruptChunk` and its tokens are recomputed. GMAC is a real MAC
 that runs at memcpy speed with AES-NI and carry-less multiply (every x86-64 and aarch64
-server), about 1.5x the cost of the xxh3 it replaces; a MAC over the xxh3 digests alone would
-be cheaper but worth no more than xxh3, which an adversary can collide.
+server), about 1.5x the cost of xxh3 checksums; a MAC over the xxh3 digests alone would be
+cheaper but worth no more than xxh3, which an adversary can collide.
 
 Without a secret, every chunk carries one xxh3 digest per layer instead, computed from the KV
 the engine wrote. With a lossless serde the reader recomputes them, so a flipped byte

@@ -32,6 +32,8 @@ def probe_cpu_packing(
     `[2 * block_size * head_size]` region: [0] for K, [1] for V. Found by writing each digit of
     the token and channel indices through `cpu_attn_reshape_and_cache` and reading them back.
     """
+    # vLLM's CPU kernels: imported when a CPU cache is adapted, so that GPU machines without
+    # vLLM (scripts/gpu_check.sh) can import the adapters.
     from vllm._custom_ops import cpu_attn_reshape_and_cache
 
     tokens = torch.arange(block_size).view(block_size, 1, 1).expand(block_size, 1, head_size)

@@ -57,6 +57,7 @@ CASES = [
 
 def vllm_caches(case: Case, device: str | torch.device = "cpu") -> list[torch.Tensor]:
     """The per-layer caches vLLM 0.32's model runner allocates for `case`, in layer order."""
+    # vLLM only where the data is made from it: `rebuild` and the check run without vLLM.
     from vllm.config import VllmConfig
     from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, MLAAttentionSpec
@@ -139,6 +140,7 @@ def describe(case: Case) -> dict[str, Any]:
 
 
 def write(path: Path = DATA) -> None:
+    # vLLM only where the data is made from it, as in `vllm_caches`.
     import vllm
     from vllm.v1.kv_cache_layout import KVCacheLayout
 

@@ -176,6 +176,8 @@ def _model_folder(model: str | Path) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    # Only a model named by Hub id needs the Hub's client, and importing it costs the proxy,
+    # which imports this module, about 0.2 s.
     from huggingface_hub import snapshot_download
 
     try:

@@ -363,6 +363,7 @@ def layout_for(
     if cache.device.type == "cpu" and not use_mla:
         if name != "LBHNC" or cache.shape[2] != block_size:
             raise NotImplementedError(f"vLLM's CPU attention packs LBHNC blocks, not {name}")
+        # Imported here for the same reason as the kernel in `probe_cpu_packing`.
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
         isa = _get_attn_isa(cache.dtype, block_size, head_size)

@@ -136,16 +136,8 @@ def prompt_chunks(
     ]
 
 
-def stored_chunks(exists: Callable[[Sequence[str]], int], chunks: Sequence[ChunkRef]) -> int:
-    """How many of `chunks`, from the first, the store holds on every rank (one query)."""
-    if not chunks:
-        return 0
-    ranks = len(chunks[0].keys)
-    return exists([key for chunk in chunks for key in chunk.keys]) // ranks
-
-
 def chunk_keys_of(chunks: Sequence[ChunkRef]) -> list[str]:
-    """Every rank's key of every chunk, chunk-major: what `stored_chunks` asks about."""
+    """Every rank's key of every chunk, chunk-major: what the store's prefix query asks about."""
     return [key for chunk in chunks for key in chunk.keys]
 
 
