@@ -36,7 +36,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
 from splitwise_local.config import SplitwiseConfig, load_config
-from splitwise_local.connector.codec import ChunkCodec
+from splitwise_local.connector.codec import LOSSLESS_SERDES, ChunkCodec
 from splitwise_local.connector.health import StoreDown, StoreGuard
 from splitwise_local.connector.keys import (
     KeyIdentity,
@@ -150,7 +150,8 @@ class SplitwiseConnector(KVConnectorBase_V1):
         answer_wait_s = 0.0 if self.is_consumer else ANSWER_WAIT_S
         self.answer_wait_s = float(extra.get("save_answer_wait_s", answer_wait_s))
         # The last-token overwrite (LoadPlan.tail): only with a lossless serde, never lossy.
-        self.keep_tail = self.config.remote_serde == "naive" and extra.get("keep_tail", True)
+        lossless = self.config.remote_serde in LOSSLESS_SERDES
+        self.keep_tail = lossless and bool(extra.get("keep_tail", True))
         self.counters = Counters()
         self._store: KVBackend | None = None
         self._guard = StoreGuard(f"{role.name.lower()} loads")  # saves have their own
