@@ -219,17 +219,11 @@ def moves_for(
     )
 
 
-def transfer(
-    entry: dict[str, Any],
-    layouts: dict[str, CarriedLayout],
-    device: torch.device,
-    setup: Setup,
-    client: ShmClient,
-) -> dict[str, Any]:
+def transfer(moves: Moves, repeats: int) -> dict[str, Any]:
     """Save, store and load one prompt's KV through the connector's own functions, timed."""
-    moves = moves_for(entry, layouts, device, setup, client)
+    device = moves.source.device
     times: dict[str, list[float]] = {"save": [], "store": [], "load": []}
-    for attempt in range(setup.repeats + 1):  # the first warms caches and allocators
+    for attempt in range(repeats + 1):  # the first warms caches and allocators
         for name, action in (("save", moves.save), ("store", moves.store), ("load", moves.load)):
             took = timed(device, action)
             if attempt:
@@ -242,7 +236,7 @@ def transfer(
     nbytes = sum(rows.numel() * rows.element_size() for rows in moves.held)
     seconds = {name: statistics.median(values) for name, values in times.items()}
     return {
-        "layout": entry["case"]["layout"],
+        "layout": layout.kv_cache_layout,
         "adapter": layout.name,
         "bytes": nbytes,
         **{f"{name}_s": value for name, value in seconds.items()},
@@ -330,7 +324,8 @@ def run_check(setup: Setup, device: torch.device) -> dict[str, Any]:
     ).start()
     client = ShmClient(server.shm_name)
     try:
-        transfers = [transfer(e, layouts, device, setup, client) for e in entries]
+        transfers = [transfer(moves_for(e, layouts, device, setup, client), setup.repeats)
+                     for e in entries]  # fmt: skip
     finally:
         client.close()
         server.stop()

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,6 +57,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger("splitwise_local.connector")
 QUEUE_BYTES = 512 << 20
 ANSWER_WAIT_S = 1.0
+
+
+@dataclass
+class _Taken:
+    """One plan's chunks, copied out of the paged cache in their step, queued for the store."""
+
+    plan: SavePlan
+    rows: list[torch.Tensor]
+    copied: torch.cuda.Event | None  # after the rows' device-to-host copies (GPU)
+    seconds: float  # spent gathering them, in the step
+    size: int  # bytes the queue counts for them
 
 
 class KVSaver:
@@ -146,8 +158,8 @@ class KVSaver:
             slots = slots_for(plan.block_ids, chunk.start, chunk.end, self.layout.block_size)
             rows.append(to_host(self.layout.gather(self.caches, slots)))
         copied = copies_done(self.caches.device)
-        gathered = time.perf_counter() - started
-        return self._executor.submit(self._put, plan, rows, copied, gathered, size)
+        taken = _Taken(plan, rows, copied, time.perf_counter() - started, size)
+        return self._executor.submit(self._put, taken)
 
     def _wait_for(self, answers: list[tuple[SavePlan, Future[None]]]) -> None:
         """At most `answer_wait_s` for the puts of chunks that complete a prompt; an answer sent
@@ -176,42 +188,30 @@ class KVSaver:
                 plan.req_id, plan.chunks[0].start, reason,
             )  # fmt: skip
 
-    def _put(
-        self,
-        plan: SavePlan,
-        rows: list[torch.Tensor],
-        copied: torch.cuda.Event | None,
-        gathered: float,
-        size: int,
-    ) -> None:
+    def _put(self, taken: _Taken) -> None:
         """On the save thread: never raises (the result is counted and logged)."""
         try:
             self.guard.check()  # a store that failed meanwhile: the queue drains at once
-            self._store(plan, rows, copied, gathered)
+            self._store(taken)
         except StoreDown as exc:
-            self._give_up(plan, "save_failures", f"skipped: {exc}")
+            self._give_up(taken.plan, "save_failures", f"skipped: {exc}")
         except Exception as exc:  # the store's errors, or a bug of ours: the cache pays
             self.guard.failed(exc)
-            self._give_up(plan, "save_failures", f"{type(exc).__name__}: {exc}")
+            self._give_up(taken.plan, "save_failures", f"{type(exc).__name__}: {exc}")
         finally:
             with self._lock:
-                self._queued -= size
+                self._queued -= taken.size
                 self._behind = self._behind and self._queued > 0
 
-    def _store(
-        self,
-        plan: SavePlan,
-        rows: list[torch.Tensor],
-        copied: torch.cuda.Event | None,
-        gathered: float,
-    ) -> None:
+    def _store(self, taken: _Taken) -> None:
         started = time.perf_counter()
-        if copied is not None:
-            copied.synchronize()  # the GPU-to-host copies of these chunks have landed
+        if taken.copied is not None:
+            taken.copied.synchronize()  # the GPU-to-host copies of these chunks have landed
+        plan = taken.plan
         keys = [chunk.keys[self.rank] for chunk in plan.chunks]
         backend = self._backend()
         stored = backend.exists(keys)  # a shared prefix is in the store already
-        todo = zip(keys[stored:], rows[stored:], strict=True)
+        todo = zip(keys[stored:], taken.rows[stored:], strict=True)
         items = [(key, self.codec.encode(kv, key)) for key, kv in todo]
         backend.put_many(items)
         self.guard.ok()
@@ -223,7 +223,7 @@ class KVSaver:
             )  # fmt: skip
         tokens = sum(chunk.end - chunk.start for chunk in put)
         size = sum(len(value) for _, value in items)
-        seconds = gathered + time.perf_counter() - started
+        seconds = taken.seconds + time.perf_counter() - started
         self.counters.add(saves=1, saved_tokens=tokens, saved_bytes=size, save_seconds=seconds)
         logger.info(
             "splitwise save req=%s tokens=%d chunks=%d bytes=%d already_stored=%d ms=%.1f",
