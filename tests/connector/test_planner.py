@@ -1,5 +1,7 @@
 """The scheduler-side plan: what is loaded and saved, step by step (vLLM's async protocol)."""
 
+from dataclasses import replace
+
 import pytest
 
 from splitwise_local.connector.health import StoreDown
@@ -185,8 +187,6 @@ def test_the_chunk_holding_only_the_last_token_is_fetched_for_the_tail():
 
 
 def test_each_rank_must_hold_a_chunk_for_it_to_count():
-    from dataclasses import replace
-
     identity = replace(IDENTITY, tp_size=2)
     chunks = prompt_chunks(identity, PROMPT)
     stored = {k for c in chunks for k in c.keys} - {chunks[1].keys[1]}

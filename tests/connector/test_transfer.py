@@ -18,7 +18,7 @@ from splitwise_local.bench.slow_store import hold_writes
 from splitwise_local.connector.codec import ChunkCodec
 from splitwise_local.connector.health import StoreGuard
 from splitwise_local.connector.keys import KeyIdentity
-from splitwise_local.connector.layout import LayerCaches, PagedLayout
+from splitwise_local.connector.layout import LayerCaches, PagedLayout, slots_for
 from splitwise_local.connector.loader import KVLoader
 from splitwise_local.connector.metrics import Counters
 from splitwise_local.connector.planner import LoadPlan, SavePlan, prompt_chunks
@@ -92,8 +92,6 @@ def load(chunks, backend, *, end=TOKENS - 1, tail=TOKENS - 1, guard=None, codec=
 
 
 def token_rows(caches: LayerCaches, blocks: list[int], start: int, end: int) -> torch.Tensor:
-    from splitwise_local.connector.layout import slots_for
-
     return LAYOUT.gather(caches, slots_for(blocks, start, end, 16))
 
 
