@@ -130,7 +130,8 @@ class KVSaver:
         answers = []
         for plan in plans:
             job = self._queue(plan)
-            if job and plan.completes_prompt and self.answer_wait_s > 0 and not behind:
+            waits = plan.completes_prompt and self.answer_wait_s > 0 and not behind
+            if job is not None and waits:
                 answers.append((plan, job))
         if answers:
             self._wait_for(answers)
