@@ -17,7 +17,7 @@ import pytest
 
 from splitwise_local.bench import vllm_client
 from splitwise_local.cli import main
-from tests.launcher.helpers import READY, Launch, Ports, leftovers, sweep
+from tests.serve.helpers import READY, Launch, Ports, leftovers, sweep
 
 PROMPTS, INPUT_LEN, OUTPUT_LEN = 3, 96, 8
 

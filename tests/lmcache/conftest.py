@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")  # before lmcache is first imported
 
 from splitwise_local.bench.store_lmcache import LMCacheClient
-from tests.launcher.conftest import fake_model  # noqa: F401  (shared fixtures)
+from tests.serve.conftest import fake_model  # noqa: F401  (shared fixtures)
 from tests.store.conftest import make_server, server  # noqa: F401
 
 MiB = 1024 * 1024

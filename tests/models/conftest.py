@@ -14,9 +14,9 @@ import pytest
 
 from splitwise_local.models.checkpoint import DEFAULT_MODEL_NAME, prepare_default_model
 from splitwise_local.models.tiny_deepseek import prepare_tiny_deepseek
-from tests.launcher.helpers import free_ports
 from tests.models.fake_hub import FakeHub
 from tests.proxy.servers import Servers
+from tests.serve.helpers import free_ports
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # SHORT_NAMES["SmolLM2-135M-Instruct"]
 TINY_ID = "splitwise-local/tiny-deepseek-v2"  # not on the real Hub: built here

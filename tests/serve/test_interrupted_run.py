@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from splitwise_local.serve.process import alive, tagged
-from tests.launcher.helpers import FAKE_VLLM
+from tests.serve.helpers import FAKE_VLLM
 
 pytestmark = pytest.mark.timeout(180)
 GONE_WITHIN_S = 10.0
@@ -57,7 +57,7 @@ INNER_LAUNCH = INNER_TEST.replace(
     system = start_system(Path(os.environ["RUN_ROOT"]), model, SplitwiseConfig(), roles)
     yield system
     system.stop()""",
-    """    from tests.launcher.helpers import Ports, free_ports, launch_fake
+    """    from tests.serve.helpers import Ports, free_ports, launch_fake
 
     root = Path(os.environ["RUN_ROOT"]).parent  # launch_fake runs in root / "run"
     system = launch_fake(root, Ports(*free_ports(5)), Path(os.environ["FAKE_MODEL"]))

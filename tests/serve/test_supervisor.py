@@ -27,7 +27,7 @@ from splitwise_local.serve.supervisor import (
     StartupError,
     Supervisor,
 )
-from tests.launcher.helpers import FAKE_VLLM, TRIGGER
+from tests.serve.helpers import FAKE_VLLM, TRIGGER
 
 pytestmark = pytest.mark.timeout(180)
 START_TIMEOUT_S = 60.0  # a hang guard: a fake engine starts in a second or two

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise_local.store import StoreFull, open_backend
-from tests.launcher.helpers import free_ports
+from tests.serve.helpers import free_ports
 from tests.store.helpers import unique_name
 
 PAGE = 4096

@@ -26,8 +26,8 @@ from splitwise_local.bench.launched import open_store
 from splitwise_local.bench.scrape import total
 from splitwise_local.config import load_config
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
-from tests.launcher.helpers import Launch, Ports, leftovers, sweep
 from tests.proxy.routes import route_of, routes_counted
+from tests.serve.helpers import Launch, Ports, leftovers, sweep
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
 STARTUP_TIMEOUT_S = 900

@@ -9,7 +9,7 @@ import pytest
 
 from splitwise_local.bench.scrape import total
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
-from tests.launcher.helpers import Launch, Ports, free_ports, leftovers, sweep
+from tests.serve.helpers import Launch, Ports, free_ports, leftovers, sweep
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
 

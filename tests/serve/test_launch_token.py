@@ -12,7 +12,7 @@ import pytest
 from splitwise_local.config import load_config
 from splitwise_local.store import AuthError, open_backend
 from splitwise_local.store.client import ShmClient, StoreClient
-from tests.launcher.helpers import READY, launch_fake
+from tests.serve.helpers import READY, launch_fake
 
 pytestmark = pytest.mark.timeout(120)
 

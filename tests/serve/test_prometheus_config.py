@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.launcher.helpers import (
+from tests.serve.helpers import (
     READY,
     Launch,
     Ports,

@@ -18,7 +18,7 @@ from splitwise_local.bench.launched import open_store
 from splitwise_local.bench.scrape import total, value
 from splitwise_local.samples import SAMPLES, ask, chat_request
 from splitwise_local.serve.process import tagged
-from tests.launcher.helpers import READY, TRIGGER, launch_fake, leftovers
+from tests.serve.helpers import READY, TRIGGER, launch_fake, leftovers
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 from splitwise_local.samples import SAMPLES, chat_request
-from tests.launcher.helpers import READY, Launch, Ports, free_ports, leftovers, sweep
 from tests.models.conftest import (  # noqa: F401  (shared fixtures: the cache and its Hub)
     SMOLLM2_ID,
     fake_hub_url,
@@ -25,6 +24,7 @@ from tests.models.conftest import (  # noqa: F401  (shared fixtures: the cache a
     hub_env,
     tiny_deepseek_dir,
 )
+from tests.serve.helpers import READY, Launch, Ports, free_ports, leftovers, sweep
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
 STARTUP_TIMEOUT_S = 900

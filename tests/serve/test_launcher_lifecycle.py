@@ -20,7 +20,7 @@ from splitwise_local.bench import scrape
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
 from splitwise_local.serve.ports import bind_problem
 from splitwise_local.serve.process import alive
-from tests.launcher.helpers import READY, Ports, events, launch_fake, leftovers
+from tests.serve.helpers import READY, Ports, events, launch_fake, leftovers
 
 pytestmark = pytest.mark.timeout(120)
 GONE_WITHIN_S = 10.0  # after kill -9 of the launcher, every child is gone by then

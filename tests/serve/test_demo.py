@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from splitwise_local.proxy.fake_engine import FakeBehaviour
-from tests.launcher.helpers import Launch, fake_env, leftovers, sweep
+from tests.serve.helpers import Launch, fake_env, leftovers, sweep
 
 pytestmark = pytest.mark.timeout(120)
 DEMO = Path(__file__).resolve().parents[2] / "scripts" / "demo.sh"
