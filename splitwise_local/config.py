@@ -2,9 +2,11 @@
 
 The seed configured LMCache with a small YAML file; users know those keys, so they stay:
 `chunk_size`, `local_device`, `remote_url`, `remote_serde`, `max_local_cpu_size` (GB) and
-`pipelined_backend`. A few keys of our own sit beside them (serde parameters, the store's auth
-token, Mooncake settings). Anything else is a mistake and is rejected with the key and the file
-named, because a misspelt key that is silently ignored is the worst kind of config bug.
+`pipelined_backend`, and LMCache's disk tier, `local_disk` (a directory, `file://` allowed) with
+`max_local_disk_size` (GB), which the store keeps below its DRAM. A few keys of our own sit beside
+them (serde parameters, the store's auth token, Mooncake settings). Anything else is a mistake and
+is rejected with the key and the file named, because a misspelt key that is silently ignored is the
+worst kind of config bug.
 
 Environment overrides: `SPLITWISE_<KEY>` (upper case, e.g. `SPLITWISE_CHUNK_SIZE=32`) wins over
 the file. The config file itself comes from `--config`, else `SPLITWISE_CONFIG_FILE`, else
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "SPLITWISE_"
 CONFIG_ENV_VARS = ("SPLITWISE_CONFIG_FILE", "LMCACHE_CONFIG_FILE")
@@ -70,6 +72,13 @@ class SplitwiseConfig(BaseModel):
     max_local_cpu_size: float = Field(
         default=2.0, gt=0, le=4096, description="GB of KV the store may hold"
     )
+    local_disk: str | None = Field(
+        default=None,
+        description="directory of the store's disk tier below DRAM (file:// allowed); none: DRAM",
+    )
+    max_local_disk_size: float = Field(
+        default=0.0, ge=0, description="GB of files the store's disk tier may hold"
+    )
     pipelined_backend: bool = Field(
         default=False,
         description="LMCache's use_layerwise; our connector loads asynchronously and ignores it",
@@ -85,6 +94,23 @@ class SplitwiseConfig(BaseModel):
         if not sep or scheme not in REMOTE_SCHEMES or not rest:
             raise ValueError(f"expected one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}...")
         return value
+
+    @field_validator("local_disk")
+    @classmethod
+    def _disk_path(cls, value: str | None) -> str | None:
+        """LMCache's form `file:///path/` or a plain path; one directory (no sharding)."""
+        if value is None:
+            return None
+        path = value.removeprefix("file://")
+        if not path or "," in path:
+            raise ValueError("expected one directory (LMCache's path list is not supported)")
+        return path
+
+    @model_validator(mode="after")
+    def _disk_has_room(self) -> SplitwiseConfig:
+        if self.local_disk and self.max_local_disk_size <= 0:
+            raise ValueError("local_disk needs max_local_disk_size > 0 (GB)")
+        return self
 
 
 def _describe(error: ValidationError, source: str) -> str:

@@ -1,4 +1,4 @@
-"""Which key lives where in the arena: the LRU index, pins, eviction and the counters.
+"""Which key lives where in the arena: the DRAM tier's LRU index, pins, eviction, counters.
 
 A value goes through three states. `reserve` gives pages but nobody can see them (pending);
 a value arriving over a socket instead `open`s an empty pending slot and `grow`s it as its
@@ -12,9 +12,12 @@ being overwritten.
 
 Every value and every counter belongs to a protocol (ours, LMCache's): the one whose client
 wrote the value or asked for it. The arena and the LRU are shared; the accounting is kept per
-protocol so a dashboard can tell whose puts fill the store and whose reads miss.
+protocol so a dashboard can tell whose puts fill the store and whose reads miss, and per tier
+(`tiers.py` puts a disk below this one) so it can tell which tier served them.
 
 All methods are thread-safe; the lock is held for bookkeeping only, never while bytes move.
+The `_committed`, `_deleted` and `_below` hooks, called with the lock held, are where a lower
+tier hears of puts and deletes and answers lookups; here they do nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
@@ -53,6 +56,7 @@ class Slot:
     pins: int = 0
     state: SlotState = SlotState.PENDING
     protocol: str = OURS  # whose client wrote it
+    tag: bytes = b""  # what its protocol keeps beside the value (LMCache: fmt, dtype, shape)
 
     @property
     def pages(self) -> int:
@@ -63,36 +67,43 @@ class Slot:
 class Counters:
     """One protocol's share: what its clients did, and what the store holds for them."""
 
-    hits: int = 0  # values asked for and found (get, lease)
-    misses: int = 0  # values asked for and absent
+    hits: int = 0  # values asked for and found (get, lease), in any tier
+    misses: int = 0  # values asked for and absent from every tier
     lookup_hits: int = 0  # keys an exists query found
     lookup_misses: int = 0  # exists queries that stopped at an absent key
     puts: int = 0  # values committed
-    evictions: int = 0  # values evicted to make room
+    evictions: int = 0  # values evicted from DRAM to make room
     aborted: int = 0  # values reserved, never committed (a failed or abandoned write)
     refused: int = 0  # puts rejected: too large, or no room (all pinned or being written)
     bytes_written: int = 0  # bytes of committed values
     bytes_read: int = 0  # bytes of values handed to readers
-    items: int = 0  # values held now
-    bytes: int = 0  # bytes held now
+    items: int = 0  # values held in DRAM now
+    bytes: int = 0  # bytes held in DRAM now
 
 
 TOTALS = tuple(counter.name for counter in fields(Counters))
 
 
 @dataclass
+class TierCounters:
+    """One tier's traffic, the protocols together."""
+
+    hits: int = 0  # values asked of this tier and found in it
+    misses: int = 0  # values asked of this tier and not found (the next tier is asked)
+    writes: int = 0  # values written into it (DRAM: puts and promotions from disk; disk: files)
+    evictions: int = 0  # values evicted (least recently used) to keep it within its cap
+    errors: int = 0  # DRAM: puts refused; disk: failed writes, corrupt or unreadable files
+
+
 class StoreIndex:
     """The store's state over a page allocator; the bytes themselves live in the arena."""
 
-    allocator: PageAllocator
-    max_value: int
-    counters: dict[str, Counters] = field(
-        default_factory=lambda: {name: Counters() for name in PROTOCOLS}
-    )
-
-    def __post_init__(self) -> None:
-        self.capacity = self.allocator.num_pages * self.allocator.page_size
-        self.max_value = min(self.max_value, self.capacity)
+    def __init__(self, allocator: PageAllocator, max_value: int) -> None:
+        self.allocator = allocator
+        self.capacity = allocator.num_pages * allocator.page_size
+        self.max_value = min(max_value, self.capacity)
+        self.counters = {name: Counters() for name in PROTOCOLS}
+        self.dram = TierCounters()
         self._index: OrderedDict[bytes, Slot] = OrderedDict()
         self._lock = threading.Lock()
         self._pending = 0
@@ -100,16 +111,17 @@ class StoreIndex:
 
     def reserve(self, length: int, protocol: str = OURS) -> Slot:
         """Pages for a value about to be written, evicting LRU values to make room."""
-        need = self.allocator.pages_for(length)
         with self._lock:
             if length > self.max_value:
-                self.counters[protocol].refused += 1
+                self._refuse(protocol)
                 raise ValueTooLarge(
                     f"value of {length} bytes exceeds the store's largest value ({self.max_value})"
                 )
-            runs = self._allocate(need, length, protocol)
-            self._pending += 1
-            return Slot(length, runs, self.allocator.extents(runs, length), protocol=protocol)
+            slot = self._take(length, protocol)
+            if slot is None:
+                self._refuse(protocol)
+                raise StoreFull(f"no room for {length} bytes: the rest is pinned or being written")
+            return slot
 
     def open(self, protocol: str = OURS) -> Slot:
         """An empty pending slot, for a value whose pages `grow` adds as its bytes arrive."""
@@ -142,102 +154,74 @@ class StoreIndex:
         before a single byte of it is stored."""
         if lengths and max(lengths) > self.max_value:
             with self._lock:
-                self.counters[protocol].refused += 1
+                self._refuse(protocol)
             raise ValueTooLarge(f"value of {max(lengths)} bytes exceeds {self.max_value}")
 
     def commit(self, slot: Slot, key: bytes, length: int) -> None:
         """Makes the first `length` bytes of a reserved slot visible under `key` to every
         reader, replacing any older value; pages beyond `length` go back to the free pool."""
         with self._lock:
-            if slot.state is not SlotState.PENDING:
-                raise ValueError(f"cannot commit a {slot.state.value} slot")
-            if length > slot.length:
-                raise ValueError(f"{length} bytes do not fit a slot of {slot.length}")
-            self._pending -= 1
-            self._trim(slot, length)
-            slot.key = key
-            old = self._index.pop(slot.key, None)
-            if old is not None:
-                self._unlink(old)
-            slot.state = SlotState.LIVE
-            self._index[slot.key] = slot
+            self._commit(slot, key, length)
             counters = self.counters[slot.protocol]
-            counters.items += 1
-            counters.bytes += slot.length
             counters.puts += 1
             counters.bytes_written += slot.length
+            self._committed(slot)
 
     def abort(self, slot: Slot) -> None:
         """Frees a reserved value nobody has seen (a failed or abandoned write)."""
         with self._lock:
-            if slot.state is SlotState.PENDING:
-                self._pending -= 1
-                self.counters[slot.protocol].aborted += 1
-                self._free(slot)
+            self._abort(slot)
 
     def acquire(self, keys: Sequence[bytes], protocol: str = OURS) -> list[Slot | None]:
         """Pins and returns the values present (None for a miss); release each one later."""
-        found: list[Slot | None] = []
         with self._lock:
-            counters = self.counters[protocol]
-            for key in keys:
-                slot = self._index.get(key)
-                if slot is None:
-                    counters.misses += 1
-                else:
-                    counters.hits += 1
-                    counters.bytes_read += slot.length
-                    self._index.move_to_end(key)
-                    if slot.pins == 0:
-                        self._pinned += 1
-                    slot.pins += 1
-                found.append(slot)
+            found = self._lookup(keys)
+            self._count_reads(found, protocol)
         return found
 
     def release(self, slots: Sequence[Slot]) -> None:
         with self._lock:
             for slot in slots:
-                slot.pins -= 1
-                if slot.pins == 0:
-                    self._pinned -= 1
-                    if slot.state is SlotState.DROPPED:
-                        self._free(slot)
+                self._unpin(slot)
 
     def exists_prefix(self, keys: Sequence[bytes], protocol: str = OURS, touch: bool = True) -> int:
-        """How many of `keys`, in order, are present; those are refreshed as recently used
-        unless `touch` is false."""
+        """How many of `keys`, in order, are present in any tier; those are refreshed as
+        recently used unless `touch` is false."""
         with self._lock:
             counters = self.counters[protocol]
             for n, key in enumerate(keys):
-                if key not in self._index:
+                if key in self._index:
+                    if touch:
+                        self._index.move_to_end(key)
+                elif not self._below(key, touch):
                     counters.lookup_hits += n
                     counters.lookup_misses += 1
                     return n
-                if touch:
-                    self._index.move_to_end(key)
             counters.lookup_hits += len(keys)
             return len(keys)
 
     def delete(self, key: bytes) -> bool:
+        """Removes `key` from every tier; whether any held it."""
         with self._lock:
+            below = self._deleted(key)
             slot = self._index.pop(key, None)
-            if slot is None:
-                return False
-            self._unlink(slot)
-            return True
+            if slot is not None:
+                self._unlink(slot)
+            return slot is not None or below
 
     def keys(self) -> list[bytes]:
-        """The visible keys, least recently used first (the eviction order)."""
+        """The keys in DRAM, least recently used first (the eviction order)."""
         with self._lock:
             return list(self._index)
 
     def stats(self) -> dict[str, Any]:
         """Totals over the protocols at the top level, each protocol's share under
-        `protocols`."""
+        `protocols`, each tier's numbers under `tiers`."""
         with self._lock:
             page_size = self.allocator.page_size
             shares = {name: vars(counters).copy() for name, counters in self.counters.items()}
             totals = {field: sum(share[field] for share in shares.values()) for field in TOTALS}
+            dram = {"items": totals["items"], "bytes": totals["bytes"], "capacity": self.capacity}
             return {
                 **totals,
                 "capacity": self.capacity,
@@ -247,11 +231,108 @@ class StoreIndex:
                 "pending": self._pending,
                 "pinned": self._pinned,
                 "protocols": shares,
+                "tiers": {"dram": {**dram, **vars(self.dram)}},
             }
+
+    def close(self) -> None:
+        """Stops what the tiers below run in the background; the DRAM tier runs nothing."""
+
+    # -- hooks for a tier below (lock held) -------------------------------------------------
+
+    def _committed(self, slot: Slot) -> None:
+        """A put made `slot` the value of its key."""
+
+    def _deleted(self, key: bytes) -> bool:
+        """`key` was deleted; whether a lower tier held it."""
+        return False
+
+    def _below(self, key: bytes, touch: bool) -> bool:
+        """Whether a lower tier holds `key` (refreshed there as recently used if `touch`)."""
+        return False
+
+    # -- bookkeeping (lock held) ------------------------------------------------------------
+
+    def _commit(self, slot: Slot, key: bytes, length: int) -> None:
+        if slot.state is not SlotState.PENDING:
+            raise ValueError(f"cannot commit a {slot.state.value} slot")
+        if length > slot.length:
+            raise ValueError(f"{length} bytes do not fit a slot of {slot.length}")
+        self._pending -= 1
+        self._trim(slot, length)
+        slot.key = key
+        old = self._index.pop(slot.key, None)
+        if old is not None:
+            self._unlink(old)
+        slot.state = SlotState.LIVE
+        self._index[slot.key] = slot
+        counters = self.counters[slot.protocol]
+        counters.items += 1
+        counters.bytes += slot.length
+        self.dram.writes += 1
+
+    def _abort(self, slot: Slot) -> None:
+        if slot.state is SlotState.PENDING:
+            self.counters[slot.protocol].aborted += 1
+            self._discard(slot)
+
+    def _discard(self, slot: Slot) -> None:
+        """Frees a pending slot."""
+        self._pending -= 1
+        self._free(slot)
+
+    def _take(self, length: int, protocol: str) -> Slot | None:
+        """A pending slot of `length` bytes, evicting LRU values; None if that cannot free
+        enough."""
+        need = self.allocator.pages_for(length)
+        if not self._make_room(need):
+            return None
+        runs = self.allocator.allocate(need)
+        assert runs is not None  # _make_room freed enough
+        self._pending += 1
+        return Slot(length, runs, self.allocator.extents(runs, length), protocol=protocol)
+
+    def _lookup(self, keys: Sequence[bytes]) -> list[Slot | None]:
+        """The DRAM values of `keys`, pinned and refreshed (None where absent)."""
+        found: list[Slot | None] = []
+        for key in keys:
+            slot = self._index.get(key)
+            if slot is None:
+                self.dram.misses += 1
+            else:
+                self.dram.hits += 1
+                self._index.move_to_end(key)
+                self._pin(slot)
+            found.append(slot)
+        return found
+
+    def _count_reads(self, found: Sequence[Slot | None], protocol: str) -> None:
+        counters = self.counters[protocol]
+        for slot in found:
+            if slot is None:
+                counters.misses += 1
+            else:
+                counters.hits += 1
+                counters.bytes_read += slot.length
+
+    def _pin(self, slot: Slot) -> None:
+        if slot.pins == 0:
+            self._pinned += 1
+        slot.pins += 1
+
+    def _unpin(self, slot: Slot) -> None:
+        slot.pins -= 1
+        if slot.pins == 0:
+            self._pinned -= 1
+            if slot.state is SlotState.DROPPED:
+                self._free(slot)
+
+    def _refuse(self, protocol: str) -> None:
+        self.counters[protocol].refused += 1
+        self.dram.errors += 1
 
     def _allocate(self, need: int, length: int, protocol: str) -> list[Run]:
         if not self._make_room(need):
-            self.counters[protocol].refused += 1
+            self._refuse(protocol)
             raise StoreFull(f"no room for {length} bytes: the rest is pinned or being written")
         runs = self.allocator.allocate(need)
         assert runs is not None  # _make_room freed enough
@@ -276,6 +357,7 @@ class StoreIndex:
             del self._index[slot.key]
             self._unlink(slot)
             self.counters[slot.protocol].evictions += 1
+            self.dram.evictions += 1
         return True
 
     def _unlink(self, slot: Slot) -> None:

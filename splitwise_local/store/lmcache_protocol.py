@@ -17,10 +17,10 @@ under the very same bytes, padding stripped, so our own client's `exists`/`get` 
 string sees the value LMCache put, byte for byte. LMCache keys always contain `@`; the
 connector's keys are hex digests, so the two never collide.
 
-The fmt, dtype and shape a value was put with are kept beside it (`LMCacheFrontend.tags`,
-keyed by the value's index slot, so they live exactly as long as the value) and come back in
-the GET reply; a value our own protocol stored is described as LMCache's own opaque byte
-buffer (format BINARY_BUFFER, no dtype, shape [length, 0, 0, 0]).
+The fmt, dtype and shape a value was put with are kept beside it (in its index slot's `tag`,
+so they live exactly as long as that stored version of the value, and go to the disk tier and
+back with it) and come back in the GET reply; a value our own protocol stored is described as
+LMCache's own opaque byte buffer (format BINARY_BUFFER, no dtype, shape [length, 0, 0, 0]).
 
 The store's limits hold here too: the first request must arrive by the connection's pass
 deadline and until it has, the connection counts as unauthenticated (the protocol carries no
@@ -35,7 +35,6 @@ import logging
 import socket
 import struct
 import time
-import weakref
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -50,6 +49,7 @@ log = logging.getLogger(__name__)
 MAX_KEY = 150  # lmcache.v1.protocol.MAX_KEY_LENGTH
 REQUEST = struct.Struct(f"<9i{MAX_KEY}s")  # ClientMetaMessage
 REPLY = struct.Struct("<9i")  # ServerMetaMessage
+_TAG = struct.Struct("<6i")  # fmt, dtype, shape: as a slot's tag
 SUCCESS = 200  # ServerReturnCode
 FAIL = 400
 # The ranges LMCache 0.5.6 can decode: MemoryFormat values, DTYPE_TO_INT, LOCATION_TO_INT.
@@ -85,6 +85,17 @@ class Tag(NamedTuple):
     def byte_buffer(cls, length: int) -> Tag:
         """A value stored through our protocol: `length` opaque bytes, as LMCache tags them."""
         return cls(BINARY_BUFFER, NO_DTYPE, (length, 0, 0, 0))
+
+    def pack(self) -> bytes:
+        return _TAG.pack(self.fmt, self.dtype, *self.shape)
+
+    @classmethod
+    def of(cls, slot: Slot) -> Tag:
+        """The tag a stored value goes out with."""
+        if not slot.tag:
+            return cls.byte_buffer(slot.length)
+        fmt, dtype, *shape = _TAG.unpack(slot.tag)
+        return cls(fmt, dtype, (shape[0], shape[1], shape[2], shape[3]))
 
 
 class Request(NamedTuple):
@@ -127,43 +138,29 @@ def encode_reply(code: int, length: int = 0, tag: Tag = _STATUS_TAG) -> bytes:
     return REPLY.pack(code, length, tag.fmt, tag.dtype, *tag.shape, 0)
 
 
-class LMCacheFrontend:
-    """What every LMCache connection to one server shares: the store and the values' tags.
-
-    Tags are keyed weakly by the index's `Slot`: a slot is one stored version of one value,
-    so a replaced, evicted or deleted value takes its tag with it and a key re-put through
-    our protocol is never described by a stale LMCache tag. Reads and writes of the weak
-    dictionary are single dict operations, atomic under the GIL.
-    """
-
-    def __init__(self, ctx: SessionContext) -> None:
-        self.ctx = ctx
-        self.tags: weakref.WeakKeyDictionary[Slot, Tag] = weakref.WeakKeyDictionary()
-
-    def serve(self, sock: socket.socket, first: bytes, peer: str, ticket: Pass) -> None:
-        """Runs one LMCache connection until it closes; `first` is what the dispatcher read."""
-        if self.ctx.auth_token:
-            log.warning(
-                "store: refusing LMCache client %s: this store requires a token and "
-                "LMCache's protocol cannot carry one",
-                peer,
-            )
-            return
-        LMCacheSession(sock, self, peer, ticket).serve(first)
+def serve_lmcache(
+    ctx: SessionContext, sock: socket.socket, first: bytes, peer: str, ticket: Pass
+) -> None:
+    """Runs one LMCache connection until it closes; `first` is what the dispatcher read."""
+    if ctx.auth_token:
+        log.warning(
+            "store: refusing LMCache client %s: this store requires a token and "
+            "LMCache's protocol cannot carry one",
+            peer,
+        )
+        return
+    LMCacheSession(sock, ctx, peer, ticket).serve(first)
 
 
 class LMCacheSession:
     """One LMCache client connection; anything malformed ends this connection only."""
 
-    def __init__(
-        self, sock: socket.socket, frontend: LMCacheFrontend, peer: str, ticket: Pass
-    ) -> None:
+    def __init__(self, sock: socket.socket, ctx: SessionContext, peer: str, ticket: Pass) -> None:
         self.sock = sock
         self.reader = SocketReader(sock, deadlines=True)
-        self.frontend = frontend
-        self.ctx = frontend.ctx
-        self.index = frontend.ctx.index
-        self.arena = frontend.ctx.arena
+        self.ctx = ctx
+        self.index = ctx.index
+        self.arena = ctx.arena
         self.peer = peer
         self.ticket = ticket
 
@@ -230,7 +227,7 @@ class LMCacheSession:
             log.warning("store: dropping LMCache put from %s: %s", self.peer, exc)
             self._discard(request.length - intake.received)
             return
-        self.frontend.tags[slot] = request.tag  # before commit: no reader sees it untagged
+        slot.tag = request.tag.pack()  # before commit: no reader sees it untagged
         self.index.commit(slot, request.key, request.length)
 
     def _get(self, key: bytes) -> None:
@@ -239,7 +236,7 @@ class LMCacheSession:
             self._send([encode_reply(FAIL)])
             return
         try:
-            tag = self.frontend.tags.get(slot) or Tag.byte_buffer(slot.length)
+            tag = Tag.of(slot)
             self.arena.populate(slot.extents)
             view = self.arena.view
             payload = [view[offset : offset + size] for offset, size in slot.extents]

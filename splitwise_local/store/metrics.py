@@ -4,7 +4,8 @@ The store's own wire protocol already answers STATS, but only to its clients; Pr
 so every dashboard) needs an HTTP page. The numbers are read from the index and the server when
 scraped, never mirrored, so the page cannot drift from what the store decides on. Every counter
 carries the protocol whose clients caused it (`splitwise`: ours, `lmcache`: LMCache's), so one
-can see, say, that LMCache's gets miss while ours hit.
+can see, say, that LMCache's gets miss while ours hit; the `splitwise_store_tier_*` families
+carry the tier (`dram`, and `disk` when the store has one) that held or served a value.
 """
 
 from __future__ import annotations
@@ -45,6 +46,27 @@ SIZES: dict[str, tuple[str, str]] = {
     "arena_resident_bytes": ("arena_resident_bytes", "Bytes of the arena backed by RAM now"),
     "pinned": ("pinned_items", "Values being read now (eviction skips them)"),
     "pending": ("pending_items", "Values being written now (not yet visible)"),
+}
+
+
+# Each tier's numbers (STATS `tiers`): key -> (metric name without _total, help).
+TIER_COUNTERS: dict[str, tuple[str, str]] = {
+    "hits": ("tier_hits", "Values asked of this tier and found in it"),
+    "misses": ("tier_misses", "Values asked of this tier and absent (the next tier is asked)"),
+    "writes": ("tier_writes", "Values written into this tier (DRAM: puts and promotions)"),
+    "evictions": ("tier_evictions", "Values evicted from this tier to keep it within its cap"),
+    "errors": ("tier_errors", "DRAM: puts refused; disk: failed writes, corrupt or lost files"),
+}
+TIER_GAUGES: dict[str, tuple[str, str]] = {
+    "items": ("tier_items", "Values held in this tier now"),
+    "bytes": ("tier_bytes", "Bytes held in this tier now (disk: whole files)"),
+    "capacity": ("tier_capacity_bytes", "Bytes this tier may hold"),
+}
+# The disk tier's own: STATS tiers.disk key -> (metric name, help, counter or not).
+DISK: dict[str, tuple[str, str, bool]] = {
+    "skipped": ("disk_skipped", "Values never written to disk: left DRAM first, or too big", True),
+    "dropped": ("disk_dropped", "Files deleted at start: unfinished, torn or outdated", True),
+    "queued": ("disk_queued_items", "Values waiting for the disk writer or being written", False),
 }
 
 
@@ -90,6 +112,23 @@ class StoreCollector(Collector):
         )
         for key, (name, text) in SIZES.items():
             yield GaugeMetricFamily(PREFIX + name, text, stats[key])
+        yield from self._tiers(stats["tiers"])
+
+    @staticmethod
+    def _tiers(tiers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+        kinds = [(TIER_COUNTERS, CounterMetricFamily), (TIER_GAUGES, GaugeMetricFamily)]
+        for table, kind in kinds:
+            for field, (name, text) in table.items():
+                family = kind(PREFIX + name, text, labels=["tier"])
+                for tier, numbers in tiers.items():
+                    family.add_metric([tier], numbers[field])
+                yield family
+        disk = tiers.get("disk")
+        if disk is not None:
+            for field, (name, text, counter) in DISK.items():
+                yield (CounterMetricFamily if counter else GaugeMetricFamily)(
+                    PREFIX + name, text, disk[field]
+                )
 
 
 class MetricsServer:

@@ -1,14 +1,15 @@
 """The store server: one arena, a TCP listener (`lm://`) and a Unix control socket (`shm://`).
 
-`python -m splitwise_local store --port 10080 [--host 127.0.0.1] [--max-size-gb N]
-[--shm-name NAME] [--auth-token T] [--max-value-mb N] [--metrics-port N] [--config FILE]`
-prints one line, `store ready on lm://HOST:PORT shm://NAME`, once both listeners accept (then,
-with `--metrics-port`, `store metrics on http://HOST:PORT/metrics`: Prometheus's page, see
-metrics.py), and exits cleanly on SIGTERM or SIGINT. Each connection gets a thread (there
-are few: one per engine worker thread), so a slow or huge transfer on one never stalls
-another, and the socket calls that move the bytes release the GIL. The first four bytes of a
-connection choose its protocol, so the same port also speaks LMCache's own `lm://`
-(lmcache_protocol.py, chosen in `_dispatch`).
+`python -m splitwise_local store --port 10080 [--host 127.0.0.1] [--max-size-gb N] [--local-disk DIR
+--max-disk-gb N] [--shm-name NAME] [--auth-token T] [--max-value-mb N] [--metrics-port N] [--config
+FILE]` prints one line, `store ready on lm://HOST:PORT shm://NAME`, once both listeners accept
+(then, with `--metrics-port`, `store metrics on http://HOST:PORT/metrics`: Prometheus's page, see
+metrics.py), and exits cleanly on SIGTERM or SIGINT. Each connection gets a thread (there are few:
+one per engine worker thread), so a slow or huge transfer on one never stalls another, and the
+socket calls that move the bytes release the GIL. The first four bytes of a connection choose its
+protocol, so the same port also speaks LMCache's own `lm://` (lmcache_protocol.py, chosen in
+`_dispatch`). With a directory for the disk tier (`local_disk`), values evicted from DRAM are kept
+there too, and a restarted store serves what reached it (tiers.py).
 
 What a peer may cost is bounded (limits.py): connections are capped, those not yet
 authenticated more tightly, and each frame must arrive whole within `frame_timeout`. Without
@@ -33,13 +34,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from splitwise_local.config import load_config
 from splitwise_local.store import protocol as p
 from splitwise_local.store.arena import PageAllocator, SharedArena
 from splitwise_local.store.index import LMCACHE, OURS, PROTOCOLS, StoreIndex
 from splitwise_local.store.limits import Admission, Lingering, Pass
-from splitwise_local.store.lmcache_protocol import LMCacheFrontend, speaks_lmcache
+from splitwise_local.store.lmcache_protocol import serve_lmcache, speaks_lmcache
 from splitwise_local.store.metrics import MetricsServer
 from splitwise_local.store.session import Session, SessionContext
+from splitwise_local.store.tiers import DiskSettings, TieredIndex
 from splitwise_local.store.transport import PeerClosed, control_address, recv_exact, remaining
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ class ServerSettings:
     max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # Prometheus's /metrics over HTTP; None: off, 0: any port
+    disk: DiskSettings | None = None  # the disk tier below DRAM; None: DRAM only
 
 
 class StoreServer:
@@ -82,10 +86,6 @@ class StoreServer:
             settings.max_connections, settings.max_unauthenticated, settings.frame_timeout
         )
         num_pages = settings.capacity // settings.page_size
-        self.index = StoreIndex(
-            PageAllocator(num_pages, settings.page_size),
-            settings.max_value or settings.capacity,
-        )
         with contextlib.ExitStack() as undo:  # on any failure, close what was opened
             family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
             self._tcp = socket.create_server((settings.host, settings.port), family=family)
@@ -106,6 +106,8 @@ class StoreServer:
                 num_pages * settings.page_size,
                 settings.prefault,
             )
+            undo.callback(self.arena.close)
+            self.index = self._make_index(num_pages)
             undo.pop_all()
         self._context = SessionContext(
             index=self.index,
@@ -115,7 +117,6 @@ class StoreServer:
             frame_timeout=settings.frame_timeout,
             server_stats=self._server_stats,
         )
-        self._lmcache = LMCacheFrontend(self._context)
         self._wake_r, self._wake_w = socket.socketpair()
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -124,6 +125,14 @@ class StoreServer:
         self._accepted_by = dict.fromkeys(PROTOCOLS, 0)
         self.metrics: MetricsServer | None = None
         self._acceptor = threading.Thread(target=self._accept_loop, name="store-accept")
+
+    def _make_index(self, num_pages: int) -> StoreIndex:
+        settings = self.settings
+        allocator = PageAllocator(num_pages, settings.page_size)
+        max_value = settings.max_value or settings.capacity
+        if settings.disk is None:
+            return StoreIndex(allocator, max_value)
+        return TieredIndex(allocator, max_value, self.arena, settings.disk)
 
     @property
     def tcp_url(self) -> str:
@@ -158,6 +167,7 @@ class StoreServer:
             thread.join(timeout=5)
         for sock in (self._tcp, self._unix, self._wake_r, self._wake_w):
             sock.close()
+        self.index.close()
         try:
             self.arena.close()
         except BufferError:
@@ -265,7 +275,7 @@ class StoreServer:
                 Session(sock, self._context, peer, unix, ticket).serve(first)
         elif speaks_lmcache(first):
             with self._counted(LMCACHE):
-                self._lmcache.serve(sock, first, peer, ticket)
+                serve_lmcache(self._context, sock, first, peer, ticket)
         else:
             log.warning("store: %s speaks an unknown protocol (first bytes %r)", peer, first)
 
@@ -286,6 +296,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="TCP address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any)")
     parser.add_argument("--max-size-gb", type=float, help="capacity (default: max_local_cpu_size)")
+    parser.add_argument(
+        "--local-disk", help="directory of the disk tier below DRAM (default: local_disk; none)"
+    )
+    parser.add_argument(
+        "--max-disk-gb", type=float, help="the disk tier's capacity (default: max_local_disk_size)"
+    )
     parser.add_argument("--shm-name", help="name for shm:// clients (default splitwise-PORT)")
     parser.add_argument("--auth-token", help="shared secret (default: store_auth_token)")
     parser.add_argument("--max-value-mb", type=float, help="largest value (default: capacity)")
@@ -321,14 +337,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    from splitwise_local.config import load_config
-
     config = load_config(args.config)
     size_gb = args.max_size_gb if args.max_size_gb is not None else config.max_local_cpu_size
     if size_gb <= 0 or (args.max_value_mb is not None and args.max_value_mb <= 0):
         raise ValueError("--max-size-gb and --max-value-mb must be positive")
     if args.frame_timeout <= 0:
         raise ValueError("--frame-timeout must be positive")
+    disk = args.local_disk or config.local_disk
+    disk_gb = args.max_disk_gb if args.max_disk_gb is not None else config.max_local_disk_size
+    if disk and disk_gb <= 0:
+        raise ValueError("the disk tier needs a positive --max-disk-gb (max_local_disk_size)")
     return ServerSettings(
         capacity=int(size_gb * 1024**3),
         host=args.host,
@@ -343,6 +361,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_unauthenticated=args.max_unauthenticated,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        disk=DiskSettings(disk, int(disk_gb * 1024**3)) if disk else None,
     )
 
 
