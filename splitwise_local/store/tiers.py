@@ -90,7 +90,7 @@ class TieredIndex(StoreIndex):
         self._work = threading.Condition(self._lock)
         self._stopping = False
         self._flush_until = 0.0
-        self._errnos_logged: set[int] = set()
+        self._warned: set[int] = set()  # kinds of problems logged (errno), by the writer
         self.files = Directory(disk.path)
         try:
             self._seq = self._rebuild()
@@ -318,8 +318,12 @@ class TieredIndex(StoreIndex):
                         evicted = self._evict_disk(record.size, self._disk_bytes + self._reserved)
                     self._remove(evicted)
                     if evicted:
+                        self._warn_once(-errno.ENOSPC, "the filesystem is full before the cap")
                         continue
-                self._failed(record, exc)
+                with self._lock:
+                    self.disk.errors += 1
+                self._warn_once(exc.errno or 0, f"cannot write {record.name}: {exc}")
+                return None
         return None
 
     def _finish(self, job: _Write, written: Record | None) -> None:
@@ -337,19 +341,11 @@ class TieredIndex(StoreIndex):
             self._disk_bytes += written.size
             self.disk.writes += 1
 
-    def _failed(self, record: Record, exc: OSError) -> None:
-        code = exc.errno or 0
-        with self._lock:
-            self.disk.errors += 1
-            first = code not in self._errnos_logged
-            self._errnos_logged.add(code)
-        if first:
-            log.warning(
-                "store: cannot write %s to the disk tier (%s); this and later failures of the "
-                "kind are counted in its errors",
-                record.name,
-                str(exc),
-            )
+    def _warn_once(self, kind: int, text: str) -> None:
+        """Logs the first problem of each kind; the counters tell how often it recurs."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("store: disk tier: %s (logged once; see its errors and evictions)", text)
 
     def _remove(self, names: Sequence[str]) -> None:
         for name in names:
