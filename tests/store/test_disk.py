@@ -324,3 +324,57 @@ def test_the_directory_is_private_and_one_store_at_a_time(tiered, tmp_path):
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "disk").iterdir()} == {0o600}
     with pytest.raises(OSError, match="in use by another store"):
         Directory(str(tmp_path / "disk"))
+
+
+def test_a_replacement_that_left_dram_unwritten_is_a_miss_not_the_old_value(tiered):
+    """The old file must not stand in for a newer value the disk never got."""
+    store = tiered(dram_values=2, disk_values=10)
+    store.put("k", make_value("v1", VALUE))
+    stalled, release = threading.Event(), threading.Event()
+    write = store.index.files.write
+
+    def stalled_write(record, value):
+        stalled.set()
+        release.wait(60)
+        write(record, value)
+
+    store.index.files.write = stalled_write
+    store.put("s", settle=False)
+    assert stalled.wait(30)
+    store.put("k", make_value("v2", VALUE), settle=False)  # queued behind s
+    for key in ("x", "y", "z"):
+        store.put(key, settle=False)  # k (v2) leaves DRAM before the writer reaches it
+    assert store.get("k") is None and store.index.exists_prefix([b"k"]) == 0
+    release.set()
+    store.settle()
+    assert store.get("k") is None
+
+
+def test_a_promotion_that_read_a_file_replaced_meanwhile_is_dropped(tiered):
+    """A reader is inside the old file while a put replaces the key and the new value leaves
+    DRAM: the old bytes it read are not committed."""
+    store = tiered(dram_values=2, disk_values=10)
+    store.put("k", make_value("v1", VALUE))
+    store.put("a")
+    store.put("b")  # k is on disk only
+    reading, release = threading.Event(), threading.Event()
+    read_into = store.index.files.read_into
+
+    def stalled_read(record, value):
+        read_into(record, value)
+        reading.set()
+        release.wait(60)
+
+    store.index.files.read_into = stalled_read
+    got: list[bytes | None] = []
+    reader = threading.Thread(target=lambda: got.append(store.get("k")))
+    reader.start()
+    assert reading.wait(30)
+    store.index.files.read_into = read_into
+    store.put("k", make_value("v2", VALUE))
+    store.put("c", settle=False)
+    store.put("d", settle=False)  # v2 leaves DRAM (written to disk first: settled above)
+    release.set()
+    reader.join(30)
+    assert got == [None]
+    assert seed_of(store.get("k")) == "v2"
