@@ -7,7 +7,8 @@ they can start in time (admission.py), then the forwarder carries the route out 
 answer (forward.py). /metrics counts each route taken; only with `route_detail` on does the
 answer carry it (`x-splitwise-route`) and do errors and /health name engine addresses. With no
 engine to send to the caller gets a 503 with `Retry-After`. A caller that disconnects cancels
-whatever upstream request is running.
+whatever upstream request is running. With `otlp_traces_endpoint` set each request is traced,
+each step a span (tracing.py).
 
 The launcher, which supervises the engines, tells the proxy of every death and return
 (`engine_state`, from any thread): a dead engine gets no new request, and the answers still
@@ -39,6 +40,7 @@ from splitwise_local.proxy.metrics import ProxyMetrics
 from splitwise_local.proxy.pool import EnginePool
 from splitwise_local.proxy.routing import Json, Router, build_router
 from splitwise_local.proxy.settings import ProxySettings
+from splitwise_local.proxy.tracing import UNTRACED, ProxyTracing, route_attributes
 from splitwise_local.proxy.upstream import Upstream, UpstreamFailure, open_session, timeout
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class Running:
     upstream: Upstream
     forwarder: Forwarder
     loop: asyncio.AbstractEventLoop
+    tracing: ProxyTracing | None  # None: tracing off
 
 
 class Proxy:
@@ -78,18 +81,23 @@ class Proxy:
         router = await asyncio.to_thread(
             build_router, self.settings, self.prefill, self.decode, self._served_models
         )
+        endpoint, protocol = self.settings.otlp_traces_endpoint, self.settings.otlp_traces_protocol
+        tracing = ProxyTracing(endpoint, protocol) if endpoint is not None else None
         try:
             async with open_session(self.settings.max_connections) as session:
                 upstream = Upstream(session)
                 pools = (self.prefill, self.decode)
                 forwarder = Forwarder(self.settings, pools, upstream, self.metrics, router)
-                self._running = Running(router, upstream, forwarder, asyncio.get_running_loop())
+                loop = asyncio.get_running_loop()
+                self._running = Running(router, upstream, forwarder, loop, tracing)
                 try:
                     yield
                 finally:
                     self._running = None
         finally:
             await router.close()
+            if tracing is not None:  # its last spans are exported, off the event loop
+                await asyncio.to_thread(tracing.close)
 
     @property
     def running(self) -> Running:
@@ -104,7 +112,9 @@ class Proxy:
         """`/v1/completions` and `/v1/chat/completions`: routed, relayed, and counted whatever
         happens (the caller leaving included)."""
         api_route = request.url.path
-        record = self.metrics.start(api_route)
+        tracing = self._running.tracing if self._running is not None else None
+        trace = tracing.start(request) if tracing is not None else UNTRACED
+        record = self.metrics.start(api_route, trace)
         try:
             accepted = await self._accept(request)
             if isinstance(accepted, Response):
@@ -218,10 +228,20 @@ class Proxy:
         """Routes the call, admits it (or refuses it at once) and forwards it; its admission
         ticket is closed however forwarding ends, the caller leaving included."""
         running = self.running
+        routing = call.trace.span("proxy.route")
         route = await running.router.route(call.api_route, call.body)
+        routing.end(attributes=route_attributes(route))
+        admission = call.trace.span("proxy.admission")
         ticket = self.admission.admit(route, len(call.raw))
+        role = (route.prefill or route.generate).role
+        queued = {
+            "splitwise.role": role,
+            "splitwise.queued_tokens": self.admission.queues[role].queued,
+        }
         if isinstance(ticket, Refusal):
+            admission.end("refused", {**queued, "splitwise.retry_after_s": ticket.retry_after_s})
             return ticket.response()
+        admission.end(attributes=queued)
         try:
             return await running.forwarder.forward(route, call, ticket)
         finally:

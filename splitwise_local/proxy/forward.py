@@ -11,7 +11,8 @@ error answers are passed through unchanged; the proxy's own errors use the OpenA
 
 When it is done the forwarder tells the router, once, which engines computed or loaded the
 prompt (their prefix caches now hold it), counts the route taken, and tells the admission ticket
-as each hop gets its first answer.
+as each hop gets its first answer. Each engine request is a span of the caller's trace (when
+traced) and carries its `traceparent`, so the engine's own spans join the trace under it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import anyio
+from opentelemetry.util.types import AttributeValue
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -34,6 +36,7 @@ from splitwise_local.proxy.metrics import ProxyMetrics, RequestRecord
 from splitwise_local.proxy.pool import Endpoint, EnginePool, Role
 from splitwise_local.proxy.routing import PREFILL_ONLY, ROUTE_HEADER, Hop, Json, Route, Router
 from splitwise_local.proxy.settings import ProxySettings
+from splitwise_local.proxy.tracing import Untraced, route_attributes
 from splitwise_local.proxy.upstream import UPSTREAM_ERRORS, Upstream, UpstreamFailure, timeout
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,18 @@ def passthrough(upstream: aiohttp.ClientResponse, body: bytes) -> Response:
     return Response(body, upstream.status, headers=relayed_headers(upstream))
 
 
+def hop_attributes(hop: Hop) -> dict[str, AttributeValue]:
+    """An engine request's role and the prompt tokens it computes, as span attributes."""
+    return {"splitwise.role": hop.role, "splitwise.hop_tokens": hop.tokens}
+
+
+def answer_attributes(
+    endpoint: Endpoint, answer: aiohttp.ClientResponse
+) -> dict[str, AttributeValue]:
+    """The engine that answered and its status, as span attributes."""
+    return {"splitwise.engine": endpoint.url, "http.response.status_code": answer.status}
+
+
 class RelayResponse(StreamingResponse):
     """A streamed answer that always closes its source, and reports when it is done.
 
@@ -112,6 +127,11 @@ class Call:
     headers: dict[str, str]  # for the engines
     record: RequestRecord  # counted when the answer is done
 
+    @property
+    def trace(self) -> Untraced:
+        """The request's span (it ends with the record)."""
+        return self.record.trace
+
 
 class Forwarder:
     """Sends each request along its route to the engines and relays the answer."""
@@ -139,6 +159,7 @@ class Forwarder:
         served: list[Endpoint] = []
         taken, response = await self._follow(route, call, ticket, served)
         self.router.served(taken, served)
+        call.trace.set(route_attributes(taken))
         self.metrics.routes.labels(*taken.labels).inc()
         if self.settings.route_detail:
             response.headers[ROUTE_HEADER] = taken.header({e.role: e.url for e in served})
@@ -183,10 +204,11 @@ class Forwarder:
         started = time.perf_counter()
         answer: aiohttp.ClientResponse | None = None
         body = prefill_body(call.body)
+        span = call.trace.span("proxy.prefill", hop_attributes(hop), client=True)
         try:
             endpoint, answer = await self.upstream.send(
-                pool, "POST", call.api_route, call.headers, self._prefill_timeout, body,
-                hop.rank, hop.tokens,
+                pool, "POST", call.api_route, span.headers(call.headers), self._prefill_timeout,
+                body, hop.rank, hop.tokens,
             )  # fmt: skip
             try:
                 content = await self.upstream.read(pool, endpoint, answer)
@@ -195,16 +217,20 @@ class Forwarder:
         except UpstreamFailure as exc:
             ticket.answered(hop.role, ok=False)
             self.metrics.errors.labels(exc.metric_kind).inc()
+            span.end(str(exc))
             return exc, self._failed(exc)
         ticket.answered(hop.role, ok=answer.status < 300)
+        answered = answer_attributes(endpoint, answer)
         if answer.status < 300:
             elapsed = time.perf_counter() - started
             self.metrics.prefill_seconds.labels(endpoint.url).observe(elapsed)
             served.append(endpoint)
+            span.end(attributes=answered)
             return None
         kind = "rejected" if answer.status < 500 else "error"
         failure = UpstreamFailure("prefill", kind, f"prefill engine answered {answer.status}")
         self.metrics.errors.labels(failure.metric_kind).inc()
+        span.end(str(failure), answered)
         return failure, passthrough(answer, content)
 
     async def _generate(
@@ -220,18 +246,22 @@ class Forwarder:
         fallback for it) instead of answering with it."""
         pool = self.pools[hop.role]
         started = time.perf_counter()
+        name = "proxy.decode" if hop.role == "decode" else "proxy.generate"
+        span = call.trace.span(name, hop_attributes(hop), client=True)
         try:
             endpoint, answer = await self.upstream.send(
-                pool, "POST", call.api_route, call.headers, self._decode_timeout, call.raw,
-                hop.rank, hop.tokens,
+                pool, "POST", call.api_route, span.headers(call.headers), self._decode_timeout,
+                call.raw, hop.rank, hop.tokens,
             )  # fmt: skip
         except UpstreamFailure as failure:
             ticket.answered(hop.role, ok=False)
+            span.end(str(failure))
             if fallible and failure.kind == "unreachable":
                 raise
             self.metrics.errors.labels(failure.metric_kind).inc()
             return self._failed(failure)
         served.append(endpoint)
+        span.set(answer_attributes(endpoint, answer))
         streamed = answer.content_type == "text/event-stream"
         # A stream is read up to its first event: a refusal there is still a plain 4xx.
         read = self.upstream.first_event if streamed else self.upstream.read
@@ -240,17 +270,21 @@ class Forwarder:
             content = await read(pool, endpoint, answer)
         except UpstreamFailure as failure:  # nothing reached the caller yet: a plain error
             self.metrics.errors.labels(failure.metric_kind).inc()
+            span.end(str(failure))
             return self._failed(failure)
         finally:
             pool.computed(endpoint, hop.tokens)
             ticket.answered(hop.role, ok=content is not None and answer.status < 300)
         self.metrics.decode_ttft_seconds.labels(endpoint.url).observe(time.perf_counter() - started)
         if not streamed:
+            span.end(None if answer.status < 400 else f"{hop.role} engine answered {answer.status}")
             return passthrough(answer, content)
         if (refused := stream_refusal(content)) is not None:
             self.upstream.finish(pool, endpoint, answer)
+            span.end(f"{hop.role} engine refused the stream")
             return refused
-        return RelayResponse(self._relay(pool, answer, endpoint, content), answer, call.record)
+        relay = self._relay(pool, answer, endpoint, content, span)
+        return RelayResponse(relay, answer, call.record)
 
     async def _relay(
         self,
@@ -258,9 +292,11 @@ class Forwarder:
         upstream: aiohttp.ClientResponse,
         endpoint: Endpoint,
         head: bytes,
+        span: Untraced,
     ) -> AsyncGenerator[bytes, None]:
         """Yields `head` (the stream's first event, already read), then the engine's bytes as
-        they arrive; a broken stream ends with an error event."""
+        they arrive; a broken stream ends with an error event. The hop's span ends with it."""
+        error = None
         try:
             yield head
             async for chunk in upstream.content.iter_any():
@@ -268,14 +304,17 @@ class Forwarder:
         except UPSTREAM_ERRORS as exc:
             failure = self.upstream.failed(pool, endpoint, exc)
             self.metrics.errors.labels(f"{failure.metric_kind}_mid_stream").inc()
-            message = str(failure) if self.settings.route_detail else failure.public
+            error = str(failure)
+            message = error if self.settings.route_detail else failure.public
             event = error_body(502, message, code=failure.metric_kind)
             yield f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.errors.labels("client_disconnected").inc()
+            error = "the caller left"
             raise
         finally:
             self.upstream.finish(pool, endpoint, upstream)
+            span.end(error)
 
     def _failed(self, failure: UpstreamFailure) -> Response:
         """The caller's answer to an engine failure (engine addresses only with route_detail)."""

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from splitwise_local.proxy.admission import RoleQueue
 from splitwise_local.proxy.pool import EnginePool
+from splitwise_local.proxy.tracing import UNTRACED, Untraced
 
 # From a cached prompt's millisecond prefill to a long CPU generation's minutes.
 LATENCY_BUCKETS = (
@@ -171,9 +172,10 @@ class ProxyMetrics:
         self.registry.register(EngineCollector(pools))
         self.registry.register(AdmissionCollector(queues))
 
-    def start(self, route: str) -> RequestRecord:
-        """Counts a caller's request in flight until its record is finished."""
-        return RequestRecord(self, route)
+    def start(self, route: str, trace: Untraced = UNTRACED) -> RequestRecord:
+        """Counts a caller's request in flight until its record is finished (which ends its
+        trace's span too)."""
+        return RequestRecord(self, route, trace)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
@@ -186,7 +188,8 @@ class RequestRecord:
     A streamed answer outlives its route handler, so whoever sends the last byte finishes it.
     """
 
-    def __init__(self, metrics: ProxyMetrics, route: str) -> None:
+    def __init__(self, metrics: ProxyMetrics, route: str, trace: Untraced = UNTRACED) -> None:
+        self.trace = trace
         self._metrics = metrics
         self._route = route
         self._started = time.perf_counter()
@@ -203,3 +206,4 @@ class RequestRecord:
         self._metrics.request_seconds.labels(self._route).observe(
             time.perf_counter() - self._started
         )
+        self.trace.finish(status)

@@ -35,6 +35,7 @@ from splitwise_local.proxy.settings import (
     ProxySettings,
     split_endpoints,
 )
+from splitwise_local.tracing import DEFAULT_PROTOCOL, PROTOCOL_ENV, PROTOCOLS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _serving_arguments(parser)
     _routing_arguments(parser)
     _admission_arguments(parser)
+    _tracing_arguments(parser)
 
 
 def _serving_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +150,20 @@ def _admission_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _tracing_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tracing")
+    group.add_argument(
+        "--otlp-traces-endpoint",
+        metavar="URL",
+        help="send an OpenTelemetry trace of every request here (off by default)",
+    )
+    group.add_argument(
+        "--otlp-traces-protocol",
+        choices=list(PROTOCOLS),
+        help=f"the endpoint's OTLP protocol (default: ${PROTOCOL_ENV}, else {DEFAULT_PROTOCOL})",
+    )
+
+
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ProxySettings:
     """Merges the command line over the environment; raises ValueError naming what is missing."""
     values: dict[str, Any] = {"fallback_to_decode": args.fallback_to_decode}
@@ -162,10 +178,13 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
     api_key = args.api_key if args.api_key is not None else environ.get(API_KEY_ENV)
     if api_key:
         values["api_key"] = api_key
+    protocol = args.otlp_traces_protocol or environ.get(PROTOCOL_ENV)
+    if protocol:
+        values["otlp_traces_protocol"] = protocol
     for name in (
         "prefill_timeout_s", "decode_timeout_s", "max_body_bytes", "disagg",
         "disagg_threshold_tokens", "model", "kv_config", "kv_dtype", "tp_size", "route_detail",
-        "admission", "admission_tokens", "admission_ttft_s",
+        "admission", "admission_tokens", "admission_ttft_s", "otlp_traces_endpoint",
     ):  # fmt: skip
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)

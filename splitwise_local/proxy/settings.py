@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from splitwise_local.tracing import DEFAULT_PROTOCOL, TracesProtocol, traces_endpoint
 
 PREFILL_ENV = "PREFILL_ENDPOINTS"
 DECODE_ENV = "DECODE_ENDPOINTS"
@@ -135,6 +137,17 @@ class ProxySettings(BaseModel):
         "a caller cannot learn whether another caller's prompt is stored",
     )
 
+    # Tracing (tracing.py): the protocol first, the endpoint's check reads it.
+    otlp_traces_protocol: TracesProtocol = Field(
+        default=DEFAULT_PROTOCOL,
+        description="OTLP protocol of the traces endpoint (vLLM's default is grpc)",
+    )
+    otlp_traces_endpoint: str | None = Field(
+        default=None,
+        description="send OpenTelemetry traces here (grpc: http://host:4317; http/protobuf: "
+        "http://host:4318, /v1/traces added); off when unset",
+    )
+
     @model_validator(mode="after")
     def _prefill_unless_never(self) -> ProxySettings:
         if not self.prefill and self.disagg != "never":
@@ -148,3 +161,9 @@ class ProxySettings(BaseModel):
         if len(set(normalized)) != len(normalized):
             raise ValueError(f"an endpoint is listed twice: {normalized}")
         return normalized
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _valid_traces_endpoint(cls, url: str | None, info: ValidationInfo) -> str | None:
+        protocol = info.data.get("otlp_traces_protocol", DEFAULT_PROTOCOL)
+        return traces_endpoint(url, protocol) if url else None

@@ -47,6 +47,22 @@ def test_admission_flags_reach_the_settings():
         settings_from_args(parse(*endpoints, "--admission-tokens", "0"), {})
 
 
+def test_tracing_is_off_unless_an_endpoint_is_given():
+    endpoints = ("--prefill", "http://p:1", "--decode", "http://d:2")
+    assert settings_from_args(parse(*endpoints), {}).otlp_traces_endpoint is None
+    flags = ("--otlp-traces-endpoint", "http://127.0.0.1:4317")
+    traced = settings_from_args(parse(*endpoints, *flags), {})
+    assert (traced.otlp_traces_endpoint, traced.otlp_traces_protocol) == (flags[1], "grpc")
+    # The protocol as vLLM reads it from the environment, or from the flag, which wins.
+    env = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+    http = settings_from_args(parse(*endpoints, "--otlp-traces-endpoint", "http://h:4318"), env)
+    assert http.otlp_traces_endpoint == "http://h:4318/v1/traces"
+    flag = parse(*endpoints, *flags, "--otlp-traces-protocol", "grpc")
+    assert settings_from_args(flag, env).otlp_traces_protocol == "grpc"
+    with pytest.raises(ValueError, match="otlp_traces_endpoint"):
+        settings_from_args(parse(*endpoints, "--otlp-traces-endpoint", "localhost:4317"), {})
+
+
 def test_dotenv_file_is_read_and_environment_wins(tmp_path, monkeypatch):
     (tmp_path / ".env").write_text(
         "PREFILL_ENDPOINTS=http://from-file:1\nDECODE_ENDPOINTS=http://from-file:2\n"
