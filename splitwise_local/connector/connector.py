@@ -17,7 +17,9 @@ running batch keeps decoding while a new request's KV lands. Saves leave the for
 saves have their own store guard, so a store slow to write never turns loads off. The store
 never makes a request fail and no connector error reaches vLLM: a store that is down, slow or
 restarted, a chunk that vanished or was corrupted, mean the engine computes those tokens
-itself, with one warning per request; each hook catches what its helpers raise.
+itself, with one warning per request; each hook catches what its helpers raise. An engine that
+traces (`--otlp-traces-endpoint`) gets a span per load and save of each traced request
+(tracing.py).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from splitwise_local.connector.lookups import StoreLookups
 from splitwise_local.connector.metrics import Counters, SplitwisePromMetrics, SplitwiseStats
 from splitwise_local.connector.planner import Planner, StepPlan
 from splitwise_local.connector.saver import ANSWER_WAIT_S, QUEUE_BYTES, KVSaver
+from splitwise_local.connector.tracing import ConnectorTracer, request_traceparent
 from splitwise_local.store.backend import KVBackend, open_backend
 
 if TYPE_CHECKING:
@@ -161,6 +164,9 @@ class SplitwiseConnector(KVConnectorBase_V1):
         self._loader: KVLoader | None = None
         self._saver: KVSaver | None = None
         self._invalid: set[int] = set()  # blocks to report with this step's finished loads
+        self._tracer: ConnectorTracer | None = None  # the workers' spans (tracing.py)
+        if role == KVConnectorRole.WORKER:
+            self._tracer = ConnectorTracer.from_environment()
         if role == KVConnectorRole.SCHEDULER:
             self._lookups = StoreLookups(
                 lambda keys: self._backend().exists(keys),
@@ -219,13 +225,13 @@ class SplitwiseConnector(KVConnectorBase_V1):
         if self.is_consumer:
             self._loader = KVLoader(
                 self._backend, layout, caches, rank=rank, counters=self.counters,
-                guard=self._guard, verify=self.verify, codec=codec,
+                guard=self._guard, verify=self.verify, codec=codec, tracer=self._tracer,
             )  # fmt: skip
         if self.is_producer:
             self._saver = KVSaver(
                 self._backend, codec, layout, caches, rank=rank, counters=self.counters,
                 queue_bytes=self.save_queue_bytes, answer_wait_s=self.answer_wait_s,
-                guard=StoreGuard("worker saves"),
+                guard=StoreGuard("worker saves"), tracer=self._tracer,
             )  # fmt: skip
         self._layout, self._caches = layout, caches
         logger.info(
@@ -315,6 +321,8 @@ class SplitwiseConnector(KVConnectorBase_V1):
                 part.close()
         if self._store is not None:
             self._store.close()
+        if self._tracer is not None:
+            self._tracer.close()
 
     # ==============================
     # Scheduler side
@@ -334,7 +342,7 @@ class SplitwiseConnector(KVConnectorBase_V1):
             )  # fmt: skip
         except Exception:  # a bug of ours: this request is neither loaded nor saved
             logger.exception("splitwise keys for req=%s failed", request.request_id)
-        self._planner.admit(request.request_id, extras)
+        self._planner.admit(request.request_id, extras, request_traceparent(request))
         if extras is None:
             return 0, False
         try:

@@ -28,6 +28,10 @@ The loader thread runs at a lower CPU priority (`NICENESS`): on a machine whose 
 forward already uses, a landing load then takes its time rather than the running streams'.
 When the engine has nothing else to do (`wait_idle`) the forward thread sleeps instead of
 spinning through empty steps, so the load gets the core to itself.
+
+With a tracer (tracing.py), each load of a traced request becomes a `splitwise.load` span from
+its submission to the end of its job: the tokens, chunks and bytes it loaded, whether it loaded
+every token planned (a hit) and, if not, why.
 """
 
 from __future__ import annotations
@@ -51,8 +55,11 @@ from splitwise_local.connector.layout import KVLayout, LayerCaches, slots_for
 from splitwise_local.store.errors import StoreError
 
 if TYPE_CHECKING:
+    from opentelemetry.util.types import AttributeValue
+
     from splitwise_local.connector.metrics import Counters
     from splitwise_local.connector.planner import ChunkRef, LoadPlan
+    from splitwise_local.connector.tracing import ConnectorTracer
     from splitwise_local.store.backend import KVBackend, Value
 
 logger = logging.getLogger("splitwise_local.connector")
@@ -74,6 +81,7 @@ class _Job:
     invalid: set[int] = field(default_factory=set)
     after: torch.cuda.Event | None = None  # on vLLM's stream: the job's copies wait for it
     landed: torch.cuda.Event | None = None  # after the job's last copy; None: none in flight
+    started_ns: int = 0  # when it was submitted (wall clock), for the load's span
 
     def fail(self, reason: str) -> None:
         if self.failure is None:
@@ -100,6 +108,7 @@ class KVLoader:
         verify: bool = False,
         order: DeviceOrder | None = None,
         codec: ChunkCodec | None = None,
+        tracer: ConnectorTracer | None = None,
     ) -> None:
         self._backend = backend
         self.codec = codec or ChunkCodec()  # with the store's token: only sealed chunks pass
@@ -110,6 +119,7 @@ class KVLoader:
         self.counters = counters
         self.verify = verify
         self.order = order or DeviceOrder(caches.layers[0].device)
+        self.tracer = tracer
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="splitwise-load", initializer=_lower_priority
         )
@@ -124,7 +134,8 @@ class KVLoader:
             with self._changed:
                 self._running.add(plan.req_id)
             verified = "ok" if self.verify else "off"
-            job = _Job(plan, loaded_to=plan.start, verified=verified, after=self.order.mark())
+            job = _Job(plan, loaded_to=plan.start, verified=verified, after=self.order.mark(),
+                       started_ns=time.time_ns())  # fmt: skip
             self._executor.submit(self._run, job)
 
     def wait_idle(self, timeout: float) -> None:
@@ -248,6 +259,19 @@ class KVLoader:
             plan.req_id, tokens, job.chunks, job.bytes, job.seconds * 1e3, job.verified,
             "kept" if job.tail is not None else "none",
         )  # fmt: skip
+        if self.tracer is not None and plan.trace is not None:
+            attributes: dict[str, AttributeValue] = {
+                "splitwise.request_id": plan.req_id,
+                "splitwise.tokens": tokens,
+                "splitwise.planned_tokens": plan.end - plan.start,
+                "splitwise.chunks": job.chunks,
+                "splitwise.bytes": job.bytes,
+                "splitwise.hit": job.loaded_to == plan.end,
+                "splitwise.verified": job.verified,
+                "splitwise.tail_kept": job.tail is not None,
+            }
+            self.tracer.span("splitwise.load", plan.trace, job.started_ns, time.time_ns(),
+                             attributes, job.failure)  # fmt: skip
         with self._changed:
             self._running.discard(plan.req_id)
             self._done.append(job)

@@ -75,6 +75,7 @@ class LoadPlan:
     end: int
     block_ids: list[int]
     tail: int | None = None
+    trace: str | None = None  # the request's traceparent: its load span's parent (tracing.py)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class SavePlan:
     chunks: list[ChunkRef]
     block_ids: list[int]
     completes_prompt: bool = False
+    trace: str | None = None  # the request's traceparent: its save span's parent (tracing.py)
 
 
 @dataclass
@@ -113,6 +115,7 @@ class _Tracked:
     chunks: list[ChunkRef]
     block_ids: list[int]
     next_chunk: int = 0
+    trace: str | None = None
 
 
 @dataclass
@@ -175,14 +178,17 @@ class Planner:
         self._new_loads: list[LoadPlan] = []
         self._tracked: dict[str, _Tracked] = {}
         self._extras: dict[str, KeyExtras | None] = {}  # None: neither loaded nor saved
+        self._traces: dict[str, str] = {}  # the traceparent of each request that has one
 
-    def admit(self, req_id: str, extras: KeyExtras | None) -> None:
+    def admit(self, req_id: str, extras: KeyExtras | None, trace: str | None = None) -> None:
         """What the request's keys cover besides its tokens (`keys.request_key_extras`); None
         when the keys cannot cover the request: it is then neither loaded nor saved. The
         connector admits every request in `get_num_new_matched_tokens`, which vLLM calls before
         it first schedules one (and again after a preemption); a request never admitted (unit
-        tests) is keyed by its tokens alone."""
+        tests) is keyed by its tokens alone. `trace`: its traceparent, passed on in its plans."""
         self._extras[req_id] = extras
+        if trace is not None:
+            self._traces[req_id] = trace
 
     def chunks_of(self, req_id: str, token_ids: Sequence[int]) -> list[ChunkRef]:
         if req_id not in self._chunks:
@@ -235,7 +241,8 @@ class Planner:
         tail = matched.end if matched.tail and end == matched.end else None
         reach = end + 1 if tail is not None else end
         needed = [c for c in chunks if c.start < reach and c.end > matched.start]
-        self._new_loads.append(LoadPlan(req_id, needed, matched.start, end, block_ids, tail))
+        trace = self._traces.get(req_id)
+        self._new_loads.append(LoadPlan(req_id, needed, matched.start, end, block_ids, tail, trace))
         self._attempted.add(req_id)
         self._stored[req_id] = matched.stored_chunks
         if tail is not None:
@@ -271,7 +278,7 @@ class Planner:
         # Chunks the store held and this engine did not have to recompute are not saved again.
         valid = sum(1 for c in chunks if c.end <= num_computed)
         skip = min(self._stored.pop(req_id, 0), valid)
-        tracked = _Tracked(chunks, list(block_ids), next_chunk=skip)
+        tracked = _Tracked(chunks, list(block_ids), skip, self._traces.get(req_id))
         self._tracked[req_id] = tracked
         self._plan_saves(req_id, tracked, computed_after, plan)
 
@@ -305,7 +312,9 @@ class Planner:
         self._plan_saves(req_id, tracked, computed_after, plan)
 
     def finished(self, req_id: str) -> None:
-        for table in (self._chunks, self._matched, self._stored, self._tracked, self._extras):
+        for table in (
+            self._chunks, self._matched, self._stored, self._tracked, self._extras, self._traces,
+        ):  # fmt: skip
             table.pop(req_id, None)
         self._attempted.discard(req_id)
         self._tails.discard(req_id)
@@ -321,4 +330,5 @@ class Planner:
             tracked.next_chunk += 1
         if ready:
             last = tracked.next_chunk == len(tracked.chunks)
-            plan.saves.append(SavePlan(req_id, ready, list(tracked.block_ids), last))
+            saves = SavePlan(req_id, ready, list(tracked.block_ids), last, tracked.trace)
+            plan.saves.append(saves)

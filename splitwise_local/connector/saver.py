@@ -30,6 +30,9 @@ as before; a slow one costs one bounded wait, and then none until the queue has 
 answer sent before its chunks were stored is counted in `save_late`; decode then finds fewer
 chunks and computes the rest). An engine that also decodes (kv_both) never waits: nobody is
 waiting for its saves.
+
+With a tracer (tracing.py), each plan of a traced request becomes a `splitwise.save` span from
+its gather in the step to its put (or to the moment it was given up, with why).
 """
 
 from __future__ import annotations
@@ -49,9 +52,12 @@ from splitwise_local.connector.health import StoreDown, StoreGuard
 from splitwise_local.connector.layout import KVLayout, LayerCaches, slots_for
 
 if TYPE_CHECKING:
+    from opentelemetry.util.types import AttributeValue
+
     from splitwise_local.connector.codec import ChunkCodec
     from splitwise_local.connector.metrics import Counters
     from splitwise_local.connector.planner import SavePlan
+    from splitwise_local.connector.tracing import ConnectorTracer
     from splitwise_local.store.backend import KVBackend
 
 logger = logging.getLogger("splitwise_local.connector")
@@ -68,6 +74,7 @@ class _Taken:
     copied: torch.cuda.Event | None  # after the rows' device-to-host copies (GPU)
     seconds: float  # spent gathering them, in the step
     size: int  # bytes the queue counts for them
+    started_ns: int  # when the gather began (wall clock), for the save's span
 
 
 class KVSaver:
@@ -85,6 +92,7 @@ class KVSaver:
         queue_bytes: int = QUEUE_BYTES,
         answer_wait_s: float = 0.0,
         guard: StoreGuard | None = None,
+        tracer: ConnectorTracer | None = None,
     ) -> None:
         self._backend = backend
         self.codec = codec
@@ -95,6 +103,7 @@ class KVSaver:
         self.queue_bytes = queue_bytes
         self.answer_wait_s = answer_wait_s
         self.guard = guard or StoreGuard("saves")
+        self.tracer = tracer
         first = caches.layers[0]
         self._token_bytes = (
             len(caches) * layout.kv * layout.heads * layout.head_size * first.element_size()
@@ -126,6 +135,7 @@ class KVSaver:
         except StoreDown as exc:
             for plan in plans:
                 self._give_up(plan, "save_failures", f"skipped: {exc}")
+                self._trace(plan, time.time_ns(), failure=f"skipped: {exc}")
             return
         answers = []
         for plan in plans:
@@ -139,10 +149,12 @@ class KVSaver:
     def _queue(self, plan: SavePlan) -> Future[None] | None:
         """Gathers the plan's chunks and submits their put; None when the request is not saved
         from here on (stopped before, or its chunks do not fit the queue)."""
+        started_ns = time.time_ns()
         with self._lock:
             stopped = self._stopped.get(plan.req_id)
         if stopped is not None:
             self.counters.add(**{stopped: len(plan.chunks)})
+            self._trace(plan, started_ns, failure=f"not saved from an earlier chunk on ({stopped})")
             return None
         size = sum(chunk.end - chunk.start for chunk in plan.chunks) * self._token_bytes
         with self._lock:
@@ -150,8 +162,9 @@ class KVSaver:
             if fits:
                 self._queued += size
         if not fits:
-            queued = self.queued_bytes
-            self._give_up(plan, "save_dropped", f"save queue full ({queued >> 20} MiB)")
+            reason = f"save queue full ({self.queued_bytes >> 20} MiB)"
+            self._give_up(plan, "save_dropped", reason)
+            self._trace(plan, started_ns, failure=reason)
             return None
         started = time.perf_counter()
         rows = []
@@ -159,7 +172,7 @@ class KVSaver:
             slots = slots_for(plan.block_ids, chunk.start, chunk.end, self.layout.block_size)
             rows.append(to_host(self.layout.gather(self.caches, slots)))
         copied = copies_done(self.caches.device)
-        taken = _Taken(plan, rows, copied, time.perf_counter() - started, size)
+        taken = _Taken(plan, rows, copied, time.perf_counter() - started, size, started_ns)
         return self._executor.submit(self._put, taken)
 
     def _wait_for(self, answers: list[tuple[SavePlan, Future[None]]]) -> None:
@@ -190,21 +203,48 @@ class KVSaver:
             )  # fmt: skip
 
     def _put(self, taken: _Taken) -> None:
-        """On the save thread: never raises (the result is counted and logged)."""
+        """On the save thread: never raises (the result is counted, logged and traced)."""
+        stored: dict[str, int] = {}
+        failure = None
         try:
             self.guard.check()  # a store that failed meanwhile: the queue drains at once
-            self._store(taken)
+            stored = self._store(taken)
         except StoreDown as exc:
-            self._give_up(taken.plan, "save_failures", f"skipped: {exc}")
+            failure = f"skipped: {exc}"
+            self._give_up(taken.plan, "save_failures", failure)
         except Exception as exc:  # the store's errors, or a bug of ours: the cache pays
             self.guard.failed(exc)
-            self._give_up(taken.plan, "save_failures", f"{type(exc).__name__}: {exc}")
+            failure = f"{type(exc).__name__}: {exc}"
+            self._give_up(taken.plan, "save_failures", failure)
         finally:
             with self._lock:
                 self._queued -= taken.size
                 self._behind = self._behind and self._queued > 0
+        self._trace(taken.plan, taken.started_ns, stored, failure)
 
-    def _store(self, taken: _Taken) -> None:
+    def _trace(
+        self,
+        plan: SavePlan,
+        started_ns: int,
+        stored: dict[str, int] | None = None,
+        failure: str | None = None,
+    ) -> None:
+        """The plan's `splitwise.save` span, ending now, if its request is traced."""
+        if self.tracer is None or plan.trace is None:
+            return
+        attributes: dict[str, AttributeValue] = {
+            "splitwise.request_id": plan.req_id,
+            "splitwise.first_token": plan.chunks[0].start,
+            "splitwise.planned_tokens": plan.chunks[-1].end - plan.chunks[0].start,
+            "splitwise.completes_prompt": plan.completes_prompt,
+        }
+        attributes.update({f"splitwise.{name}": value for name, value in (stored or {}).items()})
+        self.tracer.span("splitwise.save", plan.trace, started_ns, time.time_ns(), attributes,
+                         failure)  # fmt: skip
+
+    def _store(self, taken: _Taken) -> dict[str, int]:
+        """Puts the chunks the store lacks; returns what it stored (tokens, chunks, bytes) and
+        how many chunks it held already."""
         started = time.perf_counter()
         if taken.copied is not None:
             taken.copied.synchronize()  # the GPU-to-host copies of these chunks have landed
@@ -230,6 +270,7 @@ class KVSaver:
             "splitwise save req=%s tokens=%d chunks=%d bytes=%d already_stored=%d ms=%.1f",
             plan.req_id, tokens, len(put), size, stored, seconds * 1e3,
         )  # fmt: skip
+        return {"tokens": tokens, "chunks": len(put), "bytes": size, "already_stored": stored}
 
     def forget(self, req_ids: Iterable[str]) -> None:
         """Requests vLLM finished: their chunks still queued are stored all the same."""
