@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from splitwise_local.serve.console import LEVELS
 from splitwise_local.serve.settings import DEFAULTS, LaunchError, LaunchSettings, proxy_field
+from splitwise_local.tracing import PROTOCOLS
 
 
 def settings_from_args(args: argparse.Namespace) -> LaunchSettings:
@@ -320,4 +321,17 @@ def add_observability_arguments(group: Group) -> None:
         type=float,
         metavar="SECONDS",
         help="how often Prometheus scrapes each component (%(default)s)",
+    )
+    group.add_argument(
+        "--otlp-traces-endpoint",
+        metavar="URL",
+        help="send OpenTelemetry traces of every request here: the proxy's spans, each "
+        "engine's (vLLM's --otlp-traces-endpoint) and the connector's saves and loads, in one "
+        "trace per request (off by default)",
+    )
+    group.add_argument(
+        "--otlp-traces-protocol",
+        choices=list(PROTOCOLS),
+        help="the endpoint's OTLP protocol (%(default)s; http/protobuf: /v1/traces is added to "
+        "a URL without a path)",
     )

@@ -23,6 +23,7 @@ from splitwise_local.serve.placement import Placement
 from splitwise_local.serve.ports import PortClaim
 from splitwise_local.serve.resolve import EngineArgs, Resolved
 from splitwise_local.serve.settings import LaunchError, LaunchSettings
+from splitwise_local.tracing import PROTOCOL_ENV, SERVICE_ENV
 
 ROLES = ("prefill", "decode")
 DEFAULT_STORE_PORT = 10080  # the store's own default TCP port
@@ -156,7 +157,9 @@ def plan_engines(
     config_file: Path | None,
 ) -> list[EnginePlan]:
     """Every engine of the launch, prefill first, on the GPUs or cores `where` gives it; with
-    several GPUs an engine runs tensor-parallel over them."""
+    several GPUs an engine runs tensor-parallel over them. With tracing on, each traces to the
+    endpoint (vLLM's flag; the protocol, and its name as the spans' service, in its
+    environment)."""
     roles = kv_roles(store is not None, settings.disagg)
     lmcache_url = store.lmcache_url if store and settings.connector == "lmcache" else None
     env = {"VLLM_MLA_DISABLE": "1"} if settings.disable_mla else {}
@@ -166,6 +169,12 @@ def plan_engines(
             extra = list(args.args)
             if spot.tp > 1:
                 extra = merge_args(["--tensor-parallel-size", str(spot.tp)], extra)
+            name, log = engine_name(role, index, count), log_name(role, index, count)
+            engine_env = dict(env)
+            if settings.otlp_traces_endpoint is not None:
+                extra = merge_args(["--otlp-traces-endpoint", settings.otlp_traces_endpoint], extra)
+                engine_env[PROTOCOL_ENV] = settings.otlp_traces_protocol
+                engine_env[SERVICE_ENV] = name.replace(" ", "-")
             spec = EngineSpec(
                 model=resolved.model.folder,
                 port=first_port(settings, role) + index,
@@ -179,8 +188,7 @@ def plan_engines(
                 connector="lmcache" if lmcache_url else "splitwise",
                 store_url=lmcache_url,
             )
-            name, log = engine_name(role, index, count), log_name(role, index, count)
-            plans.append(EnginePlan(role, index, name, log, spot, spec, env))
+            plans.append(EnginePlan(role, index, name, log, spot, spec, engine_env))
     return plans
 
 
@@ -224,4 +232,6 @@ def plan_proxy(
         admission_tokens=settings.admission_tokens,
         admission_ttft_s=settings.admission_ttft,
         route_detail=settings.route_detail,
+        otlp_traces_protocol=settings.otlp_traces_protocol,
+        otlp_traces_endpoint=settings.otlp_traces_endpoint,
     )

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from splitwise_local.proxy.settings import Disagg, EnginePolicy, ProxySettings
 from splitwise_local.serve.prometheus import DEFAULT_INTERVAL_S as SCRAPE_INTERVAL_S
 from splitwise_local.serve.prometheus import DEFAULT_PORT as PROMETHEUS_PORT
 from splitwise_local.serve.supervisor import RestartPolicy
+from splitwise_local.tracing import TracesProtocol, traces_endpoint
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Positive = Annotated[int, Field(ge=1)]
@@ -99,12 +100,22 @@ class LaunchSettings(BaseModel):
     prometheus: bool = False
     prometheus_port: Port = PROMETHEUS_PORT
     scrape_interval: Seconds = SCRAPE_INTERVAL_S
+    # Tracing: the proxy's and every engine's (vLLM's own, with our connector's spans).
+    otlp_traces_protocol: TracesProtocol = proxy_field("otlp_traces_protocol")
+    otlp_traces_endpoint: str | None = proxy_field("otlp_traces_endpoint")
 
     @model_validator(mode="after")
     def _store_speaks_the_connector(self) -> LaunchSettings:
         if self.store == "mooncake" and self.connector == "lmcache":
             raise ValueError("--store mooncake works with --connector splitwise only")
         return self
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _valid_traces_endpoint(cls, url: str | None, info: ValidationInfo) -> str | None:
+        """Checked here, so a typo fails before anything starts; for http/protobuf with OTLP's
+        /v1/traces path, since the engines post to the URL as given."""
+        return traces_endpoint(url, info.data["otlp_traces_protocol"]) if url else None
 
 
 DEFAULTS = LaunchSettings()

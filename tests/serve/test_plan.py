@@ -142,6 +142,29 @@ def test_an_engine_on_several_gpus_runs_tensor_parallel_and_lmcache_reaches_our_
     }
 
 
+def test_with_tracing_every_engine_traces_where_the_proxy_does():
+    plans = engines(LaunchSettings(decode=2))
+    assert all("--otlp-traces-endpoint" not in plan.spec.command() for plan in plans)
+    assert all(plan.env == {} for plan in plans)
+    settings = LaunchSettings(decode=2, otlp_traces_endpoint="http://127.0.0.1:4317")
+    plans = engines(settings)
+    for plan in plans:
+        command = plan.spec.command()
+        assert command[command.index("--otlp-traces-endpoint") + 1] == "http://127.0.0.1:4317"
+    assert [plan.env for plan in plans] == [
+        {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc", "OTEL_SERVICE_NAME": name}
+        for name in ("prefill-engine", "decode-engine-0", "decode-engine-1")
+    ]
+    assert proxy_for(settings).otlp_traces_endpoint == "http://127.0.0.1:4317"
+    # http/protobuf: the engines and the proxy post to OTLP's path for traces.
+    http = LaunchSettings(
+        otlp_traces_endpoint="http://h:4318", otlp_traces_protocol="http/protobuf"
+    )
+    command = engines(http)[0].spec.command()
+    assert command[command.index("--otlp-traces-endpoint") + 1] == "http://h:4318/v1/traces"
+    assert proxy_for(http).otlp_traces_endpoint == "http://h:4318/v1/traces"
+
+
 def proxy_for(settings: LaunchSettings, where=None, args: EngineArgs = ARGS) -> ProxySettings:
     plans = engines(settings, where)
     config_file = CONFIG_FILE if settings.connector != "none" else None
@@ -174,6 +197,8 @@ def test_every_proxy_setting_is_reachable_from_the_launcher():
         admission=True,
         admission_tokens=5000,
         admission_ttft=0.5,
+        otlp_traces_protocol="http/protobuf",
+        otlp_traces_endpoint="http://127.0.0.1:4318",
     )
     where = {"prefill": [Placement(gpus="0,1"), Placement(gpus="2,3")]}
     where["decode"] = [Placement(gpus="4,5")]

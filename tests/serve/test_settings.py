@@ -34,6 +34,7 @@ EVERY_OPTION = [
     *("--health-deadline", "10", "--max-restarts", "2"),
     *("--run-dir", "runs/x", "--log-level", "info", "--prometheus"),
     *("--prometheus-port", "9100", "--scrape-interval", "1"),
+    *("--otlp-traces-endpoint", "http://127.0.0.1:4318", "--otlp-traces-protocol", "http/protobuf"),
 ]
 
 
@@ -70,6 +71,11 @@ def test_every_setting_is_reachable_from_the_command_line():
         (["--port", "70000"], "--port 70000: Input should be less than or equal to 65535"),
         (["--busy-tokens", "0"], "--busy-tokens 0: Input should be greater than 0"),
         (["--health-deadline", "0"], "--health-deadline 0.0: Input should be greater than 0"),
+        (
+            ["--otlp-traces-endpoint", "localhost:4317"],
+            "--otlp-traces-endpoint 'localhost:4317': 'localhost:4317' is not an "
+            "http(s)://host:port URL",
+        ),
         (
             ["--store", "mooncake", "--connector", "lmcache"],
             "--store mooncake works with --connector splitwise only",
