@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from splitwise_local.store import ops
@@ -50,7 +51,7 @@ class AsyncStoreClient:
     async def put_many(self, items: Sequence[tuple[str | bytes, Value]]) -> None:
         prepared = [(p.key_bytes(k), memoryview(v).cast("B")) for k, v in items]
         for batch in ops.batches(prepared):
-            await self._run(lambda b=batch: ops.put(b), sizes=[len(v) for _, v in batch])
+            await self._run(partial(ops.put, batch), sizes=[len(v) for _, v in batch])
 
     async def get(self, key: str | bytes) -> memoryview | None:
         return (await self.get_many([key]))[0]
@@ -58,7 +59,7 @@ class AsyncStoreClient:
     async def get_many(self, keys: Sequence[str | bytes]) -> list[memoryview | None]:
         values: list[memoryview | None] = []
         for batch in ops.batches([p.key_bytes(k) for k in keys]):
-            values.extend(await self._run(lambda b=batch: ops.get(b, new_buffer)))
+            values.extend(await self._run(partial(ops.get, batch, new_buffer)))
         return values
 
     async def exists(self, keys: Sequence[str | bytes], touch: bool = True) -> int:
@@ -66,15 +67,14 @@ class AsyncStoreClient:
         order as it is."""
         present = 0
         for batch in ops.batches([p.key_bytes(k) for k in keys]):
-            found = await self._run(lambda b=batch: ops.exists(b, touch))
+            found = await self._run(partial(ops.exists, batch, touch))
             present += found
             if found < len(batch):
                 break
         return present
 
     async def delete(self, key: str | bytes) -> bool:
-        raw = p.key_bytes(key)
-        return (await self._run(lambda: ops.delete([raw])))[0]
+        return (await self._run(partial(ops.delete, [p.key_bytes(key)])))[0]
 
     async def stats(self) -> dict[str, Any]:
         return await self._run(ops.stats)
@@ -151,10 +151,12 @@ async def _drive(sock: socket.socket, flow: ops.Flow[T]) -> T:
             else:
                 raise TypeError(f"the asyncio client cannot do {type(step).__name__}")
     except StopIteration as done:
-        return done.value
+        return cast(T, done.value)
 
 
-async def _recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview):
+async def _recv_into(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview
+) -> None:
     pos = 0
     while pos < len(view):
         got = await loop.sock_recv_into(sock, view[pos:])

@@ -29,7 +29,7 @@ class KVBackend(Protocol):
     def get(self, key: str) -> bytes | memoryview | None:
         """None is a miss, not an error."""
 
-    def get_many(self, keys: Sequence[str]) -> list[bytes | memoryview | None]: ...
+    def get_many(self, keys: Sequence[str]) -> Sequence[bytes | memoryview | None]: ...
 
     def exists(self, keys: Sequence[str]) -> int:
         """The length of the present prefix of `keys`."""
@@ -71,7 +71,8 @@ def open_backend(url: str, config: SplitwiseConfig | None = None) -> KVBackend:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise ValueError(f"the {scheme}:// backend is not available here: {exc}") from None
-    return getattr(module, function)(url, config)
+    factory: BackendFactory = getattr(module, function)
+    return factory(url, config)
 
 
 def open_tcp(url: str, config: SplitwiseConfig | None) -> KVBackend:

@@ -17,7 +17,8 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -42,7 +43,7 @@ MAX_PUT_FRAME = 256 << 20  # bytes of values per PUT frame: within the frame dea
 
 def new_buffer(size: int) -> memoryview:
     """An uninitialised buffer for a value about to be copied in (no zero-filling pass)."""
-    return memoryview(np.empty(size, dtype=np.uint8)).cast("B")
+    return np.empty(size, dtype=np.uint8).data.cast("B")
 
 
 class Connection:
@@ -72,7 +73,7 @@ class Connection:
                     self.reader.read_into(step.buffer)
                     step = flow.send(None)
         except StopIteration as done:
-            return done.value
+            return cast(T, done.value)
 
     def _recv_with_fds(self, size: int) -> tuple[bytes, list[int]]:
         if self.reader.buffered:  # the descriptor rides on the first byte of the answer
@@ -118,7 +119,7 @@ class StoreClient:
             return
         prepared = self._prepare(items)
         for batch in ops.batches(prepared, self._max_batch_bytes(), lambda item: len(item[1])):
-            self._run(lambda conn, batch=batch: self._put_batch(conn, batch))
+            self._run(partial(self._put_batch, batch=batch))
 
     def get(self, key: str | bytes) -> memoryview | None:
         """The value, or None on a miss (a miss is not an error)."""
@@ -127,7 +128,7 @@ class StoreClient:
     def get_many(self, keys: Sequence[str | bytes]) -> list[memoryview | None]:
         values: list[memoryview | None] = []
         for batch in ops.batches([p.key_bytes(k) for k in keys]):
-            values.extend(self._run(lambda conn, batch=batch: self._get_batch(conn, batch)))
+            values.extend(self._run(partial(self._get_batch, keys=batch)))
         return values
 
     def get_into(
@@ -138,7 +139,7 @@ class StoreClient:
         store's own memory, pinned meanwhile, so nothing is copied."""
         done = 0
         for batch in ops.batches([p.key_bytes(k) for k in keys]):
-            for value in self._run(lambda conn, batch=batch: self._get_batch(conn, batch)):
+            for value in self._run(partial(self._get_batch, keys=batch)):
                 use(done, value)
                 done += 1
 
@@ -147,18 +148,17 @@ class StoreClient:
         order as it is."""
         present = 0
         for batch in ops.batches([p.key_bytes(k) for k in keys]):
-            found = self._run(lambda conn, batch=batch: conn.run(ops.exists(batch, touch)))
+            found = self._run_flow(partial(ops.exists, batch, touch))
             present += found
             if found < len(batch):
                 break
         return present
 
     def delete(self, key: str | bytes) -> bool:
-        raw = p.key_bytes(key)
-        return self._run(lambda conn: conn.run(ops.delete([raw])))[0]
+        return self._run_flow(partial(ops.delete, [p.key_bytes(key)]))[0]
 
     def stats(self) -> dict[str, Any]:
-        return self._run(lambda conn: conn.run(ops.stats()))
+        return self._run_flow(ops.stats)
 
     def close(self) -> None:
         with self._lock:
@@ -212,7 +212,7 @@ class StoreClient:
             self._pid = os.getpid()
             self._local = threading.local()
             self._connections = set()
-        conn = getattr(self._local, "conn", None)
+        conn: Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
         if self._closed:
@@ -240,6 +240,10 @@ class StoreClient:
         if getattr(self._local, "conn", None) is conn:
             self._local.conn = None
         conn.close()
+
+    def _run_flow(self, make: Callable[[], ops.Flow[T]]) -> T:
+        """Runs a fresh flow from `make` on this thread's connection (as `_run`)."""
+        return self._run(lambda conn: conn.run(make()))
 
     def _run(self, action: Callable[[Connection], T]) -> T:
         """Runs `action` on this thread's connection; retries once if that one was stale."""
@@ -284,7 +288,7 @@ class ShmClient(StoreClient):
         return SharedArena.attach(fds[0], info["size"])
 
     def _max_batch_bytes(self) -> int:
-        return max(1, self._connection().info["capacity"] // 4)
+        return max(1, int(self._connection().info["capacity"]) // 4)
 
     def _put_batch(self, conn: Connection, batch: list[tuple[bytes, memoryview]]) -> None:
         """ALLOC (skipped when the spare fits), one memcpy per value, COMMIT (+ next spare)."""
@@ -316,12 +320,16 @@ class ShmClient(StoreClient):
     ) -> None:
         done = 0
         for batch in ops.batches([p.key_bytes(k) for k in keys]):
-            conn, grants = self._run(lambda conn, batch=batch: (conn, conn.run(ops.lease(batch))))
+            conn, grants = self._run(partial(self._lease, keys=batch))
             arena = conn.arena
             assert arena is not None
             for grant in grants:  # pinned until this connection's next frame
                 use(done, self._in_place(arena, grant))
                 done += 1
+
+    @staticmethod
+    def _lease(conn: Connection, keys: list[bytes]) -> tuple[Connection, list[p.Grant]]:
+        return conn, conn.run(ops.lease(keys))
 
     @staticmethod
     def _in_place(arena: SharedArena, grant: p.Grant) -> memoryview | None:

@@ -35,6 +35,7 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -131,7 +132,7 @@ def decode_request(data: bytes) -> Request:
             raise MalformedRequest(f"negative length or shape ({length}, {shape})")
         if fmt not in FORMATS or dtype not in DTYPES or location not in LOCATIONS:
             raise MalformedRequest(f"unknown format {fmt}, dtype {dtype} or location {location}")
-    return Request(Command(command), length, Tag(fmt, dtype, tuple(shape)), key)  # type: ignore[arg-type]
+    return Request(Command(command), length, Tag(fmt, dtype, tuple(shape)), key)
 
 
 def encode_reply(code: int, length: int = 0, tag: Tag = _STATUS_TAG) -> bytes:
@@ -199,7 +200,7 @@ class LMCacheSession:
         self.reader.deadline = time.monotonic() + self.ctx.frame_timeout
         return self.reader.read(REQUEST.size)
 
-    def _send(self, buffers: list) -> None:
+    def _send(self, buffers: Sequence[bytes | memoryview]) -> None:
         send_all(self.sock, buffers, self.ctx.send_deadline())
 
     def _handle(self, request: Request) -> None:

@@ -86,10 +86,10 @@ class StoreCollector(Collector):
                 family.add_metric([protocol], share[field])
             yield family
         for field, (name, text) in GAUGES.items():
-            family = GaugeMetricFamily(PREFIX + name, text, labels=["protocol"])
+            gauge = GaugeMetricFamily(PREFIX + name, text, labels=["protocol"])
             for protocol, share in shares.items():
-                family.add_metric([protocol], share[field])
-            yield family
+                gauge.add_metric([protocol], share[field])
+            yield gauge
         connections = GaugeMetricFamily(
             PREFIX + "connections", "Client connections open now", labels=["protocol"]
         )

@@ -159,7 +159,7 @@ class MooncakeBackend:
         set_deadlines(timeout)
         self._probe()
         try:
-            from mooncake.store import MooncakeDistributedStore
+            from mooncake.store import MooncakeDistributedStore  # type: ignore[import-untyped]
         except ImportError as exc:
             raise StoreUnavailable(
                 f"{self.endpoint}: cannot load Mooncake ({exc}); scripts/setup.sh installs "
@@ -379,7 +379,7 @@ class MooncakeBackend:
             )
         for i, start, code in zip(present, offsets[:-1], codes, strict=True):
             if code >= 0:
-                values[i] = memoryview(block[int(start) : int(start) + code])
+                values[i] = block[int(start) : int(start) + code].data
             elif code != NOT_FOUND:  # NOT_FOUND: evicted or deleted since the lookup
                 self._fail(code, f"get {keys[i]!r}")
         return values

@@ -18,7 +18,7 @@ Buffer = bytes | bytearray | memoryview
 
 
 class Send(NamedTuple):
-    buffers: list[Buffer]
+    buffers: Sequence[Buffer]
 
 
 class Recv(NamedTuple):
@@ -40,7 +40,7 @@ Flow = Generator[Step, Any, T]
 
 def call(
     op: p.Op, count: int = 0, meta: bytes = b"", payload: Sequence[Buffer] = (), flags: int = 0
-) -> Flow:
+) -> Flow[tuple[p.Header, bytes]]:
     """Sends one request and returns its (header, metadata); an error status raises."""
     yield Send([p.frame(op, count, meta, flags), *payload])
     return (yield from response())
@@ -65,7 +65,9 @@ def put(items: Sequence[tuple[bytes, memoryview]]) -> Flow[None]:
     yield from call(p.Op.PUT, len(items), meta, [value for _, value in items])
 
 
-def get(keys: Sequence[bytes], allocate: Callable[[int], memoryview]) -> Flow[list]:
+def get(
+    keys: Sequence[bytes], allocate: Callable[[int], memoryview]
+) -> Flow[list[memoryview | None]]:
     """Values in key order (None for a miss), each received into `allocate(length)`."""
     _, meta = yield from call(p.Op.GET, len(keys), p.encode_keys(keys))
     values: list[memoryview | None] = []
@@ -149,13 +151,16 @@ def lease(keys: Sequence[bytes]) -> Flow[list[p.Grant]]:
     return p.decode_grants(meta, len(keys))
 
 
-def batches(items: Sequence[T], max_bytes: int = 0, size: Callable[[T], int] = len) -> list:
-    """Splits a batch to fit the frame limits and, for writes, `max_bytes` of values."""
+def batches(
+    items: Sequence[T], max_bytes: int = 0, size: Callable[[T], int] | None = None
+) -> list[list[T]]:
+    """Splits a batch to fit the frame limits and, for writes, `max_bytes` of values, each
+    value's bytes counted by `size`."""
     out: list[list[T]] = []
     current: list[T] = []
     total = 0
     for item in items:
-        n = size(item) if max_bytes else 0
+        n = size(item) if max_bytes and size is not None else 0
         if current and (len(current) >= BATCH_ITEMS or (max_bytes and total + n > max_bytes)):
             out.append(current)
             current, total = [], 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Any, NamedTuple
 
@@ -50,7 +51,6 @@ MAX_HELLO_META = 4096  # bytes of HELLO metadata: read before the token is check
 MAX_KEY = 512  # bytes of one key
 
 _U16 = struct.Struct("<H")
-_I64 = struct.Struct("<q")
 _U64 = struct.Struct("<Q")
 _EXTENT = struct.Struct("<QQ")  # offset, length
 _GRANT = struct.Struct("<qQI")  # value length (-1: miss), ticket, number of extents
@@ -105,7 +105,8 @@ class FrameError(ProtocolError):
         self.status = status
 
 
-class Header(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Header:
     code: int  # an Op in requests, a Status in responses
     count: int
     meta_len: int
@@ -169,7 +170,7 @@ class _Reader:
         self.pos += n
         return chunk
 
-    def unpack(self, fmt: struct.Struct) -> tuple:
+    def unpack(self, fmt: struct.Struct) -> tuple[Any, ...]:
         return fmt.unpack(self.take(fmt.size))
 
     def key(self) -> bytes:

@@ -210,7 +210,7 @@ class StoreServer:
                         if key.data is None:
                             return
                         if key.data is lingering:
-                            lingering.drain(key.fileobj)  # type: ignore[arg-type]
+                            lingering.drain(key.fileobj)
                         else:
                             self._accept(key.fileobj, key.data, lingering)  # type: ignore[arg-type]
             finally:

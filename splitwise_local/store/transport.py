@@ -173,14 +173,14 @@ class SocketReader:
         """Exactly `size` bytes. More than the buffer holds are collected as they arrive, so
         memory follows the bytes received, never a length the peer announced."""
         if size > len(self._buffer):
-            data = bytearray()
-            while len(data) < size:
+            collected = bytearray()
+            while len(collected) < size:
                 if not self.buffered:
-                    self.fill(first and not data)
-                take = min(size - len(data), self.buffered)
-                data += self._view[self._start : self._start + take]
+                    self.fill(first and not collected)
+                take = min(size - len(collected), self.buffered)
+                collected += self._view[self._start : self._start + take]
                 self._start += take
-            return bytes(data)
+            return bytes(collected)
         while self.buffered < size:
             self.fill(first)
         data = bytes(self._view[self._start : self._start + size])
