@@ -76,6 +76,8 @@ def open_backend(url: str, config: SplitwiseConfig | None = None) -> KVBackend:
 
 
 def open_tcp(url: str, config: SplitwiseConfig | None) -> KVBackend:
+    # Late, as the registry loads every backend: the clients bring numpy (50 ms), which the
+    # launcher's probes, importing this module, do not need.
     from splitwise_local.store.client import StoreClient
 
     parts = urlsplit(url)
@@ -89,6 +91,7 @@ def open_tcp(url: str, config: SplitwiseConfig | None) -> KVBackend:
 
 
 def open_shm(url: str, config: SplitwiseConfig | None) -> KVBackend:
+    # Late for the same reason as open_tcp's.
     from splitwise_local.store.client import ShmClient
     from splitwise_local.store.transport import control_address
 

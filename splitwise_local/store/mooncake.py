@@ -329,6 +329,7 @@ class MooncakeBackend:
 
     def _metrics(self) -> tuple[dict[str, float], list[float]]:
         """The master's unlabelled metrics, and each mounted segment's capacity."""
+        # Late: only stats() reads the master's page (httpx alone takes 0.1 s to import).
         import httpx
         from prometheus_client.parser import text_string_to_metric_families
 
@@ -430,6 +431,7 @@ class MooncakeBackend:
 
 def open_mooncake(url: str, config: SplitwiseConfig | None) -> MooncakeBackend:
     """The `mooncakestore://` factory named in the backend registry."""
+    # Late: the config module (pydantic) is needed only when no config was handed over.
     from splitwise_local.config import MooncakeOptions
 
     options = config.mooncake if config is not None else MooncakeOptions()
