@@ -9,11 +9,11 @@
 # measured time); on this project's shared machines run it under the engine lock, on an otherwise
 # idle machine:   flock /tmp/splitwise-engine.lock bash scripts/splitwise_experiment.sh
 #
-# Options go to `python -m splitwise_local.bench.experiment` (`--help` lists them): --short (tiny
+# Options go to `python -m splitwise_bench.experiment` (`--help` lists them): --short (tiny
 # settings; CI runs it against fake engines), --systems colocated,dp, --placement, --out, --run-dir,
 # --quiet-wait S. PYTHON picks the interpreter (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PY" -m splitwise_local.bench.experiment --python "$PY" "$@"
+exec "$PY" -m splitwise_bench.experiment --python "$PY" "$@"

@@ -12,14 +12,13 @@ import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from splitwise_local.bench import BENCHMARKS
-
 
 class Subcommand(NamedTuple):
     module: str
     help: str
 
 
+# The library's own; `subcommands()` adds `bench`.
 SUBCOMMANDS: dict[str, Subcommand] = {
     "serve": Subcommand("splitwise_local.serve.launcher", "run store, engines and proxy (default)"),
     "store": Subcommand("splitwise_local.store.server", "run the KV store server"),
@@ -28,9 +27,20 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "splitwise_local.serve.engine", "run one vLLM engine with our KV connector"
     ),
     "model": Subcommand("splitwise_local.models.cli", "prepare the embedded model"),
-    "bench": Subcommand("splitwise_local.bench", f"benchmarks: {', '.join(BENCHMARKS)}"),
 }
 DEFAULT_SUBCOMMAND = "serve"
+
+
+def subcommands() -> dict[str, Subcommand]:
+    """Every subcommand: the library's and `bench`, which hands over to `splitwise_bench`.
+
+    Imported late: the benchmarks are a package apart from the library, their heavy
+    dependencies (matplotlib, nixl) an optional extra, and serving never needs them.
+    """
+    from splitwise_bench import BENCHMARKS
+
+    bench = Subcommand("splitwise_bench", f"benchmarks: {', '.join(BENCHMARKS)}")
+    return SUBCOMMANDS | {"bench": bench}
 
 
 def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -52,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     module = None
-    for name, sub in SUBCOMMANDS.items():
+    for name, sub in subcommands().items():
         subparser = subparsers.add_parser(name, help=sub.help, description=sub.help)
         if name == own[0]:
             module = importlib.import_module(sub.module)

@@ -3,8 +3,8 @@
 import subprocess
 import sys
 
-from splitwise_local.bench import BENCHMARKS
-from splitwise_local.cli import SUBCOMMANDS, split_extra
+from splitwise_bench import BENCHMARKS
+from splitwise_local.cli import split_extra, subcommands
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -16,14 +16,14 @@ def test_help_lists_every_subcommand():
     result = run_cli("--help")
     assert result.returncode == 0
     for name in ("serve", "store", "proxy", "engine", "model", "bench"):
-        assert name in SUBCOMMANDS
+        assert name in subcommands()
         assert name in result.stdout
     listed = " ".join(result.stdout.split())  # argparse wraps the help text
     assert f"benchmarks: {', '.join(BENCHMARKS)}" in listed
 
 
 def test_each_subcommand_has_its_own_help():
-    for name in SUBCOMMANDS:
+    for name in subcommands():
         result = run_cli(name, "--help")
         assert result.returncode == 0, result.stderr
         assert "usage:" in result.stdout

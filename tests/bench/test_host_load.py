@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from splitwise_local.bench.host_load import HostLoad, lock_status
+from splitwise_bench.host_load import HostLoad, lock_status
 
 BURN = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
 

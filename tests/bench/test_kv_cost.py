@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from splitwise_local.bench import kv_cost
+from splitwise_bench import kv_cost
 from splitwise_local.store.backend import open_backend
 
 

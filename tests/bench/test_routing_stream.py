@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from splitwise_local.bench.routing import Stream
-from splitwise_local.proxy.fake_engine import FakeBehaviour, FakeEngine
+from splitwise_bench.routing import Stream
+from splitwise_testing.fake_engine import FakeBehaviour, FakeEngine
 from tests.proxy.servers import Servers
 
 

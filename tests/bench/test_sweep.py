@@ -7,7 +7,7 @@ import json
 import pytest
 from serve_fake import Knobs, serve_fake
 
-from splitwise_local.bench.sweep import capacity, curve, sustained_rate, workload_seed
+from splitwise_bench.sweep import capacity, curve, sustained_rate, workload_seed
 from splitwise_local.cli import main
 
 SMALL = [

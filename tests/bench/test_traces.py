@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitwise_local.bench import traces
-from splitwise_local.bench.traces import (
+from splitwise_bench import traces
+from splitwise_bench.traces import (
     BlockTokens,
     ReplaySettings,
     TraceError,
@@ -26,7 +26,7 @@ from splitwise_local.bench.traces import (
     scale,
     window,
 )
-from splitwise_local.bench.workloads import poisson_arrivals
+from splitwise_bench.workloads import poisson_arrivals
 
 
 @pytest.mark.parametrize(
@@ -272,7 +272,7 @@ def test_impossible_replays_are_refused_with_the_setting_named(
 
 
 def test_traces_ship_with_their_licenses():
-    folder = resources.files("splitwise_local.bench").joinpath("data", "traces")
+    folder = resources.files("splitwise_bench").joinpath("data", "traces")
     names = {p.name for p in folder.iterdir()}
     assert {info.file for info in traces.TRACES.values()} <= names
     assert {"README.md", "LICENSE-CC-BY-4.0.txt", "LICENSE-Apache-2.0.txt"} <= names
@@ -285,8 +285,8 @@ def test_the_package_data_patterns_cover_every_trace_file():
     root = Path(__file__).resolve().parents[2]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"
-    ]["splitwise_local"]
-    package = root / "splitwise_local"
+    ]["splitwise_bench"]
+    package = root / "splitwise_bench"
     shipped = {p for pattern in patterns for p in package.glob(pattern) if p.is_file()}
-    files = {p for p in (package / "bench" / "data" / "traces").iterdir()}
+    files = {p for p in (package / "data" / "traces").iterdir()}
     assert files and files <= shipped

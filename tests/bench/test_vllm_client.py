@@ -1,7 +1,7 @@
 """vLLM's own benchmark client against our proxy, unchanged, and the cross-check of two clients.
 
 The real-engine tests share one `python -m splitwise_local` (1P1D) and run vLLM's client the way
-a user runs it here (`python -m splitwise_local.bench.vllm_client` + `vllm bench serve`'s own
+a user runs it here (`python -m splitwise_bench.vllm_client` + `vllm bench serve`'s own
 arguments), for streamed completions and chat, and beside `bench serve` with the same shape.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from splitwise_local.bench import vllm_client
+from splitwise_bench import vllm_client
 from splitwise_local.cli import main
 from tests.serve.helpers import READY, Launch, Ports, leftovers, sweep
 
@@ -90,7 +90,7 @@ def run_vllm_client(tmp_path: Path, url: str, *args: str) -> dict:
     command = [
         sys.executable,
         "-m",
-        "splitwise_local.bench.vllm_client",
+        "splitwise_bench.vllm_client",
         "--summary-json",
         str(out),
         "--base-url",

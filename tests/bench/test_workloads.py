@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from splitwise_local.bench.workloads import (
+from splitwise_bench.workloads import (
     PromptCutter,
     WorkloadError,
     WorkloadSettings,

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from splitwise_local.bench.launched import Running, launch_system, leftovers, sweep
+from splitwise_testing.launch import Running, launch_system, leftovers, sweep
 
 HEALTH_DEADLINE_S = 10.0  # the launcher's --health-deadline: short, so a freeze test is short
 

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
-from splitwise_local.bench.chaos import openai_error
+from splitwise_bench.chaos import openai_error
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
 # CI runs a fixed (derandomized) set of 300 so a run is repeatable; SPLITWISE_FUZZ_EXAMPLES=N

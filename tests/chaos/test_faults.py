@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from splitwise_local.bench.chaos import CI_FAULTS, FAULTS, Load, freeze_time, run_fault
+from splitwise_bench.chaos import CI_FAULTS, FAULTS, Load, freeze_time, run_fault
 from tests.chaos.conftest import HEALTH_DEADLINE_S
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]

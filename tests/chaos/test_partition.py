@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from splitwise_local.bench.chaos import prompts
-from splitwise_local.bench.engines import System, start_system
-from splitwise_local.bench.scrape import total
+from splitwise_bench.chaos import prompts
 from splitwise_local.config import SplitwiseConfig
 from splitwise_local.models.checkpoint import prepare_default_model
 from splitwise_local.proxy.app import build_app
 from splitwise_local.proxy.settings import ProxySettings
 from splitwise_local.serve.process import RUN_ENV, terminate
+from splitwise_testing.scrape import total
+from splitwise_testing.system import System, start_system
 from tests.netns import Host, Network, netns_problem
 from tests.proxy.servers import Servers
 

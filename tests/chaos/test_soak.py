@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitwise_local.bench.soak import plot, soak
+from splitwise_bench.soak import plot, soak
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 

@@ -12,7 +12,6 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.request import Request
 
-from splitwise_local.bench.otlp_receiver import OtlpReceiver, ReceivedSpan
 from splitwise_local.connector.codec import ChunkCodec
 from splitwise_local.connector.connector import SplitwiseMetadata
 from splitwise_local.connector.health import StoreGuard
@@ -25,6 +24,7 @@ from splitwise_local.connector.saver import KVSaver
 from splitwise_local.connector.tracing import ConnectorTracer, request_traceparent
 from splitwise_local.store.backend import open_backend
 from splitwise_local.store.server import ServerSettings, StoreServer
+from splitwise_testing.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.connector.test_planner import PROMPT, all_keys, planner
 from tests.store.helpers import unique_name
 

@@ -14,7 +14,6 @@ import time
 import pytest
 import torch
 
-from splitwise_local.bench.slow_store import hold_writes
 from splitwise_local.connector.codec import ChunkCodec
 from splitwise_local.connector.health import StoreGuard
 from splitwise_local.connector.keys import KeyIdentity
@@ -27,6 +26,7 @@ from splitwise_local.serde import decode_any
 from splitwise_local.store.backend import open_backend
 from splitwise_local.store.client import ShmClient
 from splitwise_local.store.server import ServerSettings, StoreServer
+from splitwise_testing.slow_store import hold_writes
 from tests.store.helpers import unique_name
 
 pytestmark = pytest.mark.timeout(120)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 
-from splitwise_local.bench.engines import Engine
+from splitwise_testing.system import Engine
 
 LOAD_LINE = re.compile(
     r"splitwise load req=\S+ tokens=(\d+) chunks=(\d+) bytes=(\d+) .*verified=(\S+)"

@@ -1,4 +1,4 @@
-"""Fixtures shared by the real-engine tests (helpers: splitwise_local.bench.engines)."""
+"""Fixtures shared by the real-engine tests (helpers: splitwise_testing.system)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from splitwise_local.bench.engines import PROSE, Engine, start_system
 from splitwise_local.models.checkpoint import prepare_default_model
+from splitwise_testing.system import PROSE, Engine, start_system
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from splitwise_local.bench.engines import start_system
 from splitwise_local.config import SplitwiseConfig
 from splitwise_local.connector.keys import chunk_keys, key_identity, per_head_layout
 from splitwise_local.hardware.dtype import cpu_dtype
+from splitwise_testing.system import start_system
 from tests.engine.checks import Reference, assert_matches, completion_tokens, reference_reply
 
 pytestmark = pytest.mark.engine

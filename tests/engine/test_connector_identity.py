@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from splitwise_local.bench.engines import start_system
 from splitwise_local.config import SplitwiseConfig
+from splitwise_testing.system import start_system
 from tests.engine.checks import References, assert_loaded, completion_tokens, first_diff
 
 pytestmark = pytest.mark.engine

@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-from splitwise_local.bench.engines import start_system
 from splitwise_local.config import SplitwiseConfig
 from splitwise_local.connector.keys import chunk_keys, key_identity, per_head_layout
 from splitwise_local.hardware.dtype import cpu_dtype
+from splitwise_testing.system import start_system
 
 pytestmark = pytest.mark.engine
 

@@ -21,10 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from splitwise_local.bench.engines import start_system
-from splitwise_local.bench.slow_store import slow_store
 from splitwise_local.config import SplitwiseConfig
 from splitwise_local.connector.keys import chunk_keys, key_identity, per_head_layout
+from splitwise_testing.slow_store import slow_store
+from splitwise_testing.system import start_system
 from tests.engine.checks import completion_tokens
 
 pytestmark = pytest.mark.engine

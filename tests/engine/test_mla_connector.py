@@ -13,8 +13,8 @@ import re
 import pytest
 import torch
 
-from splitwise_local.bench.engines import start_system
 from splitwise_local.config import SplitwiseConfig
+from splitwise_testing.system import start_system
 from tests.engine.checks import References, assert_loaded, completion_tokens, first_diff
 
 pytestmark = pytest.mark.engine

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from splitwise_local.bench.engines import start_system
 from splitwise_local.config import SplitwiseConfig
+from splitwise_testing.system import start_system
 
 pytestmark = pytest.mark.engine
 

@@ -11,7 +11,7 @@ import pytest
 
 os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")  # before lmcache is first imported
 
-from splitwise_local.bench.store_lmcache import LMCacheClient
+from splitwise_bench.store_lmcache import LMCacheClient
 from tests.serve.conftest import fake_model  # noqa: F401  (shared fixtures)
 from tests.store.conftest import make_server, server  # noqa: F401
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from splitwise_local.bench import store_lmcache
+from splitwise_bench import store_lmcache
 
 
 def test_lmcache_server_and_our_store_side_by_side(capsys) -> None:

@@ -23,7 +23,7 @@ from lmcache.v1.protocol import (
     ServerReturnCode,
 )
 
-from splitwise_local.bench.store_lmcache import lmcache_server
+from splitwise_bench.store_lmcache import lmcache_server
 from splitwise_local.store import lmcache_protocol as lp
 from splitwise_local.store import open_backend
 from splitwise_local.store import protocol as p

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitwise_local.bench.engines import PROSE, start_system
+from splitwise_testing.system import PROSE, start_system
 
 pytestmark = pytest.mark.engine
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from splitwise_local.bench.store import BATCH_LARGE, SIZES, MiB
-from splitwise_local.bench.store_mooncake import mooncake_rows
-from splitwise_local.serve.store_child import spawn
+from splitwise_bench.store import BATCH_LARGE, SIZES, MiB
+from splitwise_bench.store_mooncake import mooncake_rows
 from splitwise_local.store import open_backend
+from splitwise_testing.store_child import spawn
 
 
 def test_rows_compare_mooncake_with_the_shared_memory_path():

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from splitwise_local.bench.engines import start_system
 from splitwise_local.config import MooncakeOptions, SplitwiseConfig
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend
+from splitwise_testing.system import start_system
 from tests.engine.conftest import model_dir, prose_tokens, reference, tokenizer  # noqa: F401
 from tests.engine.test_connector_identity import (  # noqa: F401
     assert_loaded,

@@ -25,11 +25,11 @@ import httpx
 import pytest
 import yaml
 
-from splitwise_local.bench.launched import sweep
-from splitwise_local.bench.scrape import total
 from splitwise_local.samples import LONG_PROMPT, SHORT_PROMPT
 from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.process import RUN_ENV, terminate
+from splitwise_testing.launch import sweep
+from splitwise_testing.scrape import total
 from tests.multihost.recipe import (
     DOC_HOSTS,
     blocks,

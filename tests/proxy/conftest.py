@@ -12,10 +12,10 @@ import pytest
 from splitwise_local.config import SplitwiseConfig, dump_config
 from splitwise_local.models.checkpoint import prepare_default_model
 from splitwise_local.proxy.app import build_app
-from splitwise_local.proxy.fake_engine import FakeBehaviour, FakeEngine
 from splitwise_local.proxy.settings import ProxySettings
 from splitwise_local.proxy.tokens import PromptTokenizer
 from splitwise_local.store.server import ServerSettings, StoreServer
+from splitwise_testing.fake_engine import FakeBehaviour, FakeEngine
 from tests.proxy.routes import CHUNK, THRESHOLD
 from tests.proxy.servers import Servers
 

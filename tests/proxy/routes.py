@@ -7,12 +7,12 @@ from pathlib import Path
 
 import httpx
 
-from splitwise_local.bench.scrape import total
 from splitwise_local.config import SplitwiseConfig
 from splitwise_local.connector.keys import NO_EXTRAS, KeyExtras, chunk_keys
 from splitwise_local.proxy.prefix import engine_identity
 from splitwise_local.proxy.tokens import PromptTokenizer
 from splitwise_local.store.backend import open_backend
+from splitwise_testing.scrape import total
 
 CHUNK = 32
 THRESHOLD = 64

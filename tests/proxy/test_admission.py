@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from splitwise_local.bench.scrape import value
 from splitwise_local.proxy.admission import BYTES_PER_TOKEN, Admission, Refusal, Ticket
 from splitwise_local.proxy.pool import EnginePool, least_loaded
 from splitwise_local.proxy.routing import Hop, Prompt, Route
 from splitwise_local.proxy.settings import DEFAULT_BUSY_TOKENS, ProxySettings
+from splitwise_testing.scrape import value
 from tests.proxy.routes import LONG, OTHER, chat, route_of, send, store_prompt
 from tests.proxy.test_app import COMPLETION, assert_openai_error, settle
 

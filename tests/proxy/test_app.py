@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from splitwise_local.bench.scrape import total, value
+from splitwise_testing.scrape import total, value
 from tests.proxy.equivalence import assert_proxy_matches_decode
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "three word prompt"}]}

@@ -12,9 +12,9 @@ import time
 import httpx
 import pytest
 
-from splitwise_local.bench.scrape import total, value
 from splitwise_local.proxy.app import build_app
 from splitwise_local.proxy.settings import ProxySettings
+from splitwise_testing.scrape import total, value
 from tests.proxy.test_app import CHAT, COMPLETION, assert_openai_error, settle, sse_events
 
 

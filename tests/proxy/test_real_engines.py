@@ -1,6 +1,6 @@
 """Acceptance against real vLLM CPU engines: the proxy answers what the decode engine answers.
 
-Starts the store, a prefill and a decode engine (`splitwise_local.bench.engines`, as the
+Starts the store, a prefill and a decode engine (`splitwise_testing.system`, as the
 connector tests do), serves the proxy in front of them, and compares chat and completion
 answers, whole and streamed, with the decode engine's own. Marked `engine`: run alone.
 """
@@ -12,12 +12,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from splitwise_local.bench.engines import System, start_system
-from splitwise_local.bench.scrape import value
 from splitwise_local.config import SplitwiseConfig
 from splitwise_local.models.checkpoint import prepare_default_model
 from splitwise_local.proxy.app import build_app
 from splitwise_local.proxy.settings import ProxySettings
+from splitwise_testing.scrape import value
+from splitwise_testing.system import System, start_system
 from tests.proxy.equivalence import assert_proxy_matches_decode
 from tests.proxy.servers import Servers
 

@@ -17,10 +17,10 @@ import time
 import httpx
 import pytest
 
-from splitwise_local.bench.scrape import total
 from splitwise_local.connector.keys import KeyExtras
 from splitwise_local.proxy.pool import least_loaded
 from splitwise_local.proxy.routing import Hop, PrefixMemory, Prompt, Route, decide_auto
+from splitwise_testing.scrape import total
 from tests.proxy.routes import (
     CHUNK,
     LONG,

@@ -23,7 +23,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from splitwise_local.bench.engines import Engine, System, start_system
 from splitwise_local.config import SplitwiseConfig, load_config
 from splitwise_local.connector.keys import KeyExtras, chunk_keys
 from splitwise_local.hardware.dtype import cpu_dtype
@@ -33,6 +32,7 @@ from splitwise_local.proxy.prefix import engine_identity
 from splitwise_local.proxy.settings import ProxySettings
 from splitwise_local.proxy.tokens import PromptTokenizer
 from splitwise_local.samples import LONG_PROMPT
+from splitwise_testing.system import Engine, System, start_system
 from tests.engine.checks import References, first_diff
 from tests.proxy.routes import route_of, routes_counted
 from tests.proxy.servers import Servers

@@ -114,7 +114,7 @@ def test_soak_has_no_errors_and_no_socket_growth(tmp_path: Path, processes):
     urls = {}
     for role in ("prefill", "decode"):
         port = free_port()
-        fake = ["-m", "splitwise_local.proxy.fake_engine", "--name", role, "--tokens", "3"]
+        fake = ["-m", "splitwise_testing.fake_engine", "--name", role, "--tokens", "3"]
         processes.append(subprocess.Popen([python, *fake, "--port", str(port)]))
         urls[role] = f"http://127.0.0.1:{port}"
     (tmp_path / ".env").write_text(

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from splitwise_local.bench.otlp_receiver import OtlpReceiver, ReceivedSpan
 from splitwise_local.proxy.settings import ProxySettings
+from splitwise_testing.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "How far is the Moon?"}]}
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitwise_local.bench import kv_capture
+from splitwise_testing import kv_capture
 
 PROMPT_TOKENS = 300  # one full 256-token chunk and a ragged 44-token one
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitwise_local.bench.serde import cachegen_ratio_at, goal_rows
+from splitwise_bench.serde import cachegen_ratio_at, goal_rows
 
 
 def point(ratio: float, agreement: float, **extra: float) -> dict:

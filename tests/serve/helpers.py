@@ -1,5 +1,5 @@
 """Helpers shared by the launcher tests: free ports, fake engines; the launcher subprocess and
-the leftover checks are the benchmarks' (splitwise_local/bench/launched.py)."""
+the leftover checks are the benchmarks' (splitwise_testing/launch.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitwise_local.bench.launched import Launch, leftovers, sweep
 from splitwise_local.serve.ports import free_ports
+from splitwise_testing.launch import Launch, leftovers, sweep
 
 __all__ = ["Launch", "free_ports", "leftovers", "sweep"]  # re-exported for the tests
 

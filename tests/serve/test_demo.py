@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from splitwise_local.proxy.fake_engine import FakeBehaviour
+from splitwise_testing.fake_engine import FakeBehaviour
 from tests.serve.helpers import Launch, fake_env, leftovers, sweep
 
 pytestmark = pytest.mark.timeout(120)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from splitwise_local.bench.engines import start_system
+from splitwise_testing.system import start_system
 from splitwise_local.config import SplitwiseConfig
 
 

@@ -11,10 +11,10 @@ import httpx
 import psutil
 import pytest
 
-from splitwise_local.bench.launched import Launch, launch_system, leftovers, sweep
 from splitwise_local.samples import SAMPLES, ask, chat_request
 from splitwise_local.serve.ports import bind_problem
 from splitwise_local.serve.process import alive
+from splitwise_testing.launch import Launch, launch_system, leftovers, sweep
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
 GONE_WITHIN_S = 10.0

@@ -22,10 +22,10 @@ import httpx
 import pytest
 import yaml
 
-from splitwise_local.bench.launched import open_store
-from splitwise_local.bench.scrape import total
 from splitwise_local.config import load_config
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
+from splitwise_testing.launch import open_store
+from splitwise_testing.scrape import total
 from tests.proxy.routes import route_of, routes_counted
 from tests.serve.helpers import Launch, Ports, leftovers, sweep
 

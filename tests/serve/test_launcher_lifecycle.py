@@ -16,10 +16,10 @@ import httpx
 import psutil
 import pytest
 
-from splitwise_local.bench import scrape
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
 from splitwise_local.serve.ports import bind_problem
 from splitwise_local.serve.process import alive
+from splitwise_testing import scrape
 from tests.serve.helpers import READY, Ports, events, launch_fake, leftovers
 
 pytestmark = pytest.mark.timeout(120)

@@ -7,8 +7,8 @@ import signal
 import httpx
 import pytest
 
-from splitwise_local.bench.scrape import total
 from splitwise_local.samples import SAMPLES, ask, chat_request, served_model
+from splitwise_testing.scrape import total
 from tests.serve.helpers import Launch, Ports, free_ports, leftovers, sweep
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]

@@ -14,10 +14,10 @@ import signal
 import httpx
 import pytest
 
-from splitwise_local.bench.launched import open_store
-from splitwise_local.bench.scrape import total, value
 from splitwise_local.samples import SAMPLES, ask, chat_request
 from splitwise_local.serve.process import tagged
+from splitwise_testing.launch import open_store
+from splitwise_testing.scrape import total, value
 from tests.serve.helpers import READY, TRIGGER, launch_fake, leftovers
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import xxhash
 
-from splitwise_local.serve.store_child import SpawnedStore, spawn
+from splitwise_testing.store_child import SpawnedStore, spawn
 
 _counter = itertools.count()
 

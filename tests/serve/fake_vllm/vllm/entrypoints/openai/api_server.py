@@ -27,7 +27,7 @@ import time
 
 import uvicorn
 
-from splitwise_local.proxy.fake_engine import FakeBehaviour, FakeEngine
+from splitwise_testing.fake_engine import FakeBehaviour, FakeEngine
 
 
 def accepts(port: str | None) -> bool:
