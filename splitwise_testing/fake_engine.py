@@ -1,11 +1,12 @@
 """A tiny OpenAI-compatible server that answers instantly, for proxy tests and benchmarks.
 
 It speaks just enough of vLLM's API (chat and text completions, whole or streamed, `/v1/models`,
-`/health`, vLLM-shaped 400/404 errors, and like vLLM a stream refused only after its 200: too
-many `logprobs` end it with an error event) for the proxy to be load- and fault-tested without a
-model. It records what it was asked and whether a stream ran to the end or was cut off, and can
-be told to fail, stall (a while, or until released), or pace its tokens. Each streamed chunk
-carries `sent_at` (wall clock) so a client can measure how long the bytes took to reach it.
+`/health`, `/metrics` with vLLM's gauges of the requests it runs, vLLM-shaped 400/404 errors,
+and like vLLM a stream refused only after its 200: too many `logprobs` end it with an error
+event) for the proxy to be load- and fault-tested without a model. It records what it was asked
+and whether a stream ran to the end or was cut off, and can be told to fail, stall (a while, or
+until released), or pace its tokens. Each streamed chunk carries `sent_at` (wall clock) so a
+client can measure how long the bytes took to reach it.
 
 `python -m splitwise_testing.fake_engine --port 8010` runs one in its own process.
 """
@@ -56,6 +57,7 @@ class FakeRecord:
     streams_cut: int = 0
     whole_cut: int = 0
     cut: threading.Event = field(default_factory=threading.Event)
+    running: int = 0  # requests being answered now (a stream until its last byte)
 
 
 def _error_body(
@@ -86,6 +88,7 @@ class FakeEngine:
                 Route("/v1/completions", self._complete, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/health", self._health, methods=["GET"]),
+                Route("/metrics", self._metrics, methods=["GET"]),
             ]
         )
 
@@ -102,11 +105,38 @@ class FakeEngine:
         ]
         return JSONResponse({"object": "list", "data": cards})
 
+    async def _metrics(self, request: Request) -> Response:
+        """vLLM's gauges of the requests it runs and queues (this fake queues none)."""
+        labels = f'engine="0",model_name="{self.behaviour.model}"'
+        page = (
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{{{labels}}} {float(self.record.running)}\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{{{labels}}} 0.0\n"
+        )
+        return Response(page, media_type="text/plain; version=0.0.4")
+
     async def _complete(self, request: Request) -> Response:
-        response = await self._answer(request)
+        self.record.running += 1
+        try:
+            response = await self._answer(request)
+        except BaseException:
+            self.record.running -= 1
+            raise
+        if isinstance(response, StreamingResponse):  # it runs until its last chunk is sent
+            response.body_iterator = self._counted(response.body_iterator)
+        else:
+            self.record.running -= 1
         if self.behaviour.set_cookie:
             response.set_cookie("engine_session", "secret")
         return response
+
+    async def _counted(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self.record.running -= 1
 
     async def _answer(self, request: Request) -> Response:
         behaviour = self.behaviour

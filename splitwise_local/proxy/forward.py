@@ -11,8 +11,10 @@ error answers are passed through unchanged; the proxy's own errors use the OpenA
 
 When it is done the forwarder tells the router, once, which engines computed or loaded the
 prompt (their prefix caches now hold it), counts the route taken, and tells the admission ticket
-as each hop gets its first answer. Each engine request is a span of the caller's trace (when
-traced) and carries its `traceparent`, so the engine's own spans join the trace under it.
+as each hop gets its first answer; the router also hears how long each prefill answer and each
+stream's first event took (what a prompt token costs on that engine). Each engine request is a
+span of the caller's trace (when traced) and carries its `traceparent`, so the engine's own
+spans join the trace under it.
 """
 
 from __future__ import annotations
@@ -224,6 +226,7 @@ class Forwarder:
         if answer.status < 300:
             elapsed = time.perf_counter() - started
             self.metrics.prefill_seconds.labels(endpoint.url).observe(elapsed)
+            self.router.answered(endpoint, hop, elapsed)
             served.append(endpoint)
             span.end(attributes=answered)
             return None
@@ -275,7 +278,8 @@ class Forwarder:
         finally:
             pool.computed(endpoint, hop.tokens)
             ticket.answered(hop.role, ok=content is not None and answer.status < 300)
-        self.metrics.decode_ttft_seconds.labels(endpoint.url).observe(time.perf_counter() - started)
+        first_s = time.perf_counter() - started
+        self.metrics.decode_ttft_seconds.labels(endpoint.url).observe(first_s)
         if not streamed:
             span.end(None if answer.status < 400 else f"{hop.role} engine answered {answer.status}")
             return passthrough(answer, content)
@@ -283,6 +287,7 @@ class Forwarder:
             self.upstream.finish(pool, endpoint, answer)
             span.end(f"{hop.role} engine refused the stream")
             return refused
+        self.router.answered(endpoint, hop, first_s)  # a first token: the prompt is computed
         relay = self._relay(pool, answer, endpoint, content, span)
         return RelayResponse(relay, answer, call.record)
 

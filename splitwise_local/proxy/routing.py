@@ -17,14 +17,31 @@ a hop fails. Paths:
   straight to decode when `uncached < disagg_threshold_tokens` (reason `stored_prefix` when
   the store held part of it, else `short_prompt`), or when every prefill engine is saturated
   (at least `busy_tokens` prompt tokens pending) and a decode engine is not (reason
-  `prefill_busy`); otherwise through prefill (`long_uncached`). Without token ids (a request
-  tokens.py does not follow, no tokenizer) it goes through prefill (`tokens_unknown`), and
-  likewise while the store does not answer (`store_unavailable`): always safe, never a failed
-  request. A request whose keys the proxy cannot name as the engines do (a `model` no engine
-  lists) counts nothing as stored.
+  `prefill_busy`); otherwise through prefill (`long_uncached`). A request that would go
+  straight to decode goes through prefill instead (`itl_objective`) when computing it there
+  would stall that engine's running streams past `itl_objective_ms` (below). Without token ids
+  (a request tokens.py does not follow, no tokenizer) it goes through prefill
+  (`tokens_unknown`), and likewise while the store does not answer (`store_unavailable`):
+  always safe, never a failed request. A request whose keys the proxy cannot name as the
+  engines do (a `model` no engine lists) counts nothing as stored.
 
 Unlike Dynamo's rule there is no ratio condition: a short prompt with nothing stored also goes
 straight to decode, because on its own a short prompt costs decode less than the hand-over.
+
+The ITL objective (`itl_objective_ms`, 0: off), after DistServe's point that prefill work placed
+on a decode engine is paid by every stream there: a decode engine computes a prompt between two
+steps of its running streams, one step taking up to `busy_tokens` prompt tokens (vLLM's
+`max_num_batched_tokens`, chunked prefill), so those streams wait about
+`per-token cost x min(tokens pending there + the prompt's uncached tokens, busy_tokens)` for
+their next token (`stall_s`). The per-token cost is learned from the engines' answers
+(engine_load.PrefillCost). A decode engine keeps the objective for a prompt when it runs no
+stream or that wait fits the objective (`keeps_itl`); unmeasured, only an engine without
+streams does. Streams are the requests the proxy has in flight there, and, when that count is
+zero and the prompt would not fit, those the engine itself reports running or waiting (vLLM's
+/metrics: streams other clients or proxies sent). The prompt goes direct only while some
+decode engine keeps the objective, and to such an engine first; otherwise it queues at
+prefill, where admission may refuse it. `never` and the fallbacks after a failed hop do not
+look at it: the operator or the failure chose the engine.
 
 The fallbacks are part of the route: a failed prefill hands the prompt to decode
 (`prefill_failed`, setting `fallback_to_decode`), and a decode pool with no engine to reach
@@ -55,6 +72,7 @@ from typing import Any
 
 from splitwise_local.config import ConfigError, SplitwiseConfig, load_config
 from splitwise_local.connector.keys import KeyIdentity, chunk_keys, chunk_spans
+from splitwise_local.proxy.engine_load import EngineRequests, PrefillCost
 from splitwise_local.proxy.pool import Endpoint, EnginePool, Rank, Role, least_loaded
 from splitwise_local.proxy.prefix import ServedModels, StoredPrefix, engine_identity
 from splitwise_local.proxy.settings import ProxySettings
@@ -67,6 +85,7 @@ ROUTE_HEADER = "x-splitwise-route"
 DISAGGREGATED = "disaggregated"  # prefill engine, then decode engine
 DIRECT = "direct"  # decode engine alone
 PREFILL_ONLY = "prefill_only"  # a prefill engine alone, while no decode engine is reachable
+ITL_OBJECTIVE = "itl_objective"  # through prefill: decode's streams would wait too long
 # Keys for engines' prefix memories when no store identity is known (no store): any chained
 # digest of the tokens serves to compare prefixes.
 LOCAL_IDENTITY = KeyIdentity("proxy-affinity", "", "", 256)
@@ -97,11 +116,13 @@ class Prompt:
 @dataclass(frozen=True)
 class Hop:
     """One engine request of a route: the role it goes to, how that role's engines rank for it,
-    and the prompt tokens the chosen engine computes (its own cache aside; 0 when unknown)."""
+    and the prompt tokens the chosen engine computes (its own cache aside; 0 when unknown).
+    `prompt` is the route's: with the answer's time it tells what a token costs there."""
 
     role: Role
     tokens: int
     rank: Rank
+    prompt: Prompt = Prompt(None)
 
 
 @dataclass(frozen=True)
@@ -150,6 +171,42 @@ def decide_auto(
     return DISAGGREGATED, "long_uncached"
 
 
+@dataclass(frozen=True)
+class DecodeLoad:
+    """What the ITL rule knows of one decode engine."""
+
+    streams: int  # requests generating there
+    pending_tokens: int  # prompt tokens sent to it that it has not answered yet
+    per_token_s: float | None  # its measured seconds per prompt token; None: not measured
+
+
+def stall_s(engine: DecodeLoad, tokens: int, step_tokens: int) -> float | None:
+    """The longest wait between two tokens the engine's streams would see while it computes
+    `tokens` more prompt tokens: one engine step computes up to `step_tokens` of them, and
+    those pending there already may share it. None while the cost is unmeasured."""
+    if engine.per_token_s is None:
+        return None
+    return engine.per_token_s * min(engine.pending_tokens + tokens, step_tokens)
+
+
+def keeps_itl(engine: DecodeLoad, tokens: int, step_tokens: int, objective_s: float) -> bool:
+    """Whether the engine may compute `tokens` prompt tokens without its streams waiting longer
+    than `objective_s` between two tokens (an engine without streams always may)."""
+    if engine.streams == 0:
+        return True
+    stall = stall_s(engine, tokens, step_tokens)
+    return stall is not None and stall <= objective_s
+
+
+def preferring(first: frozenset[str], rank: Rank) -> Rank:
+    """`rank`, with the engines in `first` ahead of the others."""
+
+    def ranked(e: Endpoint) -> tuple[int, ...]:
+        return (e.url not in first, *rank(e))
+
+    return ranked
+
+
 class PrefixMemory:
     """The chunk keys each engine computed or loaded lately, as an LRU of `capacity` keys per
     engine: what its own prefix cache most likely still holds."""
@@ -181,7 +238,8 @@ class PrefixMemory:
 
 
 class Router:
-    """Decides each request's `Route`; hears once, from the forwarder, which engines served it."""
+    """Decides each request's `Route`; hears from the forwarder how long each engine took to
+    answer a prompt, and once per request which engines served it."""
 
     def __init__(
         self,
@@ -201,6 +259,8 @@ class Router:
         self.stored = stored
         self.models = models
         self.memory = PrefixMemory(settings.affinity_chunks)
+        self.cost = PrefillCost()
+        self.engine_requests = EngineRequests(settings.health_timeout_s)
         # One thread: off the event loop, and never two calls into one tokenizer at once
         # (Hugging Face's Rust tokenizers refuse concurrent use: "Already borrowed").
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="proxy-tokenize")
@@ -208,6 +268,7 @@ class Router:
     async def close(self) -> None:
         """Stops the tokenizer's thread and closes the store client."""
         self._tokenizing.shutdown(wait=False)
+        await self.engine_requests.close()
         if self.stored is not None:
             await self.stored.close()
 
@@ -244,7 +305,22 @@ class Router:
             self._prefill_busy(),
             self._decode_has_room(),
         )
+        if path == DIRECT and self.settings.itl_objective_ms:
+            keeping = await self._keeping_itl(prompt.uncached)
+            if not keeping:
+                return self._route(DISAGGREGATED, ITL_OBJECTIVE, prompt)
+            return self._route(DIRECT, reason, prompt, keeping)
         return self._route(path, reason, prompt)
+
+    def answered(self, engine: Endpoint, hop: Hop, seconds: float) -> None:
+        """The forwarder's report: `engine` answered `hop` (its first token) after `seconds`. A
+        hop that computed its prompt's tokens tells what a token costs there; one that loaded a
+        stored prefix does not (the load took part of the time)."""
+        prompt = hop.prompt
+        if hop.tokens <= 0 or prompt.tokens is None or (hop.role == "decode" and prompt.stored):
+            return
+        cached = prompt.covered(self.memory.overlap(engine.url, prompt.keys))
+        self.cost.learn(engine.url, min(hop.tokens, prompt.tokens - cached), seconds)
 
     def served(self, route: Route, engines: Iterable[Endpoint]) -> None:
         """The forwarder's report: these engines computed or loaded the route's prompt, so their
@@ -288,10 +364,32 @@ class Router:
         up = [e for e in self.decode.endpoints if self.decode.is_up(e)]
         return any(e.pending_tokens < self.settings.busy_tokens for e in up)
 
+    async def _keeping_itl(self, tokens: int) -> frozenset[str]:
+        """The decode engines (URLs) that may compute `tokens` prompt tokens and keep the ITL
+        objective. One the proxy sends nothing to is asked for its own count of requests, but
+        only when the prompt would stall streams it had."""
+        objective_s, step = self.settings.itl_objective_ms / 1e3, self.settings.busy_tokens
+        keeping: set[str] = set()
+        unsure: list[Endpoint] = []
+        for e in self.decode.endpoints:
+            if not self.decode.is_up(e):
+                continue
+            load = DecodeLoad(max(e.in_flight, 1), e.pending_tokens, self.cost.per_token_s(e.url))
+            if keeps_itl(load, tokens, step, objective_s):
+                keeping.add(e.url)
+            elif e.in_flight == 0:
+                unsure.append(e)
+        counts = await asyncio.gather(*(self.engine_requests.count(e.url) for e in unsure))
+        keeping.update(e.url for e, count in zip(unsure, counts, strict=True) if not count)
+        return frozenset(keeping)
+
     # -- the route and its fallbacks ---------------------------------------------------------
 
-    def _route(self, path: str, reason: str, prompt: Prompt) -> Route:
-        """The route along `path`, with the fallbacks the settings allow."""
+    def _route(
+        self, path: str, reason: str, prompt: Prompt, keeping: frozenset[str] | None = None
+    ) -> Route:
+        """The route along `path`, with the fallbacks the settings allow; a direct one to the
+        decode engines in `keeping` first, when given."""
         policy = self.settings.disagg
         whole = None
         if self.settings.fallback_to_prefill:
@@ -301,6 +399,8 @@ class Router:
                 return whole
         direct_hop = self._hop("decode", prompt, DIRECT)
         if path == DIRECT:
+            if keeping is not None:
+                direct_hop = replace(direct_hop, rank=preferring(keeping, direct_hop.rank))
             return Route(policy, DIRECT, reason, prompt, direct_hop, if_decode_unreachable=whole)
         instead = None
         if self.settings.fallback_to_decode:
@@ -323,7 +423,7 @@ class Router:
             tokens = prompt.tokens or 0
         else:
             tokens = prompt.uncached if path == DIRECT else 0
-        return Hop(role, tokens, self._rank(role, prompt, tokens))
+        return Hop(role, tokens, self._rank(role, prompt, tokens), prompt)
 
     def _rank(self, role: Role, prompt: Prompt, work: int) -> Rank:
         """How to rank the engines of `role` for a hop that computes `work` prompt tokens."""

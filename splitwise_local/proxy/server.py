@@ -31,6 +31,7 @@ from splitwise_local.proxy.settings import (
     DECODE_ENV,
     DEFAULT_ADMISSION_TTFT_S,
     DEFAULT_DISAGG_THRESHOLD_TOKENS,
+    DEFAULT_ITL_OBJECTIVE_MS,
     PREFILL_ENV,
     ProxySettings,
     split_endpoints,
@@ -97,6 +98,15 @@ def _routing_arguments(parser: argparse.ArgumentParser) -> None:
         dest="disagg_threshold_tokens",
         help="auto: prompts with fewer uncached tokens go straight to decode "
         f"({DEFAULT_DISAGG_THRESHOLD_TOKENS})",
+    )
+    group.add_argument(
+        "--itl-objective",
+        type=float,
+        metavar="MS",
+        dest="itl_objective_ms",
+        help="auto: never send a prompt straight to a decode engine whose running streams "
+        f"would then wait longer than this between two tokens ({DEFAULT_ITL_OBJECTIVE_MS:g}; "
+        "0: off)",
     )
     group.add_argument(
         "--model",
@@ -183,8 +193,8 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         values["otlp_traces_protocol"] = protocol
     for name in (
         "prefill_timeout_s", "decode_timeout_s", "max_body_bytes", "disagg",
-        "disagg_threshold_tokens", "model", "kv_config", "kv_dtype", "tp_size", "route_detail",
-        "admission", "admission_tokens", "admission_ttft_s", "otlp_traces_endpoint",
+        "disagg_threshold_tokens", "itl_objective_ms", "model", "kv_config", "kv_dtype", "tp_size",
+        "route_detail", "admission", "admission_tokens", "admission_ttft_s", "otlp_traces_endpoint",
     ):  # fmt: skip
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)

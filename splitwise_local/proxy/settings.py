@@ -20,6 +20,9 @@ API_KEY_ENV = "PROXY_API_KEY"
 # Chosen by measurement (`bench routing`) on this project's 2-core machines: docs/routing.md.
 DEFAULT_DISAGG_THRESHOLD_TOKENS = 128
 DEFAULT_BUSY_TOKENS = 4096
+# The longest wait between two tokens that auto may cause a decode engine's streams by computing a
+# prompt there; docs/routing.md says how it was chosen.
+DEFAULT_ITL_OBJECTIVE_MS = 100.0
 # Three quarters of the experiment's 2 s TTFT SLO: the rest is left for the hand-over to decode
 # and its first token.
 DEFAULT_ADMISSION_TTFT_S = 1.5
@@ -95,6 +98,12 @@ class ProxySettings(BaseModel):
         default=DEFAULT_BUSY_TOKENS,
         gt=0,
         description="auto: prompt tokens pending on an engine that make it saturated",
+    )
+    itl_objective_ms: float = Field(
+        default=DEFAULT_ITL_OBJECTIVE_MS,
+        ge=0,
+        description="auto: never send a prompt straight to a decode engine whose running "
+        "streams would then wait longer than this between two tokens (ms; 0: off)",
     )
     prefill_policy: EnginePolicy = "kv_affinity"
     decode_policy: EnginePolicy = "least_loaded"

@@ -147,6 +147,12 @@ def add_routing_arguments(group: Group) -> None:
         help="auto: an engine with this many prompt tokens pending is saturated; while every "
         "prefill engine is, requests go straight to a decode engine that is not (%(default)s)",
     )
+    group.add_argument(
+        "--itl-objective",
+        type=float,
+        metavar="MS",
+        help=proxy_help("itl_objective_ms") + " (%(default)s)",
+    )
     policies = ["kv_affinity", "least_loaded"]
     group.add_argument(
         "--prefill-policy",

@@ -220,6 +220,7 @@ def plan_proxy(
         disagg=settings.disagg,
         disagg_threshold_tokens=settings.disagg_threshold,
         busy_tokens=settings.busy_tokens,
+        itl_objective_ms=settings.itl_objective,
         prefill_policy=settings.prefill_policy,
         decode_policy=settings.decode_policy,
         affinity_chunks=settings.affinity_chunks,

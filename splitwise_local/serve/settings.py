@@ -65,6 +65,7 @@ class LaunchSettings(BaseModel):
     disagg: Disagg = proxy_field("disagg")
     disagg_threshold: int = proxy_field("disagg_threshold_tokens")
     busy_tokens: int = proxy_field("busy_tokens")
+    itl_objective: float = proxy_field("itl_objective_ms")
     prefill_policy: EnginePolicy = proxy_field("prefill_policy")
     decode_policy: EnginePolicy = proxy_field("decode_policy")
     affinity_chunks: int = proxy_field("affinity_chunks")

@@ -178,6 +178,7 @@ def test_every_proxy_setting_is_reachable_from_the_launcher():
         disagg="always",
         disagg_threshold=64,
         busy_tokens=100,
+        itl_objective=250,
         prefill_policy="least_loaded",
         decode_policy="kv_affinity",
         affinity_chunks=8,

@@ -23,6 +23,7 @@ EVERY_OPTION = [
     *("--store-port", "11000", "--store-metrics-port", "11001"),
     *("--connector", "lmcache", "--store", "splitwise"),
     *("--disagg", "always", "--disagg-threshold", "64", "--busy-tokens", "100"),
+    *("--itl-objective", "250"),
     *("--prefill-policy", "least_loaded", "--decode-policy", "kv_affinity"),
     *("--affinity-chunks", "8", "--no-fallback", "--no-fallback-to-prefill", "--route-detail"),
     *("--api-key", "k", "--max-body-bytes", "1000", "--retry-after", "3"),
