@@ -13,6 +13,12 @@ time to first token and each chunk's delay from the moment the engine wrote it (
 chunk) to the moment the caller read it. A chunk counts as held back when it arrives after the
 engine had already sent the next one. Direct and proxied runs alternate (`--rounds`) so that
 both meet the same background load on a shared machine.
+
+`--tracing` adds a second proxy that traces every request (OpenTelemetry over OTLP/HTTP to a
+receiver in a process of its own, `splitwise_testing.otlp_receiver`) and reports what tracing
+adds over the untraced proxy, the two alternating in every round (their order swapped each
+round): pooled percentiles, and the median over rounds of each round's difference of p50s,
+which one noisy round on a shared machine moves less.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from splitwise_local.serve.ports import free_port
 
 GOAL_P50_MS = 2.0
 GOAL_P99_MS = 10.0
+TRACING_GOAL_P50_MS = 0.5
 
 
 @dataclass
@@ -68,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run the proxy with admission control on (default: on)",
+    )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also run a proxy that traces every request (OTLP/HTTP to a receiver process) and "
+        "report the latency tracing adds",
     )
 
 
@@ -160,15 +173,21 @@ def held_back(samples: list[Sample], interval_ms: float) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    ports = {name: free_port() for name in ("prefill", "decode", "proxy")}
+    names = ["prefill", "decode", "proxy", *(["traced", "otlp"] if args.tracing else [])]
+    ports = {name: free_port() for name in names}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     fake = ["-m", "splitwise_testing.fake_engine", "--tokens", str(args.tokens)]
     # Prefill answers at once: its compute time is the engine's, not the proxy's.
     paced = {"prefill": "0", "decode": str(args.token_interval_ms)}
-    proxy = ["-m", "splitwise_local", "proxy", "--port", str(ports["proxy"])]
+    proxy = ["-m", "splitwise_local", "proxy"]
     proxy += ["--prefill", urls["prefill"], "--decode", urls["decode"], "--log-level", "warning"]
     proxy += ["--admission"] if args.admission else []
+    proxies = {"proxy": [*proxy, "--port", str(ports["proxy"])]}
+    if args.tracing:
+        proxies["traced"] = [*proxy, "--port", str(ports["traced"]), "--otlp-traces-endpoint",
+                             urls["otlp"], "--otlp-traces-protocol", "http/protobuf"]  # fmt: skip
     results: dict[str, dict] = {}
+    received: dict[str, int] = {}  # by the OTLP receiver
     cases = Progress(total=2 * len(args.concurrency), desc="bench proxy", unit="case")
     with ExitStack() as stack:
         stack.callback(cases.close)
@@ -176,7 +195,15 @@ def run(args: argparse.Namespace) -> int:
             argv = [*fake, "--name", role, "--port", str(ports[role])]
             argv += ["--token-interval-ms", paced[role]]
             stack.enter_context(server(argv, urls[role]))
-        proxy_process = psutil.Process(stack.enter_context(server(proxy, urls["proxy"])))
+        if args.tracing:
+            receiver = ["-m", "splitwise_testing.otlp_receiver", "--port", str(ports["otlp"])]
+            stack.enter_context(server(receiver, urls["otlp"], health="/stats"))
+            # Read once the proxies have stopped: the traced one exports its last spans first.
+            stack.callback(count_spans, urls["otlp"], received)
+        processes = {
+            name: psutil.Process(stack.enter_context(server(argv, urls[name])))
+            for name, argv in proxies.items()
+        }
         for clients in args.concurrency:
             per_client = args.single_client_requests if clients == 1 else args.requests_per_client
             for stream in (False, True):
@@ -184,27 +211,67 @@ def run(args: argparse.Namespace) -> int:
                 cases.set_postfix_str(case)
                 spread = args.tokens * args.token_interval_ms / 1000
                 case_args = (stream, clients, per_client, spread)
-                direct, proxied, cpu_s = [], [], 0.0
-                for _ in range(args.rounds):  # alternating, so both see the same neighbours
+                direct: list[Sample] = []
+                proxied: dict[str, list[Sample]] = {name: [] for name in proxies}
+                rounds: dict[str, list[list[Sample]]] = {name: [] for name in proxies}
+                cpu_s = dict.fromkeys(proxies, 0.0)
+                for i in range(args.rounds):  # alternating, so all see the same neighbours
                     direct += asyncio.run(run_case(urls["decode"], *case_args))
-                    cpu_before = sum(proxy_process.cpu_times()[:2])
-                    proxied += asyncio.run(run_case(urls["proxy"], *case_args))
-                    cpu_s += sum(proxy_process.cpu_times()[:2]) - cpu_before
-                sent = len(proxied) + clients * args.rounds  # with the warm-up requests
+                    for name in list(proxies)[:: 1 if i % 2 == 0 else -1]:
+                        cpu_before = sum(processes[name].cpu_times()[:2])
+                        samples = asyncio.run(run_case(urls[name], *case_args))
+                        cpu_s[name] += sum(processes[name].cpu_times()[:2]) - cpu_before
+                        proxied[name] += samples
+                        rounds[name].append(samples)
+                sent = len(direct) + clients * args.rounds  # with the warm-up requests
                 results[case] = {
                     "clients": clients,
-                    "requests": len(proxied),
+                    "requests": len(direct),
                     "direct": summarize(direct),
-                    "proxy": summarize(proxied),
-                    "proxy_cpu_ms_per_request": cpu_s * 1000 / sent,
+                    "proxy": summarize(proxied["proxy"]),
+                    "proxy_cpu_ms_per_request": cpu_s["proxy"] * 1000 / sent,
                 }
                 if stream:
-                    results[case]["chunks_held_back"] = held_back(proxied, args.token_interval_ms)
+                    held = held_back(proxied["proxy"], args.token_interval_ms)
+                    results[case]["chunks_held_back"] = held
+                if args.tracing:
+                    results[case] |= {
+                        "traced": summarize(proxied["traced"]),
+                        "traced_cpu_ms_per_request": cpu_s["traced"] * 1000 / sent,
+                        "tracing_added_ms": tracing_added(rounds["proxy"], rounds["traced"]),
+                    }
                 cases.update()
-    return report_results(args, results)
+    return report_results(args, results, received.get("spans"))
 
 
-def report_results(args: argparse.Namespace, results: dict[str, dict]) -> int:
+def count_spans(url: str, received: dict[str, int]) -> None:
+    received.update(httpx.get(url + "/stats").json())
+
+
+def tracing_added(
+    untraced: list[list[Sample]], traced: list[list[Sample]]
+) -> dict[str, dict[str, float]]:
+    """What the traced proxy adds per metric: pooled p50 and p99 differences, and the median
+    over rounds of each round's p50 difference."""
+    added = {}
+    pooled = [summarize([s for r in runs for s in r]) for runs in (untraced, traced)]
+    for metric in pooled[0]:
+        per_round = [
+            summarize(on)[metric]["p50"] - summarize(off)[metric]["p50"]
+            for off, on in zip(untraced, traced, strict=True)
+        ]
+        added[metric] = {
+            "p50": pooled[1][metric]["p50"] - pooled[0][metric]["p50"],
+            "p99": pooled[1][metric]["p99"] - pooled[0][metric]["p99"],
+            "p50_median_of_rounds": float(np.median(per_round)),
+            "p50_per_round": per_round,
+        }
+    return added
+
+
+def report_results(
+    args: argparse.Namespace, results: dict[str, dict], spans_received: int | None = None
+) -> int:
     rows = []
     for case, result in results.items():
         for metric in ("e2e_ms", "ttft_ms", "chunk_delay_ms"):
@@ -229,10 +296,13 @@ def report_results(args: argparse.Namespace, results: dict[str, dict]) -> int:
             "single_client_requests": args.single_client_requests,
             "rounds": args.rounds,
             "admission": args.admission,
+            "tracing": args.tracing,
             "load_average_1m_at_end": os.getloadavg()[0],
         },
         "results": results,
     }
+    if args.tracing:
+        summary["tracing"] = report_tracing(results, spans_received)
     if "stream_c64" in results:
         # The headline is the added time to first token: it holds the whole prefill hop, and
         # unlike end-to-end time it is not blurred by the fake's token pacing.
@@ -253,5 +323,59 @@ def report_results(args: argparse.Namespace, results: dict[str, dict]) -> int:
             f"(goal <= {GOAL_P50_MS}), p99 {top['p99']:.2f} ms (goal <= {GOAL_P99_MS}): "
             f"{'met' if met else 'NOT met'}; chunks held back: {c64['chunks_held_back']}"
         )
+    summary["ratios"] = ratios(results)
     report.write_json(args.json, summary)
     return 0
+
+
+def ratios(results: dict[str, dict]) -> dict[str, float]:
+    """Time to first token at 64 streams, p50: through each proxy over direct, and traced over
+    untraced."""
+    c64 = results.get("stream_c64")
+    if c64 is None:
+        return {}
+    p50 = {
+        name: c64[name]["ttft_ms"]["p50"] for name in ("direct", "proxy", "traced") if name in c64
+    }
+    found = {f"{name}_over_direct_ttft_p50_c64": p50[name] / p50["direct"] for name in p50}
+    found.pop("direct_over_direct_ttft_p50_c64")
+    if "traced" in p50:
+        found["traced_over_untraced_ttft_p50_c64"] = p50["traced"] / p50["proxy"]
+    return found
+
+
+def report_tracing(results: dict[str, dict], spans_received: int | None) -> dict[str, object]:
+    """What tracing adds, per case (a table) and at 64 streams (against its goal)."""
+    rows = []
+    for case, result in results.items():
+        for metric, added in result["tracing_added_ms"].items():
+            untraced, traced = result["proxy"][metric], result["traced"][metric]
+            rows.append(
+                [case, metric.removesuffix("_ms"), untraced["p50"], traced["p50"], added["p50"],
+                 added["p50_median_of_rounds"], untraced["p99"], traced["p99"], added["p99"],
+                 result["proxy_cpu_ms_per_request"] if metric == "e2e_ms" else "",
+                 result["traced_cpu_ms_per_request"] if metric == "e2e_ms" else ""]
+            )  # fmt: skip
+    headers = ["case", "metric", "off p50", "on p50", "added p50", "added p50 (median of rounds)"]
+    headers += ["off p99", "on p99", "added p99", "CPU/req off", "CPU/req on"]
+    report.print_table("Latency tracing adds to the proxy (ms)", headers, rows)
+    summary: dict[str, object] = {
+        "spans_received": spans_received,
+        "goal_p50_ms": TRACING_GOAL_P50_MS,
+    }
+    if "stream_c64" in results:
+        added = results["stream_c64"]["tracing_added_ms"]["ttft_ms"]
+        met = added["p50_median_of_rounds"] <= TRACING_GOAL_P50_MS
+        summary |= {
+            "added_p50_ms_c64": added["p50"],
+            "added_p50_ms_c64_median_of_rounds": added["p50_median_of_rounds"],
+            "added_p99_ms_c64": added["p99"],
+            "added_metric": "ttft",
+            "goal_met": met,
+        }
+        print(
+            f"\n64 streams, time to first token added by tracing: p50 {added['p50']:.2f} ms "
+            f"(median of rounds {added['p50_median_of_rounds']:.2f}; goal <= "
+            f"{TRACING_GOAL_P50_MS}): {'met' if met else 'NOT met'}"
+        )
+    return summary
