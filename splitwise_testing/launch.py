@@ -1,4 +1,5 @@
-"""The whole system as a user starts it (`python -m splitwise_local ...`), for benchmarks and tests.
+"""The whole system as a user starts it (`python -m splitwise_local serve ...`): the one way the
+tests, the benchmarks and the experiment launch it.
 
 `Launch` runs the launcher as a child with its console in two files beside the run folder,
 waits for lines on it, and stops it with SIGTERM as Ctrl-C would. Every process of the run,
@@ -16,17 +17,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import NoReturn
 
 import httpx
 import psutil
 
+from splitwise_local.config import load_config
 from splitwise_local.serve.ports import free_ports
 from splitwise_local.serve.process import PARENT_DEATH_SIGNAL, dies_with_parent, tagged
+from splitwise_local.store.backend import KVBackend, open_backend
 from splitwise_testing.scrape import read_page, total, value
-
-if TYPE_CHECKING:
-    from splitwise_local.store.backend import KVBackend
 
 
 def _as_from_a_terminal() -> None:
@@ -47,14 +47,21 @@ class LaunchFailed(RuntimeError):
 
 
 class Launch:
-    """`python -m splitwise_local ...` as a user runs it, its stdout and stderr in files."""
+    """`python -m splitwise_local serve ARGS` as a user runs it, its stdout and stderr in files
+    beside `run_dir`; `python` is the interpreter (a stand-in in the experiment's test)."""
 
-    def __init__(self, args: list[str], run_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        run_dir: Path,
+        env: dict[str, str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
         self.run_dir = run_dir
         run_dir.parent.mkdir(parents=True, exist_ok=True)  # `runs/` on a fresh clone
         self.out_path = run_dir.parent / f"{run_dir.name}.stdout"
         self.err_path = run_dir.parent / f"{run_dir.name}.stderr"
-        command = [sys.executable, "-m", "splitwise_local", *args, "--run-dir", str(run_dir)]
+        command = [python, "-m", "splitwise_local", "serve", *args, "--run-dir", str(run_dir)]
         with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
             self.popen = subprocess.Popen(
                 command,
@@ -64,6 +71,10 @@ class Launch:
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_as_from_a_terminal,
             )
+
+    def _fail(self, reason: str) -> NoReturn:
+        """Raises LaunchFailed: `reason` on the first line, then everything the launcher said."""
+        raise LaunchFailed(f"{reason}\nstdout:\n{self.out}\nstderr:\n{self.err}")
 
     @property
     def out(self) -> str:
@@ -78,11 +89,10 @@ class Launch:
         raises LaunchFailed with the output if the launcher exits first or time runs out."""
         deadline = time.monotonic() + timeout
         while (found := self.out.find(text, after)) < 0:
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise LaunchFailed(
-                    f"never saw {text!r} (exit code {self.popen.poll()}):\n"
-                    f"stdout:\n{self.out}\nstderr:\n{self.err}"
-                )
+            if (code := self.popen.poll()) is not None:
+                self._fail(f"the launcher exited with code {code} before printing {text!r}")
+            if time.monotonic() > deadline:
+                self._fail(f"the launcher printed no {text!r} in {timeout:.0f} s")
             time.sleep(0.2)
         return found + len(text)
 
@@ -124,9 +134,6 @@ def leftovers(run_dir: Path) -> list[str]:
 def open_store(run_dir: Path) -> KVBackend:
     """A client of the run's store, configured from the `splitwise.yaml` the launcher wrote
     into the run folder (the engines' own config: URL, auth token, backend settings)."""
-    from splitwise_local.config import load_config
-    from splitwise_local.store.backend import open_backend
-
     config = load_config(run_dir / "splitwise.yaml")
     return open_backend(config.remote_url, config)
 
@@ -195,14 +202,22 @@ class Running:
 
 
 def launch_system(
-    run_dir: Path, health_deadline_s: float, extra: list[str] | None = None, timeout: float = 900
+    run_dir: Path,
+    health_deadline_s: float | None = None,
+    extra: list[str] | None = None,
+    timeout: float = 900,
+    *,
+    env: dict[str, str] | None = None,
+    python: str = sys.executable,
 ) -> Running:
-    """Starts the whole system with fresh ports and waits until it is ready."""
+    """Starts the whole system on fresh ports with `extra` launcher flags and waits until it is
+    ready (raises LaunchFailed, with the launcher's output, if it never is)."""
     proxy, prefill, decode, store, store_metrics = free_ports(5)
     args = ["--port", str(proxy), "--prefill-port", str(prefill), "--decode-port", str(decode)]
     args += ["--store-port", str(store), "--store-metrics-port", str(store_metrics)]
-    args += ["--health-deadline", str(health_deadline_s)]
-    launch = Launch([*args, *(extra or [])], run_dir)
+    if health_deadline_s is not None:
+        args += ["--health-deadline", str(health_deadline_s)]
+    launch = Launch([*args, *(extra or [])], run_dir, env, python)
     try:
         launch.wait_for("ready: http://", timeout)
         url = f"http://127.0.0.1:{proxy}"

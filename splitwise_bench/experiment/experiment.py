@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.probes import http_ok
 from splitwise_local.serve.process import RUN_ENV, Child
 from splitwise_local.serve.supervisor import Readiness, StartupError, Supervisor
+from splitwise_testing import launch
 
 SYSTEMS = ("colocated", "dp", "1p1d", "auto")
 PHASES = ("sweep", "vllm", "crosscheck", "multi-turn", "short")
@@ -210,13 +211,10 @@ class Running:
 
     name: str
     description: str
-    supervisor: Supervisor
     proxy_port: int
     proxy_pid: int
     engines: list[EngineInfo]
     store_url: str | None = None
-    log: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -224,13 +222,6 @@ class Running:
 
     def metrics_urls(self) -> list[str]:
         return [f"{e.url}/metrics" for e in self.engines] + [f"{self.url}/metrics"]
-
-
-def launcher_has_disagg() -> bool:
-    """Whether the launcher's proxy knows `--disagg` (conditional disaggregation)."""
-    from splitwise_local.proxy.settings import ProxySettings
-
-    return "disagg" in ProxySettings.model_fields
 
 
 class Experiment:
@@ -281,113 +272,60 @@ class Experiment:
     def system(self, name: str) -> Iterator[Running]:
         root = self.run_dir / name
         root.mkdir(parents=True, exist_ok=True)
-        supervisor = Supervisor(self.console, run=str(root), stop_grace=30)
-        try:
-            running = self._start(name, supervisor, root)
+        with contextlib.ExitStack() as stops:
+            if name in BASELINES:
+                running = self._start_baseline(name, root, stops)
+            else:
+                running = self._launch(name, root, stops)
             self._place(running)
             yield running
-        finally:
-            supervisor.stop_all()
 
-    def _start(self, name: str, supervisor: Supervisor, root: Path) -> Running:
-        if name in BASELINES:
-            groups = [self.cores] if name == "colocated" else list(self._halves())
-            engines = [
-                EngineInfo(f"engine{i}", free_port(), cores) for i, cores in enumerate(groups)
-            ]
-            members = [
-                (
-                    self._child(
-                        supervisor,
-                        e.name,
-                        [
-                            "engine",
-                            "--role",
-                            "plain",
-                            "--port",
-                            str(e.port),
-                            "--cpu-cores",
-                            format_cores(e.cores),
-                            *self._model_args(),
-                        ],
-                        root,
-                    ),
-                    Readiness(lambda u=e.url: http_ok(f"{u}/health", timeout=5), "/health"),
-                )
-                for e in engines
-            ]
-            supervisor.start_stage(members, START_TIMEOUT_S)
-            port = free_port()
-            never = ["--disagg", "never"] if launcher_has_disagg() else []
-            proxy = self._child(
-                supervisor,
-                "proxy",
-                [
-                    "proxy",
-                    "--decode",
-                    ",".join(e.url for e in engines),
-                    *never,
-                    "--port",
-                    str(port),
-                ],
-                root,
+    def _start_baseline(self, name: str, root: Path, stops: contextlib.ExitStack) -> Running:
+        """Plain engines and a proxy in front of them, as children of a supervisor."""
+        supervisor = Supervisor(self.console, run=str(root), stop_grace=30)
+        stops.callback(supervisor.stop_all)
+        groups = [self.cores] if name == "colocated" else list(self._halves())
+        engines = [EngineInfo(f"engine{i}", free_port(), cores) for i, cores in enumerate(groups)]
+        members = []
+        for e in engines:
+            args = ["engine", "--role", "plain", "--port", str(e.port)]
+            args += ["--cpu-cores", format_cores(e.cores), *self._model_args()]
+            ready = Readiness(lambda u=e.url: http_ok(f"{u}/health", timeout=5), "/health")
+            members.append((self._child(supervisor, e.name, args, root), ready))
+        supervisor.start_stage(members, START_TIMEOUT_S)
+        port = free_port()
+        decode = ",".join(e.url for e in engines)
+        args = ["proxy", "--decode", decode, "--disagg", "never", "--port", str(port)]
+        proxy = self._child(supervisor, "proxy", args, root)
+        url = f"http://127.0.0.1:{port}"
+        ready = Readiness(lambda: http_ok(f"{url}/v1/models", timeout=5), "/v1/models")
+        supervisor.start_stage([(proxy, ready)], 120)
+        if name == "colocated":
+            what = f"one plain vLLM engine on cores {format_cores(self.cores)}"
+        else:
+            what = "plain vLLM engines on cores " + " and ".join(
+                format_cores(e.cores) for e in engines
             )
-            url = f"http://127.0.0.1:{port}"
-            supervisor.start_stage(
-                [(proxy, Readiness(lambda: http_ok(f"{url}/v1/models", timeout=5), "/v1/models"))],
-                120,
-            )
-            if name == "colocated":
-                what = f"one plain vLLM engine on cores {format_cores(self.cores)}"
-            else:
-                what = "plain vLLM engines on cores " + " and ".join(
-                    format_cores(e.cores) for e in engines
-                )
-            description = f"{what}, behind the proxy (`proxy --disagg never`, least loaded)"
-            return Running(
-                name, description, supervisor, port, proxy.pid or 0, engines, log=proxy.log_path
-            )
+        description = f"{what}, behind the proxy (`proxy --disagg never`, least loaded)"
+        return Running(name, description, port, proxy.pid or 0, engines)
+
+    def _launch(self, name: str, root: Path, stops: contextlib.ExitStack) -> Running:
+        """`python -m splitwise_local --disagg always|auto`, started as the tests start it."""
         prefill_cores, decode_cores = self._halves()
-        ports = {
-            "port": free_port(),
-            "prefill": free_port(),
-            "decode": free_port(),
-            "store": free_port(),
-        }
         mode = "always" if name == "1p1d" else "auto"
-        disagg = ["--disagg", mode] if launcher_has_disagg() else []
-        if mode == "auto" and not disagg:
-            raise StartupError("--disagg auto is not in the launcher yet (issue #16)")
-        launcher = self._child(
-            supervisor,
-            "launcher",
-            [
-                "serve",
-                "--port",
-                str(ports["port"]),
-                "--prefill-port",
-                str(ports["prefill"]),
-                "--decode-port",
-                str(ports["decode"]),
-                "--store-port",
-                str(ports["store"]),
-                "--run-dir",
-                str(root / "system"),
-                "--log-level",
-                "warning",
-                *disagg,
-                *self._model_args(),
-            ],
-            root,
-        )
-        url = f"http://127.0.0.1:{ports['port']}"
-        supervisor.start_stage(
-            [(launcher, Readiness(lambda: http_ok(f"{url}/v1/models", timeout=5), "/v1/models"))],
-            START_TIMEOUT_S,
-        )
+        flags = ["--log-level", "warning", "--disagg", mode, *self._model_args()]
+        try:
+            system = launch.launch_system(
+                root / "system", extra=flags, timeout=START_TIMEOUT_S,
+                env=self._env(root), python=self.python,
+            )  # fmt: skip
+        except launch.LaunchFailed as exc:  # its output is in root/system.stdout and .stderr
+            raise StartupError(str(exc).splitlines()[0]) from None
+        stops.callback(launch.sweep, system.launch.run_dir)
+        stops.callback(system.launch.stop)
         engines = [
-            EngineInfo("prefill", ports["prefill"], prefill_cores),
-            EngineInfo("decode", ports["decode"], decode_cores),
+            EngineInfo("prefill", system.ports["prefill engine"], prefill_cores),
+            EngineInfo("decode", system.ports["decode engine"], decode_cores),
         ]
         description = (
             f"`python -m splitwise_local --disagg {mode}`: store, prefill engine on cores "
@@ -397,12 +335,10 @@ class Experiment:
         return Running(
             name,
             description,
-            supervisor,
-            ports["port"],
-            launcher.pid or 0,
+            system.ports["proxy"],
+            system.launch.popen.pid,
             engines,
-            store_url=f"lm://127.0.0.1:{ports['store']}",
-            log=launcher.log_path,
+            store_url=f"lm://127.0.0.1:{system.ports['store']}",
         )
 
     def _place(self, running: Running, where: Placement | None = None) -> dict[str, int]:

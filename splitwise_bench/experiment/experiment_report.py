@@ -36,6 +36,7 @@ PHASE_FILES = {
     "short": "short.json",
 }
 PLACEMENT_FILES = ("float", "core0", "core1")
+LOG_SUFFIXES = (".log", ".stdout", ".stderr")
 LOG_TAIL_LINES = 30
 # The issues' goals, as (name, issue, direction, target).
 CAPACITY_GOAL = 1.5
@@ -76,7 +77,10 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         for key, file in PHASE_FILES.items():
             found[key] = _read(run_dir / name / file)
         if "error" in entry:
-            logs = sorted((run_dir / name).glob("*.log"))
+            folder = run_dir / name  # children's logs, the launcher's stdout and stderr
+            logs = sorted(
+                p for p in folder.glob("*.*") if p.suffix in (".log", ".stdout", ".stderr")
+            )
             found["log_tail"] = {log.name: _tail(log) for log in logs}
         systems[name] = found
     study = {name: _read(run_dir / "placement" / f"{name}.json") for name in PLACEMENT_FILES}

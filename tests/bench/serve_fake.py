@@ -164,10 +164,18 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--say-ready", action="store_true", help="print the launcher's ready line")
     args = parser.parse_args()
     tokenizer = Tokenizer.from_file(str(prepare_default_model() / "tokenizer.json"))
     fake = FakeVLLM(lambda text: len(tokenizer.encode(text).ids), Knobs())
-    uvicorn.run(fake.app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
+    if args.say_ready:
+        print(f"[launcher] ready: http://127.0.0.1:{args.port}", flush=True)
+    config = uvicorn.Config(fake.app, log_level="warning", lifespan="off")
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":
