@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "chaos": "faults under load (kill -9, freeze): failed requests, recovery seconds, orphans",
     "soak": "the mixed workload for N minutes: errors, latency per minute, RSS and fds drift",
     "prefill": "prefill tokens/s of the launched system against plain bf16 and fp32 engines",
+    "save_stall": "decode's token gaps while prompts are saved to a store slow to write",
 }
 
 

@@ -15,207 +15,36 @@ each, prefix caching off) for one connector `Setup`, and measures, all in that r
   the engine's shape, against a memcpy of the same bytes;
 - greedy first divergence of `--new-tokens` tokens from the prefill engine's own answer.
 
-Another connector is measured through the same harness by adding a `Setup` to `SETUPS`: how
-its engines start, how its decode engine reports a load, and what the decode request carries
-from the prefill answer. `--peer NAME` runs that setup after ours on the same prompts, each on
-fresh engines, and adds the comparison to `ratios` (`ttft_ours_vs_NAME`: our loaded TTFT over
-the peer's, below 1 when ours is faster). `example` is vLLM's in-tree `ExampleConnector` (one
-safetensors file per layer and prompt, on tmpfs here); `nixl` is vLLM's `NixlConnector` with
-its KV buffer in host memory (UCX; needs the `nixl` package).
+`--peer NAME` runs another connector setup (connector_setups.py: vLLM's `example` and `nixl`)
+after ours on the same prompts, each on fresh engines, and adds the comparison to `ratios`
+(`ttft_ours_vs_NAME`: our loaded TTFT over the peer's, below 1 when ours is faster).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import math
 import re
-import shutil
 import statistics
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
+from splitwise_bench.connector_setups import SETUPS, Load, Setup, kv_geometry
 from splitwise_bench.report import print_table, write_json
+from splitwise_bench.stall import disturbed_stream
+from splitwise_local.models.hub import resolve_model
+from splitwise_local.progress import Progress
+from splitwise_local.store.backend import KVBackend
+from splitwise_testing.system import PROSE, Engine, System
 
-LOAD_LINE = re.compile(r"splitwise load req=\S+ tokens=(\d+) chunks=(\d+) bytes=(\d+) ms=([\d.]+)")
-EXAMPLE_LOAD_LINE = re.compile(r"Inject KV cache of (\d+) tokens to the paged memory")
 SAVE_KEY = re.compile(r"splitwise save-key req=\S+ tokens=\d+-\d+ key=(\w+)")
 LANDINGS = 4
 STREAM_TOKENS = 1100
 QUIET_TOKENS = 200  # gaps measured before the landings start
 WARMUP_TOKENS = 256  # two blocks: every setup's load path runs once before the measurements
-
-if TYPE_CHECKING:
-    from splitwise_testing.system import Engine
-
-
-@dataclass(frozen=True)
-class Load:
-    """One load as the decode engine logged it; `ms` is None when the connector does not time
-    its loads (its GB/s is then not measured)."""
-
-    tokens: int
-    bytes: int
-    ms: float | None
-
-
-class LoadReport(Protocol):
-    """How a setup's decode engine tells of its loads: `mark` notes what it has told so far,
-    `loads` gives those it told of since that mark."""
-
-    def mark(self, decode: Engine) -> object: ...
-
-    def loads(self, decode: Engine, model: Path, mark: object) -> list[Load]: ...
-
-
-@dataclass(frozen=True)
-class LogLoads:
-    """Loads the decode engine logs, one line each, parsed by `parse(match, model)`."""
-
-    line: re.Pattern[str]
-    parse: Callable[[re.Match[str], Path], Load]
-
-    def mark(self, decode: Engine) -> object:
-        return decode.new_log()
-
-    def loads(self, decode: Engine, model: Path, mark: object) -> list[Load]:
-        text = decode.wait_log(self.line.pattern)
-        return [self.parse(match, model) for match in self.line.finditer(text)]
-
-
-class NixlLoads:
-    """NIXL logs no load at INFO level but counts, sizes and times its transfers in the decode
-    engine's Prometheus histograms; the tokens are the engine's external prefix-cache hits."""
-
-    COUNTERS = (
-        "vllm:nixl_xfer_time_seconds_count",
-        "vllm:nixl_xfer_time_seconds_sum",
-        "vllm:nixl_bytes_transferred_sum",
-        "vllm:external_prefix_cache_hits_total",
-    )
-
-    def mark(self, decode: Engine) -> object:
-        return decode.metrics(*self.COUNTERS)
-
-    def loads(self, decode: Engine, model: Path, mark: object) -> list[Load]:
-        # The engine publishes connector stats with its step stats, a moment after the reply.
-        deadline = time.monotonic() + 15
-        while True:
-            now = decode.metrics(*self.COUNTERS)
-            count, seconds, size, tokens = (b - a for a, b in zip(mark, now, strict=True))
-            if count > 0:
-                return [Load(int(tokens), int(size), seconds * 1e3)]
-            if time.monotonic() > deadline:
-                return []
-            time.sleep(0.2)
-
-
-def _looked_up(prefill: Engine, prompt: list[int]) -> dict:
-    """The decode engine finds the KV the prefill engine stored by itself: the decode request
-    is the prompt alone."""
-    return {}
-
-
-@dataclass(frozen=True)
-class Setup:
-    """One connector configuration under test.
-
-    `start(root, model, args)` returns a running `System` with engines named "prefill" and
-    "decode"; `report` reads the decode engine's loads; `handoff(prefill, prompt)`, called
-    after the prefill engine has answered `prompt`, gives the extra fields of the decode request
-    that loads its KV (what a proxy would pass on).
-    """
-
-    name: str
-    start: Callable
-    report: LoadReport
-    handoff: Callable[[Engine, list[int]], dict] = _looked_up
-
-
-def _start_splitwise(root: Path, model: Path, args: argparse.Namespace):
-    from splitwise_local.config import SplitwiseConfig
-    from splitwise_testing.system import start_system
-
-    config = SplitwiseConfig(
-        chunk_size=args.chunk_size, remote_serde=args.serde, max_local_cpu_size=2
-    )
-    return start_system(root, model, config, {"prefill": "prefill", "decode": "decode"})
-
-
-def _splitwise_load(match: re.Match[str], model: Path) -> Load:
-    return Load(int(match[1]), int(match[3]), float(match[4]))
-
-
-def _start_peer(root: Path, model: Path, configs: dict[str, dict], env=None):
-    """Plain engines (to our code) that vLLM gives a connector through its own
-    `--kv-transfer-config`, one config per engine name."""
-    from splitwise_testing.system import start_system
-
-    flags = {name: ["--kv-transfer-config", json.dumps(c)] for name, c in configs.items()}
-    roles = dict.fromkeys(configs, "plain")
-    return start_system(root, model, None, roles, engine_args=flags, engine_env=env)
-
-
-def _start_example(root: Path, model: Path, args: argparse.Namespace):
-    """vLLM's ExampleConnector, 1P1D, unchanged. Its files go to a folder on tmpfs (RAM, like
-    our store), removed when the system stops."""
-    storage = Path(tempfile.mkdtemp(prefix="splitwise-example-", dir="/dev/shm"))
-    configs = {
-        name: {"kv_connector": "ExampleConnector", "kv_role": role,
-               "kv_connector_extra_config": {"shared_storage_path": str(storage)}}
-        for name, role in (("prefill", "kv_producer"), ("decode", "kv_consumer"))
-    }  # fmt: skip
-    try:
-        system = _start_peer(root, model, configs)
-    except BaseException:
-        shutil.rmtree(storage, ignore_errors=True)
-        raise
-    system.cleanups.append(lambda: shutil.rmtree(storage, ignore_errors=True))
-    return system
-
-
-def _example_load(match: re.Match[str], model: Path) -> Load:
-    """ExampleConnector logs the tokens it injects, not bytes or time: bytes are those tokens'
-    KV (the payload of the files it reads)."""
-    layers, heads, head_size = kv_geometry(model)
-    tokens = int(match[1])
-    return Load(tokens, tokens * layers * 2 * heads * head_size * 2, None)  # K and V, bf16
-
-
-def _start_nixl(root: Path, model: Path, args: argparse.Namespace):
-    """vLLM's NixlConnector, 1P1D, its KV buffer in host memory (`kv_buffer_device: cpu`,
-    moved by UCX); each engine gets its own side-channel port for the handshake."""
-    from splitwise_local.serve.ports import free_port
-
-    configs = {
-        name: {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}
-        for name, role in (("prefill", "kv_producer"), ("decode", "kv_consumer"))
-    }
-    env = {name: {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())} for name in configs}
-    return _start_peer(root, model, configs, env)
-
-
-def _nixl_handoff(prefill: Engine, prompt: list[int]) -> dict:
-    """NIXL's decode engine pulls the blocks that the prefill engine holds for one request:
-    prefill computes the prompt again asked to keep them, and answers with their address."""
-    asked = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-             "remote_block_ids": None, "remote_host": None, "remote_port": None}  # fmt: skip
-    reply = prefill.complete(prompt, max_tokens=1, kv_transfer_params=asked)
-    return {"kv_transfer_params": reply["kv_transfer_params"]}
-
-
-SETUPS: dict[str, Setup] = {
-    "splitwise": Setup("splitwise", _start_splitwise, LogLoads(LOAD_LINE, _splitwise_load)),
-    "example": Setup("example", _start_example, LogLoads(EXAMPLE_LOAD_LINE, _example_load)),
-    "nixl": Setup("nixl", _start_nixl, NixlLoads(), _nixl_handoff),
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -247,7 +76,7 @@ def first_divergence(got: list[int], expected: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(got), len(expected)))
 
 
-def store_get_gbps(backend, keys: list[str], repeats: int = 5) -> float:
+def store_get_gbps(backend: KVBackend, keys: list[str], repeats: int = 5) -> float:
     """The store's own throughput for the same chunks, fetched in one batch, in GB/s."""
     best = float("inf")
     size = 0
@@ -259,62 +88,32 @@ def store_get_gbps(backend, keys: list[str], repeats: int = 5) -> float:
     return size / best / 1e9
 
 
-def stream_arrivals(engine, prompt: list[int], max_tokens: int, started: threading.Event):
-    """Arrival times of a streamed completion's tokens; `started` is set at the first one."""
-    import httpx
-
-    body = {"model": engine.model, "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
-    times = []
-    with httpx.stream("POST", f"{engine.url}/v1/completions", json=body, timeout=600) as reply:
-        reply.raise_for_status()
-        for line in reply.iter_lines():
-            if line.startswith("data: ") and '"text"' in line:
-                times.append(time.perf_counter())
-                if len(times) == QUIET_TOKENS:
-                    started.set()
-    return times
-
-
 def stall_ratio(
     engine: Engine, stream_prompt: list[int], landing: list[list[int]], extras: list[dict]
 ) -> dict:
-    """Largest token gap of a running stream while `landing` prompts arrive (each request with
-    its `extras` fields), over its median gap before they did."""
-    started = threading.Event()
-    pool = ThreadPoolExecutor(1 + len(landing))
-    stream = pool.submit(stream_arrivals, engine, stream_prompt, STREAM_TOKENS, started)
-    if not started.wait(120):
-        raise RuntimeError("the stream did not start")
-    sent = time.perf_counter()
-    replies = [
-        pool.submit(engine.complete, p, max_tokens=1, **extra)
-        for p, extra in zip(landing, extras, strict=True)
-    ]
-    for reply in replies:
-        reply.result()
-    landed = time.perf_counter()
-    times = stream.result()
-    pool.shutdown()
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    quiet = statistics.median(gaps[: QUIET_TOKENS - 1])
-    during = [b - a for a, b in itertools.pairwise(times) if b > sent and a < landed]
-    if not during or times[-1] < landed:
-        raise RuntimeError("the stream ended before the landings did: raise STREAM_TOKENS")
-    return {"quiet_p50_ms": quiet * 1e3, "max_gap_ms": max(during) * 1e3,
-            "landing_s": landed - sent, "ratio": max(during) / quiet}  # fmt: skip
+    """Largest token gap of a running stream while `landing` prompts arrive at once (each
+    request with its `extras` fields), over its median gap before they did."""
 
+    def land() -> None:
+        with ThreadPoolExecutor(len(landing)) as pool:
+            sent = [
+                pool.submit(engine.complete, p, max_tokens=1, **extra)
+                for p, extra in zip(landing, extras, strict=True)
+            ]
+            for reply in sent:
+                reply.result()
 
-def kv_geometry(model: Path) -> tuple[int, int, int]:
-    """Layers, KV heads and head size of a per-head-attention checkpoint."""
-    from transformers import AutoConfig
-
-    hf = AutoConfig.from_pretrained(model)
-    return hf.num_hidden_layers, hf.num_key_value_heads, hf.hidden_size // hf.num_attention_heads
+    gaps = disturbed_stream(
+        engine.url, engine.model, stream_prompt, STREAM_TOKENS, QUIET_TOKENS, land, 120
+    )
+    worst = max(gaps.during)
+    return {"quiet_p50_ms": gaps.quiet_p50 * 1e3, "max_gap_ms": worst * 1e3,
+            "landing_s": gaps.disturbance_s, "ratio": worst / gaps.quiet_p50}  # fmt: skip
 
 
 def layout_costs(tokens: int, model: Path) -> dict:
     """Per-layer scatter and gather of `tokens` tokens' KV on a cache shaped like the engine's."""
+    # Heavy (torch, vLLM): imported by a run, not by `bench --help`.
     import torch
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
@@ -367,9 +166,7 @@ class Prompts:
 
 
 def make_prompts(model: Path, args: argparse.Namespace) -> Prompts:
-    from transformers import AutoTokenizer
-
-    from splitwise_testing.system import PROSE
+    from transformers import AutoTokenizer  # heavy: imported by a run, not by `bench --help`
 
     text = AutoTokenizer.from_pretrained(model)(PROSE.read_text(), add_special_tokens=False)
     count = 2 * args.repeats + 2 * LANDINGS + 2
@@ -391,69 +188,99 @@ def make_prompts(model: Path, args: argparse.Namespace) -> Prompts:
 
 def measure(setup: Setup, model: Path, prompts: Prompts, args: argparse.Namespace) -> dict:
     """One setup on fresh engines: TTFT recompute vs loaded, bytes, divergence, stall."""
-    from splitwise_local.progress import Progress
-
     root = Path(tempfile.mkdtemp(prefix=f"splitwise-bench-connector-{setup.name}-"))
     print(f"starting {setup.name}: prefill and decode engines (logs in {root}) ...")
     system = setup.start(root, model, args)
-    stall_loaded = stall_recompute = None
     try:
         prefill, decode = system.engines["prefill"], system.engines["decode"]
         # Warm-up: the first request and the first load pay one-off costs (NIXL's handshake).
         prefill.complete(prompts.warmup, max_tokens=1)
         decode.time_to_first_token(prompts.warmup, **setup.handoff(prefill, prompts.warmup))
-        recompute, loaded, loads, divergence = [], [], [], []
-        for i in Progress(range(args.repeats), desc=f"bench connector {setup.name}", unit="prompt"):
-            recompute.append(decode.time_to_first_token(prompts.ttft[2 * i]))
-            prompt = prompts.ttft[2 * i + 1]
-            # The prefill engine's own greedy continuation is the reference (a full forward).
-            reference = prefill.complete(prompt, max_tokens=args.new_tokens)
-            extra = setup.handoff(prefill, prompt)
-            mark = setup.report.mark(decode)
-            loaded.append(decode.time_to_first_token(prompt, **extra))
-            loads += setup.report.loads(decode, model, mark)
-            extra = setup.handoff(prefill, prompt)  # a handoff may serve one request only
-            got = decode.complete(prompt, max_tokens=args.new_tokens, **extra)
-            divergence.append(first_divergence(token_ids(got), token_ids(reference)))
-        # The last prompt's chunks, as the decode engine just loaded them (our store only).
-        per_prompt = math.ceil(args.prompt_tokens / args.chunk_size)
-        keys = SAVE_KEY.findall(prefill.new_log())[-per_prompt:]
-        get_gbps = store_get_gbps(system.backend(), keys) if keys else None
-        if args.stall:
-            extras = []
-            for prompt in prompts.landing:
-                prefill.complete(prompt, max_tokens=1)
-                extras.append(setup.handoff(prefill, prompt))
-            stall_loaded = stall_ratio(decode, prompts.stream, prompts.landing, extras)
-            fresh = [{} for _ in prompts.fresh]
-            stall_recompute = stall_ratio(decode, prompts.stream, prompts.fresh, fresh)
+        found = _ttft_and_loads(setup, system, model, prompts, args)
+        stalls = _stalls(setup, prefill, decode, prompts) if args.stall else (None, None)
     finally:
         system.stop()
+    return _summary(setup, found, stalls, args)
 
-    recompute_ms = statistics.median(recompute) * 1e3
-    loaded_ms = statistics.median(loaded) * 1e3
+
+@dataclass
+class _Found:
+    """What one setup's TTFT prompts gave: seconds, loads, divergences, the store's own GB/s."""
+
+    recompute: list[float]
+    loaded: list[float]
+    loads: list[Load]
+    divergence: list[int]
+    get_gbps: float | None
+
+
+def _ttft_and_loads(
+    setup: Setup, system: System, model: Path, prompts: Prompts, args: argparse.Namespace
+) -> _Found:
+    prefill, decode = system.engines["prefill"], system.engines["decode"]
+    found = _Found([], [], [], [], None)
+    for i in Progress(range(args.repeats), desc=f"bench connector {setup.name}", unit="prompt"):
+        found.recompute.append(decode.time_to_first_token(prompts.ttft[2 * i]))
+        prompt = prompts.ttft[2 * i + 1]
+        # The prefill engine's own greedy continuation is the reference (a full forward).
+        reference = prefill.complete(prompt, max_tokens=args.new_tokens)
+        extra = setup.handoff(prefill, prompt)
+        mark = setup.report.mark(decode)
+        found.loaded.append(decode.time_to_first_token(prompt, **extra))
+        found.loads += setup.report.loads(decode, model, mark)
+        extra = setup.handoff(prefill, prompt)  # a handoff may serve one request only
+        got = decode.complete(prompt, max_tokens=args.new_tokens, **extra)
+        found.divergence.append(first_divergence(token_ids(got), token_ids(reference)))
+    # The last prompt's chunks, as the decode engine just loaded them (our store only).
+    per_prompt = math.ceil(args.prompt_tokens / args.chunk_size)
+    keys = SAVE_KEY.findall(prefill.new_log())[-per_prompt:]
+    found.get_gbps = store_get_gbps(system.backend(), keys) if keys else None
+    return found
+
+
+def _stalls(setup: Setup, prefill: Engine, decode: Engine, prompts: Prompts) -> tuple[dict, dict]:
+    """The stream's stall while stored prompts land, and while fresh ones are computed."""
+    extras = []
+    for prompt in prompts.landing:
+        prefill.complete(prompt, max_tokens=1)
+        extras.append(setup.handoff(prefill, prompt))
+    loaded = stall_ratio(decode, prompts.stream, prompts.landing, extras)
+    fresh = [{} for _ in prompts.fresh]
+    return loaded, stall_ratio(decode, prompts.stream, prompts.fresh, fresh)
+
+
+def _summary(
+    setup: Setup, found: _Found, stalls: tuple[dict | None, dict | None], args: argparse.Namespace
+) -> dict:
+    loads, (stall_loaded, stall_recompute) = found.loads, stalls
     if len(loads) < args.repeats:
         raise RuntimeError(f"{setup.name}: {len(loads)} loads logged for {args.repeats} prompts")
     moved = statistics.median(load.bytes for load in loads)
     timed = [load.ms for load in loads if load.ms is not None]
     load_ms = statistics.median(timed) if timed else None
-    effective_gbps = moved / (load_ms / 1e3) / 1e9 if timed else None
+    effective_gbps = moved / (load_ms / 1e3) / 1e9 if load_ms else None
+    get_gbps = found.get_gbps
     return {
-        "recompute_ttft_ms": [t * 1e3 for t in recompute],
-        "loaded_ttft_ms": [t * 1e3 for t in loaded],
+        "recompute_ttft_ms": [t * 1e3 for t in found.recompute],
+        "loaded_ttft_ms": [t * 1e3 for t in found.loaded],
         "loaded_tokens": [load.tokens for load in loads],
         "kv_bytes_per_request": moved,
         "load_ms": load_ms,
         "load_gbps": effective_gbps,
-        "store_get_gbps": get_gbps if keys else None,
+        "store_get_gbps": get_gbps,
         "stall_loaded": stall_loaded,
         "stall_recompute": stall_recompute,
-        "first_divergence": divergence,
+        "first_divergence": found.divergence,
         "ratios": {
-            "ttft_loaded_vs_recompute": loaded_ms / recompute_ms,
-            "load_gbps_vs_store_get": effective_gbps / get_gbps if keys and timed else None,
-            "stall_max_vs_quiet_p50": stall_loaded["ratio"] if args.stall else None,
-            "stall_max_vs_quiet_p50_recompute": stall_recompute["ratio"] if args.stall else None,
+            "ttft_loaded_vs_recompute": statistics.median(found.loaded)
+            / statistics.median(found.recompute),
+            "load_gbps_vs_store_get": effective_gbps / get_gbps
+            if get_gbps and effective_gbps
+            else None,
+            "stall_max_vs_quiet_p50": stall_loaded["ratio"] if stall_loaded else None,
+            "stall_max_vs_quiet_p50_recompute": stall_recompute["ratio"]
+            if stall_recompute
+            else None,
         },
     }
 
@@ -516,8 +343,6 @@ def print_results(name: str, result: dict, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitwise_local.models.hub import resolve_model
-
     model = resolve_model(args.model).folder
     prompts = make_prompts(model, args)
     layout = layout_costs(args.prompt_tokens, model)

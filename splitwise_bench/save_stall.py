@@ -1,11 +1,11 @@
-"""`python -m splitwise_bench.save_stall`: what a store slow to write costs decode steps.
+"""`bench save_stall`: what a store slow to write costs decode steps.
 
 One decode engine that also saves what it computes (kv_both, as the launcher runs it), on a
-store whose writes can be held (`bench/slow_store.py`). A stream runs on the engine; once it has
-given `--quiet` tokens, `--landings` fresh prompts arrive one after another, each computed by
-the engine (so each is saved) while the stream goes on. The same is done with the store
-answering at once ("quick") and with every write held `--slow-write-s` ("slow"), alternately,
-`--repeats` times each, on the same engine with prompts of the same length.
+store whose writes can be held (`splitwise_testing/slow_store.py`). A stream runs on the engine;
+once it has given `--quiet` tokens, `--landings` fresh prompts arrive one after another, each
+computed by the engine (so each is saved) while the stream goes on. The same is done with the
+store answering at once ("quick") and with every write held `--slow-write-s` ("slow"),
+alternately, `--repeats` times each, on the same engine with prompts of the same length.
 
 A step that computes a prompt is longer than a decode step whatever the store does; what the
 store costs the stream is the difference between the phases:
@@ -27,69 +27,47 @@ import argparse
 import itertools
 import json
 import statistics
-import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
 from splitwise_bench.report import print_table, write_json
+from splitwise_bench.stall import disturbed_stream
 from splitwise_local.config import SplitwiseConfig
+from splitwise_local.models.checkpoint import prepare_default_model
 from splitwise_testing.slow_store import slow_store
 from splitwise_testing.system import PROSE, Engine, start_system
 
-
-def arrivals(engine: Engine, prompt: list[int], tokens: int, quiet: int, go: threading.Event):
-    """Arrival times of a streamed completion's tokens; `go` is set after `quiet` of them."""
-    body = {"model": engine.model, "prompt": prompt, "max_tokens": tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
-    times: list[float] = []
-    with httpx.stream("POST", f"{engine.url}/v1/completions", json=body, timeout=600) as reply:
-        reply.raise_for_status()
-        for line in reply.iter_lines():
-            if line.startswith("data: ") and '"text"' in line:
-                times.append(time.perf_counter())
-                if len(times) == quiet:
-                    go.set()
-    return times
+Prompts = Iterator[list[int]]
 
 
-def one_phase(engine: Engine, prompts, args) -> dict:
+def one_phase(engine: Engine, prompts: Prompts, args: argparse.Namespace) -> dict:
     """The stream's gaps before and while `args.landings` fresh prompts are computed."""
     stream_prompt, landings = next(prompts), [next(prompts) for _ in range(args.landings)]
     dropped = engine.metric("splitwise:save_dropped_total")
-    go = threading.Event()
-    with ThreadPoolExecutor(1) as pool:
-        stream = pool.submit(arrivals, engine, stream_prompt, args.stream_tokens, args.quiet, go)
-        if not go.wait(600):
-            raise RuntimeError("the stream did not start")
-        sent = time.perf_counter()
+
+    def land() -> None:
         for prompt in landings:
             engine.complete(prompt, max_tokens=1)
-        landed = time.perf_counter()
-        times = stream.result()
-    if times[-1] < landed:
-        raise RuntimeError("the stream ended before the landings did: raise --stream-tokens")
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    quiet = statistics.median(gaps[: args.quiet - 1])
-    during = [b - a for a, b in itertools.pairwise(times) if b > sent and a < landed]
-    steps = sorted(during)[-args.landings :]  # the steps that computed the landing prompts
+
+    gaps = disturbed_stream(
+        engine.url, engine.model, stream_prompt, args.stream_tokens, args.quiet, land
+    )
+    steps = sorted(gaps.during)[-args.landings :]  # the steps that computed the landing prompts
     return {
-        "quiet_p50_ms": quiet * 1e3,
-        "max_gap_ms": max(during) * 1e3,
+        "quiet_p50_ms": gaps.quiet_p50 * 1e3,
+        "max_gap_ms": max(gaps.during) * 1e3,
         "landing_step_p50_ms": statistics.median(steps) * 1e3,
-        "gaps_over_quiet_p50_plus_20ms": sum(gap > quiet + 0.02 for gap in during),
-        "landing_s": landed - sent,
+        "gaps_over_quiet_p50_plus_20ms": sum(gap > gaps.quiet_p50 + 0.02 for gap in gaps.during),
+        "landing_s": gaps.disturbance_s,
         "saves_dropped": engine.metric("splitwise:save_dropped_total") - dropped,
     }
 
 
-def fresh_prompts(model: Path, length: int):
+def fresh_prompts(model: Path, length: int) -> Prompts:
     """Prompts of `length` tokens sharing no chunk (each starts with a token of its own)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: imported by a run, not by `bench --help`
 
     tokens = AutoTokenizer.from_pretrained(model)(PROSE.read_text(), add_special_tokens=False)
     ids = tokens["input_ids"]
@@ -98,7 +76,15 @@ def fresh_prompts(model: Path, length: int):
         yield [9000 + k, *ids[start + 1 : start + length]]
 
 
-def measure(root: Path, model: Path, store_url: str, delay: Path, extra: dict, prompts, args):
+def measure(
+    root: Path,
+    model: Path,
+    store_url: str,
+    delay: Path,
+    extra: dict,
+    prompts: Prompts,
+    args: argparse.Namespace,
+) -> dict[str, list[dict]]:
     """Quick and slow phases, alternately, on one fresh engine with `extra` connector settings;
     `prompts` never repeats a prompt, so no landing finds its KV in the store."""
     config = SplitwiseConfig(chunk_size=args.chunk, remote_url=store_url)
@@ -120,9 +106,8 @@ def measure(root: Path, model: Path, store_url: str, delay: Path, extra: dict, p
     return runs
 
 
-def run(args) -> dict:
-    from splitwise_local.models.checkpoint import prepare_default_model
-
+def results(args: argparse.Namespace) -> dict:
+    """Every setup's phases, their medians, and the ratios and differences slow vs quick."""
     model = Path(args.model) if args.model else prepare_default_model()
     root = Path(tempfile.mkdtemp(prefix="save-stall-"))
     delay = root / "delay"
@@ -151,8 +136,7 @@ def run(args) -> dict:
             "extra_gap_ms": extra_ms, "setups": results}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2)")
     parser.add_argument("--dtype", default="float32", help="engine dtype ('' for its default)")
     parser.add_argument("--chunk", type=int, default=256, help="chunk_size in tokens")
@@ -165,35 +149,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", action="store_true", help="also measure an engine whose saves wait"
     )
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args(argv)
-    results = run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    found = results(args)
     rows = [
         [setup, name, p["quiet_p50_ms"], p["landing_step_p50_ms"], p["max_gap_ms"],
          p["gaps_over_quiet_p50_plus_20ms"], p["saves_dropped"]]
-        for setup, result in results["setups"].items()
+        for setup, result in found["setups"].items()
         for name, p in result["phases"].items()
     ]  # fmt: skip
     print_table(
         "decode stream while prompts are computed and saved (medians over repeats)",
-        [
-            "saves",
-            "writes",
-            "quiet p50 ms",
-            "landing step ms",
-            "max gap ms",
-            "gaps > p50+20ms",
-            "dropped",
-        ],
+        ["saves", "writes", "quiet p50 ms", "landing step ms", "max gap ms", "gaps > p50+20ms",
+         "dropped"],
         rows,
-    )
-    for what, extra_ms in results["extra_gap_ms"].items():
+    )  # fmt: skip
+    for what, extra_ms in found["extra_gap_ms"].items():
         print(f"{what}: a store slow to write adds {extra_ms:+.1f} ms")
-    write_json(args.json, results)
+    write_json(args.json, found)
     if not args.json:
-        print(json.dumps(results["ratios"]))
+        print(json.dumps(found["ratios"]))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from splitwise_bench.connector import kv_geometry
+from splitwise_bench.connector_setups import kv_geometry
 from splitwise_local.cli import main
 
 pytestmark = pytest.mark.engine

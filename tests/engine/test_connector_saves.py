@@ -7,7 +7,7 @@ concurrent prompts make vLLM preempt requests in the middle of their prefill. Th
 in float32 (the keys below need the dtype, and it is the fast one on an AVX2-only CPU).
 
 What is checked is behaviour, never a duration: deadlines are hang guards only. How long a
-decode step gets while the store is slow is measured by `bench/save_stall.py`.
+decode step gets while the store is slow is measured by `bench save_stall`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""bench routing's background stream: it waits for its first tokens, and a stream that fails or
-never starts is an error within the deadline, not a benchmark that hangs."""
+"""The benchmarks' background stream: it waits for its first tokens, a stream that fails or never
+starts is an error within the deadline, not a benchmark that hangs, and a disturbed stream's gaps
+are split at the disturbance."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from splitwise_bench.routing import Stream
+from splitwise_bench.stall import Stream, disturbed_stream
 from splitwise_testing.fake_engine import FakeBehaviour, FakeEngine
 from tests.proxy.servers import Servers
 
@@ -50,3 +51,19 @@ def test_a_failed_or_short_stream_is_an_error(engine, fault):
     match = "500" if fault == "status 500" else "ended after 4 tokens"
     with pytest.raises(RuntimeError, match=match):
         stream.wait_started(8, timeout=10)
+
+
+def test_a_disturbed_streams_gaps_are_split_at_the_disturbance(engine):
+    behaviour, url = engine
+    behaviour.tokens = 40
+    gaps = disturbed_stream(url, behaviour.model, [1, 2], 40, 10, lambda: time.sleep(0.1), 10)
+    assert len(gaps.quiet) == 9  # the gaps between the first 10 tokens
+    assert gaps.during and len(gaps.during) < 40 - 10
+    assert gaps.disturbance_s > 0
+
+
+def test_a_stream_that_ends_before_the_disturbance_is_an_error(engine):
+    behaviour, url = engine
+    behaviour.tokens = 12
+    with pytest.raises(RuntimeError, match="ended before the disturbance"):
+        disturbed_stream(url, behaviour.model, [1], 12, 10, lambda: time.sleep(1), 10)
