@@ -1,41 +1,36 @@
 """`bench serve`: a load generator for any OpenAI-compatible server, measured from the stream.
 
-It sends a workload (bench/workloads.py) to `/v1/completions` with `stream=true` and usage in
-the stream, at Poisson arrivals of a given rate or at a fixed concurrency, or replays a public
-trace (`--trace`, bench/traces.py: its arrivals and lengths, scaled to the machine, both scales
-stated in the report), and times every chunk as it arrives: time to first token (TTFT), the
-gaps between chunks (inter-token latency, ITL), the mean time per output token after the first
-(TPOT, what SLOs are set on, as in DistServe) and end-to-end latency (E2E), with throughput, SLO
-attainment (the share of sent requests meeting the TTFT SLO, the TPOT SLO, both) and goodput
-(requests/s meeting both). The same command measures our proxy, a plain vLLM server or anything
-else that speaks the API, so comparisons are like for like. Each run also records how much CPU
-other processes on the machine used meanwhile (bench/host_load.py), so a report can tell a
+It sends a workload (workloads.py) at Poisson arrivals of a given rate or at a fixed
+concurrency, or replays a public trace (`--trace`, traces.py: its arrivals and lengths, scaled
+to the machine, both scales stated in the report), streams every request and times every chunk
+as it arrives (streaming.py), and reports TTFT, ITL, TPOT and E2E latency with throughput, SLO
+attainment and goodput (latency.py). The same command measures our proxy, a plain vLLM server or
+anything else that speaks the API, so comparisons are like for like. Each run also records how
+much CPU other processes on the machine used meanwhile (host_load.py), so a report can tell a
 quiet run from a noisy one.
 
-Output lengths are made exact with two vLLM extensions, `ignore_eos` and `return_token_ids`
-(tokens per chunk, since vLLM may coalesce tokens into one chunk when the client lags). Every
-request's counts are checked: tokens counted in the stream against the usage chunk, and both
-against the lengths the workload asked for. A mismatch is reported and makes the exit status 1,
-because numbers from a run that did not do what it said are not worth comparing.
+Every request's counts are checked: tokens counted in the stream against the usage chunk, and
+both against the lengths the workload asked for. A mismatch is reported and makes the exit
+status 1, because numbers from a run that did not do what it said are not worth comparing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
 
-from splitwise_bench import host_load, kv_cost, report, traces
+from splitwise_bench import host_load, kv_cost, plots, report, traces
+from splitwise_bench.latency import PERCENTILES, percentiles_ms, summarize
+from splitwise_bench.streaming import run_load
 from splitwise_bench.workloads import (
     WORKLOADS,
     RequestSpec,
@@ -45,252 +40,12 @@ from splitwise_bench.workloads import (
     poisson_arrivals,
     warmup_requests,
 )
-
-PERCENTILES = (50, 90, 99)
+from splitwise_local.models.checkpoint import ModelError
+from splitwise_local.models.hub import resolve_model
 
 
 class ServerError(RuntimeError):
     """The server cannot be benchmarked (unreachable, no models); one line for the user."""
-
-
-@dataclass
-class RequestResult:
-    """What one streamed request did; times in seconds, chunk times relative to its send."""
-
-    spec: RequestSpec
-    start_s: float  # send time, relative to the start of the run
-    chunk_s: list[float] = field(default_factory=list)  # arrival of each chunk with tokens
-    end_s: float | None = None
-    output_tokens: int = 0
-    multi_token_chunks: int = 0
-    usage: dict[str, Any] | None = None
-    error: str | None = None
-    scheduled_s: float | None = None  # open loop: when it was due, relative to the start
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and bool(self.chunk_s)
-
-    @property
-    def ttft_s(self) -> float:
-        return self.chunk_s[0]
-
-    @property
-    def itl_s(self) -> list[float]:
-        return np.diff(self.chunk_s).tolist()
-
-    @property
-    def tpot_s(self) -> float:
-        """Mean time per output token after the first (0 for a one-token answer)."""
-        if self.output_tokens < 2:
-            return 0.0
-        return (self.chunk_s[-1] - self.chunk_s[0]) / (self.output_tokens - 1)
-
-    def problems(self) -> list[str]:
-        """Where the counts disagree: the stream, the usage chunk and the workload."""
-        if not self.ok:
-            return []
-        if self.usage is None:
-            return ["no usage chunk in the stream"]
-        found = []
-        if self.usage.get("completion_tokens") != self.output_tokens:
-            found.append(
-                f"stream carried {self.output_tokens} tokens, usage says "
-                f"{self.usage.get('completion_tokens')}"
-            )
-        if self.output_tokens != self.spec.output_len:
-            found.append(f"asked for {self.spec.output_len} tokens, got {self.output_tokens}")
-        if self.usage.get("prompt_tokens") != self.spec.prompt_len:
-            found.append(
-                f"prompt is {self.spec.prompt_len} tokens, usage says "
-                f"{self.usage.get('prompt_tokens')}"
-            )
-        return found
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.spec.index,
-            "kind": self.spec.kind,
-            "prompt_len": self.spec.prompt_len,
-            "output_len": self.spec.output_len,
-            "trace_row": self.spec.trace_row,
-            "scheduled_s": None if self.scheduled_s is None else round(self.scheduled_s, 6),
-            "start_s": round(self.start_s, 6),
-            "ttft_ms": round(self.ttft_s * 1e3, 3) if self.ok else None,
-            "tpot_ms": round(self.tpot_s * 1e3, 3) if self.ok else None,
-            "e2e_ms": round(self.end_s * 1e3, 3) if self.ok and self.end_s else None,
-            "chunk_ms": [round(t * 1e3, 3) for t in self.chunk_s],
-            "output_tokens": self.output_tokens,
-            "error": self.error,
-            "problems": self.problems(),
-        }
-
-
-def request_body(spec: RequestSpec, model: str) -> dict[str, Any]:
-    return {
-        "model": model,
-        "prompt": spec.prompt if isinstance(spec.prompt, str) else list(spec.prompt),
-        "max_tokens": spec.output_len,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,
-        "return_token_ids": True,
-    }
-
-
-async def stream_request(
-    client: httpx.AsyncClient, endpoint: str, model: str, spec: RequestSpec, run_start: float
-) -> RequestResult:
-    """Sends one request and times each streamed chunk; failures become `error`, not raises."""
-    sent = time.perf_counter()
-    result = RequestResult(spec=spec, start_s=sent - run_start)
-    try:
-        async with client.stream("POST", endpoint, json=request_body(spec, model)) as response:
-            if response.status_code != 200:
-                body = (await response.aread()).decode("utf-8", "replace")
-                result.error = f"HTTP {response.status_code}: {body[:300]}"
-                return result
-            async for line in response.aiter_lines():
-                now = time.perf_counter()
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if not isinstance(chunk, dict):
-                    raise ValueError(f"malformed chunk: {data[:200]}")
-                if "error" in chunk:
-                    result.error = f"error in stream: {chunk['error']}"
-                    return result
-                if chunk.get("usage"):
-                    result.usage = dict(chunk["usage"])
-                tokens = sum(_chunk_tokens(choice) for choice in chunk.get("choices") or [])
-                if tokens:
-                    result.chunk_s.append(now - sent)
-                    result.output_tokens += tokens
-                    result.multi_token_chunks += tokens > 1
-        result.end_s = time.perf_counter() - sent
-        if not result.chunk_s:
-            result.error = "the stream carried no tokens"
-    except (httpx.HTTPError, ValueError, TypeError) as exc:  # incl. malformed JSON
-        result.error = f"{type(exc).__name__}: {exc}"
-    return result
-
-
-def _chunk_tokens(choice: Any) -> int:
-    """Tokens in one streamed choice: its token ids when the server sends them (vLLM), else
-    one per chunk that carries text."""
-    if not isinstance(choice, dict):
-        raise ValueError(f"malformed choice in stream: {choice!r:.200}")
-    if choice.get("token_ids") is not None:
-        return len(choice["token_ids"])
-    return 1 if choice.get("text") else 0
-
-
-async def run_load(
-    base_url: str,
-    model: str,
-    specs: list[RequestSpec],
-    *,
-    arrivals: list[float] | None,
-    concurrency: int,
-    timeout_s: float,
-    progress: bool = True,
-) -> tuple[list[RequestResult], float]:
-    """Sends `specs` at the `arrivals` times (open loop) or `concurrency` at a time (closed
-    loop); returns the results in spec order and the run's duration in seconds."""
-    from splitwise_local.progress import Progress
-
-    endpoint = f"{base_url}/v1/completions"
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(timeout_s, connect=10.0)
-    gate = asyncio.Semaphore(concurrency if arrivals is None else max(len(specs), 1))
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        bar = Progress(total=len(specs), unit="req", disable=not progress)
-        start = time.perf_counter()
-
-        async def one(spec: RequestSpec, at: float) -> RequestResult:
-            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            async with gate:
-                result = await stream_request(client, endpoint, model, spec, start)
-            result.scheduled_s = at if arrivals is not None else None
-            bar.update()
-            return result
-
-        offsets = arrivals if arrivals is not None else [0.0] * len(specs)
-        results = await asyncio.gather(*(one(s, t) for s, t in zip(specs, offsets, strict=True)))
-        duration = time.perf_counter() - start
-        bar.close()
-    return list(results), duration
-
-
-def percentiles_ms(values_s: list[float]) -> dict[str, float | None]:
-    if not values_s:
-        return {f"p{p}": None for p in PERCENTILES} | {"mean": None}
-    ms = np.asarray(values_s) * 1e3
-    stats = {f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES}
-    return stats | {"mean": float(ms.mean())}
-
-
-def latency_summary(results: list[RequestResult]) -> dict[str, Any]:
-    done = [r for r in results if r.ok]
-    return {
-        "count": len(done),
-        "ttft_ms": percentiles_ms([r.ttft_s for r in done]),
-        "tpot_ms": percentiles_ms([r.tpot_s for r in done if r.output_tokens > 1]),
-        "itl_ms": percentiles_ms([gap for r in done for gap in r.itl_s]),
-        "e2e_ms": percentiles_ms([r.end_s for r in done if r.end_s is not None]),
-    }
-
-
-def attainment(
-    results: list[RequestResult], slo_ttft_ms: float, slo_tpot_ms: float
-) -> dict[str, float]:
-    """Shares of all sent requests that met the TTFT SLO, the TPOT SLO and both (DistServe's
-    SLO attainment); a failed request meets neither."""
-    sent = max(len(results), 1)
-    ttft = [r.ok and r.ttft_s * 1e3 <= slo_ttft_ms for r in results]
-    tpot = [r.ok and r.tpot_s * 1e3 <= slo_tpot_ms for r in results]
-    return {
-        "ttft": sum(ttft) / sent,
-        "tpot": sum(tpot) / sent,
-        "both": sum(a and b for a, b in zip(ttft, tpot, strict=True)) / sent,
-    }
-
-
-def summarize(
-    results: list[RequestResult], duration_s: float, slo_ttft_ms: float, slo_tpot_ms: float
-) -> dict[str, Any]:
-    """The run's numbers: pooled latency percentiles, per request kind too, throughput,
-    SLO attainment and goodput (requests meeting the TTFT SLO and the TPOT SLO)."""
-    done = [r for r in results if r.ok]
-    met = attainment(results, slo_ttft_ms, slo_tpot_ms)
-    problems = {r.spec.index: r.problems() for r in done if r.problems()}
-    kinds = sorted({r.spec.kind for r in results})
-    duration = max(duration_s, 1e-9)
-    return {
-        "duration_s": duration_s,
-        "requests": len(results),
-        "completed": len(done),
-        "failed": len(results) - len(done),
-        "requests_per_s": len(done) / duration,
-        "output_tokens_per_s": sum(r.output_tokens for r in done) / duration,
-        "goodput_requests_per_s": met["both"] * len(results) / duration,
-        "slo_met": round(met["both"] * len(results)),
-        "attainment": met,
-        **{k: v for k, v in latency_summary(results).items() if k != "count"},
-        "by_kind": {
-            kind: latency_summary([r for r in results if r.spec.kind == kind]) for kind in kinds
-        },
-        "checks": {
-            "requests_with_count_mismatch": len(problems),
-            "multi_token_chunks": sum(r.multi_token_chunks for r in done),
-            "problems": {str(i): p for i, p in sorted(problems.items())[:20]},
-        },
-        "errors": sorted({r.error for r in results if r.error})[:20],
-    }
 
 
 def normalize_url(url: str) -> str:
@@ -334,25 +89,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="tokenizer folder (default: the embedded SmolLM2)")
     parser.add_argument("--served-model-name", help="model name to send (default: /v1/models)")
     parser.add_argument("--label", default="run", help="name of this run in tables and plots")
-    parser.add_argument(
-        "--workload",
-        choices=WORKLOADS,
-        default="mixed",
-        help="fixed (short prompts: --prompt-len below the disaggregation threshold), mixed, "
-        "shared-prefix, multi-turn (each turn resends its conversation's history)",
-    )
-    parser.add_argument("--num-requests", type=int, default=32)
-    defaults = WorkloadSettings()
-    parser.add_argument("--prompt-len", type=int, default=defaults.prompt_len)
-    parser.add_argument("--output-len", type=int, default=defaults.output_len)
-    parser.add_argument("--long-prompt-len", type=int, default=defaults.long_prompt_len)
-    parser.add_argument("--long-output-len", type=int, default=defaults.long_output_len)
-    parser.add_argument("--long-fraction", type=float, default=defaults.long_fraction)
-    parser.add_argument("--prefix-len", type=int, default=defaults.prefix_len)
-    parser.add_argument("--num-prefixes", type=int, default=defaults.num_prefixes)
-    parser.add_argument(
-        "--turns", type=int, default=defaults.turns, help="multi-turn: turns per conversation"
-    )
+    _add_workload_arguments(parser)
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     parser.add_argument(
         "--slo-tpot-ms",
@@ -391,6 +128,28 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "load: the system under test when it is not the process listening at --url",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="mixed",
+        help="fixed (short prompts: --prompt-len below the disaggregation threshold), mixed, "
+        "shared-prefix, multi-turn (each turn resends its conversation's history)",
+    )
+    parser.add_argument("--num-requests", type=int, default=32)
+    defaults = WorkloadSettings()
+    parser.add_argument("--prompt-len", type=int, default=defaults.prompt_len)
+    parser.add_argument("--output-len", type=int, default=defaults.output_len)
+    parser.add_argument("--long-prompt-len", type=int, default=defaults.long_prompt_len)
+    parser.add_argument("--long-output-len", type=int, default=defaults.long_output_len)
+    parser.add_argument("--long-fraction", type=float, default=defaults.long_fraction)
+    parser.add_argument("--prefix-len", type=int, default=defaults.prefix_len)
+    parser.add_argument("--num-prefixes", type=int, default=defaults.num_prefixes)
+    parser.add_argument(
+        "--turns", type=int, default=defaults.turns, help="multi-turn: turns per conversation"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkloadSettings:
@@ -483,9 +242,7 @@ class Target:
 
 def connect(args: argparse.Namespace) -> Target:
     """Finds the served model and loads the tokenizer (raises with one line)."""
-    from transformers import AutoTokenizer
-
-    from splitwise_local.models.hub import resolve_model
+    from transformers import AutoTokenizer  # heavy: imported by a run, not by `bench --help`
 
     base_url = normalize_url(args.url)
     served, max_model_len = server_model(base_url, args.wait_ready)
@@ -634,8 +391,6 @@ def measure(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitwise_local.models.checkpoint import ModelError
-
     try:
         plan = plan_run(args)
         payload = measure(plan, args)
@@ -645,8 +400,6 @@ def run(args: argparse.Namespace) -> int:
     print_results(args.label, payload)
     report.write_json(args.json, payload)
     if args.plot_dir:
-        from splitwise_bench import plots
-
         for path in plots.write_plots({args.label: payload}, args.plot_dir):
             print(f"wrote {path}")
     return verdict(payload)

@@ -29,7 +29,8 @@ import numpy as np
 import psutil
 
 from splitwise_bench import report
-from splitwise_bench.serve import RequestResult, percentiles_ms, run_load
+from splitwise_bench.latency import percentiles_ms
+from splitwise_bench.streaming import RequestResult, run_load
 from splitwise_bench.workloads import WorkloadSettings, build_workload, poisson_arrivals
 from splitwise_local.serve.process import COMPONENT_ENV
 from splitwise_testing.launch import Running, launch_system, leftovers, open_store, sweep
