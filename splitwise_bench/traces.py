@@ -1,10 +1,7 @@
 """Public request traces, replayed at a scale this machine can serve.
 
-The traces (bench/data/traces/, with their licenses): Splitwise's own workload, the Azure LLM
-inference trace of November 2023 (`azure-conv`, `azure-code`: arrival time, prompt and output
-tokens), and Kimi's (`mooncake-conv`, Mooncake FAST'25: also the ids of each 512-token prompt
-block, equal ids being equal blocks). A replay sends each request of a window of the trace at its
-own arrival time, with its own lengths, scaled by two factors:
+The traces and their formats are in trace_files.py. A replay sends each request of a window of
+the trace at its own arrival time, with its own lengths, scaled by two factors:
 
 - the length scale L multiplies prompt and output lengths (rounded, at least one token); a
   prompt that then does not fit the model beside its output is cut to `max_model_len - output`
@@ -23,152 +20,38 @@ without its special tokens, so equal ids give equal tokens and the replay shares
 prefixes the trace shares, at the scaled block size; the last block is cut to the prompt's
 length.
 
-Ideal prefix reuse (`prefix_reuse`): the share of prompt blocks whose whole prefix (this block
-and all before it) was in an earlier prompt of the window, which no prefix cache can beat;
-over the whole Mooncake hour it is 36.6%. With a capacity it is the same under an LRU of that
-many tokens, which a store's hit ratio at that capacity can be judged against.
+A Mooncake replay's summary also gives the ideal prefix reuse of its window (prefix_reuse.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import lzma
 import math
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from typing import Any
 
 import numpy as np
 
+from splitwise_bench.prefix_reuse import DEFAULT_KV_BYTES_PER_TOKEN, reuse_summary
+from splitwise_bench.trace_files import (
+    MOONCAKE_BLOCK_TOKENS,
+    TRACES,
+    TraceError,
+    TraceRequest,
+    load_trace,
+)
 from splitwise_bench.workloads import (
     PROMPT_STREAM,
     PromptCutter,
     RequestSpec,
     Tokenizer,
-    WorkloadError,
     load_corpus,
     streams,
 )
 
-MOONCAKE_BLOCK_TOKENS = 512
-# What a SmolLM2-135M token's KV takes in bf16 (30 layers x K and V x 3 heads x 64 x 2 bytes):
-# turns a store capacity in bytes into tokens when no other figure is given.
-DEFAULT_KV_BYTES_PER_TOKEN = 23_040
 DEFAULT_MAX_MODEL_LEN = 2048  # the launcher's engines' (when the server does not say)
 QUANTILES = (10, 50, 90, 99)
-
-
-class TraceError(WorkloadError):
-    """A trace or a replay setting that cannot be used; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class TraceInfo:
-    name: str
-    file: str
-    format: str  # "azure" (CSV) or "mooncake" (JSON lines)
-    source: str
-
-
-TRACES: dict[str, TraceInfo] = {
-    info.name: info
-    for info in (
-        TraceInfo(
-            "azure-conv",
-            "AzureLLMInferenceTrace_conv.csv.xz",
-            "azure",
-            "Azure LLM inference trace 2023, conversation (Splitwise, ISCA 2024; CC-BY 4.0)",
-        ),
-        TraceInfo(
-            "azure-code",
-            "AzureLLMInferenceTrace_code.csv.xz",
-            "azure",
-            "Azure LLM inference trace 2023, coding (Splitwise, ISCA 2024; CC-BY 4.0)",
-        ),
-        TraceInfo(
-            "mooncake-conv",
-            "mooncake_conversation_trace.jsonl.xz",
-            "mooncake",
-            "Mooncake FAST'25 conversation trace (Kimi; Apache-2.0)",
-        ),
-    )
-}
-
-
-@dataclass(frozen=True)
-class TraceRequest:
-    """One request as the trace records it."""
-
-    row: int  # 0-based, in the file's order
-    arrival_s: float  # seconds after the trace's first request
-    input_len: int
-    output_len: int
-    hash_ids: tuple[int, ...] = ()  # Mooncake: one id per 512-token prompt block
-
-    def blocks(self) -> list[tuple[int, int]]:
-        """(hash id, tokens) of each prompt block as the trace has it (the last one partial)."""
-        size = MOONCAKE_BLOCK_TOKENS
-        return [(h, min(size, self.input_len - k * size)) for k, h in enumerate(self.hash_ids)]
-
-
-def parse_azure(lines: Iterable[str]) -> list[TraceRequest]:
-    """Rows of an Azure LLM inference CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`)."""
-    reader = csv.DictReader(lines)
-    columns = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
-    if not set(columns) <= set(reader.fieldnames or ()):
-        raise TraceError(f"an Azure trace needs the columns {columns}, found {reader.fieldnames}")
-    try:
-        rows = [
-            (r["TIMESTAMP"], int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in reader
-        ]
-        stamps = np.array([np.datetime64(t.strip().replace(" ", "T"), "ns") for t, _, _ in rows])
-    except (TypeError, ValueError) as exc:
-        raise TraceError(f"malformed Azure trace row: {exc}") from None
-    seconds = (stamps - stamps.min()) / np.timedelta64(1, "s") if rows else []
-    return [
-        TraceRequest(i, float(s), context, generated)
-        for i, (s, (_, context, generated)) in enumerate(zip(seconds, rows, strict=True))
-    ]
-
-
-def parse_mooncake(lines: Iterable[str]) -> list[TraceRequest]:
-    """Lines of a Mooncake trace (`timestamp` in ms, `input_length`, `output_length`,
-    `hash_ids`)."""
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            hash_ids = tuple(int(h) for h in r["hash_ids"])
-            records.append((float(r["timestamp"]) / 1e3, int(r["input_length"]),
-                            int(r["output_length"]), hash_ids))  # fmt: skip
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TraceError(f"malformed Mooncake trace line {number}: {exc!r}") from None
-        if len(hash_ids) != math.ceil(records[-1][1] / MOONCAKE_BLOCK_TOKENS):
-            raise TraceError(
-                f"Mooncake trace line {number}: {len(hash_ids)} hash ids for "
-                f"{records[-1][1]} tokens (one per {MOONCAKE_BLOCK_TOKENS})"
-            )
-    start = min((r[0] for r in records), default=0.0)
-    return [TraceRequest(i, t - start, n, o, h) for i, (t, n, o, h) in enumerate(records)]
-
-
-@cache
-def load_trace(name: str) -> tuple[TraceRequest, ...]:
-    """The shipped trace `name` (one of TRACES), whole, in arrival order."""
-    if name not in TRACES:
-        raise TraceError(f"unknown trace {name!r}; expected one of {tuple(TRACES)}")
-    info = TRACES[name]
-    path = resources.files("splitwise_bench").joinpath("data", "traces", info.file)
-    with path.open("rb") as raw, lzma.open(raw, "rt", encoding="utf-8") as text:
-        parsed = parse_azure(text) if info.format == "azure" else parse_mooncake(text)
-    return tuple(sorted(parsed, key=lambda r: r.arrival_s))  # stable: ties keep file order
 
 
 @dataclass(frozen=True)
@@ -295,63 +178,6 @@ class BlockTokens:
         return tuple(int(t) for hash_id, n in blocks for t in self.block(hash_id)[:n])
 
 
-@dataclass
-class Reuse:
-    """Prompt blocks and tokens a prefix cache could have served from earlier prompts."""
-
-    blocks: int = 0
-    reused_blocks: int = 0
-    tokens: int = 0
-    reused_tokens: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "blocks": self.blocks,
-            "reused_blocks": self.reused_blocks,
-            "block_ratio": self.reused_blocks / self.blocks if self.blocks else None,
-            "tokens": self.tokens,
-            "reused_tokens": self.reused_tokens,
-            "token_ratio": self.reused_tokens / self.tokens if self.tokens else None,
-        }
-
-
-def prefix_reuse(
-    prompts: Iterable[Sequence[tuple[int, int]]], capacity_tokens: int | None = None
-) -> Reuse:
-    """Reuse of prompts given as (block id, tokens) lists, in arrival order.
-
-    A block is reused when the same prefix of ids up to it is held: from all earlier prompts
-    (without a capacity: the ideal), or from what an LRU of `capacity_tokens` kept. Blocks count
-    by id, as the trace defines them; tokens count what is held of a block (a partial block
-    serves only the tokens an earlier prompt had). Each prompt stores its blocks with its first
-    block the most recent (vLLM frees a request's blocks tail first), so a prefix outlives every
-    block that extends it and what is held of a prompt is always a leading run, as a prefix
-    cache needs; a partial block is held whole once any prompt went on past it."""
-    nodes: dict[tuple[int, int], int] = {}  # (parent node, block id) -> node; root is 0
-    held: OrderedDict[int, int] = OrderedDict()  # node -> tokens held, least recent first
-    used = 0
-    reuse = Reuse()
-    for blocks in prompts:
-        parent = 0
-        path = []
-        for block_id, tokens in blocks:
-            node = nodes.setdefault((parent, block_id), len(nodes) + 1)
-            reuse.blocks += 1
-            reuse.tokens += tokens
-            if (stored := held.get(node)) is not None:
-                reuse.reused_blocks += 1
-                reuse.reused_tokens += min(tokens, stored)
-            path.append((node, tokens))
-            parent = node
-        for node, tokens in reversed(path):
-            old = held.pop(node, 0)
-            held[node] = max(old, tokens)
-            used += held[node] - old
-        while capacity_tokens is not None and used > capacity_tokens:
-            used -= held.popitem(last=False)[1]
-    return reuse
-
-
 def _quantiles(values: Sequence[float]) -> dict[str, float | None]:
     if not len(values):
         return {f"p{q}": None for q in QUANTILES} | {"mean": None, "max": None}
@@ -383,22 +209,6 @@ class Replay:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def capacity_tokens(
-    blocks: int | None = None,
-    bytes_: int | None = None,
-    block_tokens: int | None = None,
-    kv_bytes_per_token: int = DEFAULT_KV_BYTES_PER_TOKEN,
-) -> int:
-    """A store's capacity in tokens, from a number of replayed blocks or of KV bytes."""
-    if blocks is not None:
-        if block_tokens is None:
-            raise TraceError("a capacity in blocks needs a trace with blocks (Mooncake)")
-        return blocks * block_tokens
-    if bytes_ is None:
-        raise TraceError("a capacity needs blocks or bytes")
-    return bytes_ // kv_bytes_per_token
-
-
 def build_replay(
     settings: ReplaySettings,
     tokenizer: Tokenizer,
@@ -409,7 +219,6 @@ def build_replay(
     """The requests of one replay, in arrival order, with the summary every report carries.
     `capacities` ({"blocks": N} or {"bytes": B}) add the ideal reuse under an LRU of each."""
     settings.validate()
-    info = TRACES[settings.trace]
     max_len = max_model_len or DEFAULT_MAX_MODEL_LEN
     chosen = window(
         load_trace(settings.trace), settings.start_s, settings.duration_s, settings.max_requests
@@ -438,8 +247,27 @@ def build_replay(
             RequestSpec(i, settings.trace, prompt, r.prompt_len, r.output_len, trace_row=r.row)
         )
     arrivals = [r.arrival_s for r in replayed]
+    summary = _summary(settings, chosen, replayed, max_len, block_tokens)
+    if block_tokens is not None:
+        sent = [r.blocks for r in replayed]
+        summary["prefix_reuse"] = reuse_summary(
+            chosen, sent, block_tokens, capacities, kv_bytes_per_token
+        )
+    return Replay(specs, arrivals, replayed, summary)
+
+
+def _summary(
+    settings: ReplaySettings,
+    chosen: Sequence[TraceRequest],
+    replayed: Sequence[Replayed],
+    max_len: int,
+    block_tokens: int | None,
+) -> dict[str, Any]:
+    """What the replay reproduces of the trace: its window, its scales and both sides' shapes."""
+    info = TRACES[settings.trace]
+    arrivals = [r.arrival_s for r in replayed]
     trace_arrivals = [r.arrival_s for r in chosen]
-    summary: dict[str, Any] = {
+    return {
         "name": settings.trace,
         "source": info.source,
         "file": info.file,
@@ -477,34 +305,6 @@ def build_replay(
                 "replay": interarrival_cv(arrivals),
             },
         },
-    }
-    if block_tokens is not None:
-        summary["prefix_reuse"] = _reuse_summary(
-            chosen, replayed, block_tokens, capacities, kv_bytes_per_token
-        )
-    return Replay(specs, arrivals, replayed, summary)
-
-
-def _reuse_summary(
-    chosen: Sequence[TraceRequest],
-    replayed: Sequence[Replayed],
-    block_tokens: int,
-    capacities: Sequence[dict[str, int]],
-    kv_bytes_per_token: int,
-) -> dict[str, Any]:
-    sent = [r.blocks for r in replayed]
-    lru = []
-    for capacity in capacities:
-        tokens = capacity_tokens(
-            capacity.get("blocks"), capacity.get("bytes"), block_tokens, kv_bytes_per_token
-        )
-        named = {f"capacity_{unit}": value for unit, value in capacity.items()}
-        lru.append({**named, "capacity_tokens": tokens, **prefix_reuse(sent, tokens).as_dict()})
-    return {
-        "trace_blocks": prefix_reuse(r.blocks() for r in chosen).as_dict(),
-        "replay": prefix_reuse(sent).as_dict(),
-        "lru": lru,
-        "kv_bytes_per_token": kv_bytes_per_token,
     }
 
 

@@ -17,7 +17,8 @@ from serve_fake import (
     serve_fake,
 )
 
-from splitwise_bench.traces import ReplaySettings, build_replay, load_trace
+from splitwise_bench.trace_files import load_trace
+from splitwise_bench.traces import ReplaySettings, build_replay
 from splitwise_local.cli import main
 from splitwise_local.proxy.app import build_app
 from splitwise_local.proxy.settings import ProxySettings

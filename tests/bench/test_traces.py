@@ -1,98 +1,23 @@
-"""Trace replay: the shipped traces parse, scaling keeps their shape, Mooncake's blocks become
-tokens that share exactly the trace's prefixes, and the ideal prefix reuse is computed right."""
+"""Trace replay: a window is a time span and a count, scaling keeps the trace's shape, Mooncake's
+blocks become tokens that share exactly the trace's prefixes, and a replay states what it did."""
 
 from __future__ import annotations
 
 import itertools
-import tomllib
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from splitwise_bench import traces
+from splitwise_bench.trace_files import TraceError, TraceRequest, load_trace
 from splitwise_bench.traces import (
     BlockTokens,
     ReplaySettings,
-    TraceError,
-    TraceRequest,
     build_replay,
     interarrival_cv,
-    load_trace,
-    parse_azure,
-    parse_mooncake,
-    prefix_reuse,
     scale,
     window,
 )
 from splitwise_bench.workloads import poisson_arrivals
-
-
-@pytest.mark.parametrize(
-    ("name", "count", "first", "median_prompt", "median_output", "rate"),
-    [
-        ("azure-conv", 19_366, (374, 44), 1020, 129, 5.5),
-        ("azure-code", 8_819, (4808, 10), 1469, 13, 2.6),
-        ("mooncake-conv", 12_031, (6758, 500), 6909, 350, 3.4),
-    ],
-)
-def test_each_shipped_trace_parses_whole(name, count, first, median_prompt, median_output, rate):
-    trace = load_trace(name)
-    assert len(trace) == count
-    assert (trace[0].input_len, trace[0].output_len) == first
-    arrivals = [r.arrival_s for r in trace]
-    assert arrivals[0] == 0.0 and all(np.diff(arrivals) >= 0)
-    assert 3400 < arrivals[-1] < 3600  # one hour-long sample
-    assert np.median([r.input_len for r in trace]) == median_prompt
-    assert np.median([r.output_len for r in trace]) == median_output
-    assert count / arrivals[-1] == pytest.approx(rate, abs=0.05)
-    if name == "mooncake-conv":
-        assert all(len(r.hash_ids) == -(-r.input_len // 512) for r in trace)
-        assert trace[0].hash_ids == tuple(range(14))
-    else:
-        assert all(not r.hash_ids for r in trace)
-
-
-def test_parsers_read_the_published_formats():
-    azure = parse_azure(
-        [
-            "TIMESTAMP,ContextTokens,GeneratedTokens\n",
-            "2023-11-16 18:15:59.9000000,374,44\n",
-            "2023-11-16 18:16:00.4000001,396,109\n",
-        ]
-    )
-    assert [(r.row, r.input_len, r.output_len) for r in azure] == [(0, 374, 44), (1, 396, 109)]
-    assert azure[0].arrival_s == 0.0
-    assert azure[1].arrival_s == pytest.approx(0.5000001, abs=1e-9)  # across a minute, in ns
-    mooncake = parse_mooncake(
-        [
-            '{"timestamp": 1500, "input_length": 600, "output_length": 5, "hash_ids": [0, 1]}\n',
-            "\n",
-            '{"timestamp": 4000, "input_length": 512, "output_length": 2, "hash_ids": [0]}\n',
-        ]
-    )
-    assert [r.arrival_s for r in mooncake] == [0.0, 2.5]  # ms, from the first request
-    assert mooncake[0].hash_ids == (0, 1)
-    assert mooncake[0].blocks() == [(0, 512), (1, 88)]
-
-
-@pytest.mark.parametrize(
-    ("parse", "lines", "message"),
-    [
-        (parse_azure, ["time,tokens\n", "1,2\n"], "columns"),
-        (parse_azure, ["TIMESTAMP,ContextTokens,GeneratedTokens\n", "x,1,2\n"], "malformed"),
-        (parse_mooncake, ['{"timestamp": 0}\n'], "line 1"),
-        (
-            parse_mooncake,
-            ['{"timestamp": 0, "input_length": 513, "output_length": 1, "hash_ids": [0]}'],
-            "1 hash ids for 513 tokens",
-        ),
-    ],
-)
-def test_malformed_traces_are_refused_with_the_reason(parse, lines, message):
-    with pytest.raises(TraceError, match=message):
-        parse(lines)
 
 
 def test_a_window_is_a_time_span_and_a_count():
@@ -197,30 +122,6 @@ def test_synthesized_mooncake_prompts_share_exactly_the_traces_prefixes(tokenize
     assert judged > 1000 and shared_beyond_the_first > 10  # the window has real sharing
 
 
-def test_ideal_reuse_counts_only_prefixes_already_seen():
-    prompts = [
-        [(1, 4), (2, 4), (3, 2)],  # nothing seen yet
-        [(1, 4), (2, 4), (3, 4)],  # all three blocks seen; only 2 tokens of the last one
-        [(9, 4), (2, 4)],  # block 2 was seen, but never after block 9: not a prefix
-        [(1, 4), (2, 4), (3, 4), (4, 4)],  # three blocks and 12 tokens seen
-    ]
-    ideal = prefix_reuse(prompts).as_dict()
-    assert (ideal["blocks"], ideal["reused_blocks"]) == (12, 6)
-    assert (ideal["tokens"], ideal["reused_tokens"]) == (46, 22)
-    assert ideal["block_ratio"] == 0.5
-    # an LRU of 12 tokens: prompt 3 evicts blocks 3 and 2 (least recent), keeping block 1,
-    # which the prompt before it used first: prompt 4 finds only its first block
-    lru = prefix_reuse(prompts, capacity_tokens=12).as_dict()
-    assert (lru["reused_blocks"], lru["reused_tokens"]) == (4, 14)
-    assert prefix_reuse(prompts, capacity_tokens=10**6) == prefix_reuse(prompts)
-    assert prefix_reuse(prompts, capacity_tokens=1).reused_blocks == 0
-
-
-def test_the_mooncake_hours_ideal_reuse_is_the_published_share():
-    reuse = prefix_reuse(r.blocks() for r in load_trace("mooncake-conv"))
-    assert reuse.as_dict()["block_ratio"] == pytest.approx(0.366, abs=5e-4)
-
-
 def test_a_replay_states_its_scales_and_sends_exact_lengths(tokenizer):
     settings = ReplaySettings("azure-conv", length_scale=0.25, time_scale=10.0, duration_s=20.0)
     replay = build_replay(settings, tokenizer, max_model_len=2048)
@@ -269,24 +170,3 @@ def test_impossible_replays_are_refused_with_the_setting_named(
 ):
     with pytest.raises(TraceError, match=message):
         build_replay(settings, tokenizer, capacities=capacities)
-
-
-def test_traces_ship_with_their_licenses():
-    folder = resources.files("splitwise_bench").joinpath("data", "traces")
-    names = {p.name for p in folder.iterdir()}
-    assert {info.file for info in traces.TRACES.values()} <= names
-    assert {"README.md", "LICENSE-CC-BY-4.0.txt", "LICENSE-Apache-2.0.txt"} <= names
-    readme = " ".join(folder.joinpath("README.md").read_text("utf-8").split())
-    assert "Splitwise: Efficient generative LLM inference using phase splitting" in readme
-    assert "Mooncake" in readme and "CC-BY 4.0" in readme and "Apache-2.0" in readme
-
-
-def test_the_package_data_patterns_cover_every_trace_file():
-    root = Path(__file__).resolve().parents[2]
-    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"
-    ]["splitwise_bench"]
-    package = root / "splitwise_bench"
-    shipped = {p for pattern in patterns for p in package.glob(pattern) if p.is_file()}
-    files = {p for p in (package / "data" / "traces").iterdir()}
-    assert files and files <= shipped
