@@ -3,8 +3,8 @@
 For each setting (`naive`, `kivi-2/4/8`, `cachegen`, and extra `cachegen-B` resolutions):
 - ratio: bf16 bytes of the KV over the payload bytes, headers and metadata included;
 - encode and decode throughput in GB/s of original KV, against a memcpy of the same chunks into
-  buffers allocated once (best of `--repeats` rounds). By default torch runs one thread, the
-  issue's "one CPU core", and the clock is that thread's CPU time, so that other processes on a
+  buffers allocated once (best of `--repeats` rounds). By default torch runs one thread (one
+  CPU core), and the clock is that thread's CPU time, so that other processes on a
   shared machine do not count against either side; with more threads or on CUDA it is wall time.
   For `naive`, `encode` returns new bytes (whose fresh pages fault in, one by one) and
   `encode_into` writes into a reused buffer, as a store slot is: both are reported;
@@ -17,7 +17,10 @@ For each setting (`naive`, `kivi-2/4/8`, `cachegen`, and extra `cachegen-B` reso
   `near_ties` counts the positions where the original model itself split its top two tokens
   by less than 5% of probability, and `agreement_without_near_ties` leaves them out: on a
   135M-parameter model those positions decide most disagreements.
-Greedy first divergence through the real decode engine needs the connector and is the lead's run.
+Greedy first divergence through the real decode engine needs the connector: `bench connector`.
+
+torch (and the serdes, built on it) is imported inside the functions that use it: `bench --help`
+imports every benchmark module and should not pay for it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitwise_bench import report
+from splitwise_local.config import SerdeOptions
+from splitwise_local.progress import Progress
+from splitwise_testing import kv_capture
+from splitwise_testing.kv_capture import kv_to_cache
 
 GOALS = {
     "naive_vs_memcpy": 0.8,
@@ -89,8 +96,6 @@ def teacher_forced(model, kv, last_token, continuation):
     """Logits for each continuation position, given the prompt's KV."""
     import torch
 
-    from splitwise_testing.kv_capture import kv_to_cache
-
     inputs = torch.cat([last_token.view(1), continuation[:-1]]).unsqueeze(0)
     with torch.inference_mode():
         out = model(input_ids=inputs, past_key_values=kv_to_cache(kv.float()), use_cache=True)
@@ -100,8 +105,6 @@ def teacher_forced(model, kv, last_token, continuation):
 def greedy(model, kv, last_token, steps: int):
     """The model's own continuation from `kv`, one token at a time."""
     import torch
-
-    from splitwise_testing.kv_capture import kv_to_cache
 
     cache, token, out = kv_to_cache(kv.float()), last_token.view(1, 1), []
     with torch.inference_mode():
@@ -113,8 +116,6 @@ def greedy(model, kv, last_token, steps: int):
 
 
 def prepare_cases(args: argparse.Namespace, device) -> tuple[Any, list[Case]]:
-    from splitwise_testing import kv_capture
-
     model, tokenizer = kv_capture.load_model(args.model)
     captured = [
         kv_capture.capture(model, kv_capture.tokenize(tokenizer, text))
@@ -149,6 +150,19 @@ def best_seconds(fn: Callable[[], Any], device, rounds: int, clock: Callable[[],
         synchronize(device)
         best = min(best, clock() - start)
     return best
+
+
+def memcpy_seconds(chunks: list, timer: Callable[[Callable[[], Any]], float]) -> float:
+    """The baseline: the same chunks copied into buffers allocated once."""
+    import torch
+
+    targets = [torch.empty_like(c) for c in chunks]
+
+    def memcpy() -> None:
+        for src, dst in zip(chunks, targets, strict=True):
+            dst.copy_(src)
+
+    return timer(memcpy)
 
 
 def layer_errors(original: list, decoded: list) -> list[float]:
@@ -254,7 +268,7 @@ def cachegen_ratio_at(agreement: float, points: list[dict]) -> float | None:
 
 
 def goal_rows(serdes: dict[str, dict]) -> list[list[Any]]:
-    """Each goal of the issue, the measured value and whether it is met."""
+    """Each goal, the measured value and whether it is met."""
     kivi = {k: v for k, v in serdes.items() if k.startswith("kivi-")}
     cachegens = {k: v for k, v in serdes.items() if k.startswith("cachegen")}
     best_gain, best_pair = 0.0, "none"
@@ -294,9 +308,6 @@ def goal_rows(serdes: dict[str, dict]) -> list[list[Any]]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from splitwise_local.config import SerdeOptions
-    from splitwise_local.progress import Progress
-
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     options = SerdeOptions()
@@ -310,60 +321,25 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     chunks = [c for case in cases for c in case.chunks]
-    targets = [torch.empty_like(c) for c in chunks]
-
-    def memcpy() -> None:
-        for src, dst in zip(chunks, targets, strict=True):
-            dst.copy_(src)
-
     thread_clock = device.type == "cpu" and args.threads == 1
     clock = time.thread_time if thread_clock else time.perf_counter
 
     def timer(fn: Callable[[], Any]) -> float:
         return best_seconds(fn, device, args.repeats, clock)
 
-    memcpy_s = timer(memcpy)
-    moved = sum(c.numel() * c.element_size() for c in chunks)
+    memcpy_s = memcpy_seconds(chunks, timer)
+    memcpy_gbps = sum(c.numel() * c.element_size() for c in chunks) / memcpy_s / 1e9
     chosen = settings(group_size, options.bits, args.cachegen_bits)
     serdes = {
         name: measure(name, serde, cases, model, timer, memcpy_s)
         for name, serde in Progress(chosen.items(), desc="bench serde", unit="serde")
     }
-    headers = [
-        "setting",
-        "ratio",
-        "enc GB/s",
-        "dec GB/s",
-        "enc+dec/memcpy",
-        "L2 mean",
-        "L2 max",
-        "agreement",
-        "agr. w/o ties",
-        "d loglik",
-    ]
-    rows = [
-        [
-            name,
-            r["ratio"],
-            r["encode_gbps"],
-            r["decode_gbps"],
-            r["encode_decode_vs_memcpy"],
-            r["rel_l2_mean"],
-            r["rel_l2_max"],
-            r["agreement"],
-            r["agreement_without_near_ties"],
-            r["delta_loglik"],
-        ]
-        for name, r in serdes.items()
-    ]
     title = (
         f"serdes on {device.type}, {args.threads} thread(s), group {group_size}, "
-        f"memcpy {moved / memcpy_s / 1e9:.2f} GB/s, clock: {clock.__name__}, "
+        f"memcpy {memcpy_gbps:.2f} GB/s, clock: {clock.__name__}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
-    report.print_table(title, headers, rows)
-    goals = goal_rows(serdes)
-    report.print_table("goals", ["goal", "measured", "target", "met"], goals)
+    goals = print_results(title, serdes)
     report.write_json(
         args.json,
         {
@@ -376,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
             "prompts": len(cases),
             "positions": positions,
             "near_ties": ties,
-            "memcpy_gbps": moved / memcpy_s / 1e9,
+            "memcpy_gbps": memcpy_gbps,
             "serdes": serdes,
             "goals": {
                 name: {"measured": v, "target": t, "met": m == "yes"} for name, v, t, m in goals
@@ -385,3 +361,16 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     return 0
+
+
+def print_results(title: str, serdes: dict[str, dict]) -> list[list[Any]]:
+    """The settings' table and the goals' table; returns the goals' rows."""
+    headers = ["setting", "ratio", "enc GB/s", "dec GB/s", "enc+dec/memcpy", "L2 mean", "L2 max",
+               "agreement", "agr. w/o ties", "d loglik"]  # fmt: skip
+    keys = ["ratio", "encode_gbps", "decode_gbps", "encode_decode_vs_memcpy", "rel_l2_mean",
+            "rel_l2_max", "agreement", "agreement_without_near_ties", "delta_loglik"]  # fmt: skip
+    rows = [[name, *(r[key] for key in keys)] for name, r in serdes.items()]
+    report.print_table(title, headers, rows)
+    goals = goal_rows(serdes)
+    report.print_table("goals", ["goal", "measured", "target", "met"], goals)
+    return goals
