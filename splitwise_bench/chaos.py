@@ -288,14 +288,47 @@ def run_fault(
     result = FaultResult(fault.name)
     others = sorted({f.component for f in FAULTS.values()} - {fault.component})
     before = {c: system.restarts(c) for c in (fault.component, *others)}
-    restarts_before = before[fault.component]
     result.processes_before = len(system.launch.processes(fault.component))
     store = put_sentinel(system) if fault.component == "store" else None
     time.sleep(2.0)  # every caller has a request in flight
     began = time.monotonic()
-    thaw: Callable[[], None] | None = inject(system, fault)
-    thaw_at = began + (freeze_s if fault.action == "freeze" else 0.0)
     deadline = began + recovery_timeout_s
+    thaw_at = began + (freeze_s if fault.action == "freeze" else 0.0)
+    hits_at_back = _recover(
+        system, load, fault, result, store,
+        began=began, thaw_at=thaw_at, deadline=deadline, restarts_before=before[fault.component],
+    )  # fmt: skip
+    _settle(load, result, began, settle_s, deadline)
+    if store is not None:
+        if result.back_s is not None:
+            result.hits_resumed = system.external_hits() > hits_at_back
+        store.close()
+    ended = time.monotonic()
+    # Prometheus counts in floats; restarts are whole, and compared as such.
+    result.restarts = round(system.restarts(fault.component) - before[fault.component])
+    result.others_restarted = {c: round(system.restarts(c) - before[c]) for c in others}
+    result.processes_after = len(system.launch.processes(fault.component))
+    _judge_calls(result, load, began, ended)
+    return result
+
+
+def _recover(
+    system: Running,
+    load: Load,
+    fault: Fault,
+    result: FaultResult,
+    store: Any,
+    *,
+    began: float,
+    thaw_at: float,
+    deadline: float,
+    restarts_before: float,
+) -> float:
+    """Injects the fault and polls until the component is back and a request sent since has
+    succeeded (a frozen one thawed on the way); notes when each happened in `result`. Returns
+    the decode engine's external hits when the store came back (0 for other faults)."""
+    hits_at_back = 0.0
+    thaw: Callable[[], None] | None = inject(system, fault)
     while time.monotonic() < deadline:
         now = time.monotonic()
         if thaw is not None and now >= thaw_at:
@@ -314,8 +347,12 @@ def run_fault(
         if thaw is None and result.back_s is not None and succeeded:
             break
         time.sleep(POLL_S)
-    # Settle, and (however slow this CPU) until a request sent after the notice has ended:
-    # what happens to those is what the fault is judged on.
+    return hits_at_back
+
+
+def _settle(load: Load, result: FaultResult, began: float, settle_s: float, deadline: float):
+    """Lets the load run `settle_s` more and (however slow this CPU) until a request sent after
+    the notice has ended: what happens to those is what the fault is judged on."""
     settled = time.monotonic() + settle_s
     while time.monotonic() < deadline:
         noticed_at = began + (result.noticed_s if result.noticed_s is not None else 0.0)
@@ -323,15 +360,11 @@ def run_fault(
         if time.monotonic() >= settled and ended_after:
             break
         time.sleep(POLL_S)
-    if store is not None:
-        if result.back_s is not None:
-            result.hits_resumed = system.external_hits() > hits_at_back
-        store.close()
-    ended = time.monotonic()
-    # Prometheus counts in floats; restarts are whole, and compared as such.
-    result.restarts = round(system.restarts(fault.component) - restarts_before)
-    result.others_restarted = {c: round(system.restarts(c) - before[c]) for c in others}
-    result.processes_after = len(system.launch.processes(fault.component))
+
+
+def _judge_calls(result: FaultResult, load: Load, began: float, ended: float) -> None:
+    """The calls the fault could hit (in flight, or sent before it was noticed), those sent
+    after, and how each failed."""
     noticed = began + (result.noticed_s if result.noticed_s is not None else ended - began)
     hit = [c for c in load.calls if c.sent < noticed and (c.ended is None or c.ended > began)]
     after = [c for c in load.since(noticed) if c.ended is not None and c.ended <= ended]
@@ -344,7 +377,6 @@ def run_fault(
     result.unclean = sum(not c.clean for c in failures)
     result.first_success_s = min(successes) if successes else None
     result.errors = sorted({c.error or "" for c in failures})[:10]
-    return result
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -414,33 +446,7 @@ def run(args: argparse.Namespace) -> int:
         system.launch.stop()
         left = leftovers(run_dir)
         sweep(run_dir)
-    rows = [
-        [
-            r.fault,
-            f"{r.failed_in_flight}/{r.in_flight}",
-            f"{r.failed_after}/{r.sent_after}",
-            "yes" if r.unclean == 0 else f"no ({r.unclean})",
-            r.first_success_s,
-            r.back_s,
-            r.orphans,
-            "-" if r.store_empty_after_restart is None else r.store_empty_after_restart,
-        ]
-        for r in results
-    ]
-    report.print_table(
-        f"bench chaos: {args.callers} streaming callers, health deadline {args.health_deadline} s",
-        [
-            "fault",
-            "failed/in flight",
-            "failed/sent after",
-            "clean",
-            "next success s",
-            "back s",
-            "orphans",
-            "store empty",
-        ],
-        rows,
-    )
+    print_results(args, results)
     print(f"calls: {calls}; cold starts: {cold}; processes left after the stop: {len(left)}")
     ratios = {}
     for fault, result in zip([FAULTS[n] for n in names], results, strict=True):
@@ -467,3 +473,18 @@ def run(args: argparse.Namespace) -> int:
     )
     clean = all(r.unclean == 0 and r.failed_after == 0 and r.back_s for r in results)
     return 0 if clean and not left and calls["unclean"] == calls["unended"] == 0 else 1
+
+
+def print_results(args: argparse.Namespace, results: list[FaultResult]) -> None:
+    rows = [
+        [r.fault, f"{r.failed_in_flight}/{r.in_flight}", f"{r.failed_after}/{r.sent_after}",
+         "yes" if r.unclean == 0 else f"no ({r.unclean})", r.first_success_s, r.back_s,
+         r.orphans, "-" if r.store_empty_after_restart is None else r.store_empty_after_restart]
+        for r in results
+    ]  # fmt: skip
+    report.print_table(
+        f"bench chaos: {args.callers} streaming callers, health deadline {args.health_deadline} s",
+        ["fault", "failed/in flight", "failed/sent after", "clean", "next success s", "back s",
+         "orphans", "store empty"],
+        rows,
+    )  # fmt: skip
