@@ -1,7 +1,7 @@
 """Faults under load on real engines: each component killed (or frozen) in turn while eight
 streaming requests run, and the system heals without a human.
 
-One load runs through the whole module (splitwise_bench/chaos.py's closed-loop callers); the faults are
+One load runs through the whole module (`bench chaos`'s closed-loop callers); the faults are
 applied one after another to the shared system, in the order below, each waited out until the
 component is back. Per fault: requests sent once the system had noticed never fail; those that
 reached the dead component may fail, but only with an OpenAI-format error (an error answer, or
