@@ -362,6 +362,9 @@ def report_tracing(results: dict[str, dict], spans_received: int | None) -> dict
     summary: dict[str, object] = {
         "spans_received": spans_received,
         "goal_p50_ms": TRACING_GOAL_P50_MS,
+        # The SDK's sampler, as the environment sets it for the traced proxy.
+        "sampler": os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+        "sampler_arg": os.environ.get("OTEL_TRACES_SAMPLER_ARG"),
     }
     if "stream_c64" in results:
         added = results["stream_c64"]["tracing_added_ms"]["ttft_ms"]
