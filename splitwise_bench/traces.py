@@ -21,6 +21,10 @@ prefixes the trace shares, at the scaled block size; the last block is cut to th
 length.
 
 A Mooncake replay's summary also gives the ideal prefix reuse of its window (prefix_reuse.py).
+A short window of Mooncake's hour holds little of its reuse (a conversation's next turn comes
+minutes later): `sessions` F keeps a seeded random share F of its conversations instead, the
+prompts that share their first two blocks (every prefix longer than the shared first block
+stays inside one), so a long window thinned to what this machine can serve keeps its sharing.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class ReplaySettings:
     duration_s: float | None = None  # trace seconds; None: to the end
     max_requests: int | None = None
     seed: int = 0
+    sessions: float | None = None  # Mooncake: the share of conversations kept; None: all
 
     def validate(self) -> None:
         if self.trace not in TRACES:
@@ -81,6 +86,11 @@ class ReplaySettings:
             raise TraceError(f"requests must be at least 1 (got {self.max_requests})")
         if self.seed < 0:
             raise TraceError(f"a trace replay's seed must be at least 0 (got {self.seed})")
+        if self.sessions is not None:
+            if not 0 < self.sessions <= 1:
+                raise TraceError(f"sessions must be in (0, 1] (got {self.sessions})")
+            if TRACES[self.trace].format != "mooncake":
+                raise TraceError(f"{self.trace} has no prompt blocks: sessions need Mooncake's")
 
     def block_tokens(self) -> int | None:
         """Mooncake: tokens per replayed block, ceil(512 L), so a prompt's blocks always hold
@@ -100,6 +110,15 @@ def window(
     end = math.inf if duration_s is None else start_s + duration_s
     chosen = [r for r in requests if start_s <= r.arrival_s < end]
     return chosen if max_requests is None else chosen[:max_requests]
+
+
+def sessions(requests: Sequence[TraceRequest], share: float, seed: int) -> list[TraceRequest]:
+    """The requests of a seeded random `share` of the conversations (prompts sharing their
+    first two blocks), in their order."""
+    keys = sorted({r.hash_ids[:2] for r in requests})
+    rng = np.random.default_rng(seed)
+    kept = {keys[i] for i in rng.permutation(len(keys))[: max(1, round(share * len(keys)))]}
+    return [r for r in requests if r.hash_ids[:2] in kept]
 
 
 @dataclass(frozen=True)
@@ -220,9 +239,11 @@ def build_replay(
     `capacities` ({"blocks": N} or {"bytes": B}) add the ideal reuse under an LRU of each."""
     settings.validate()
     max_len = max_model_len or DEFAULT_MAX_MODEL_LEN
-    chosen = window(
-        load_trace(settings.trace), settings.start_s, settings.duration_s, settings.max_requests
-    )
+    every = load_trace(settings.trace)
+    if settings.sessions is not None:
+        every = sessions(window(every, settings.start_s, settings.duration_s), settings.sessions,
+                         settings.seed)  # fmt: skip
+    chosen = window(every, settings.start_s, settings.duration_s, settings.max_requests)
     if not chosen:
         raise TraceError(
             f"no request of {settings.trace} arrives in the window from {settings.start_s} s "
@@ -277,6 +298,7 @@ def _summary(
             "start_s": settings.start_s,
             "duration_s": settings.duration_s,
             "max_requests": settings.max_requests,
+            "sessions": settings.sessions,
             "requests": len(chosen),
             "first_row": chosen[0].row,
             "last_row": chosen[-1].row,
@@ -339,6 +361,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--requests", type=int, metavar="N", help="at most the window's first N requests"
     )
     group.add_argument(
+        "--trace-sessions",
+        type=float,
+        metavar="F",
+        help="Mooncake: keep a random share F of the window's conversations (prompts sharing "
+        "their first two blocks; --seed picks them), so a thinned window keeps its reuse",
+    )
+    group.add_argument(
         "--ideal-capacity-blocks",
         type=int,
         action="append",
@@ -371,6 +400,7 @@ def settings_from_args(args: argparse.Namespace) -> ReplaySettings:
         duration_s=args.trace_duration,
         max_requests=args.requests,
         seed=args.seed,
+        sessions=args.trace_sessions,
     )
 
 

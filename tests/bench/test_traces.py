@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
+from splitwise_bench.prefix_reuse import prefix_reuse
 from splitwise_bench.trace_files import TraceError, TraceRequest, load_trace
 from splitwise_bench.traces import (
     BlockTokens,
@@ -15,6 +16,7 @@ from splitwise_bench.traces import (
     build_replay,
     interarrival_cv,
     scale,
+    sessions,
     window,
 )
 from splitwise_bench.workloads import poisson_arrivals
@@ -153,6 +155,31 @@ def test_a_mooncake_replay_reports_ideal_reuse_at_each_capacity(tokenizer):
     assert one_token["reused_blocks"] == 0
 
 
+def test_a_thinned_window_keeps_whole_conversations_and_their_reuse():
+    hour = window(load_trace("mooncake-conv"), 0.0, 1800.0)
+    kept = sessions(hour, 0.05, seed=1)
+    groups = {r.hash_ids[:2] for r in kept}
+    assert kept == [r for r in hour if r.hash_ids[:2] in groups]  # whole, in order
+    assert len(groups) == round(0.05 * len({r.hash_ids[:2] for r in hour}))
+    assert {r.hash_ids[:2] for r in sessions(hour, 0.05, seed=2)} != groups
+    consecutive = hour[: len(kept)]  # as many requests, one after the other
+
+    def ratio(requests):
+        return prefix_reuse(r.blocks() for r in requests).as_dict()["token_ratio"]
+
+    assert ratio(kept) > 2 * ratio(consecutive)
+
+
+def test_a_replay_of_sessions_sends_the_kept_conversations(tokenizer):
+    settings = ReplaySettings(
+        "mooncake-conv", length_scale=0.05, duration_s=600.0, max_requests=20, sessions=0.1
+    )
+    replay = build_replay(settings, tokenizer)
+    chosen = sessions(window(load_trace("mooncake-conv"), 0.0, 600.0), 0.1, 0)[:20]
+    assert [r.row for r in replay.replayed] == [r.row for r in chosen]
+    assert replay.summary["window"]["sessions"] == 0.1
+
+
 @pytest.mark.parametrize(
     ("settings", "capacities", "message"),
     [
@@ -163,6 +190,9 @@ def test_a_mooncake_replay_reports_ideal_reuse_at_each_capacity(tokenizer):
         (ReplaySettings("azure-conv", start_s=10**6), (), "no request"),
         (ReplaySettings("nope"), (), "unknown trace"),
         (ReplaySettings("azure-code"), ({"blocks": 4},), "no prompt blocks"),
+        (ReplaySettings("azure-conv", sessions=0.5), (), "sessions need"),
+        (ReplaySettings("mooncake-conv", sessions=0.0), (), "sessions must"),
+        (ReplaySettings("mooncake-conv", sessions=1.5), (), "sessions must"),
     ],
 )
 def test_impossible_replays_are_refused_with_the_setting_named(
