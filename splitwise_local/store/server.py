@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from splitwise_local.config import load_config
 from splitwise_local.store import protocol as p
 from splitwise_local.store.arena import PageAllocator, SharedArena
 from splitwise_local.store.index import LMCACHE, OURS, PROTOCOLS, StoreIndex
@@ -337,6 +336,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    # Late: config.py needs pydantic, which a GPU machine running the GPU check (it starts a
+    # StoreServer from its settings, without the command line) does not have.
+    from splitwise_local.config import load_config
+
     config = load_config(args.config)
     size_gb = args.max_size_gb if args.max_size_gb is not None else config.max_local_cpu_size
     if size_gb <= 0 or (args.max_value_mb is not None and args.max_value_mb <= 0):
