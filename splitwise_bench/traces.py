@@ -121,6 +121,15 @@ def sessions(requests: Sequence[TraceRequest], share: float, seed: int) -> list[
     return [r for r in requests if r.hash_ids[:2] in kept]
 
 
+def select(settings: ReplaySettings) -> list[TraceRequest]:
+    """The trace requests a replay sends: its window, thinned to its sessions if asked."""
+    every: Sequence[TraceRequest] = load_trace(settings.trace)
+    if settings.sessions is not None:
+        every = sessions(window(every, settings.start_s, settings.duration_s), settings.sessions,
+                         settings.seed)  # fmt: skip
+    return window(every, settings.start_s, settings.duration_s, settings.max_requests)
+
+
 @dataclass(frozen=True)
 class Replayed:
     """One trace request as the replay sends it."""
@@ -239,11 +248,7 @@ def build_replay(
     `capacities` ({"blocks": N} or {"bytes": B}) add the ideal reuse under an LRU of each."""
     settings.validate()
     max_len = max_model_len or DEFAULT_MAX_MODEL_LEN
-    every = load_trace(settings.trace)
-    if settings.sessions is not None:
-        every = sessions(window(every, settings.start_s, settings.duration_s), settings.sessions,
-                         settings.seed)  # fmt: skip
-    chosen = window(every, settings.start_s, settings.duration_s, settings.max_requests)
+    chosen = select(settings)
     if not chosen:
         raise TraceError(
             f"no request of {settings.trace} arrives in the window from {settings.start_s} s "
