@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from splitwise_local.store.backend import open_backend
+
 # Counters and histograms whose names match this are the transfer-related ones: the connector's
 # own, vLLM's prefix-cache hits (external = loaded from the store), the proxy's prefill time.
 DEFAULT_METRICS_PATTERN = r"kv|connector|prefix_cache|splitwise|prefill"
@@ -28,8 +30,6 @@ def _error(exc: BaseException) -> dict[str, str]:
 def read_store_stats(url: str) -> dict[str, Any]:
     """The store's stats at `url`, or {"error": ...} when it cannot be reached."""
     try:
-        from splitwise_local.store.backend import open_backend
-
         backend = open_backend(url)
         try:
             return dict(backend.stats())

@@ -6,6 +6,9 @@ writes, so one picture compares systems directly. The ITL-over-time plot marks w
 requests were sent: under the mixed workload that is where a colocated engine's decode stalls
 behind prefill, the effect disaggregation removes. The attainment plot takes `bench sweep`
 results: SLO attainment against request rate per system, with the spread across seeds.
+
+matplotlib (the `bench` extra) is imported by the functions that draw, not at the top: it takes
+a second, and every benchmark module is imported for `bench --help`.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def prompts(folder: Path, tokens: int, count: int) -> list[list[int]]:
     """`count` distinct windows of the shipped prose, `tokens` tokens each (the first one is
     the warm-up)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: imported by a run, not by `bench --help`
 
     ids = AutoTokenizer.from_pretrained(folder)(PROSE.read_text(), add_special_tokens=False)
     ids = ids["input_ids"]

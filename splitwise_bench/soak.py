@@ -30,8 +30,10 @@ import psutil
 
 from splitwise_bench import report
 from splitwise_bench.latency import percentiles_ms
+from splitwise_bench.plots import pyplot
 from splitwise_bench.streaming import RequestResult, run_load
 from splitwise_bench.workloads import WorkloadSettings, build_workload, poisson_arrivals
+from splitwise_local.models.checkpoint import prepare_default_model
 from splitwise_local.serve.process import COMPONENT_ENV
 from splitwise_testing.launch import Running, launch_system, leftovers, open_store, sweep
 
@@ -151,8 +153,6 @@ def drift(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, dict[str,
 
 
 def plot(report_data: dict[str, Any], path: Path) -> Path:
-    from splitwise_bench.plots import pyplot
-
     plt = pyplot()
     fig, (lat, mem, fds) = plt.subplots(3, 1, figsize=(10, 11), sharex=False)
     minutes = report_data["per_minute"]
@@ -193,9 +193,7 @@ def soak(
     request_timeout_s: float = 600.0,
 ) -> dict[str, Any]:
     """Runs the soak against `system` and returns its report (no plot, nothing printed)."""
-    from transformers import AutoTokenizer
-
-    from splitwise_local.models.checkpoint import prepare_default_model
+    from transformers import AutoTokenizer  # heavy: imported by a run, not by `bench --help`
 
     planned = poisson_arrivals(math.ceil(rate * minutes * 60 * 1.2) + 1, rate, seed)
     arrivals = [t for t in planned if t < minutes * 60]

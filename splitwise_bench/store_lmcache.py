@@ -31,9 +31,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
+from splitwise_bench import report
 from splitwise_bench.throughput import SocketBaseline, each, gbps
 from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.process import terminate
+from splitwise_local.store import open_backend
+from splitwise_testing.store_child import spawn
 
 if TYPE_CHECKING:
     import torch
@@ -197,8 +202,6 @@ def _lm_get(client: LMCacheClient, keys: list) -> Callable[[], None]:
 def _throughput(
     args: argparse.Namespace, lmcache_url: str, ours_urls: tuple[str, str]
 ) -> list[dict[str, Any]]:
-    from splitwise_local.store import open_backend
-
     rows = []
     baseline = SocketBaseline()
     with (
@@ -253,10 +256,6 @@ def _throughput(
 
 def _fill(args: argparse.Namespace, lmcache: subprocess.Popen, lmcache_url: str) -> dict:
     """The same 1 MiB values into both servers until 4x our capacity went through."""
-    import psutil
-
-    from splitwise_testing.store_child import spawn
-
     cap_mb = args.fill_cap_mb
     samples = []
     with (
@@ -295,8 +294,6 @@ def _fill(args: argparse.Namespace, lmcache: subprocess.Popen, lmcache_url: str)
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Runs both comparisons; returns rows, fill samples and the headline ratios."""
-    from splitwise_testing.store_child import spawn
-
     # Both key sets (LMCache's protocol, ours) of both sizes, with room to spare: no eviction.
     per_set = sum(max(4 * size, args.mb * MiB) for size in SHAPES)
     capacity_gb = 2.5 * per_set / 1024**3
@@ -333,8 +330,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_tables(results: dict[str, Any]) -> None:
-    from splitwise_bench import report
-
     report.print_table(
         "Through LMCache's protocol and client: LMCache's server vs our store (GB/s, best of"
         " rounds); a raw socket, our own protocol and shared memory alongside",

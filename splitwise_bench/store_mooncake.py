@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from splitwise_bench.throughput import BATCH_LARGE, SIZES, MiB, best, each, gbps
+from splitwise_local.config import MooncakeOptions
+from splitwise_local.serve.mooncake_master import spawn_master
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend
 
 HOLDER_START_S = 60
@@ -27,8 +29,6 @@ LOCAL_BUFFER = 16 * MiB  # unused by the zero-copy path; Mooncake requires one
 
 def _hold_segment(url: str, size: int, ready: Any, stop: Any) -> None:
     """The holder process: mounts `size` bytes into the store until told to stop."""
-    from splitwise_local.config import MooncakeOptions
-
     options = MooncakeOptions(global_segment_size=size, local_buffer_size=LOCAL_BUFFER)
     with MooncakeBackend(MasterAddress.parse(url), options):
         ready.set()
@@ -38,9 +38,6 @@ def _hold_segment(url: str, size: int, ready: Any, stop: Any) -> None:
 @contextlib.contextmanager
 def mooncake_client(segment_bytes: int) -> Iterator[MooncakeBackend]:
     """A client of a fresh local master whose only memory is another process's segment."""
-    from splitwise_local.config import MooncakeOptions
-    from splitwise_local.serve.mooncake_master import spawn_master
-
     context = multiprocessing.get_context("spawn")
     ready, stop = context.Event(), context.Event()
     with spawn_master() as master:

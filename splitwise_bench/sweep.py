@@ -26,6 +26,7 @@ import numpy as np
 
 from splitwise_bench import host_load, report, serve
 from splitwise_bench.workloads import WorkloadError
+from splitwise_local.models.checkpoint import ModelError
 
 ATTAINMENT_GOAL = 0.9
 SEED_STRIDE = 100_000
@@ -259,8 +260,6 @@ def print_results(results: Mapping[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitwise_local.models.checkpoint import ModelError
-
     try:
         results = sweep(args)
     except (WorkloadError, serve.ServerError, ModelError, serve.WarmupFailed) as exc:

@@ -43,6 +43,7 @@ CROSS_CHECK_TOLERANCE = 0.15
 
 
 def vllm_parser() -> argparse.ArgumentParser:
+    # vLLM takes seconds to import: only this client's own runs need it, not `bench --help`.
     from vllm.benchmarks.serve import add_cli_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -70,7 +71,7 @@ def base_url(args: argparse.Namespace) -> str:
 
 def run_vllm(args: argparse.Namespace) -> dict[str, Any]:
     """Runs `vllm bench serve` with parsed arguments here and returns its result dictionary."""
-    from vllm.benchmarks.serve import main
+    from vllm.benchmarks.serve import main  # heavy, as in vllm_parser
 
     return main(args)
 

@@ -6,14 +6,20 @@ tests capture KV from SmolLM2 with transformers (no vLLM engine needed) for real
 rearrange it into the chunk layout `[num_layers, 2, num_tokens, num_heads, head_size]` that the
 connector hands to a serde. The prompts are documentation and source text from Python's own
 standard library: real prose and code, present on every machine, no download.
+
+torch and transformers are imported by the functions that use them: the benchmark modules that
+import this one are all imported for `bench --help`, which should not pay for them.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from splitwise_local.models.hub import resolve_model
 
 if TYPE_CHECKING:
     import torch
@@ -32,8 +38,6 @@ class Captured:
 
 def prompt_texts(limit: int | None = None) -> list[str]:
     """Requests about stdlib modules: each asks the model to explain a module's docs or code."""
-    import importlib
-
     texts = []
     for name in PROMPT_SOURCES[:limit]:
         module = importlib.import_module(name)
@@ -47,8 +51,6 @@ def load_model(path: str | Path | None = None):
     """The embedded model (or `path`) in bf16 with its tokenizer; bf16 is what vLLM serves."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from splitwise_local.models.hub import resolve_model
 
     folder = resolve_model(None if path is None else str(path)).folder
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)

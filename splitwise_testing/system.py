@@ -26,10 +26,12 @@ import psutil
 from splitwise_local.config import SplitwiseConfig, dump_config
 from splitwise_local.serve.console import Console
 from splitwise_local.serve.engine import EngineSpec
+from splitwise_local.serve.mooncake_master import MasterSpec, supervised_master
 from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.probes import http_ok
 from splitwise_local.serve.process import RUN_ENV, Child
 from splitwise_local.serve.supervisor import Readiness, Supervisor
+from splitwise_local.store.backend import KVBackend, open_backend
 from splitwise_testing.scrape import read_page, total
 
 ENGINE_START_TIMEOUT_S = 420
@@ -152,9 +154,7 @@ class System:
     # Run after the processes stop: what a setup made outside the run folder (a peer's files).
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
-    def backend(self):
-        from splitwise_local.store.backend import open_backend
-
+    def backend(self) -> KVBackend:
         return open_backend(self.config.remote_url, self.config)
 
     def restart_store(self) -> None:
@@ -202,8 +202,6 @@ def start_system(
     config_file = None
     try:
         if config is not None and transport == "mooncake":
-            from splitwise_local.serve.mooncake_master import MasterSpec, supervised_master
-
             master = MasterSpec.on_free_ports()
             system.config = config.model_copy(update={"remote_url": master.url})
             config_file = dump_config(system.config, root / "splitwise.yaml")
