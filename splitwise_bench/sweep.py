@@ -163,13 +163,9 @@ def capacity(runs: Sequence[Mapping[str, Any]], goal: float = ATTAINMENT_GOAL) -
     }
 
 
-def sweep(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs every (seed, rate) and returns the sweep's results (raises WorkloadError and the
-    others `bench serve` raises, before the first measured request where it can)."""
-    target = serve.connect(args)
-    cdf_rate = args.cdf_rate if args.cdf_rate is not None else args.rates[len(args.rates) // 2]
-    if cdf_rate not in args.rates:
-        raise WorkloadError(f"--cdf-rate {cdf_rate} is not one of the rates {args.rates}")
+def plan_runs(args: argparse.Namespace, target: serve.Target) -> list[tuple]:
+    """Every (seed, rate) run planned before the first is sent: (seed, rate, its arguments, its
+    plan); the warm-up, if any, is sent here, once."""
     plans = []
     for seed in args.seeds:
         for rate in args.rates:
@@ -180,6 +176,17 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         warm_args = argparse.Namespace(**{**vars(args), "rate": None, "concurrency": 1})
         warm_args.seed = workload_seed(args.seeds[0], 0)
         serve.warm_up(serve.plan_run(warm_args, target), warm_args)
+    return plans
+
+
+def sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs every (seed, rate) and returns the sweep's results (raises WorkloadError and the
+    others `bench serve` raises, before the first measured request where it can)."""
+    target = serve.connect(args)
+    cdf_rate = args.cdf_rate if args.cdf_rate is not None else args.rates[len(args.rates) // 2]
+    if cdf_rate not in args.rates:
+        raise WorkloadError(f"--cdf-rate {cdf_rate} is not one of the rates {args.rates}")
+    plans = plan_runs(args, target)
     roots = serve.host_roots(target.base_url, args.ours_pid)
     planned_s = sum(plan.arrivals[-1] for *_, plan in plans if plan.arrivals)
     print(f"bench sweep: {len(plans)} runs, {planned_s / 60:.1f} min of arrivals", flush=True)
@@ -189,15 +196,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         result = serve.measure(plan, run_args)
         if rate != cdf_rate:
             result.pop("per_request")
-        runs.append(
-            {
-                "rate": rate,
-                "seed": seed,
-                "workload_seed": run_args.seed,
-                "quiet_wait": quiet,
-                **result,
-            }
-        )
+        runs.append({"rate": rate, "seed": seed, "workload_seed": run_args.seed,
+                     "quiet_wait": quiet, **result})  # fmt: skip
         print(
             f"  rate {rate:g}/s seed {seed}: attainment {result['attainment']['both']:.2f}, "
             f"TTFT p50 {result['ttft_ms']['p50'] or 0:,.0f} ms, ITL p99 "

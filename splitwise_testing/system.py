@@ -199,31 +199,8 @@ def start_system(
     supervisor = Supervisor(Console("error"), run=str(root), stop_grace=20)
     system = System(supervisor, config or SplitwiseConfig())
     env = child_env(root)
-    config_file = None
     try:
-        if config is not None and transport == "mooncake":
-            master = MasterSpec.on_free_ports()
-            system.config = config.model_copy(update={"remote_url": master.url})
-            config_file = dump_config(system.config, root / "splitwise.yaml")
-            member = supervised_master(master, env, root / "master.log", supervisor.console)
-            supervisor.start_stage([member], 60)
-            system.store_child = member[0]
-        elif config is not None and transport == "remote":
-            config_file = dump_config(config, root / "splitwise.yaml")
-        elif config is not None:
-            port, shm = free_port(), f"splitwise-test-{uuid.uuid4().hex[:8]}"
-            url = f"shm://{shm}" if transport == "shm" else f"lm://127.0.0.1:{port}"
-            system.config = config.model_copy(update={"remote_url": url})
-            config_file = dump_config(system.config, root / "splitwise.yaml")
-            store = Child(
-                "store",
-                [sys.executable, "-m", "splitwise_local", "store", "--port", str(port),
-                 "--shm-name", shm, "--max-size-gb", str(config.max_local_cpu_size)],
-                env, root / "store.log", supervisor.console,
-            )  # fmt: skip
-            ready = Readiness(lambda: system.backend().stats(), "store stats")
-            supervisor.start_stage([(store, ready)], 60)
-            system.store_child = store
+        config_file = _start_store(system, config, transport, root, env)
         members = []
         for index, (name, role) in enumerate(roles.items()):
             spec = EngineSpec(
@@ -246,6 +223,40 @@ def start_system(
         supervisor.stop_all()
         raise
     return system
+
+
+def _start_store(
+    system: System, config: SplitwiseConfig | None, transport: str, root: Path, env: dict
+) -> Path | None:
+    """The store `transport` asks for (none without a config, or for "remote"), started under
+    the system's supervisor; returns the config file the engines read, with the store's URL."""
+    supervisor = system.supervisor
+    if config is None:
+        return None
+    if transport == "remote":
+        return dump_config(config, root / "splitwise.yaml")
+    if transport == "mooncake":
+        master = MasterSpec.on_free_ports()
+        system.config = config.model_copy(update={"remote_url": master.url})
+        config_file = dump_config(system.config, root / "splitwise.yaml")
+        member = supervised_master(master, env, root / "master.log", supervisor.console)
+        supervisor.start_stage([member], 60)
+        system.store_child = member[0]
+        return config_file
+    port, shm = free_port(), f"splitwise-test-{uuid.uuid4().hex[:8]}"
+    url = f"shm://{shm}" if transport == "shm" else f"lm://127.0.0.1:{port}"
+    system.config = config.model_copy(update={"remote_url": url})
+    config_file = dump_config(system.config, root / "splitwise.yaml")
+    store = Child(
+        "store",
+        [sys.executable, "-m", "splitwise_local", "store", "--port", str(port),
+         "--shm-name", shm, "--max-size-gb", str(config.max_local_cpu_size)],
+        env, root / "store.log", supervisor.console,
+    )  # fmt: skip
+    ready = Readiness(lambda: system.backend().stats(), "store stats")
+    supervisor.start_stage([(store, ready)], 60)
+    system.store_child = store
+    return config_file
 
 
 def child_env(root: Path) -> dict[str, str]:
