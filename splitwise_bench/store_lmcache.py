@@ -1,4 +1,5 @@
-"""Our store against LMCache's own server (the seed's `LMSLocalBackend`), via LMCache's protocol.
+"""Our store against LMCache's own server (`LMSLocalBackend`, what configs/example.yaml's
+`lm://localhost:8100` was written for), via LMCache's protocol.
 
 Both servers run as processes of their own and are driven by the same client, LMCache's own
 `lm://` remote connector (built from the URL by its `CreateConnector`, receiving into its
@@ -153,8 +154,8 @@ class LMCacheClient:
 
 @contextlib.contextmanager
 def lmcache_server(timeout: float = 60.0) -> Iterator[tuple[subprocess.Popen, str]]:
-    """LMCache's own server, `python -m lmcache.v1.server 127.0.0.1 PORT cpu`, as the seed runs
-    it; yields (process, url) once it accepts connections, stops it on exit."""
+    """LMCache's own server, `python -m lmcache.v1.server 127.0.0.1 PORT cpu`; yields
+    (process, url) once it accepts connections, stops it on exit."""
     _quiet_lmcache()
     port = free_port()
     process = subprocess.Popen(
