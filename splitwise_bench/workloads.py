@@ -13,7 +13,7 @@ workload of conditional disaggregation), `mixed` (short chats decoding while lon
 arrive: the Splitwise interference case), `shared-prefix` (groups of requests share a long
 prefix, e.g. a system prompt) and `multi-turn` (conversations whose every turn resends the
 whole history: what prefix caching and KV-aware routing are for). Public traces are replayed
-by bench/traces.py with the same prompt cutter and request specs.
+by traces.py with the same prompt cutter and request specs.
 """
 
 from __future__ import annotations

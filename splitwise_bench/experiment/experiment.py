@@ -11,7 +11,7 @@ cores this process may use (two here), each behind the same proxy:
   the cores each, KV through the store;
 - **auto**: the same with `--disagg auto` (short or already-stored prompts go straight to decode).
 
-For each system: start it, place its processes (bench/placement.py: the same way for every
+For each system: start it, place its processes (placement.py: the same way for every
 system, stated in the report), then run from a pinned load-generator process
 
 1. the rate sweep (`bench sweep`: the mixed workload at every rate, three seeds per rate);

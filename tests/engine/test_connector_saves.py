@@ -1,10 +1,10 @@
 """Saves on real engines: a store slow to write, preemption, and aborts during a load or a save.
 
 One launch for the module: a store whose writes can be made to answer late (a delay file read
-at each write, `bench/slow_store.py`), a prefill engine (kv_producer) and a decode engine that
-also saves (kv_both) with a KV cache of 15 blocks of 32 tokens and 128-token steps, so a few
-concurrent prompts make vLLM preempt requests in the middle of their prefill. The engines run
-in float32 (the keys below need the dtype, and it is the fast one on an AVX2-only CPU).
+at each write, `splitwise_testing/slow_store.py`), a prefill engine (kv_producer) and a decode
+engine that also saves (kv_both) with a KV cache of 15 blocks of 32 tokens and 128-token steps,
+so a few concurrent prompts make vLLM preempt requests in the middle of their prefill. The
+engines run in float32 (the keys below need the dtype, and it is the fast one on an AVX2-only CPU).
 
 What is checked is behaviour, never a duration: deadlines are hang guards only. How long a
 decode step gets while the store is slow is measured by `bench save_stall`.

@@ -1,4 +1,4 @@
-"""bench/scrape.py reads a page that prometheus_client itself renders: exact sample names (no
+"""scrape.py reads a page that prometheus_client itself renders: exact sample names (no
 `_created`, no prefix matches), labels as parsed, a missing gauge told apart from a zero one."""
 
 from __future__ import annotations
