@@ -20,8 +20,8 @@ from typing import Any
 
 from splitwise_bench.throughput import BATCH_LARGE, SIZES, MiB, best, each, gbps
 from splitwise_local.config import MooncakeOptions
-from splitwise_local.serve.mooncake_master import spawn_master
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend
+from splitwise_testing.mooncake_child import spawn_master
 
 HOLDER_START_S = 60
 LOCAL_BUFFER = 16 * MiB  # unused by the zero-copy path; Mooncake requires one

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from splitwise_local.config import MooncakeOptions
-from splitwise_local.serve.mooncake_master import SpawnedMaster, spawn_master
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend
+from splitwise_testing.mooncake_child import SpawnedMaster, spawn_master
 
 MiB = 1024 * 1024
 # Small enough to fill in a test; the local buffer is smaller than the largest test value.

@@ -10,15 +10,11 @@ import psutil
 import pytest
 
 from splitwise_local.serve.console import Console
-from splitwise_local.serve.mooncake_master import (
-    MasterSpec,
-    launcher_member,
-    spawn_master,
-    supervised_master,
-)
+from splitwise_local.serve.mooncake_master import MasterSpec, launcher_member, supervised_master
 from splitwise_local.serve.ports import free_port
 from splitwise_local.serve.process import RUN_ENV
 from splitwise_local.serve.supervisor import RestartPolicy, Supervisor
+from splitwise_testing.mooncake_child import spawn_master
 from tests.mooncake.conftest import OPTIONS, TIMEOUT_S
 
 
