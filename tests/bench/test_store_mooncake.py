@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from splitwise_bench.store import BATCH_LARGE, SIZES, MiB
 from splitwise_bench.store_mooncake import mooncake_rows
+from splitwise_bench.throughput import BATCH_LARGE, SIZES, MiB
 from splitwise_local.store import open_backend
 from splitwise_testing.store_child import spawn
 
