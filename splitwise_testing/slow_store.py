@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from splitwise_local.serve.process import terminate
 from splitwise_local.store.server import StoreServer, add_arguments, settings_from_args
-from splitwise_testing.store_child import SpawnedStore
+from splitwise_testing.store_child import SpawnedStore, run_until_ready
 
 
 def hold_writes(server: StoreServer, hold: Callable[[], object]) -> None:
@@ -65,20 +63,8 @@ def slow_store(delay_file: Path, *args: str) -> Iterator[SpawnedStore]:
         str(delay_file),
         *args,
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = process.stdout.readline() if process.stdout else ""
-        if not line.startswith("store ready on "):
-            process.kill()
-            error = process.stderr.read() if process.stderr else ""
-            raise RuntimeError(f"slow store did not start: {line.strip()} {error.strip()}")
-        _, _, _, tcp_url, shm_url = line.split()
+    with run_until_ready(command, None, "slow store") as (process, tcp_url, shm_url):
         yield SpawnedStore(process, tcp_url, shm_url)
-    finally:
-        terminate(process)
-        for stream in (process.stdout, process.stderr):
-            if stream:
-                stream.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,17 @@ def spawn(
     command = [sys.executable, "-m", "splitwise_local", "store", "--port", "0", *args]
     if token is not None:
         env = {**(os.environ if env is None else env), "SPLITWISE_STORE_AUTH_TOKEN": token}
+    with run_until_ready(command, env, "store") as (process, tcp_url, shm_url):
+        yield SpawnedStore(process, tcp_url, shm_url, token)
+
+
+@contextlib.contextmanager
+def run_until_ready(
+    command: list[str], env: dict[str, str] | None, what: str
+) -> Iterator[tuple[subprocess.Popen, str, str]]:
+    """Starts a store `command` and reads its ready line (`store ready on TCP_URL SHM_URL`);
+    yields the process and both URLs; stops it on exit. Raises, with its stderr, if the line
+    is not the first it prints."""
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
@@ -44,9 +55,9 @@ def spawn(
         if not line.startswith("store ready on "):
             process.kill()
             error = process.stderr.read() if process.stderr else ""
-            raise RuntimeError(f"store did not start: {line.strip()} {error.strip()}")
+            raise RuntimeError(f"{what} did not start: {line.strip()} {error.strip()}")
         _, _, _, tcp_url, shm_url = line.split()
-        yield SpawnedStore(process, tcp_url, shm_url, token)
+        yield process, tcp_url, shm_url
     finally:
         terminate(process)
         for stream in (process.stdout, process.stderr):
