@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "serde": "size, speed and quality of the KV compression serdes on real KV",
     "serve": "load generator against any OpenAI-compatible URL",
     "routing": "straight to decode vs through prefill per prompt length: auto's threshold",
+    "itl": "a stream on decode while long prompts arrive through the proxy: auto's ITL objective",
     "sweep": "SLO attainment of one server across request rates and seeds (DistServe's metric)",
     "chaos": "faults under load (kill -9, freeze): failed requests, recovery seconds, orphans",
     "soak": "the mixed workload for N minutes: errors, latency per minute, RSS and fds drift",
