@@ -205,43 +205,55 @@ def run(args: argparse.Namespace) -> int:
             for name, argv in proxies.items()
         }
         for clients in args.concurrency:
-            per_client = args.single_client_requests if clients == 1 else args.requests_per_client
             for stream in (False, True):
                 case = f"{'stream' if stream else 'whole'}_c{clients}"
                 cases.set_postfix_str(case)
-                spread = args.tokens * args.token_interval_ms / 1000
-                case_args = (stream, clients, per_client, spread)
-                direct: list[Sample] = []
-                proxied: dict[str, list[Sample]] = {name: [] for name in proxies}
-                rounds: dict[str, list[list[Sample]]] = {name: [] for name in proxies}
-                cpu_s = dict.fromkeys(proxies, 0.0)
-                for i in range(args.rounds):  # alternating, so all see the same neighbours
-                    direct += asyncio.run(run_case(urls["decode"], *case_args))
-                    for name in list(proxies)[:: 1 if i % 2 == 0 else -1]:
-                        cpu_before = sum(processes[name].cpu_times()[:2])
-                        samples = asyncio.run(run_case(urls[name], *case_args))
-                        cpu_s[name] += sum(processes[name].cpu_times()[:2]) - cpu_before
-                        proxied[name] += samples
-                        rounds[name].append(samples)
-                sent = len(direct) + clients * args.rounds  # with the warm-up requests
-                results[case] = {
-                    "clients": clients,
-                    "requests": len(direct),
-                    "direct": summarize(direct),
-                    "proxy": summarize(proxied["proxy"]),
-                    "proxy_cpu_ms_per_request": cpu_s["proxy"] * 1000 / sent,
-                }
-                if stream:
-                    held = held_back(proxied["proxy"], args.token_interval_ms)
-                    results[case]["chunks_held_back"] = held
-                if args.tracing:
-                    results[case] |= {
-                        "traced": summarize(proxied["traced"]),
-                        "traced_cpu_ms_per_request": cpu_s["traced"] * 1000 / sent,
-                        "tracing_added_ms": tracing_added(rounds["proxy"], rounds["traced"]),
-                    }
+                results[case] = measure_case(args, urls, processes, clients, stream)
                 cases.update()
     return report_results(args, results, received.get("spans"))
+
+
+def measure_case(
+    args: argparse.Namespace,
+    urls: dict[str, str],
+    processes: dict[str, psutil.Process],
+    clients: int,
+    stream: bool,
+) -> dict:
+    """One case (clients, whole or streamed): the decode engine directly and each proxy in
+    `processes`, alternating round by round, with each proxy's CPU per request."""
+    per_client = args.single_client_requests if clients == 1 else args.requests_per_client
+    spread = args.tokens * args.token_interval_ms / 1000
+    case_args = (stream, clients, per_client, spread)
+    direct: list[Sample] = []
+    proxied: dict[str, list[Sample]] = {name: [] for name in processes}
+    rounds: dict[str, list[list[Sample]]] = {name: [] for name in processes}
+    cpu_s = dict.fromkeys(processes, 0.0)
+    for i in range(args.rounds):  # alternating, so all see the same neighbours
+        direct += asyncio.run(run_case(urls["decode"], *case_args))
+        for name in list(processes)[:: 1 if i % 2 == 0 else -1]:
+            cpu_before = sum(processes[name].cpu_times()[:2])
+            samples = asyncio.run(run_case(urls[name], *case_args))
+            cpu_s[name] += sum(processes[name].cpu_times()[:2]) - cpu_before
+            proxied[name] += samples
+            rounds[name].append(samples)
+    sent = len(direct) + clients * args.rounds  # with the warm-up requests
+    result = {
+        "clients": clients,
+        "requests": len(direct),
+        "direct": summarize(direct),
+        "proxy": summarize(proxied["proxy"]),
+        "proxy_cpu_ms_per_request": cpu_s["proxy"] * 1000 / sent,
+    }
+    if stream:
+        result["chunks_held_back"] = held_back(proxied["proxy"], args.token_interval_ms)
+    if args.tracing:
+        result |= {
+            "traced": summarize(proxied["traced"]),
+            "traced_cpu_ms_per_request": cpu_s["traced"] * 1000 / sent,
+            "tracing_added_ms": tracing_added(rounds["proxy"], rounds["traced"]),
+        }
+    return result
 
 
 def count_spans(url: str, received: dict[str, int]) -> None:
