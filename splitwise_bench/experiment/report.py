@@ -160,37 +160,32 @@ def mooncake_lines(mooncake: Mapping[str, Any]) -> list[str]:
         "ideal at the store's capacity",
         "ideal at one engine's KV cache",
     ]
-    tokens = []
+    return [*_table(headers, rows), "", *token_lines(mooncake)]
+
+
+def token_lines(mooncake: Mapping[str, Any]) -> list[str]:
+    """Per system and seed where the prompt tokens came from, and what the store lacked."""
+    rows = []
     for name, found in mooncake.items():
         for seed in (found or {}).get("per_seed", []):
             t = seed["tokens"]
-            tokens.append(
-                [
-                    name,
-                    str(seed["seed"]),
-                    _n(seed["prompt_tokens_sent"]),
-                    *(_n(t[k]) for k in (*analysis.SOURCES, "saved")),
-                ]
-            )
+            counts = [_n(t[k]) for k in (*analysis.SOURCES, "saved")]
+            rows.append([name, str(seed["seed"]), _n(seed["prompt_tokens_sent"]), *counts])
+    headers = [
+        "system",
+        "seed",
+        "prompt tokens sent",
+        "computed",
+        "engine's prefix cache",
+        "loaded from the store",
+        "saved to the store",
+    ]
     return [
-        *_table(headers, rows),
-        "",
         "Where each prompt token came from (the engines' `vllm:prompt_tokens_by_source`, summed "
         "over the system's engines; a decode engine counts what it loaded from the store as "
         "external) and the tokens the connectors saved because the store lacked them:",
         "",
-        *_table(
-            [
-                "system",
-                "seed",
-                "prompt tokens sent",
-                "computed",
-                "engine's prefix cache",
-                "loaded from the store",
-                "saved to the store",
-            ],
-            tokens,
-        ),
+        *_table(headers, rows),
     ]
 
 
@@ -298,18 +293,13 @@ def answer_lines(summary: Mapping[str, Any], goals: plans.Goals) -> list[str]:
     return lines
 
 
-def markdown(
-    run: Mapping[str, Any],
-    summary: Mapping[str, Any],
-    goals: plans.Goals,
-    facts: Mapping[str, Any],
-    pngs: Sequence[str],
-) -> str:
-    manifest = run["manifest"]
-    systems = run["systems"]
+def head_lines(
+    run: Mapping[str, Any], summary: Mapping[str, Any], goals: plans.Goals, facts: Mapping[str, Any]
+) -> list[str]:
+    """The title, the answers, the goals, the machine, the systems and the SLO families."""
+    manifest, systems = run["manifest"], run["systems"]
     minutes = sum(s["entry"].get("minutes") or 0 for s in systems.values())
-    moon = goals.plan.mooncake
-    out = [
+    return [
         "# The Splitwise experiment on public traces: colocated, dp, 1P1D, auto",
         "",
         f"Written by `bash scripts/splitwise_experiment.sh` ({manifest.get('mode')} plan of "
@@ -345,6 +335,20 @@ def markdown(
         "",
         *family_lines(goals),
         "",
+    ]
+
+
+def markdown(
+    run: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    goals: plans.Goals,
+    facts: Mapping[str, Any],
+    pngs: Sequence[str],
+) -> str:
+    manifest, systems = run["manifest"], run["systems"]
+    moon = goals.plan.mooncake
+    out = [
+        *head_lines(run, summary, goals, facts),
         "## Azure conversation trace (Splitwise's workload)",
         "",
         *_trace_lines([r for s in systems.values() for r in s["azure"]], manifest),
