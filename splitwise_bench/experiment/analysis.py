@@ -193,7 +193,8 @@ def _by_source(grown: Mapping[str, Mapping[str, float]], components: Sequence[st
         s: sum(grown[c].get(f"vllm:prompt_tokens_by_source{{{s}}}", 0.0) for c in names)
         for s in SOURCES
     }
-    sums["saved"] = sum(grown[c].get("splitwise:saved_tokens", 0.0) for c in names)
+    for key in ("saved_tokens", "save_failures", "save_dropped"):
+        sums[key] = sum(grown[c].get(f"splitwise:{key}", 0.0) for c in names)
     sums["total"] = sum(sums[s] for s in SOURCES)
     return sums
 
@@ -246,7 +247,7 @@ def mooncake_run(name: str, run: Mapping[str, Any], store_bytes: int, cache_byte
         "prompt_tokens_sent": sent,
         "tokens": sums,
         "compute_avoided": 1 - sums["local_compute"] / sent if sent else None,
-        "store_hit_ratio": 1 - sums["saved"] / sent if store and sent else None,
+        "store_hit_ratio": 1 - sums["saved_tokens"] / sent if store and sent else None,
         "ideal": result["trace"]["prefix_reuse"]["replay"]["token_ratio"],
         "ideal_at_store": lru.get(store_bytes),
         "ideal_at_engine_cache": lru.get(cache_bytes),
@@ -269,7 +270,7 @@ def _measured_over_run(name: str, samples: Sequence[Mapping[str, Any]], store: b
         front = _by_source(grown, FRONT.get(name))["total"]
         every = _by_source(grown)
         if front > 0:
-            taken = every["saved"] if store else every["local_compute"]
+            taken = every["saved_tokens"] if store else every["local_compute"]
             points.append([samples[k]["t"], front, 1 - taken / front])
     return points
 

@@ -169,7 +169,8 @@ def token_lines(mooncake: Mapping[str, Any]) -> list[str]:
     for name, found in mooncake.items():
         for seed in (found or {}).get("per_seed", []):
             t = seed["tokens"]
-            counts = [_n(t[k]) for k in (*analysis.SOURCES, "saved")]
+            counts = [_n(t[k]) for k in (*analysis.SOURCES, "saved_tokens")]
+            counts.append(f"{t['save_failures']:.0f} / {t['save_dropped']:.0f}")
             rows.append([name, str(seed["seed"]), _n(seed["prompt_tokens_sent"]), *counts])
     headers = [
         "system",
@@ -179,11 +180,13 @@ def token_lines(mooncake: Mapping[str, Any]) -> list[str]:
         "engine's prefix cache",
         "loaded from the store",
         "saved to the store",
+        "chunks not saved: failed / dropped",
     ]
     return [
         "Where each prompt token came from (the engines' `vllm:prompt_tokens_by_source`, summed "
         "over the system's engines; a decode engine counts what it loaded from the store as "
-        "external) and the tokens the connectors saved because the store lacked them:",
+        "external) and the tokens the connectors saved because the store lacked them (a chunk "
+        "that failed or was dropped is not saved: the hit ratio is then an upper bound):",
         "",
         *_table(headers, rows),
     ]
