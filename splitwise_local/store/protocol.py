@@ -39,7 +39,8 @@ from splitwise_local.store.errors import (
 #      own protocol on the same port (told apart by the first four bytes); the NO_TOUCH flag
 #      (EXISTS); limits on what a peer may cost the store (HELLO metadata at most
 #      MAX_HELLO_META, a whole-frame deadline, connection caps refused with status BUSY, PUT
-#      memory reserved as its bytes arrive).
+#      memory reserved as its bytes arrive); STATS `tiers` (each tier's numbers: DRAM, and the
+#      disk tier below it when the store has one).
 #
 VERSION = 1
 

@@ -113,6 +113,9 @@ class TieredIndex(StoreIndex):
                         below[i] = entry
                 elif slot is None:
                     self.disk.misses += 1
+            if not below:  # all in DRAM, or nowhere: no second trip through the lock
+                self._count_reads(found, protocol)
+                return found
         for i, entry in below.items():
             found[i] = self._promote(entry)
         with self._lock:
