@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from splitwise_local.config import ConfigError, load_config
 from splitwise_local.store import AuthError, open_backend
 from splitwise_local.store.client import ShmClient, StoreClient
 from splitwise_local.store.server import StoreServer
@@ -186,3 +187,15 @@ def test_what_is_queued_for_the_disk_is_written_at_a_clean_stop(disk_server, tmp
         assert second.index.stats()["tiers"]["disk"]["items"] == 20
         for key, value in values.items():
             assert seed_of(shm.get(key)) == key and shm.get(key) == value
+
+
+def test_the_config_keys_are_lmcaches():
+    config = load_config(
+        environ={"SPLITWISE_LOCAL_DISK": "file:///var/kv/", "SPLITWISE_MAX_LOCAL_DISK_SIZE": "5"}
+    )
+    assert (config.local_disk, config.max_local_disk_size) == ("/var/kv/", 5.0)
+    assert load_config(environ={}).local_disk is None  # DRAM only unless asked
+    with pytest.raises(ConfigError, match="max_local_disk_size"):
+        load_config(environ={"SPLITWISE_LOCAL_DISK": "/var/kv"})
+    with pytest.raises(ConfigError, match="one directory"):
+        load_config(environ={"SPLITWISE_LOCAL_DISK": "/a,/b", "SPLITWISE_MAX_LOCAL_DISK_SIZE": "1"})
