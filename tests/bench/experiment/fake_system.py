@@ -3,11 +3,11 @@ files and the report's arithmetic are real; the engines and the store are not.
 
 `engine --role plain --port P` serves one fake vLLM engine with a prefix cache; `serve` (the
 launcher) serves the proxy's port and fake prefill and decode engines' /metrics on theirs, with
-a store: both keep every prefix of the prompts they saw at BLOCK-token granularity (the store
-at the config's `chunk_size`), never evict, and count where each prompt token came from as
-vLLM's `vllm:prompt_tokens_by_source` does and the tokens saved as the connector's
-`splitwise:saved_tokens` does. `serve --admission` refuses (429, Retry-After) a request that
-arrives while ADMITTED requests are in flight.
+a store. The prefix cache keeps every prefix of the prompts it saw in BLOCK-token blocks, the
+store in blocks of the config's `chunk_size`; neither evicts. They count where each prompt
+token came from as vLLM's `vllm:prompt_tokens_by_source` does, and the tokens saved as the
+connector's `splitwise:saved_tokens` does. `serve --admission` refuses (429, Retry-After) a
+request that arrives while ADMITTED requests are in flight.
 """
 
 from __future__ import annotations
@@ -55,24 +55,30 @@ class Cache:
 
 
 class FakeEngine(FakeVLLM):
-    """A fake vLLM server counting prompt tokens by source against a cache (and, as a whole
-    launcher, a store), refusing like the proxy's admission control when asked to."""
+    """A fake vLLM server counting prompt tokens by source against its prefix cache; as a whole
+    launcher also a store (the prefill engine saves what it lacks, the decode engine loads all
+    but the last token), refusing like the proxy's admission control when asked to."""
 
-    def __init__(self, encode, cache: Cache, store: bool, admission: bool, knobs: Knobs) -> None:
+    def __init__(self, encode, store: Cache | None, admission: bool, knobs: Knobs) -> None:
         super().__init__(lambda text: len(encode(text)), knobs)
         self.encode = encode
-        self.cache = cache
+        self.cache = Cache(BLOCK)
         self.store = store
         self.admission = admission
         self.in_flight = 0
-        # A plain engine shows them on its own /metrics; a launcher's on its decode engine's.
-        self.counted = self.registry if not store else CollectorRegistry()
+        # A plain engine shows its counters on its own /metrics; a launcher on its engines'.
+        self.engine = self.registry if store is None else CollectorRegistry()
+        self.decode = CollectorRegistry()
         self.by_source = Counter(
-            "vllm:prompt_tokens_by_source", "prompt tokens", ["source"], registry=self.counted
+            "vllm:prompt_tokens_by_source", "prompt tokens", ["source"], registry=self.engine
         )
-        self.saved = Counter("splitwise:saved_tokens", "saved", registry=self.counted)
+        self.loaded = Counter(
+            "vllm:prompt_tokens_by_source", "prompt tokens", ["source"], registry=self.decode
+        )
+        self.saved = Counter("splitwise:saved_tokens", "saved", registry=self.engine)
         for source in SOURCES:
             self.by_source.labels(source).inc(0)
+            self.loaded.labels(source).inc(0)
 
     async def complete(self, request: Request) -> Response:
         if self.admission and self.in_flight >= ADMITTED:
@@ -82,13 +88,12 @@ class FakeEngine(FakeVLLM):
         prompt = body["prompt"]
         ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt)
         hit = self.cache.lookup_and_add(ids)
-        if self.store:  # 1P1D: prefill computes what the store lacks, decode loads the rest
-            self.saved.inc(len(ids) - hit)
-            self.by_source.labels("local_compute").inc(len(ids) - hit)
-            self.by_source.labels("external_kv_transfer").inc(hit)
-        else:
-            self.by_source.labels("local_compute").inc(len(ids) - hit)
-            self.by_source.labels("local_cache_hit").inc(hit)
+        self.by_source.labels("local_compute").inc(len(ids) - hit)
+        self.by_source.labels("local_cache_hit").inc(hit)
+        if self.store is not None:
+            self.saved.inc(len(ids) - self.store.lookup_and_add(ids))
+            self.loaded.labels("external_kv_transfer").inc(len(ids) - 1)
+            self.loaded.labels("local_compute").inc(1)
         response = await super().complete(_Replayed(request, body))
         if isinstance(response, StreamingResponse):  # in flight until its last chunk is sent
             response.body_iterator = self._counted(response.body_iterator)
@@ -152,18 +157,19 @@ def main() -> None:
     parser.add_argument("--admission", action="store_true")
     args, _ = parser.parse_known_args()
     tokenizer = Tokenizer.from_file(str(prepare_default_model() / "tokenizer.json"))
-    store = args.command == "serve"
-    size = yaml.safe_load(Path(args.config).read_text())["chunk_size"] if store else BLOCK
+    store = None
+    if args.command == "serve":
+        store = Cache(yaml.safe_load(Path(args.config).read_text())["chunk_size"])
     knobs = Knobs(token_interval_s=0.02 if args.admission else 0.002)
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text).ids
 
-    fake = FakeEngine(encode, Cache(size), store, args.admission, knobs)
+    fake = FakeEngine(encode, store, args.admission, knobs)
     apps = [(fake.app, listen(args.port))]
-    if store:
-        apps.append((metrics_only(CollectorRegistry()), listen(args.prefill_port)))
-        apps.append((metrics_only(fake.counted), listen(args.decode_port)))
+    if store is not None:
+        apps.append((metrics_only(fake.engine), listen(args.prefill_port)))
+        apps.append((metrics_only(fake.decode), listen(args.decode_port)))
         print(f"[launcher] ready: http://127.0.0.1:{args.port}", flush=True)
     asyncio.run(serve(apps))
 
