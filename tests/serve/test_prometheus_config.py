@@ -83,14 +83,14 @@ def test_the_scrape_config_lists_every_engine_the_launcher_started(tmp_path, fak
     assert [entry["targets"] for entry in jobs["proxy"]] == [[f"127.0.0.1:{ports.proxy}"]]
     assert [entry["targets"] for entry in jobs["store"]] == [[f"127.0.0.1:{ports.store_metrics}"]]
 
-    # The proxy and the store serve /metrics; fake_vllm's engines have none, so they are down.
+    # The proxy, the store and the fake engines (vLLM's request gauges) all serve /metrics.
     engine_urls = [f"http://{address}/metrics" for _, _, address in engines]
     health = wait_for_health(
         prometheus,
         {
             f"http://127.0.0.1:{ports.proxy}/metrics": "up",
             f"http://127.0.0.1:{ports.store_metrics}/metrics": "up",
-            **dict.fromkeys(engine_urls, "down"),
+            **dict.fromkeys(engine_urls, "up"),
         },
     )
     assert len(health) == 5
