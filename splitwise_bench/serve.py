@@ -12,6 +12,9 @@ quiet run from a noisy one.
 Every request's counts are checked: tokens counted in the stream against the usage chunk, and
 both against the lengths the workload asked for. A mismatch is reported and makes the exit
 status 1, because numbers from a run that did not do what it said are not worth comparing.
+So does a failed request; a refused one (a 429 or 503 with `Retry-After`: a server's admission
+control at work) does not, and is reported apart, with SLO attainment over every request sent
+and over the requests admitted.
 """
 
 from __future__ import annotations
@@ -207,10 +210,12 @@ def print_results(label: str, results: dict[str, Any]) -> None:
             "requests",
             "completed",
             "failed",
+            "refused",
             "req/s",
             "output tok/s",
             "goodput req/s",
             "SLO attainment",
+            "admitted's",
             "count mismatches",
             "other CPU %",
         ],
@@ -219,15 +224,32 @@ def print_results(label: str, results: dict[str, Any]) -> None:
                 results["requests"],
                 results["completed"],
                 results["failed"],
+                results["refused"],
                 results["requests_per_s"],
                 results["output_tokens_per_s"],
                 results["goodput_requests_per_s"],
                 results["attainment"]["both"],
+                results["attainment_admitted"]["both"],
                 checks["requests_with_count_mismatch"],
                 100 * results["host_load"]["foreign_fraction"],
             ]
         ],
     )
+    if results["refused"]:
+        refusals = results["refusals"]
+        latency = refusals["latency_ms"]
+        report.print_table(
+            f"bench serve: {label} refusals (admission control; not failures)",
+            ["refused", "statuses", "p50 ms", "p99 ms", "max ms", "Retry-After s (count)"],
+            [
+                [
+                    results["refused"],
+                    ", ".join(f"{k} x{v}" for k, v in refusals["statuses"].items()),
+                    *(latency["p50"], latency["p99"], latency["max"]),
+                    ", ".join(f"{k} x{v}" for k, v in refusals["retry_after_s"].items()),
+                ]
+            ],
+        )
 
 
 @dataclass
@@ -406,7 +428,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def verdict(results: dict[str, Any]) -> int:
-    """0 when every request completed with the counts it promised; else 1, saying why."""
+    """0 when every request admitted completed with the counts it promised (refusals are the
+    server's admission control at work, not failures); else 1, saying why."""
     checks = results["checks"]
     if results["failed"]:
         print(f"\n{results['failed']} request(s) failed: {results['errors'][:3]}", file=sys.stderr)

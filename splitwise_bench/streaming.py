@@ -4,6 +4,9 @@ Each request goes to `/v1/completions` with `stream=true` and usage in the strea
 length is made exact with two vLLM extensions, `ignore_eos` and `return_token_ids` (tokens per
 chunk, since vLLM may coalesce tokens into one chunk when the client lags). A workload is sent at
 given arrival times (open loop) or a number at a time (closed loop).
+
+A 429 or 503 answer that says when to retry (`Retry-After`) is a refusal, not a failure: the
+server's admission control turned the request away at once, as it is built to under overload.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -19,6 +24,8 @@ import numpy as np
 
 from splitwise_bench.workloads import RequestSpec
 from splitwise_local.progress import Progress
+
+REFUSAL_STATUSES = (429, 503)
 
 
 @dataclass
@@ -34,10 +41,17 @@ class RequestResult:
     usage: dict[str, Any] | None = None
     error: str | None = None
     scheduled_s: float | None = None  # open loop: when it was due, relative to the start
+    status: int | None = None  # the answer's HTTP status (None: no answer)
+    retry_after_s: float | None = None  # a non-200 answer's Retry-After, in seconds
 
     @property
     def ok(self) -> bool:
         return self.error is None and bool(self.chunk_s)
+
+    @property
+    def refused(self) -> bool:
+        """Turned away by admission control: a 429 or 503 that says when to retry."""
+        return self.status in REFUSAL_STATUSES and self.retry_after_s is not None
 
     @property
     def ttft_s(self) -> float:
@@ -91,6 +105,10 @@ class RequestResult:
             "output_tokens": self.output_tokens,
             "error": self.error,
             "problems": self.problems(),
+            "status": self.status,
+            "refused": self.refused,
+            "refused_ms": round(self.end_s * 1e3, 3) if self.refused and self.end_s else None,
+            "retry_after_s": self.retry_after_s,
         }
 
 
@@ -115,8 +133,11 @@ async def stream_request(
     result = RequestResult(spec=spec, start_s=sent - run_start)
     try:
         async with client.stream("POST", endpoint, json=request_body(spec, model)) as response:
+            result.status = response.status_code
             if response.status_code != 200:
                 body = (await response.aread()).decode("utf-8", "replace")
+                result.end_s = time.perf_counter() - sent  # a refusal's latency
+                result.retry_after_s = parse_retry_after(response.headers.get("retry-after"))
                 result.error = f"HTTP {response.status_code}: {body[:300]}"
                 return result
             async for line in response.aiter_lines():
@@ -145,6 +166,21 @@ async def stream_request(
     except (httpx.HTTPError, ValueError, TypeError) as exc:  # incl. malformed JSON
         result.error = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """A Retry-After header in seconds: delay-seconds or an HTTP date (RFC 9110); None when
+    absent or neither."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):  # not a date, or one without a zone
+        return None
 
 
 def _chunk_tokens(choice: Any) -> int:

@@ -7,7 +7,7 @@ as vLLM does when a client lags), a final usage chunk, `max_model_len` in `/v1/m
 Prometheus `/metrics` with a transfer-like counter and histogram. A request with `stream`
 false (the proxy's prefill copy) gets the whole answer as one JSON body. It keeps every request
 body in arrival order. Knobs let a test break exactly one thing (usage off by one, failing
-requests) to see the load generator notice.
+requests) to see the load generator notice, or hold every answer until the test lets go.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class Knobs:
     coalesce_every: int = 0  # every Nth chunk carries two tokens (0: never)
     usage_error: int = 0  # added to the completion_tokens the usage chunk reports
     fail_every: int = 0  # every Nth request answers 500 (0: never)
+    hold: threading.Event | None = None  # when given, answers wait until it is set
 
 
 class FakeVLLM:
@@ -73,6 +74,8 @@ class FakeVLLM:
     async def complete(self, request: Request) -> Response:
         body = await request.json()
         self.requests.append(body)
+        while self.knobs.hold is not None and not self.knobs.hold.is_set():
+            await asyncio.sleep(0.01)
         if self.knobs.fail_every and len(self.requests) % self.knobs.fail_every == 0:
             return JSONResponse({"error": {"message": "fake failure"}}, status_code=500)
         if body.get("model") != MODEL:
