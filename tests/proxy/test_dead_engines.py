@@ -15,14 +15,21 @@ import pytest
 from splitwise_local.proxy.app import build_app
 from splitwise_local.proxy.settings import ProxySettings
 from splitwise_testing.scrape import total, value
-from tests.proxy.test_app import CHAT, COMPLETION, assert_openai_error, settle, sse_events
+from tests.proxy.test_app import (
+    CHAT,
+    COMPLETION,
+    HANG_GUARD_S,
+    assert_openai_error,
+    settle,
+    sse_events,
+)
 
 
 @pytest.fixture
 def system(fake, servers):
-    """A prefill fake, a slow-streaming decode fake, and the proxy object in front of them."""
+    """A prefill fake, a decode fake, and the proxy object in front of them."""
     prefill, prefill_url = fake(name="prefill", tokens=3)
-    decode, decode_url = fake(name="decode", tokens=40, token_interval_s=0.05)
+    decode, decode_url = fake(name="decode", tokens=40)
     app = build_app(ProxySettings(prefill=[prefill_url], decode=[decode_url]))
     base = servers.serve(app)
     return prefill, decode, app.state.proxy, base
@@ -33,8 +40,8 @@ def engine_up(base: str, url: str) -> float | None:
     return value(base, "splitwise_proxy_engine_up", engine=url)
 
 
-def wait_for(condition, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
+def wait_for(condition) -> None:
+    deadline = time.monotonic() + HANG_GUARD_S
     while not condition():
         assert time.monotonic() < deadline, "condition never held"
         time.sleep(0.01)
@@ -89,38 +96,40 @@ def test_nothing_to_send_to_is_503_with_retry_after(proxy, dead_url):
 
 
 def test_told_of_a_decode_death_streams_end_with_an_error_and_prefill_takes_over(system):
+    """Decode sends each stream one token, then nothing for an hour: only the supervisor's word
+    can end the streams, so their ending at all shows they end on it."""
     prefill, decode, proxy, base = system
     decode_url = proxy.decode.endpoints[0].url
-    streams: list[str] = []
+    decode.behaviour.token_interval_s = 3600
+    streams: list[list[str]] = [[] for _ in range(3)]
 
-    def stream() -> None:
+    def stream(received: list[str]) -> None:
         body = {**COMPLETION, "stream": True}
-        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=10) as response:
-            streams.append(response.read().decode())
+        with httpx.stream(
+            "POST", base + "/v1/completions", json=body, timeout=HANG_GUARD_S
+        ) as response:
+            received.extend(response.iter_text())
 
-    callers = [threading.Thread(target=stream) for _ in range(3)]
+    callers = [threading.Thread(target=stream, args=(received,)) for received in streams]
     for caller in callers:
         caller.start()
-    in_flight = "splitwise_proxy_engine_in_flight"
-    wait_for(lambda: total(base, in_flight, engine=decode_url) == 3)
-    time.sleep(0.2)  # a few tokens each
-    began = time.monotonic()
+    wait_for(lambda: all(" decode0" in "".join(received) for received in streams))
     proxy.engine_state(decode_url, up=False, cause="was killed by signal 9")
     for caller in callers:
-        caller.join(5)
-    # Ended at once, not after the 2 s the fake would have streamed.
-    assert time.monotonic() - began < 1.0
-    assert len(streams) == 3
-    for text in streams:
-        events = sse_events(text)
+        caller.join(HANG_GUARD_S)
+    assert not any(caller.is_alive() for caller in callers), "a stream outlived its engine"
+    for received in streams:
+        events = sse_events("".join(received))
         assert events[0]["choices"][0]["text"] == " decode0"
-        error = events[-2]["error"]
+        assert len(events) == 3  # the one token, the error, [DONE]
+        error = events[1]["error"]
         assert error["type"] == "server_error" and error["code"] == "decode_died"
         assert "decode engine died: was killed by signal 9" in error["message"]
         assert decode_url not in error["message"]  # addresses only with route_detail
-        assert events[-1] == "[DONE]"
-    assert decode.record.cut.wait(2), "the engine's streams were not closed"
+        assert events[2] == "[DONE]"
+    assert decode.record.cut.wait(HANG_GUARD_S), "the engine's streams were not closed"
     assert engine_up(base, decode_url) == 0
+    decode.behaviour.token_interval_s = 0
 
     # New requests go to the prefill engine, whole, without trying the dead decode engine.
     seen = len(decode.record.requests)
