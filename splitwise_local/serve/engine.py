@@ -145,6 +145,10 @@ class EngineSpec:
         """The engine's environment: offline Hub, our config's path, and its CPU cores (OpenMP
         binding, KV space) or GPUs."""
         env = dict(os.environ if base is None else base)
+        # A Prometheus multiprocess directory shared with other processes (LMCache sets
+        # /tmp/lmcache_prometheus in whichever process builds its engine) would add their
+        # counters, and those of earlier runs, to this engine's /metrics.
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         if self.config_file is not None:

@@ -25,6 +25,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("filterwarnings", "ignore:.*torch.jit.script_method:DeprecationWarning")
 
 
+@pytest.fixture(autouse=True)
+def prometheus_directory_left_behind() -> Iterator[None]:
+    """LMCache points PROMETHEUS_MULTIPROC_DIR at /tmp/lmcache_prometheus in the process that
+    builds its engine (this one): not left to the children of later tests."""
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    yield
+    if before is None:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
+
+
 @pytest.fixture
 def lmcache_client() -> Iterator[Callable[..., LMCacheClient]]:
     """Builds LMCache connectors to a URL; all are closed afterwards."""

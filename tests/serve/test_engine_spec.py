@@ -72,3 +72,14 @@ def test_a_spec_for_cuda_uses_exactly_the_gpu_defaults():
     assert "CUDA_VISIBLE_DEVICES" not in EngineSpec(
         model=Path("/models/m"), port=8100, role="plain", device="cuda"
     ).environment({})
+
+
+def test_an_engine_keeps_its_metrics_to_itself():
+    """An inherited Prometheus multiprocess directory (LMCache sets /tmp/lmcache_prometheus in
+    any process that builds its engine, a test run's included) would sum other engines' counters,
+    and earlier runs', into this engine's /metrics: the engine does not get it."""
+    spec = EngineSpec(model=Path("/models/m"), port=8100, role="decode", device="cpu")
+    shared = {"PROMETHEUS_MULTIPROC_DIR": "/tmp/lmcache_prometheus", "HOME": "/home/u"}
+    env = spec.environment(shared)
+    assert "PROMETHEUS_MULTIPROC_DIR" not in env
+    assert env["HOME"] == "/home/u"
