@@ -193,8 +193,8 @@ class KVSaver:
         """This and every later chunk of the request go unsaved, counted under `counter`."""
         self.counters.add(**{counter: len(plan.chunks)})
         with self._lock:
-            first = plan.req_id in self._active and plan.req_id not in self._stopped
-            if first:
+            first = plan.req_id not in self._stopped
+            if first and plan.req_id in self._active:  # a finished request is not remembered
                 self._stopped[plan.req_id] = counter
         if first:
             logger.warning(
