@@ -4,7 +4,9 @@ vLLM calls `get_num_new_matched_tokens` inside its scheduling loop, so a slow or
 there would stall every running request. The query goes to a thread instead; the scheduler
 waits for it at most `WAIT_S` (about what a shared-memory query takes, so usually the answer
 is in at once), and otherwise gets None ("ask again next step", vLLM's own protocol) until the
-answer arrives or `DEADLINE_S` has passed, when the request computes its prompt instead.
+answer arrives or `DEADLINE_S` has passed, when the request computes its prompt instead. The
+deadline is long enough for a healthy store on a starved CPU (two engines busy on two cores)
+and short against computing a long prompt on a CPU.
 
 When the store lacks a chunk but holds later ones (an eviction or a failed save punched a
 hole in the prompt), one more query says so, for the warning that explains the short hit.
@@ -21,7 +23,7 @@ from typing import NamedTuple
 from splitwise_local.connector.health import StoreDown, StoreGuard
 
 WAIT_S = 0.002
-DEADLINE_S = 0.5
+DEADLINE_S = 2.0
 
 
 class Lookup(NamedTuple):
