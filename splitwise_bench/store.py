@@ -10,6 +10,8 @@
 - Fill past capacity: a store's RSS after four times its capacity went through it.
 - LMCache's own server against our store, both through LMCache's protocol and client
   (store_lmcache.py). Goal: 1.5x on 16 MiB puts and gets; RSS flat where LMCache's grows.
+- With `--disk`, only the disk tier instead (store_disk.py): gets served from disk against a
+  plain read of the same files, DRAM hits with the tier against without it.
 
 Each throughput is the best of `--repeats` interleaved rounds (store and baseline alternate,
 so a busy neighbour slows both alike); warm-up rounds run first, so every page of the arena is
@@ -25,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from splitwise_bench import store_disk
 from splitwise_bench.throughput import (
     BATCH_LARGE,
     SIZES,
@@ -46,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="rounds; the best one counts")
     parser.add_argument("--small-ops", type=int, default=3000, help="4 KiB gets per mode")
     parser.add_argument("--fill-cap-mb", type=int, default=256, help="capacity in the fill run")
+    store_disk.add_arguments(parser)
 
 
 def _copy(target: memoryview, value: memoryview) -> None:
@@ -197,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
     from splitwise_local.store import open_backend
     from splitwise_testing.store_child import spawn
 
+    if args.disk:
+        return store_disk.run(args)
     name = f"bench-{os.getpid()}"
     capacity_gb = 3 * args.mb / 1024  # a case's values twice over (old and new), and spare
     # Five steps: throughput, Mooncake's column, small gets, filling past capacity, LMCache's.
