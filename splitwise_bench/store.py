@@ -36,6 +36,7 @@ from splitwise_bench.throughput import (
     best,
     each,
     gbps,
+    largest_case_bytes,
 )
 
 SMALL = 4096
@@ -204,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
     if args.disk:
         return store_disk.run(args)
     name = f"bench-{os.getpid()}"
-    capacity_gb = 3 * args.mb / 1024  # a case's values twice over (old and new), and spare
+    # A case's values twice over (old and new), and spare.
+    capacity_gb = 3 * largest_case_bytes(args.mb) / 1024**3
     # Five steps: throughput, Mooncake's column, small gets, filling past capacity, LMCache's.
     with Progress(total=5, desc="bench store", unit="step") as bar:
         with (

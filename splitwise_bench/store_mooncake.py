@@ -18,7 +18,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from splitwise_bench.throughput import BATCH_LARGE, SIZES, MiB, best, each, gbps
+from splitwise_bench.throughput import (
+    BATCH_LARGE,
+    SIZES,
+    MiB,
+    best,
+    each,
+    gbps,
+    largest_case_bytes,
+)
 from splitwise_local.config import MooncakeOptions
 from splitwise_local.store.mooncake import MasterAddress, MooncakeBackend
 from splitwise_testing.mooncake_child import spawn_master
@@ -69,7 +77,7 @@ def mooncake_rows(args: argparse.Namespace, shm: Any) -> list[dict[str, Any]]:
     rows = []
     # Every size's values stay (a read leases them for 10 s): room for all, below the 90 %
     # at which the master starts evicting.
-    with mooncake_client(3 * args.mb * MiB + 64 * MiB) as mooncake:
+    with mooncake_client(3 * largest_case_bytes(args.mb) + 64 * MiB) as mooncake:
         for size in SIZES:
             count = max(4, args.mb * MiB // size)
             value = memoryview(os.urandom(size))

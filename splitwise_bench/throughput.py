@@ -20,6 +20,12 @@ BATCH_LARGE = 8  # values per put_many / get_many in the batched throughput rows
 _REQUEST = struct.Struct("<cQ")  # baseline: b"P" or b"G", then the byte count
 
 
+def largest_case_bytes(mb: int) -> int:
+    """Bytes one size's values take in a `--mb MB` run: `mb` MiB, and never fewer than four
+    values of the largest size (each measurement moves at least four)."""
+    return max(mb * MiB, 4 * max(SIZES))
+
+
 def _socket_baseline_server(listener: socket.socket) -> None:
     """The raw-socket baseline: receives into and sends from buffers allocated once."""
     conn, _ = listener.accept()
