@@ -172,25 +172,9 @@ def settings_from_args(args: argparse.Namespace) -> WorkloadSettings:
 
 
 def print_results(label: str, results: dict[str, Any]) -> None:
+    """The run's tables: the trace replayed (if any), latency, throughput, refusals (if any)."""
     if trace := results.get("trace"):
-        window, clipped = trace["window"], trace["clipped"]
-        print(
-            f"\ntrace {trace['name']}: rows {window['first_row']}-{window['last_row']} "
-            f"({window['requests']} requests, {window['trace_span_s']:.1f} trace s), length scale "
-            f"{trace['length_scale']:g}, time scale {trace['time_scale']:g}; clipped to "
-            f"max_model_len {trace['max_model_len']}: {clipped['prompts']} prompts, "
-            f"{clipped['outputs']} outputs"
-        )
-        if reuse := trace.get("prefix_reuse"):
-            ideal = reuse["replay"]
-            lru = ", ".join(
-                f"{c['token_ratio']:.3f} at {c['capacity_tokens']:,} tokens" for c in reuse["lru"]
-            )
-            print(
-                f"ideal prefix reuse ({trace['block_tokens']}-token blocks): "
-                f"{ideal['block_ratio']:.3f} of blocks, {ideal['token_ratio']:.3f} of tokens"
-                + (f"; under LRU: {lru}" if lru else "")
-            )
+        print_trace(trace)
     rows = [
         [name, *(results[key][f"p{p}"] for p in PERCENTILES), results[key]["mean"]]
         for name, key in (
@@ -203,6 +187,34 @@ def print_results(label: str, results: dict[str, Any]) -> None:
     report.print_table(
         f"bench serve: {label} latency", ["metric", "p50", "p90", "p99", "mean"], rows
     )
+    print_throughput(label, results)
+    if results["refused"]:
+        print_refusals(label, results)
+
+
+def print_trace(trace: dict[str, Any]) -> None:
+    """Which rows of the trace were replayed, at what scales, and its ideal prefix reuse."""
+    window, clipped = trace["window"], trace["clipped"]
+    print(
+        f"\ntrace {trace['name']}: rows {window['first_row']}-{window['last_row']} "
+        f"({window['requests']} requests, {window['trace_span_s']:.1f} trace s), length scale "
+        f"{trace['length_scale']:g}, time scale {trace['time_scale']:g}; clipped to "
+        f"max_model_len {trace['max_model_len']}: {clipped['prompts']} prompts, "
+        f"{clipped['outputs']} outputs"
+    )
+    if reuse := trace.get("prefix_reuse"):
+        ideal = reuse["replay"]
+        lru = ", ".join(
+            f"{c['token_ratio']:.3f} at {c['capacity_tokens']:,} tokens" for c in reuse["lru"]
+        )
+        print(
+            f"ideal prefix reuse ({trace['block_tokens']}-token blocks): "
+            f"{ideal['block_ratio']:.3f} of blocks, {ideal['token_ratio']:.3f} of tokens"
+            + (f"; under LRU: {lru}" if lru else "")
+        )
+
+
+def print_throughput(label: str, results: dict[str, Any]) -> None:
     checks = results["checks"]
     report.print_table(
         f"bench serve: {label} throughput",
@@ -235,21 +247,24 @@ def print_results(label: str, results: dict[str, Any]) -> None:
             ]
         ],
     )
-    if results["refused"]:
-        refusals = results["refusals"]
-        latency = refusals["latency_ms"]
-        report.print_table(
-            f"bench serve: {label} refusals (admission control; not failures)",
-            ["refused", "statuses", "p50 ms", "p99 ms", "max ms", "Retry-After s (count)"],
+
+
+def print_refusals(label: str, results: dict[str, Any]) -> None:
+    """Requests admission control turned away: how fast, with what status and Retry-After."""
+    refusals = results["refusals"]
+    latency = refusals["latency_ms"]
+    report.print_table(
+        f"bench serve: {label} refusals (admission control; not failures)",
+        ["refused", "statuses", "p50 ms", "p99 ms", "max ms", "Retry-After s (count)"],
+        [
             [
-                [
-                    results["refused"],
-                    ", ".join(f"{k} x{v}" for k, v in refusals["statuses"].items()),
-                    *(latency["p50"], latency["p99"], latency["max"]),
-                    ", ".join(f"{k} x{v}" for k, v in refusals["retry_after_s"].items()),
-                ]
-            ],
-        )
+                results["refused"],
+                ", ".join(f"{k} x{v}" for k, v in refusals["statuses"].items()),
+                *(latency["p50"], latency["p99"], latency["max"]),
+                ", ".join(f"{k} x{v}" for k, v in refusals["retry_after_s"].items()),
+            ]
+        ],
+    )
 
 
 @dataclass
