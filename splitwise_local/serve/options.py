@@ -169,6 +169,11 @@ def add_routing_arguments(group: Group) -> None:
         metavar="N",
         help="kv_affinity: chunk keys remembered per engine (%(default)s)",
     )
+    add_fallback_arguments(group)
+
+
+def add_fallback_arguments(group: Group) -> None:
+    """Where a request goes when a hop fails, and what callers see of its route."""
     group.add_argument(
         "--no-fallback",
         dest="fallback_to_decode",
