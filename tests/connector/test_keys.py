@@ -215,7 +215,6 @@ def simulated_vllm_config(model_dir, *, tp=1, pp=1, kv_heads=3, use_mla=False, c
 def test_the_engine_identity_equals_the_one_built_from_plain_facts(
     tmp_path, weights, simulated, facts
 ):
-    pytest.importorskip("vllm")
     from splitwise_local.config import SplitwiseConfig
     from splitwise_local.connector.connector import engine_key_identity
 
@@ -290,8 +289,8 @@ def test_a_multimodal_hash_keys_the_chunks_its_placeholder_overlaps_and_all_afte
 def test_the_extras_are_vllms_own_block_hash_extras():
     """For chunks as large as vLLM's blocks, each chunk's extras equal vLLM's
     `generate_block_hash_extra_keys` for that block, on vLLM's own `Request`."""
-    vllm_request = pytest.importorskip("vllm.v1.request")
     from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
+    from vllm.v1.request import Request
 
     request = make_request(
         TOKENS,
@@ -299,7 +298,7 @@ def test_the_extras_are_vllms_own_block_hash_extras():
         lora=("adapter-a", "/adapters/a"),
         images=[("i", 10, 5), ("j", 40, 30)],
     )
-    assert isinstance(request, vllm_request.Request)
+    assert isinstance(request, Request)
     extras = request_key_extras(request)
     mm_index = 0
     for start, end in chunk_spans(len(TOKENS), IDENTITY.chunk_size):
@@ -310,6 +309,7 @@ def test_the_extras_are_vllms_own_block_hash_extras():
 
 def make_request(tokens, *, req_id="r", cache_salt=None, lora=None, images=(), embeds=False):
     """A vLLM `Request` as its engine core builds one (images: (hash, offset, length))."""
+    # vLLM and torch are heavy: imported by the tests that build a request, not at collection.
     import torch
     from vllm.lora.request import LoRARequest
     from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
@@ -338,7 +338,6 @@ def make_request(tokens, *, req_id="r", cache_salt=None, lora=None, images=(), e
 
 
 def test_prompt_embeddings_are_not_covered():
-    pytest.importorskip("vllm")
     with pytest.raises(Uncovered, match="prompt embeddings"):
         request_key_extras(make_request(TOKENS, embeds=True))
 
@@ -378,7 +377,6 @@ def saved_by_producer(request) -> set[str]:
     ],
 )
 def test_a_consumer_loads_only_what_was_saved_under_the_same_extras(saved_as, asked_as, loaded):
-    pytest.importorskip("vllm")
     stored = saved_by_producer(make_request(TOKENS, req_id="p", **saved_as))
     assert len(stored) == 4
     request = make_request(TOKENS, req_id="d", **asked_as)

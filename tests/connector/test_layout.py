@@ -5,13 +5,11 @@ import platform
 
 import pytest
 import torch
+from vllm import _custom_ops as vllm_ops
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-vllm_ops = pytest.importorskip("vllm._custom_ops")
-
-from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # noqa: E402
-
-from splitwise_local.connector.cpu_packing import HalfPacking, probe_cpu_packing  # noqa: E402
-from splitwise_local.connector.layout import (  # noqa: E402
+from splitwise_local.connector.cpu_packing import HalfPacking, probe_cpu_packing
+from splitwise_local.connector.layout import (
     CpuPackedLayout,
     LayerCaches,
     slots_for,

@@ -9,9 +9,6 @@ from dataclasses import asdict
 
 import pytest
 import torch
-
-pytest.importorskip("vllm")
-
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 from vllm.v1.attention.backends.utils import get_flashinfer_layout_string
 from vllm.v1.kv_cache_layout import KVCacheLayout

@@ -3,10 +3,6 @@ stat logger (vLLM re-creates those), exposed as `splitwise:<name>_total`."""
 
 from types import SimpleNamespace
 
-import pytest
-
-pytest.importorskip("vllm")
-
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from splitwise_local.connector.metrics import Counters, SplitwisePromMetrics

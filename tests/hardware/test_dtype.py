@@ -27,7 +27,6 @@ def test_choose_takes_bf16_unless_fp32_is_clearly_faster():
 
 
 def test_the_choice_is_probed_once_per_machine_and_cached(tmp_path, monkeypatch):
-    pytest.importorskip("vllm.model_executor.layers.utils")
     monkeypatch.delenv(dtype.OVERRIDE_ENV, raising=False)
     monkeypatch.setattr(dtype, "CACHE_DIR", tmp_path)
     dtype._measured.cache_clear()

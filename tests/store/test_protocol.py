@@ -87,8 +87,9 @@ def test_error_statuses_map_to_exceptions():
 
 
 def test_magic_cannot_be_mistaken_for_an_lmcache_frame():
-    """Issue 9 serves LMCache's lm:// on the same port, told apart by the first four bytes."""
-    lmcache = pytest.importorskip("lmcache.v1.protocol")
+    """The store serves LMCache's lm:// on the same port, told apart by the first four bytes."""
+    from lmcache.v1 import protocol as lmcache  # heavy (it imports torch): this test only
+
     (as_command,) = struct.unpack("i", p.MAGIC)
     assert as_command not in {int(c) for c in lmcache.ClientCommand}
     for command in lmcache.ClientCommand:  # LMCache packs "iiiiiiiii150s", command first
