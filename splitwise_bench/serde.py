@@ -305,6 +305,21 @@ def goal_rows(serdes: dict[str, dict]) -> list[list[Any]]:
     return [[name, value, goal, "yes" if value >= goal else "NO"] for name, value, goal in rows]
 
 
+def headline_ratios(serdes: dict[str, dict], goals: list[list[Any]]) -> dict[str, float]:
+    """Each setting's size (bf16 bytes over payload bytes) and encode+decode speed against a
+    memcpy of the same chunks, naive's into a reused buffer, and CacheGen's size gain over the
+    KIVI setting it best matches in agreement."""
+    ratios: dict[str, float] = {}
+    for name, result in serdes.items():
+        key = name.replace("-", "")
+        ratios[f"{key}_bf16_over_payload_bytes"] = result["ratio"]
+        ratios[f"{key}_encode_decode_vs_memcpy"] = result["encode_decode_vs_memcpy"]
+    ratios["naive_encode_into_decode_vs_memcpy"] = serdes["naive"]["encode_into_decode_vs_memcpy"]
+    gain = next(row for row in goals if row[0].startswith("cachegen/kivi"))
+    ratios["cachegen_vs_kivi_size_at_equal_agreement"] = gain[1]
+    return ratios
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -353,6 +368,7 @@ def run(args: argparse.Namespace) -> int:
             "positions": positions,
             "near_ties": ties,
             "memcpy_gbps": memcpy_gbps,
+            "ratios": headline_ratios(serdes, goals),
             "serdes": serdes,
             "goals": {
                 name: {"measured": v, "target": t, "met": m == "yes"} for name, v, t, m in goals
