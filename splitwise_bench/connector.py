@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--new-tokens", type=int, default=64, help="greedy tokens compared for divergence"
     )
+    parser.add_argument(
+        "--stream-tokens", type=int, default=STREAM_TOKENS,
+        help=f"tokens of the stream the stall is measured on (it must outlast the landings; "
+        f"the first {QUIET_TOKENS} are its quiet gaps)",
+    )  # fmt: skip
 
 
 def token_ids(reply: dict) -> list[int]:
@@ -89,7 +94,11 @@ def store_get_gbps(backend: KVBackend, keys: list[str], repeats: int = 5) -> flo
 
 
 def stall_ratio(
-    engine: Engine, stream_prompt: list[int], landing: list[list[int]], extras: list[dict]
+    engine: Engine,
+    stream_prompt: list[int],
+    landing: list[list[int]],
+    extras: list[dict],
+    stream_tokens: int,
 ) -> dict:
     """Largest token gap of a running stream while `landing` prompts arrive at once (each
     request with its `extras` fields), over its median gap before they did."""
@@ -104,7 +113,7 @@ def stall_ratio(
                 reply.result()
 
     gaps = disturbed_stream(
-        engine.url, engine.model, stream_prompt, STREAM_TOKENS, QUIET_TOKENS, land, 120
+        engine.url, engine.model, stream_prompt, stream_tokens, QUIET_TOKENS, land, 120
     )
     worst = max(gaps.during)
     return {"quiet_p50_ms": gaps.quiet_p50 * 1e3, "max_gap_ms": worst * 1e3,
@@ -197,7 +206,11 @@ def measure(setup: Setup, model: Path, prompts: Prompts, args: argparse.Namespac
         prefill.complete(prompts.warmup, max_tokens=1)
         decode.time_to_first_token(prompts.warmup, **setup.handoff(prefill, prompts.warmup))
         found = _ttft_and_loads(setup, system, model, prompts, args)
-        stalls = _stalls(setup, prefill, decode, prompts) if args.stall else (None, None)
+        stalls = (
+            _stalls(setup, prefill, decode, prompts, args.stream_tokens)
+            if args.stall
+            else (None, None)
+        )
     finally:
         system.stop()
     return _summary(setup, found, stalls, args)
@@ -238,15 +251,17 @@ def _ttft_and_loads(
     return found
 
 
-def _stalls(setup: Setup, prefill: Engine, decode: Engine, prompts: Prompts) -> tuple[dict, dict]:
+def _stalls(
+    setup: Setup, prefill: Engine, decode: Engine, prompts: Prompts, stream_tokens: int
+) -> tuple[dict, dict]:
     """The stream's stall while stored prompts land, and while fresh ones are computed."""
     extras = []
     for prompt in prompts.landing:
         prefill.complete(prompt, max_tokens=1)
         extras.append(setup.handoff(prefill, prompt))
-    loaded = stall_ratio(decode, prompts.stream, prompts.landing, extras)
+    loaded = stall_ratio(decode, prompts.stream, prompts.landing, extras, stream_tokens)
     fresh = [{} for _ in prompts.fresh]
-    return loaded, stall_ratio(decode, prompts.stream, prompts.fresh, fresh)
+    return loaded, stall_ratio(decode, prompts.stream, prompts.fresh, fresh, stream_tokens)
 
 
 def _summary(
@@ -326,7 +341,8 @@ def print_results(name: str, result: dict, args: argparse.Namespace) -> None:
     stall_loaded, stall_recompute = result["stall_loaded"], result["stall_recompute"]
     if stall_loaded is not None:
         print_table(
-            f"a {STREAM_TOKENS}-token stream on decode while {LANDINGS} prompts arrive at once",
+            f"a {args.stream_tokens}-token stream on decode "
+            f"while {LANDINGS} prompts arrive at once",
             ["prompts", "quiet gap p50 (ms)", "max gap (ms)", "landing (s)", "max / quiet"],
             [
                 [f"KV loaded ({name})", stall_loaded["quiet_p50_ms"],
