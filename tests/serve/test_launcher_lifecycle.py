@@ -23,7 +23,7 @@ from splitwise_testing import scrape
 from tests.serve.helpers import READY, Ports, events, launch_fake, leftovers
 
 pytestmark = pytest.mark.timeout(120)
-GONE_WITHIN_S = 10.0  # after kill -9 of the launcher, every child is gone by then
+HANG_GUARD_S = 60.0  # a deadline only a hang reaches: what it guards takes seconds
 
 
 def test_serves_then_stops_proxy_engines_store_in_order(tmp_path, ports, fake_model, launched):
@@ -123,14 +123,16 @@ def test_child_death_while_serving_stops_everything(tmp_path, ports, fake_model,
 
 
 def test_engine_ignoring_sigterm_is_killed_after_the_grace(tmp_path, ports, fake_model, launched):
+    """The stubborn engine lives on through its SIGTERM and never exits by itself: the launcher
+    stopping cleanly at all, with that engine gone, shows it killed it instead of waiting."""
     modes = {ports.prefill: "stubborn"}
     system = launch_fake(tmp_path, ports, fake_model, "--stop-grace", "1", modes=modes)
     launched.append(system)
     system.wait_for(READY, 60)
-    began = time.monotonic()
-    assert system.finish(signal.SIGTERM) == 0
-    assert time.monotonic() - began < 15
-    assert ports.prefill in [e["port"] for e in events(tmp_path / "events.jsonl")]
+    (stubborn,) = [p for p in system.processes("prefill engine") if p.ppid() == system.popen.pid]
+    assert system.finish(signal.SIGTERM, timeout=HANG_GUARD_S) == 0
+    assert ports.prefill in [e["port"] for e in events(tmp_path / "events.jsonl")]  # asked first
+    assert not stubborn.is_running()
     assert leftovers(system.run_dir) == []
 
 
@@ -199,7 +201,7 @@ def test_kill_9_of_the_launcher_leaves_nothing_and_the_next_start_succeeds(
     processes = psutil.Process(system.popen.pid).children(recursive=True)
     assert len(system.processes()) >= 7  # store, two engines and their four helpers
     system.finish(signal.SIGKILL)
-    deadline = time.monotonic() + GONE_WITHIN_S
+    deadline = time.monotonic() + HANG_GUARD_S
     while (alive(processes) or busy_ports(ports)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert alive(processes) == []  # the guardian included, once its work is done
@@ -224,7 +226,7 @@ def test_next_start_kills_and_names_what_a_dead_launcher_left(
     (stubborn,) = [p for p in system.processes("prefill engine") if p.ppid() == system.popen.pid]
     system.child("splitwise_local.serve.guardian").kill()
     system.finish(signal.SIGKILL)
-    deadline = time.monotonic() + GONE_WITHIN_S  # the rest stops on its parent-death signal
+    deadline = time.monotonic() + HANG_GUARD_S  # the rest stops on its parent-death signal
     while busy_ports(ports) != [ports.prefill] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert stubborn.is_running() and busy_ports(ports) == [ports.prefill]
