@@ -28,6 +28,34 @@ class References:
         return self.cache[key]
 
 
+class Judged:
+    """A module's comparisons with a plain engine: those judged, and those left out because the
+    plain engine disagreed with itself. `check` fails when fewer than all but `allowed_out` were
+    judged, or none was: a check that drops its cases must not pass having judged none."""
+
+    def __init__(self, allowed_out: int) -> None:
+        self.allowed_out = allowed_out
+        self.judged = 0
+        self.left_out: list[str] = []
+
+    def record(self, what: str, stable: bool) -> None:
+        if stable:
+            self.judged += 1
+        else:
+            self.left_out.append(what)
+            warnings.warn(f"unstable on a plain engine, not judged: {what}", stacklevel=2)
+
+    def check(self) -> None:
+        made = self.judged + len(self.left_out)
+        if made == 0:
+            return  # the module failed or was deselected before it compared anything
+        minimum = max(1, made - self.allowed_out)
+        assert self.judged >= minimum, (
+            f"{self.judged} of {made} comparisons with the plain engine judged, under the "
+            f"minimum of {minimum}; left out as unstable: {self.left_out}"
+        )
+
+
 def completion_tokens(reply: dict) -> list[int]:
     return reply["choices"][0]["token_ids"]
 

@@ -6,8 +6,9 @@ One launch for the module: a prefill engine (kv_producer) and a decode engine th
 `kv_both` with vLLM's prefix cache on (the launcher's default), so it also saves what it had to
 compute. The reference is the session's plain engine. Each case checks the answer against the
 plain engine, that the decode engine is still up and serving, the one warning it logs, and how
-many tokens it loaded and recomputed. The store is killed late in the module, so the cases that
-need it intact come first.
+many tokens it loaded and recomputed; a prompt the plain engine answers two ways is counted and
+left out (see `Plain`). The store is killed late in the module, so the cases that need it intact
+come first.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ from splitwise_local.config import SplitwiseConfig
 from splitwise_local.connector.keys import chunk_keys, key_identity, per_head_layout
 from splitwise_local.hardware.dtype import cpu_dtype
 from splitwise_testing.system import start_system
-from tests.engine.checks import Reference, assert_matches, completion_tokens, reference_reply
+from tests.engine.checks import (
+    Judged,
+    Reference,
+    assert_matches,
+    completion_tokens,
+    reference_reply,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -69,12 +76,34 @@ def answer(engine, prompt, max_tokens=32) -> list[int]:
     return completion_tokens(engine.complete(prompt, max_tokens=max_tokens))
 
 
-def reference_answer(reference, prompt, max_tokens=32) -> Reference:
-    """The plain engine's answer; a prompt whose two runs disagree is reported, not judged."""
-    first, second = (Reference.of(reference_reply(reference, prompt, max_tokens)) for _ in "12")
-    if first.tokens != second.tokens:
-        pytest.skip(f"{len(prompt)}-token prompt is unstable on a plain engine")
-    return first
+class Plain:
+    """The session's plain engine as judge. Each prompt runs on it twice; a prompt whose two
+    runs disagree (a bf16 near-tie) is recorded as left out instead of judged, and the module
+    fails at its end if more than `ALLOWED_UNSTABLE` of its ten single-prompt comparisons were."""
+
+    # Two plain runs part only where a prompt meets a near-tie, which few prompts do: one of ten
+    # left out is such a prompt; two mean the reference varies for some other reason, and this
+    # module would have judged too little to call the connector's answers right.
+    ALLOWED_UNSTABLE = 1
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.judged = Judged(self.ALLOWED_UNSTABLE)
+
+    def assert_like(self, got: list[int], prompt: list[int], what: str, max_tokens=32) -> None:
+        first, second = (
+            Reference.of(reference_reply(self.engine, prompt, max_tokens)) for _ in "12"
+        )
+        self.judged.record(f"{what} ({len(prompt)} tokens)", first.tokens == second.tokens)
+        if first.tokens == second.tokens:
+            assert_matches(got, first, what)
+
+
+@pytest.fixture(scope="module")
+def plain(reference):
+    judge = Plain(reference)
+    yield judge
+    judge.judged.check()
 
 
 def metric_reaches(engine, name: str, value: float, timeout: float = 15) -> float:
@@ -94,13 +123,13 @@ def stored_chunks(backend, keys, expected: int, timeout: float = 15) -> int:
     return held
 
 
-def assert_serving(engine, reference, prompt) -> None:
+def assert_serving(engine, plain, prompt) -> None:
     """Still up, and the next request answers correctly."""
-    assert_matches(answer(engine, prompt, 8), reference_answer(reference, prompt, 8), "next")
+    plain.assert_like(answer(engine, prompt, 8), prompt, "next", 8)
 
 
 def test_a_prompt_extending_a_stored_one_loads_the_stored_part_and_saves_the_rest(
-    system, reference, texts, identity
+    system, plain, texts, identity
 ):
     """The issue's reproduction: 256 tokens stored, the same 256 plus one sent to decode."""
     prefill, decode = system.engines["prefill"], system.engines["decode"]
@@ -112,13 +141,13 @@ def test_a_prompt_extending_a_stored_one_loads_the_stored_part_and_saves_the_res
     (_, tokens, verified), *_ = decode.expect_log(LOAD)
     assert (int(tokens), verified) == (256, "ok")  # the stored part; token 256 is computed
     assert "load-partial" not in decode.new_log()
-    assert_matches(got, reference_answer(reference, prompt), "257-token prompt")
+    plain.assert_like(got, prompt, "257-token prompt")
     # kv_both: the chunk decode computed (token 256) is in the store now, under its key.
     assert stored_chunks(system.backend(), chunk_keys(identity, prompt), 2) == 2
-    assert_serving(decode, reference, extra)
+    assert_serving(decode, plain, extra)
 
 
-def test_a_missing_middle_chunk_loads_the_part_before_it(system, reference, texts, identity):
+def test_a_missing_middle_chunk_loads_the_part_before_it(system, plain, texts, identity):
     prefill, decode = system.engines["prefill"], system.engines["decode"]
     prompt = texts(1000)
     prefill.complete(prompt, max_tokens=1)
@@ -132,12 +161,12 @@ def test_a_missing_middle_chunk_loads_the_part_before_it(system, reference, text
     assert len(re.findall(r"lacks tokens 256-512 but holds later chunks", log)) == 1
     assert [int(t) for _, t, _ in re.findall(LOAD, log)] == [256]
     assert decode.metric("vllm:external_prefix_cache_hits_total") - hits == 256  # 744 computed
-    assert_matches(got, reference_answer(reference, prompt), "missing chunk 256-512")
+    plain.assert_like(got, prompt, "missing chunk 256-512")
     assert stored_chunks(backend, keys, 4) == 4  # kv_both saved what it computed: no more hole
 
 
 def test_a_corrupted_middle_chunk_is_caught_and_recomputed_from_there(
-    system, reference, texts, identity
+    system, plain, texts, identity
 ):
     prefill, decode = system.engines["prefill"], system.engines["decode"]
     prompt = texts(1000)
@@ -154,11 +183,11 @@ def test_a_corrupted_middle_chunk_is_caught_and_recomputed_from_there(
     assert partial == ("256", "999", "256")  # chunk 0 loaded, tokens 256 on recomputed
     assert "checksum mismatch" in log
     assert re.findall(RECOVERED, log) == [str(999 - 256)]  # exactly the tokens not loaded
-    assert_matches(got, reference_answer(reference, prompt), "corrupted chunk 256-512")
-    assert_serving(decode, reference, texts(40))
+    plain.assert_like(got, prompt, "corrupted chunk 256-512")
+    assert_serving(decode, plain, texts(40))
 
 
-def test_a_local_prefix_cache_hit_loads_only_the_rest(system, reference, texts):
+def test_a_local_prefix_cache_hit_loads_only_the_rest(system, plain, texts):
     """Two prompts of equal length sharing 512 tokens: the second finds them in decode's own
     prefix cache (filled by the first load) and loads only what follows."""
     prefill, decode = system.engines["prefill"], system.engines["decode"]
@@ -173,10 +202,10 @@ def test_a_local_prefix_cache_hit_loads_only_the_rest(system, reference, texts):
     (_, tokens, verified), *_ = decode.expect_log(LOAD)
     assert (int(tokens), verified) == (711 - 512, "ok")
     assert decode.metric("vllm:prefix_cache_hits_total") - local == 512
-    assert_matches(got, reference_answer(reference, second), "prompt with a locally cached prefix")
+    plain.assert_like(got, second, "prompt with a locally cached prefix")
 
 
-def test_eight_mixed_prompts_at_once_load_their_own_bytes(system, reference, texts):
+def test_eight_mixed_prompts_at_once_load_their_own_bytes(system, plain, texts):
     prefill, decode = system.engines["prefill"], system.engines["decode"]
     lengths = (20, 1500, 300, 129, 900, 64, 1200, 513)
     prompts = [texts(n) for n in lengths]
@@ -206,21 +235,23 @@ def test_eight_mixed_prompts_at_once_load_their_own_bytes(system, reference, tex
     assert metric_reaches(decode, "splitwise:loaded_tokens_total", total) == total
 
     def references() -> list[Reference]:
-        asked = together.map(lambda p: reference_reply(reference, p, 24), prompts)
+        asked = together.map(lambda p: reference_reply(plain.engine, p, 24), prompts)
         return [Reference.of(reply) for reply in asked]
 
     first, second = references(), references()
-    judged = 0
+    # Eight at once, the plain engine's batches differ from run to run, so near-ties part its
+    # two runs more often than alone: two of the eight may be left out; more, and this case
+    # would judge too few loads to call concurrent loads right.
+    judged = Judged(allowed_out=2)
     for n, mine, ref, again in zip(lengths, got, first, second, strict=True):
-        if ref.tokens != again.tokens:
-            print(f"{n}-token prompt unstable on a plain engine under concurrency: not judged")
-            continue
-        assert_matches(mine, ref, f"{n}-token prompt among 8 at once")
-        judged += 1
-    assert judged >= 6, "too many unstable prompts to call this tested"
+        what = f"{n}-token prompt among 8 at once"
+        judged.record(what, ref.tokens == again.tokens)
+        if ref.tokens == again.tokens:
+            assert_matches(mine, ref, what)
+    judged.check()
 
 
-def test_the_store_killed_between_lookup_and_load_costs_a_recompute(system, reference, texts):
+def test_the_store_killed_between_lookup_and_load_costs_a_recompute(system, plain, texts):
     """The scheduler has found the chunks; the store dies before the worker fetches them."""
     prefill, decode = system.engines["prefill"], system.engines["decode"]
     prompt = texts(700)
@@ -239,17 +270,17 @@ def test_the_store_killed_between_lookup_and_load_costs_a_recompute(system, refe
     log = decode.wait_log(RECOVERED)
     assert re.findall(PARTIAL, log) == [("0", "699", "0")]
     assert re.findall(RECOVERED, log) == ["699"]
-    assert_matches(got, reference_answer(reference, prompt), "store killed before the load")
+    plain.assert_like(got, prompt, "store killed before the load")
 
 
-def test_a_dead_store_costs_hits_and_a_restarted_one_brings_them_back(system, reference, texts):
+def test_a_dead_store_costs_hits_and_a_restarted_one_brings_them_back(system, plain, texts):
     prefill, decode = system.engines["prefill"], system.engines["decode"]
     pids = {name: engine.child.pid for name, engine in system.engines.items()}
     assert not system.store_child.running  # killed by the previous case
     prompt = texts(600)
     decode.new_log()
     prefill.complete(prompt, max_tokens=1)
-    assert_matches(answer(decode, prompt), reference_answer(reference, prompt), "dead store")
+    plain.assert_like(answer(decode, prompt), prompt, "dead store")
     assert re.search(r"store unavailable for req=\S+, computing the prompt", decode.new_log())
 
     system.restart_store()  # empty, same shm name: the connectors find it by themselves
@@ -257,12 +288,12 @@ def test_a_dead_store_costs_hits_and_a_restarted_one_brings_them_back(system, re
     prompt = texts(600)
     hits = decode.metric("vllm:external_prefix_cache_hits_total")
     prefill.complete(prompt, max_tokens=1)
-    assert_matches(answer(decode, prompt), reference_answer(reference, prompt), "restarted store")
+    plain.assert_like(answer(decode, prompt), prompt, "restarted store")
     assert decode.metric("vllm:external_prefix_cache_hits_total") - hits == 599
     assert {name: engine.child.pid for name, engine in system.engines.items()} == pids
 
 
-def test_a_frozen_store_never_hangs_an_engine(system, reference, texts):
+def test_a_frozen_store_never_hangs_an_engine(system, plain, texts):
     """Neither engine waits for a frozen store: decode computes the prompt once its lookup's
     deadline has passed, prefill answers once its bounded wait for the save is over. (An engine
     that waited would end the request at the client's timeout.)"""
@@ -275,7 +306,7 @@ def test_a_frozen_store_never_hangs_an_engine(system, reference, texts):
     system.store_child.signal_group(signal.SIGSTOP)
     try:
         got = answer(decode, stored, 8)
-        assert_matches(got, reference_answer(reference, stored, 8), "frozen store")
+        plain.assert_like(got, stored, "frozen store", 8)
         unanswered = r"store unavailable for req=\S+, computing the prompt: no answer within"
         assert re.search(unanswered, decode.wait_log(unanswered))
         answer(prefill, fresh, 1)

@@ -4,7 +4,8 @@ For each configuration (chunk sizes 256, 32 and 200), prompts of
 about 20, 128, 129, 200 and 1,000 tokens go to the prefill engine with max_tokens=1, then to the
 decode engine for 64 greedy tokens; the reference is a plain engine given the same prompt. The
 reference runs each prompt twice: a prompt whose two reference runs differ is unstable on this
-engine (bf16 near-ties), reported and left out, never compared loosely.
+engine (bf16 near-ties), reported and left out, never compared loosely; each test counts what it
+judged and fails under its minimum.
 """
 
 from __future__ import annotations
@@ -71,11 +72,14 @@ def test_completions_are_token_identical(system, prompts, references):
             f"{length}-token prompt diverged at token {first_diff(got, expected)}"
         )
         compared += 1
-    assert compared >= len(prompts) - 1, "too many unstable prompts to call this tested"
+    # A near-tie is rare: one of the five prompts may meet one; two would mean the reference
+    # varies for some other reason, and too little was judged to call the loads right.
+    assert compared >= len(prompts) - 1, f"only {compared} of {len(prompts)} prompts judged"
 
 
 def test_chat_is_token_identical(system, references):
     prefill, decode = system.engines["prefill"], system.engines["decode"]
+    compared = 0
     for text in CHATS:
         expected = references.tokens(
             f"chat-{text[:40]}", lambda e, t=text: completion_tokens(e.chat(t))
@@ -87,3 +91,6 @@ def test_chat_is_token_identical(system, references):
         assert_loaded(decode, prompt_len)
         if expected is not None:
             assert completion_tokens(reply) == expected
+            compared += 1
+    # One of the two chats may meet a near-tie; with neither judged this test proved nothing.
+    assert compared >= len(CHATS) - 1, f"only {compared} of {len(CHATS)} chats judged"

@@ -59,7 +59,8 @@ def test_mla_decode_is_token_identical_and_byte_exact(mla, prose_tokens):
         if expected is not None:
             assert got == expected, f"{length}-token prompt diverged at {first_diff(got, expected)}"
             compared += 1
-    assert compared >= len(PROMPT_LENGTHS) - 1
+    # One of the three prompts may meet a near-tie; two would leave too little judged.
+    assert compared >= len(PROMPT_LENGTHS) - 1, f"only {compared} prompts judged"
 
 
 def test_poisoned_latents_change_the_output(mla, prose_tokens):
