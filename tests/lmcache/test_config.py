@@ -139,7 +139,7 @@ def test_the_engine_environment_points_lmcache_at_the_generated_file(tmp_path: P
     assert CONFIG_ENV_VAR not in _spec("prefill", config_file=EXAMPLE).environment(base={})
 
 
-@pytest.mark.skipif(detect_device() == "cuda", reason="this machine has CUDA")
+@pytest.mark.skipif(detect_device() == "cuda", reason="checks the refusal on a host without CUDA")
 def test_the_engine_subcommand_refuses_lmcache_on_the_cpu(capsys) -> None:
     assert cli.main(["engine", "--role", "prefill", "--connector", "lmcache"]) == 1
     assert "needs CUDA" in capsys.readouterr().err

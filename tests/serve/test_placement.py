@@ -92,7 +92,7 @@ def test_too_few_gpus_are_refused_with_what_was_needed():
         gpu_placement(launcher_args(), 0)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA sees a GPU here")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA sees no GPU")
 def test_placement_on_cuda_counts_the_gpus_torch_sees():
     args = launcher_args("--device", "cuda")
     with pytest.raises(PlacementError, match="CUDA sees no GPU here"):
