@@ -368,13 +368,15 @@ def test_requests_spread_round_robin_over_idle_engines(fake, proxy):
 
 
 def test_caller_disconnect_mid_stream_cancels_upstream(fake, proxy):
+    """Decode sends one token, then nothing for an hour: only a cancel can end its stream."""
     _, prefill_url = fake(name="prefill")
-    decode, decode_url = fake(name="decode", tokens=500, token_interval_s=0.01)
+    decode, decode_url = fake(name="decode", tokens=2, token_interval_s=3600)
     base = proxy(prefill=[prefill_url], decode=[decode_url])
     body = {**CHAT, "stream": True}
     with httpx.stream("POST", base + "/v1/chat/completions", json=body) as response:
         next(response.iter_bytes())
-    assert decode.record.cut.wait(3), "the decode stream kept running after the caller left"
+    closed = decode.record.cut.wait(HANG_GUARD_S)
+    assert closed, "the decode stream kept running after the caller left"
     assert decode.record.streams_cut == 1 and decode.record.streams_completed == 0
     settle(base)
     assert value(base, "splitwise_proxy_in_flight_requests") == 0
@@ -383,12 +385,18 @@ def test_caller_disconnect_mid_stream_cancels_upstream(fake, proxy):
 
 
 def test_caller_disconnect_during_prefill_cancels_it(fake, proxy):
-    prefill, prefill_url = fake(name="prefill", delay_s=5.0)
+    """The prefill is held until the test ends: only a cancel can end its request."""
+    never = threading.Event()
+    prefill, prefill_url = fake(name="prefill", hold=never)
     decode, decode_url = fake(name="decode")
     base = proxy(prefill=[prefill_url], decode=[decode_url])
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base + "/v1/completions", json=COMPLETION, timeout=0.3)
-    assert prefill.record.cut.wait(3), "the prefill request kept running after the caller left"
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # the caller gives up, and hangs up
+            httpx.post(base + "/v1/completions", json=COMPLETION, timeout=0.3)
+        closed = prefill.record.cut.wait(HANG_GUARD_S)
+    finally:
+        never.set()
+    assert closed, "the prefill request kept running after the caller left"
     assert prefill.record.whole_cut == 1
     settle(base)
     assert decode.record.requests == []
@@ -397,17 +405,19 @@ def test_caller_disconnect_during_prefill_cancels_it(fake, proxy):
 
 
 def test_decode_stalling_mid_stream_ends_with_an_error_event(fake, proxy):
+    """Decode sends one token, then nothing for an hour: only the proxy's timeout ends it."""
     _, prefill_url = fake(name="prefill")
-    decode, decode_url = fake(name="decode", tokens=5, token_interval_s=2.0)
+    decode, decode_url = fake(name="decode", tokens=5, token_interval_s=3600)
     base = proxy(prefill=[prefill_url], decode=[decode_url], decode_timeout_s=0.3)
-    with httpx.stream("POST", base + "/v1/completions", json={**COMPLETION, "stream": True}) as r:
+    body = {**COMPLETION, "stream": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=HANG_GUARD_S) as r:
         events = sse_events(r.read().decode())
     assert events[0]["choices"][0]["text"] == " decode0"
     assert events[1]["error"]["type"] == "server_error"
     assert "Timeout" in events[1]["error"]["message"]
     assert events[2] == "[DONE]"
     assert total(base, "splitwise_proxy_errors_total", kind="decode_timeout_mid_stream") == 1
-    assert decode.record.cut.wait(3)
+    assert decode.record.cut.wait(HANG_GUARD_S)
 
 
 def test_unknown_route_and_method_are_openai_errors(pair):
