@@ -140,7 +140,10 @@ def test_ctrl_c_during_startup_stops_what_started(tmp_path, ports, fake_model, l
     system = launch_fake(tmp_path, ports, fake_model, modes={ports.decode: "hang"})
     launched.append(system)
     system.wait_for("starting decode engine", 60)
-    time.sleep(1.0)  # let the engines spawn their helpers
+    deadline = time.monotonic() + HANG_GUARD_S
+    while len(system.processes("decode engine")) < 3:  # the hanging engine and its two helpers
+        assert time.monotonic() < deadline, "the decode engine started no helpers"
+        time.sleep(0.1)
     assert system.finish(signal.SIGINT) == 0
     assert "SIGINT received" in system.out
     assert leftovers(system.run_dir) == []
