@@ -44,7 +44,31 @@ def latencies(run: Mapping[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
-def _log_axis(axis) -> None:
+def save(fig, path: Path) -> Path:
+    """Lays out `fig`, writes it to `path` and frees it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def cdf(ax, values: np.ndarray, label: str) -> None:
+    """The empirical CDF of `values` as a step line (nothing when there are none)."""
+    if values.size:
+        xs = np.sort(values)
+        ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post", label=label)
+
+
+def cdf_axes(ax, title: str, metric: str) -> None:
+    """A latency CDF's axes: `metric` in ms on a log scale, the share of values up the side."""
+    ax.set(title=title, xlabel=f"{metric} (ms, log scale)", ylabel="share")
+    ax.set_xscale("log")
+    log_axis(ax.xaxis)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+
+
+def log_axis(axis) -> None:
     """Log scale labelled 1, 2, 5, 10, 20, ... in plain numbers (not 2x10^1)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -58,19 +82,10 @@ def plot_latency_cdfs(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for label, run in runs.items():
         for ax, values in zip(axes, latencies(run).values(), strict=True):
-            if values.size:
-                xs = np.sort(values)
-                ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post", label=label)
+            cdf(ax, values, label)
     for ax, metric in zip(axes, ("TTFT", "ITL", "E2E"), strict=True):
-        ax.set(title=f"{metric} CDF", xlabel=f"{metric} (ms, log scale)", ylabel="fraction")
-        ax.set_xscale("log")
-        _log_axis(ax.xaxis)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        cdf_axes(ax, f"{metric} CDF", metric)
+    return save(fig, path)
 
 
 def plot_itl_over_time(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
@@ -91,13 +106,10 @@ def plot_itl_over_time(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Pat
             ylabel="ITL (ms, log)",
         )
         ax.set_yscale("log")
-        _log_axis(ax.yaxis)
+        log_axis(ax.yaxis)
         ax.grid(True, which="both", alpha=0.3)
     axes[-1, 0].set_xlabel("time since the start of the run (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def write_plots(
@@ -137,13 +149,10 @@ def plot_attainment(sweeps: Mapping[str, Mapping[str, Any]], path: Path, goal: f
         ax.grid(True, alpha=0.3)
         if key == "itl_p99_ms":
             ax.set_yscale("log")
-            _log_axis(ax.yaxis)
+            log_axis(ax.yaxis)
         else:
             ax.set_ylim(-0.02, 1.02)
             ax.axhline(goal, color="grey", linestyle="--", linewidth=0.8)
         ax.legend()
     axes[0].set_ylabel("share of requests")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

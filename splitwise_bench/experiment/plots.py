@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from splitwise_bench.plots import _log_axis, latencies, pyplot
+from splitwise_bench.plots import cdf, cdf_axes, latencies, log_axis, pyplot, save
 
 ATTAINMENT = "attainment.png"
 CDFS = "cdf.png"
@@ -44,16 +44,7 @@ def plot_attainment(azure: Mapping[str, Any], families: Mapping[str, Any], path:
             ax.set_xlabel("offered rate (req/s)")
             ax.grid(True, alpha=0.3)
             ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _cdf(ax, values: np.ndarray, label: str) -> None:
-    if values.size:
-        xs = np.sort(values)
-        ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post", label=label)
+    return save(fig, path)
 
 
 def plot_cdfs(pooled: Mapping[str, Mapping[str, list[dict]]], path: Path) -> Path:
@@ -63,18 +54,11 @@ def plot_cdfs(pooled: Mapping[str, Mapping[str, list[dict]]], path: Path) -> Pat
     for row, (workload, systems) in zip(axes, pooled.items(), strict=True):
         for name, records in systems.items():
             found = latencies({"per_request": records})
-            _cdf(row[0], found["TTFT"], name)
-            _cdf(row[1], found["ITL"], name)
+            cdf(row[0], found["TTFT"], name)
+            cdf(row[1], found["ITL"], name)
         for ax, metric in zip(row, ("TTFT", "ITL"), strict=True):
-            ax.set(title=f"{workload}: {metric} CDF", xlabel=f"{metric} (ms, log)", ylabel="share")
-            ax.set_xscale("log")
-            _log_axis(ax.xaxis)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            cdf_axes(ax, f"{workload}: {metric} CDF", metric)
+    return save(fig, path)
 
 
 def plot_hit_ratio(mooncake: Mapping[str, Any], path: Path) -> Path:
@@ -102,10 +86,7 @@ def plot_hit_ratio(mooncake: Mapping[str, Any], path: Path) -> Path:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_admission(points: list[dict[str, Any]], slo_ttft_ms: float, path: Path) -> Path:
@@ -123,7 +104,7 @@ def plot_admission(points: list[dict[str, Any]], slo_ttft_ms: float, path: Path)
         ylabel="TTFT (ms, log)",
     )
     left.set_yscale("log")
-    _log_axis(left.yaxis)
+    log_axis(left.yaxis)
     right.plot(loads, [p["refused"] / max(p["sent"], 1) for p in good], marker="o")
     right.set(
         title="refused (429/503)",
@@ -134,7 +115,4 @@ def plot_admission(points: list[dict[str, Any]], slo_ttft_ms: float, path: Path)
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
     left.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
