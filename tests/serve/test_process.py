@@ -20,7 +20,7 @@ from tests.serve.starter import EVERY_KIND
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
-GONE_WITHIN_S = 10.0  # the promise: every child of a killed launcher is gone by then
+GONE_WITHIN_S = 60.0  # a hang guard: the guardian kills what is left after its 5 s grace
 
 
 class Starter:
