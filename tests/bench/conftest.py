@@ -1,8 +1,11 @@
-"""Shared by the load generator's tests: the embedded model's real tokenizer, loaded once."""
+"""Shared by the benchmarks' tests: the embedded model's real tokenizer, loaded once, and the
+proxy tests' in-process servers (`servers`)."""
 
 from __future__ import annotations
 
 import pytest
+
+from tests.proxy.conftest import servers  # noqa: F401 (a shared fixture)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,6 @@ from starlette.routing import Route
 from splitwise_bench import stall
 from splitwise_bench.stall import Stream, disturbed_stream
 from splitwise_testing.fake_engine import FakeBehaviour, FakeEngine
-from tests.proxy.servers import Servers
 
 HANG_GUARD_S = 60  # a deadline only a hang reaches: each wait below takes milliseconds
 pytestmark = pytest.mark.timeout(4 * HANG_GUARD_S)
@@ -54,15 +53,6 @@ class Batches:
             for _ in range(size):
                 yield TOKEN
         yield "data: [DONE]\n\n"
-
-
-@pytest.fixture
-def servers() -> Iterator[Servers]:
-    running = Servers()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture
