@@ -36,6 +36,7 @@ import httpx
 
 from splitwise_bench.host_load import HostLoad, wait_for_quiet
 from splitwise_bench.report import print_table, write_json
+from splitwise_bench.stall import Stream
 from splitwise_local.progress import Progress
 from splitwise_local.proxy.routing import ROUTE_HEADER
 from splitwise_testing.launch import Running, launch_system, sweep
@@ -43,6 +44,7 @@ from splitwise_testing.launch import Running, launch_system, sweep
 HEALTH_DEADLINE_S = 60.0
 QUIET_TOKENS = 40  # the stream's tokens before the prompts come: its quiet gaps
 SETTLE_GAPS = 2  # its first gaps (its own prefill, the first steps) are not quiet ones
+STREAM_TOKENS = 1500  # more than a round lasts: it is stopped, never ends by itself
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,52 +77,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="before each round, wait up to this long for the machine's other work to quiet",
     )
     parser.add_argument("--model", help="as the launcher takes it (default: the embedded SmolLM2)")
-
-
-class Stream:
-    """A greedy stream in a thread, recording when each token came, until `stop`."""
-
-    def __init__(self, url: str, model: str, prompt: list[int]) -> None:
-        self.arrivals: list[float] = []
-        self.error: Exception | None = None
-        self._stop = threading.Event()
-        body = {"model": model, "prompt": prompt, "max_tokens": 1500, "temperature": 0,
-                "ignore_eos": True, "stream": True}  # fmt: skip
-        self._thread = threading.Thread(target=self._run, args=(url, body), daemon=True)
-        self._thread.start()
-
-    def _run(self, url: str, body: dict[str, Any]) -> None:
-        try:
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as reply:
-                reply.raise_for_status()
-                for line in reply.iter_lines():
-                    if line.startswith("data: ") and '"text"' in line:
-                        self.arrivals.append(time.perf_counter())
-                    if self._stop.is_set():
-                        return  # closing the connection aborts the generation
-            raise RuntimeError(f"the stream ended after {len(self.arrivals)} tokens")
-        except Exception as exc:  # told to whoever waits for it, not lost in the thread
-            self.error = exc
-
-    def wait_for_tokens(self, count: int, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.arrivals) < count:
-            if self.error is not None:
-                raise RuntimeError(f"the stream failed: {self.error!r}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the stream had {len(self.arrivals)} of {count} tokens")
-            time.sleep(0.005)
-
-    def stop(self) -> None:
-        """Ends the stream; raises if it failed before (its gaps would mean nothing)."""
-        self._stop.set()
-        self._thread.join(60)
-        if self.error is not None:
-            raise RuntimeError(f"the stream failed: {self.error!r}")
-
-    def gaps(self, start: float, end: float) -> list[float]:
-        """Gaps between consecutive tokens that end after `start` and begin before `end`."""
-        return [b - a for a, b in itertools.pairwise(self.arrivals) if b > start and a < end]
 
 
 def prompt_through_proxy(url: str, model: str, prompt: list[int], tokens: int) -> dict[str, Any]:
@@ -176,9 +132,9 @@ def one_round(
     `--control-s`, the machine's own noise); the stream's gaps before and while."""
     roots = [os.getpid(), system.launch.popen.pid]
     waited = wait_for_quiet(roots, args.quiet_wait_s)
-    stream = Stream(stream_url, system.model, fresh(32))
+    stream = Stream(stream_url, system.model, fresh(32), tokens=STREAM_TOKENS)
     try:
-        stream.wait_for_tokens(QUIET_TOKENS)
+        stream.wait_started(QUIET_TOKENS, timeout=300)
         with HostLoad(roots) as host:
             started = time.perf_counter()
             if prompts:

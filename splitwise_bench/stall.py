@@ -31,11 +31,13 @@ class StreamGaps:
 
 
 class Stream:
-    """A long greedy generation on one engine, in a thread, recording when each token came."""
+    """A long greedy generation on one engine, in a thread, recording when each token came,
+    until it ends or is stopped."""
 
     def __init__(self, url: str, model: str, prompt: list[int], tokens: int = 120) -> None:
         self.arrivals: list[float] = []
         self.error: Exception | None = None
+        self._stop = threading.Event()
         body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True}  # fmt: skip
         self._thread = threading.Thread(target=self._run, args=(url, body), daemon=True)
@@ -48,6 +50,8 @@ class Stream:
                 for line in reply.iter_lines():
                     if line.startswith("data: ") and '"text"' in line:
                         self.arrivals.append(time.perf_counter())
+                    if self._stop.is_set():
+                        return  # closing the connection aborts the generation
         except Exception as exc:  # told to whoever waits for it, not lost in the thread
             self.error = exc
 
@@ -77,6 +81,15 @@ class Stream:
         self._thread.join()
         if self.error is not None:
             raise RuntimeError(f"the background stream failed: {self.error!r}")
+
+    def stop(self) -> None:
+        """Ends the stream at its next token; raises if it failed or had already ended (its
+        gaps would then not cover what was measured)."""
+        ended = not self._thread.is_alive()
+        self._stop.set()
+        self.join()
+        if ended:
+            raise RuntimeError(f"the background stream ended after {len(self.arrivals)} tokens")
 
 
 def disturbed_stream(

@@ -110,6 +110,27 @@ def test_waits_for_the_first_tokens_then_runs_to_the_end(batches):
     assert len(stream.arrivals) == 20
 
 
+def test_a_stopped_stream_ends_at_its_next_token(batches):
+    server, url = batches(8, 1, 11)
+    stream = Stream(url, "fake-model", [1, 2, 3], tokens=20)
+    stream.wait_started(8, timeout=HANG_GUARD_S)
+    stopping = threading.Thread(target=stream.stop)
+    stopping.start()  # it waits for the next token, which the server still holds
+    server.release(1)
+    stopping.join(HANG_GUARD_S)
+    assert not stopping.is_alive()
+    assert len(stream.arrivals) == 9  # the eleven tokens after the stop were never read
+
+
+def test_stopping_a_stream_that_had_ended_is_an_error(engine):
+    """Its gaps stop short of what the caller meant to measure."""
+    behaviour, url = engine
+    stream = Stream(url, behaviour.model, [1], tokens=4)
+    stream.join()
+    with pytest.raises(RuntimeError, match="ended after 4 tokens"):
+        stream.stop()
+
+
 def test_a_stream_that_does_not_start_in_time_is_a_timeout(engine):
     """The engine holds its answer until the test ends: only the deadline can end the wait."""
     behaviour, url = engine
