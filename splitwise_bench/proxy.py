@@ -19,12 +19,20 @@ receiver in a process of its own, `splitwise_testing.otlp_receiver`) and reports
 adds over the untraced proxy, the two alternating in every round (their order swapped each
 round): pooled percentiles, and the median over rounds of each round's difference of p50s,
 which one noisy round on a shared machine moves less.
+
+`--peer vllm-router` runs vLLM's own PD proxy (the Rust `vllm-router`, `--vllm-pd-disaggregation`,
+its default policy) in front of the same two fakes, alternating with ours in every round, and
+reports its added latency beside ours. It speaks vLLM's NixlConnector protocol: the prefill copy
+asks `do_remote_decode`, and the `kv_transfer_params` the prefill fake answers with (in
+NixlConnector's shape) go on to decode; ours has no such step, its engines share a store.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -46,6 +54,7 @@ from splitwise_local.serve.ports import free_port
 GOAL_P50_MS = 2.0
 GOAL_P99_MS = 10.0
 TRACING_GOAL_P50_MS = 0.5
+PEER = "vllm_router"  # its key in the results; the package and its command are `vllm-router`
 
 
 @dataclass
@@ -81,6 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run a proxy that traces every request (OTLP/HTTP to a receiver process) and "
         "report the latency tracing adds",
+    )
+    parser.add_argument(
+        "--peer",
+        choices=["vllm-router"],
+        help="also measure vLLM's Rust PD proxy (the `bench` extra installs it) beside ours, "
+        "alternating with it in every round",
     )
 
 
@@ -172,8 +187,21 @@ def held_back(samples: list[Sample], interval_ms: float) -> int:
     return sum(d > interval_ms for s in samples for d in s.chunk_delays[:-1])
 
 
+def peer_argv(urls: dict[str, str], ports: dict[str, int]) -> list[str]:
+    """vllm-router in PD mode over the two fakes, as its README starts it (default policy)."""
+    argv = ["-m", "vllm_router.launch_router", "--vllm-pd-disaggregation"]
+    argv += ["--prefill", urls["prefill"], "--decode", urls["decode"]]
+    argv += ["--host", "127.0.0.1", "--port", str(ports[PEER])]
+    return [*argv, "--prometheus-port", str(ports["peer_metrics"]), "--log-level", "warning"]
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.peer and importlib.util.find_spec("vllm_router") is None:
+        print("bench proxy --peer vllm-router: vllm-router is not installed (pip install "
+              "vllm-router; scripts/setup.sh installs it)", file=sys.stderr)  # fmt: skip
+        return 2
     names = ["prefill", "decode", "proxy", *(["traced", "otlp"] if args.tracing else [])]
+    names += [PEER, "peer_metrics"] if args.peer else []
     ports = {name: free_port() for name in names}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     fake = ["-m", "splitwise_testing.fake_engine", "--tokens", str(args.tokens)]
@@ -186,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tracing:
         proxies["traced"] = [*proxy, "--port", str(ports["traced"]), "--otlp-traces-endpoint",
                              urls["otlp"], "--otlp-traces-protocol", "http/protobuf"]  # fmt: skip
+    if args.peer:
+        proxies[PEER] = peer_argv(urls, ports)
     results: dict[str, dict] = {}
     received: dict[str, int] = {}  # by the OTLP receiver
     cases = Progress(total=2 * len(args.concurrency), desc="bench proxy", unit="case")
@@ -210,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
                 cases.set_postfix_str(case)
                 results[case] = measure_case(args, urls, processes, clients, stream)
                 cases.update()
-    return report_results(args, results, received.get("spans"))
+    peer = {"argv": ["vllm-router", *proxies[PEER][2:]]} if args.peer else None
+    return report_results(args, results, received.get("spans"), peer)
 
 
 def measure_case(
@@ -253,6 +284,13 @@ def measure_case(
             "traced_cpu_ms_per_request": cpu_s["traced"] * 1000 / sent,
             "tracing_added_ms": tracing_added(rounds["proxy"], rounds["traced"]),
         }
+    if PEER in processes:
+        result |= {
+            PEER: summarize(proxied[PEER]),
+            f"{PEER}_cpu_ms_per_request": cpu_s[PEER] * 1000 / sent,
+        }
+        if stream:
+            result[f"{PEER}_chunks_held_back"] = held_back(proxied[PEER], args.token_interval_ms)
     return result
 
 
@@ -282,7 +320,10 @@ def tracing_added(
 
 
 def report_results(
-    args: argparse.Namespace, results: dict[str, dict], spans_received: int | None = None
+    args: argparse.Namespace,
+    results: dict[str, dict],
+    spans_received: int | None = None,
+    peer: dict[str, object] | None = None,
 ) -> int:
     rows = []
     for case, result in results.items():
@@ -309,12 +350,15 @@ def report_results(
             "rounds": args.rounds,
             "admission": args.admission,
             "tracing": args.tracing,
+            "peer": args.peer,
             "load_average_1m_at_end": os.getloadavg()[0],
         },
         "results": results,
     }
     if args.tracing:
         summary["tracing"] = report_tracing(results, spans_received)
+    if peer is not None:
+        summary["peer"] = report_peer(results, peer)
     if "stream_c64" in results:
         # The headline is the added time to first token: it holds the whole prefill hop, and
         # unlike end-to-end time it is not blurred by the fake's token pacing.
@@ -346,14 +390,61 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
     c64 = results.get("stream_c64")
     if c64 is None:
         return {}
-    p50 = {
-        name: c64[name]["ttft_ms"]["p50"] for name in ("direct", "proxy", "traced") if name in c64
-    }
+    names = ("direct", "proxy", "traced", PEER)
+    p50 = {name: c64[name]["ttft_ms"]["p50"] for name in names if name in c64}
     found = {f"{name}_over_direct_ttft_p50_c64": p50[name] / p50["direct"] for name in p50}
     found.pop("direct_over_direct_ttft_p50_c64")
     if "traced" in p50:
         found["traced_over_untraced_ttft_p50_c64"] = p50["traced"] / p50["proxy"]
+    if PEER in p50:
+        found[f"proxy_over_{PEER}_ttft_p50_c64"] = p50["proxy"] / p50[PEER]
     return found
+
+
+def report_peer(results: dict[str, dict], peer: dict[str, object]) -> dict[str, object]:
+    """vllm-router's added latency beside ours, per case (a table) and at 64 streams (against
+    the same goal)."""
+    rows = []
+    for case, result in results.items():
+        for metric in result["added_ms"]:
+            direct, theirs = result["direct"][metric], result[PEER][metric]
+            added = {p: theirs[p] - direct[p] for p in ("p50", "p99")}
+            result.setdefault(f"{PEER}_added_ms", {})[metric] = added
+            ours = result["added_ms"][metric]
+            rows.append(
+                [case, metric.removesuffix("_ms"), direct["p50"], ours["p50"], added["p50"],
+                 ours["p99"], added["p99"], result["proxy"][metric]["p50"] / theirs["p50"],
+                 result["proxy_cpu_ms_per_request"] if metric == "e2e_ms" else "",
+                 result[f"{PEER}_cpu_ms_per_request"] if metric == "e2e_ms" else ""]
+            )  # fmt: skip
+    headers = ["case", "metric", "direct p50", "added p50 ours", "added p50 vllm-router"]
+    headers += ["added p99 ours", "added p99 vllm-router", "p50 ours/vllm-router"]
+    headers += ["CPU/req ours", "CPU/req vllm-router"]
+    report.print_table("Latency added: ours beside vllm-router (ms)", headers, rows)
+    summary = {
+        "name": "vllm-router",
+        "version": importlib.metadata.version("vllm-router"),
+        "mode": "PD (--vllm-pd-disaggregation): prefill copy with max_tokens 1, then decode "
+        "with the prefill answer's kv_transfer_params",
+        **peer,
+    }
+    if "stream_c64" in results:
+        c64 = results["stream_c64"]
+        top = c64[f"{PEER}_added_ms"]["ttft_ms"]
+        met = top["p50"] <= GOAL_P50_MS and top["p99"] <= GOAL_P99_MS
+        summary |= {
+            "added_p50_ms_c64": top["p50"],
+            "added_p99_ms_c64": top["p99"],
+            "added_metric": "ttft",
+            "chunks_held_back_c64": c64[f"{PEER}_chunks_held_back"],
+            "goal_met": met,
+        }
+        print(
+            f"\n64 streams, added time to first token through vllm-router: p50 {top['p50']:.2f} "
+            f"ms, p99 {top['p99']:.2f} ms: {'met' if met else 'NOT met'}; chunks held back: "
+            f"{c64[f'{PEER}_chunks_held_back']}"
+        )
+    return summary
 
 
 def report_tracing(results: dict[str, dict], spans_received: int | None) -> dict[str, object]:

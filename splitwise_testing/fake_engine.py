@@ -2,6 +2,7 @@
 
 It speaks just enough of vLLM's API (chat and text completions, whole or streamed, `/v1/models`,
 `/health`, `/metrics` with vLLM's gauges of the requests it runs, vLLM-shaped 400/404 errors,
+a NixlConnector-shaped `kv_transfer_params` in a prefill answer asked `do_remote_decode`,
 and like vLLM a stream refused only after its 200: too many `logprobs` end it with an error
 event) for the proxy to be load- and fault-tested without a model. It records what it was asked
 and whether a stream ran to the end or was cut off, and can be told to fail, stall (a while, or
@@ -180,6 +181,8 @@ class FakeEngine:
         choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
         answer = self._envelope(chat, stream=False, choice=choice)
         answer["usage"] = _usage(words, count)
+        if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
+            answer["kv_transfer_params"] = self._kv_transfer_params()
         return JSONResponse(answer)
 
     async def _stream(self, chat: bool, count: int, usage_words: int | None) -> AsyncIterator[str]:
@@ -223,6 +226,20 @@ class FakeEngine:
                 self.record.cut.set()
                 return True
         return False
+
+    def _kv_transfer_params(self) -> dict[str, Any]:
+        """What vLLM's NixlConnector returns from a prefill asked `do_remote_decode`: where the
+        decode engine pulls the KV from. A PD router (vllm-router) passes it on to decode."""
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": self.behaviour.name,
+            "remote_request_id": f"cmpl-{self.behaviour.name}",
+            "remote_block_ids": [0],
+            "remote_host": "127.0.0.1",
+            "remote_port": 5600,
+            "tp_size": 1,
+        }
 
     def _token(self, i: int) -> str:
         return f" {self.behaviour.name}{i}"
