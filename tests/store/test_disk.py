@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -71,7 +72,14 @@ class Tiered:
         return self.disk()
 
     def files(self) -> dict[str, int]:
-        return {p.name: p.stat().st_size for p in self.path.iterdir() if p.name != ".lock"}
+        """Name -> size of the files in the directory now (the writer may delete one meanwhile:
+        it is then not there)."""
+        found = {}
+        for entry in os.scandir(self.path):
+            if entry.name != ".lock":
+                with contextlib.suppress(FileNotFoundError):
+                    found[entry.name] = entry.stat().st_size
+        return found
 
     def file_of(self, key: str) -> Path:
         for name in self.files():
@@ -263,10 +271,9 @@ def test_a_replaced_or_deleted_key_never_comes_back_from_disk(tiered):
     assert store.get("k") is None and not store.index.delete(b"k")
 
 
-def test_dram_eviction_never_waits_for_a_stalled_disk(tiered):
-    """The writer is held inside its first write (a disk that stopped answering): puts go on,
-    DRAM evicts what the writer never reached (counted as skipped), nothing waits."""
-    store = tiered(dram_values=3, disk_values=20)
+def stall_writer(store) -> tuple[threading.Event, threading.Event]:
+    """Holds the disk writer inside its next write (a disk that stopped answering): the first
+    event is set once it is held, the second lets it go on."""
     stalled, release = threading.Event(), threading.Event()
     write = store.index.files.write
 
@@ -276,6 +283,14 @@ def test_dram_eviction_never_waits_for_a_stalled_disk(tiered):
         write(record, value)
 
     store.index.files.write = stalled_write
+    return stalled, release
+
+
+def test_dram_eviction_never_waits_for_a_stalled_disk(tiered):
+    """The writer is held inside its first write (a disk that stopped answering): puts go on,
+    DRAM evicts what the writer never reached (counted as skipped), nothing waits."""
+    store = tiered(dram_values=3, disk_values=20)
+    stalled, release = stall_writer(store)
     store.put("first", settle=False)
     assert stalled.wait(30)
     values = {f"k{i:02}": store.put(f"k{i:02}", settle=False) for i in range(12)}  # 4x DRAM
@@ -291,15 +306,7 @@ def test_dram_eviction_never_waits_for_a_stalled_disk(tiered):
 
 def test_a_value_being_written_stays_pinned_and_a_replaced_one_is_not_indexed(tiered):
     store = tiered(dram_values=2, disk_values=5)
-    stalled, release = threading.Event(), threading.Event()
-    write = store.index.files.write
-
-    def stalled_write(record, value):
-        stalled.set()
-        release.wait(60)
-        write(record, value)
-
-    store.index.files.write = stalled_write
+    stalled, release = stall_writer(store)
     store.put("k", make_value("v1", VALUE), settle=False)
     assert stalled.wait(30)
     (old,) = [s for s in store.index._index.values() if s.key == b"k"]
@@ -330,15 +337,7 @@ def test_a_replacement_that_left_dram_unwritten_is_a_miss_not_the_old_value(tier
     """The old file must not stand in for a newer value the disk never got."""
     store = tiered(dram_values=2, disk_values=10)
     store.put("k", make_value("v1", VALUE))
-    stalled, release = threading.Event(), threading.Event()
-    write = store.index.files.write
-
-    def stalled_write(record, value):
-        stalled.set()
-        release.wait(60)
-        write(record, value)
-
-    store.index.files.write = stalled_write
+    stalled, release = stall_writer(store)
     store.put("s", settle=False)
     assert stalled.wait(30)
     store.put("k", make_value("v2", VALUE), settle=False)  # queued behind s
