@@ -1,6 +1,6 @@
-"""The project's YAML config: the seed's LMCache keys, validated, with environment overrides.
+"""The project's YAML config: LMCache's keys, validated, with environment overrides.
 
-The seed configured LMCache with a small YAML file; users know those keys, so they stay:
+LMCache deployments are configured with a small YAML file; users know those keys, so they stay:
 `chunk_size`, `local_device`, `remote_url`, `remote_serde`, `max_local_cpu_size` (GB) and
 `pipelined_backend`, and LMCache's disk tier, `local_disk` (a directory, `file://` allowed) with
 `max_local_disk_size` (GB), which the store keeps below its DRAM. A few keys of our own sit beside
@@ -10,7 +10,7 @@ worst kind of config bug.
 
 Environment overrides: `SPLITWISE_<KEY>` (upper case, e.g. `SPLITWISE_CHUNK_SIZE=32`) wins over
 the file. The config file itself comes from `--config`, else `SPLITWISE_CONFIG_FILE`, else
-`LMCACHE_CONFIG_FILE` (as the seed sets it), else the defaults below, which are
+`LMCACHE_CONFIG_FILE` (as LMCache's own deployments set it), else the defaults below, which are
 `configs/cpu.yaml`'s (tests/test_config.py keeps the two equal).
 """
 

@@ -1,6 +1,6 @@
 """LMCache's own `lm://` protocol (lmcache 0.5.6, `lmcache/v1/protocol.py`), served by our store.
 
-Users of the seed point LMCache's remote connector at `lm://host:port` and expect LMCache's
+LMCache's users point its remote connector at `lm://host:port` and expect LMCache's
 server there; the store answers on the same port, told apart from our protocol by the first
 four bytes (`StoreServer._dispatch`), so one address serves both kinds of client. LMCache
 values go into the same arena and index as ours, so capacity, LRU eviction, pins and stats
