@@ -13,6 +13,7 @@ from splitwise_local.hardware.dtype import cpu_dtype
 from splitwise_testing.system import start_system
 
 pytestmark = pytest.mark.engine
+DEAD_STORE_S = 90.0
 
 SAVE_KEY = re.compile(r"splitwise save-key req=\S+ tokens=(\d+)-(\d+) key=(\w+)")
 
@@ -126,6 +127,8 @@ def test_a_dead_store_costs_the_cache_not_the_request(system, prose_tokens, refe
     prefill.new_log()
     decode.new_log()
     prefill.complete(prompt, max_tokens=1)
-    assert prefill.expect_log(r"splitwise save req=\S+ stops at tokens 0-")
+    # A hang guard: a store client finds its store dead at its own deadlines (Mooncake's RPC
+    # deadline is 10 s, and a save asks what is stored before it puts).
+    assert prefill.expect_log(r"splitwise save req=\S+ stops at tokens 0-", timeout=DEAD_STORE_S)
     assert tokens_of(decode.complete(prompt)) == tokens_of(reference.complete(prompt))
-    assert decode.expect_log("splitwise store unavailable")
+    assert decode.expect_log("splitwise store unavailable", timeout=DEAD_STORE_S)
