@@ -66,6 +66,38 @@ def _warm_up(tcp: Any, shm: Any) -> None:
             client.put(f"warm-{i}", value)
 
 
+# Each measured path and op, beside the baseline it is judged against.
+PAIRS = [
+    ("tcp", "put", 1, "socket put"),
+    ("tcp", "get", 1, "socket get"),
+    ("shm", "put", 1, "memcpy"),
+    ("shm", "get", 1, "memcpy"),
+    ("shm", "put", BATCH_LARGE, "memcpy"),
+    ("shm", "get", BATCH_LARGE, "memcpy"),
+]
+
+
+def _rows(top: dict[str, float], size: int) -> list[dict[str, Any]]:
+    """One row per pair: the store's best GB/s, its baseline's, and their ratio."""
+    rows = []
+    for path, op, batch, base in PAIRS:
+        store_gbps = top[f"{path} {op}" + (f" x{batch}" if batch > 1 else "")]
+        rows.append(
+            {
+                "path": path,
+                "op": op,
+                "batch": batch,
+                "size_mib": size // MiB,
+                "store_gbps": store_gbps,
+                "baseline": base.split()[0],
+                "baseline_gbps": top[base],
+                "ratio": store_gbps / top[base],
+                "goal": TCP_GOAL if path == "tcp" else SHM_GOAL,
+            }
+        )
+    return rows
+
+
 def _throughput(args: argparse.Namespace, tcp: Any, shm: Any) -> list[dict[str, Any]]:
     _warm_up(tcp, shm)
     baseline = SocketBaseline()
@@ -100,30 +132,7 @@ def _throughput(args: argparse.Namespace, tcp: Any, shm: Any) -> list[dict[str, 
                 {name: gbps(action, count * size) for name, action in cases.items()}
                 for _ in range(args.repeats)
             ]
-            top = best(rounds)
-            for path, op, batch, base in [
-                ("tcp", "put", 1, "socket put"),
-                ("tcp", "get", 1, "socket get"),
-                ("shm", "put", 1, "memcpy"),
-                ("shm", "get", 1, "memcpy"),
-                ("shm", "put", BATCH_LARGE, "memcpy"),
-                ("shm", "get", BATCH_LARGE, "memcpy"),
-            ]:
-                store_gbps = top[f"{path} {op}" + (f" x{batch}" if batch > 1 else "")]
-                goal = TCP_GOAL if path == "tcp" else SHM_GOAL
-                rows.append(
-                    {
-                        "path": path,
-                        "op": op,
-                        "batch": batch,
-                        "size_mib": size // MiB,
-                        "store_gbps": store_gbps,
-                        "baseline": base.split()[0],
-                        "baseline_gbps": top[base],
-                        "ratio": store_gbps / top[base],
-                        "goal": goal,
-                    }
-                )
+            rows += _rows(best(rounds), size)
     finally:
         baseline.close()
     return rows
@@ -196,18 +205,17 @@ def _fill(args: argparse.Namespace, shm_name: str) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    from splitwise_bench import report, store_lmcache, store_mooncake
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every case, in order: throughput, Mooncake's column, small gets, filling past capacity,
+    LMCache's server."""
+    from splitwise_bench import store_lmcache, store_mooncake
     from splitwise_local.progress import Progress
     from splitwise_local.store import open_backend
     from splitwise_testing.store_child import spawn
 
-    if args.disk:
-        return store_disk.run(args)
     name = f"bench-{os.getpid()}"
     # A case's values twice over (old and new), and spare.
     capacity_gb = 3 * largest_case_bytes(args.mb) / 1024**3
-    # Five steps: throughput, Mooncake's column, small gets, filling past capacity, LMCache's.
     with Progress(total=5, desc="bench store", unit="step") as bar:
         with (
             spawn("--max-size-gb", str(capacity_gb), "--shm-name", name) as store,
@@ -224,7 +232,13 @@ def run(args: argparse.Namespace) -> int:
         bar.update()
         lmcache = store_lmcache.measure(args)
         bar.update()
+    return {"throughput": throughput, "small": small, "fill": fill, "lmcache": lmcache}
 
+
+def _print(found: dict[str, Any]) -> None:
+    from splitwise_bench import report, store_lmcache
+
+    fill = found["fill"]
     report.print_table(
         "Throughput (GB/s, best of rounds; baseline measured in the same run)",
         ["path", "op", "batch", "size", "store", "baseline", "base GB/s", "ratio", "goal", "ok"],
@@ -234,13 +248,13 @@ def run(args: argparse.Namespace) -> int:
                 r["baseline"],
                 *(r["baseline_gbps"], r["ratio"], r["goal"], r["ratio"] >= r["goal"]),
             ]
-            for r in throughput
+            for r in found["throughput"]
         ],
     )
     report.print_table(
         f"{SMALL // 1024} KiB gets",
         ["path", "mode", "ops/s", "p50 us", "p99 us"],
-        [[r["path"], r["mode"], r["ops_per_s"], r["p50_us"], r["p99_us"]] for r in small],
+        [[r["path"], r["mode"], r["ops_per_s"], r["p50_us"], r["p99_us"]] for r in found["small"]],
     )
     report.print_table(
         "Fill past capacity (4x the capacity written, 1 MiB values, both paths)",
@@ -252,40 +266,53 @@ def run(args: argparse.Namespace) -> int:
             ]
         ],
     )
+    store_lmcache.print_tables(found["lmcache"])
 
-    store_lmcache.print_tables(lmcache)
+
+def _ratios(found: dict[str, Any]) -> dict[str, float]:
+    """The headline per path and op is one value per call, the worse of the two sizes."""
+    throughput = found["throughput"]
 
     def worst(path: str, op: str) -> float:
-        """The headline: one value per call, the worse of the two sizes."""
         rows = [r for r in throughput if (r["path"], r["op"], r["batch"]) == (path, op, 1)]
         return min(r["ratio"] for r in rows)
 
-    ratios = {
+    return {
         "tcp_put_vs_socket": worst("tcp", "put"),
         "tcp_get_vs_socket": worst("tcp", "get"),
         "shm_put_vs_memcpy": worst("shm", "put"),
         "shm_get_vs_memcpy": worst("shm", "get"),
-        "rss_vs_cap": fill["rss_vs_cap"],
-        **lmcache["ratios"],
+        "rss_vs_cap": found["fill"]["rss_vs_cap"],
+        **found["lmcache"]["ratios"],
         **{
             f"{r['path']}_{r['op']}_x{r['batch']}_{r['size_mib']}mib_vs_{r['baseline']}": r["ratio"]
             for r in throughput
         },
     }
+
+
+def run(args: argparse.Namespace) -> int:
+    from splitwise_bench import report
+
+    if args.disk:
+        return store_disk.run(args)
+    found = _measure(args)
+    _print(found)
+    fill, lmcache = found["fill"], found["lmcache"]
     report.write_json(
         args.json,
         {
             "benchmark": "store",
             "settings": {k: v for k, v in vars(args).items() if k not in ("json", "extra")},
-            "ratios": ratios,
+            "ratios": _ratios(found),
             "goals": {
                 "tcp_vs_socket_min": TCP_GOAL,
                 "shm_vs_memcpy_min": SHM_GOAL,
                 "rss_vs_cap_max": fill["rss_limit"] / fill["capacity"],
                 **lmcache["goals"],
             },
-            "throughput": throughput,
-            "small_values": small,
+            "throughput": found["throughput"],
+            "small_values": found["small"],
             "fill": fill,
             "lmcache": {"throughput": lmcache["throughput"], "fill": lmcache["fill"]},
         },
