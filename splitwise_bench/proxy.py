@@ -319,12 +319,8 @@ def tracing_added(
     return added
 
 
-def report_results(
-    args: argparse.Namespace,
-    results: dict[str, dict],
-    spans_received: int | None = None,
-    peer: dict[str, object] | None = None,
-) -> int:
+def print_added(results: dict[str, dict]) -> None:
+    """The latency the proxy adds per case and metric, stored in each result as `added_ms`."""
     rows = []
     for case, result in results.items():
         for metric in ("e2e_ms", "ttft_ms", "chunk_delay_ms"):
@@ -341,6 +337,15 @@ def report_results(
     headers = ["case", "metric", "direct p50", "direct p99", "proxy p50", "proxy p99"]
     headers += ["added p50", "added p99", "p50 ratio", "proxy CPU/req"]
     report.print_table("Latency added by the proxy (ms)", headers, rows)
+
+
+def report_results(
+    args: argparse.Namespace,
+    results: dict[str, dict],
+    spans_received: int | None = None,
+    peer: dict[str, object] | None = None,
+) -> int:
+    print_added(results)
     summary = {
         "settings": {
             "tokens": args.tokens,
