@@ -6,6 +6,10 @@ shown at its printed precision: seconds shown as ms, fractions shown as %, are t
 and each file records the command that wrote it, the commit and the machine; a file from before
 that was recorded must be labelled in the row with the commit it came from. A goal no committed run
 measured stays in the table with no figure, no JSON and the verdict "not measured".
+
+Outside the table (the README's prose and docs/*.md), each JSON a paragraph cites is committed,
+and one that records no command and commit is labelled in that paragraph with a commit that
+holds it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ TABLE_HEADING = "**Every goal, measured**"
 # A figure may end in "x" (3.4x); a digit inside a name (1P1D, avx512) is not a figure.
 NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?!\.\d)(?!x\w)(?![^\Wx])")
 SOURCE = re.compile(r"`(docs/benchmarks/[^`]+\.json)`")
-COMMIT = re.compile(r"commit ([0-9a-f]{7,40})")
+# In prose a path may sit inside a longer code span (a command) or wrap onto its own line.
+CITED = re.compile(r"docs/benchmarks/[\w./-]+\.json")
+COMMIT = re.compile(r"commit\s+([0-9a-f]{7,40})")
 SCALES = (1.0, 1e3, 1e-3, 100.0, 1e6, 1e-6, 1 / 1024**2, 1 / 1024**3, 1e-9)
 
 
@@ -85,6 +91,57 @@ def figures(cell: str) -> Iterator[tuple[str, int]]:
 
 
 ROWS = goal_rows()
+
+
+def prose_paragraphs() -> Iterator[tuple[str, str]]:
+    """(file, paragraph) for the README outside its tables and for docs/*.md; reports beside
+    their JSON (docs/benchmarks/*.md) are written by the benchmarks themselves."""
+    for path in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        for paragraph in re.split(r"\n\s*\n", path.read_text()):
+            lines = paragraph.strip().splitlines()
+            if lines and not all(line.startswith("|") for line in lines):
+                yield path.name, paragraph
+
+
+def unlabelled(paragraph: str) -> list[str]:
+    """The JSONs `paragraph` cites that record no command and commit and that no commit label
+    in it (a commit holding that file) accounts for."""
+    missing = []
+    for path in sorted(set(CITED.findall(paragraph))):
+        tracked = ["git", "ls-files", "--error-unmatch", path]
+        assert subprocess.run(tracked, cwd=REPO, capture_output=True).returncode == 0, (
+            f"{path} is not committed"
+        )
+        if {"command", "commit", "machine"} <= set(json.loads((REPO / path).read_text())):
+            continue
+        labels = COMMIT.findall(paragraph)
+        holds = [["git", "cat-file", "-e", f"{label}:{path}"] for label in labels]
+        if not any(
+            subprocess.run(git, cwd=REPO, capture_output=True).returncode == 0 for git in holds
+        ):
+            missing.append(path)
+    return missing
+
+
+def test_each_json_cited_in_prose_is_committed_and_labelled_when_it_records_no_commit():
+    cited = [(name, p) for name, p in prose_paragraphs() if CITED.search(p)]
+    assert len(cited) >= 15, "the README and docs cite their runs"
+    problems = [(name, path, p[:80]) for name, p in cited for path in unlabelled(p)]
+    assert not problems, problems
+
+
+def test_a_citation_without_its_commit_label_is_found():
+    labelled = "0.033 (`docs/benchmarks/connector-cpu-naive.json`, commit 3a0074f)."
+    assert unlabelled(labelled) == []
+    assert unlabelled(labelled.replace(", commit 3a0074f", "")) == [
+        "docs/benchmarks/connector-cpu-naive.json"
+    ]
+    # A label must name a commit that holds the file, not any commit.
+    assert unlabelled(labelled.replace("3a0074f", "3a02dc7")) == [
+        "docs/benchmarks/connector-cpu-naive.json"
+    ]
+    recorded = "+6 ms (`docs/benchmarks/save-stall-cpu.json`)"
+    assert unlabelled(recorded) == []
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda row: row["goal"][:60])
