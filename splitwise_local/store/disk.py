@@ -211,16 +211,21 @@ class Directory:
         return 1
 
 
+def _advance(buffers: list[memoryview], done: int) -> None:
+    """Drops the first `done` bytes from the buffers (a vectored call may stop mid-buffer)."""
+    while buffers and done >= len(buffers[0]):
+        done -= len(buffers[0])
+        buffers.pop(0)
+    if buffers and done:
+        buffers[0] = buffers[0][done:]
+
+
 def _write_all(fd: int, buffers: list[memoryview]) -> None:
     offset = 0
     while buffers:
         written = os.pwritev(fd, buffers[:_IOV_MAX], offset)
         offset += written
-        while buffers and written >= len(buffers[0]):
-            written -= len(buffers[0])
-            buffers.pop(0)
-        if buffers and written:
-            buffers[0] = buffers[0][written:]
+        _advance(buffers, written)
 
 
 def _read_all(fd: int, buffers: list[memoryview]) -> int:
@@ -231,9 +236,5 @@ def _read_all(fd: int, buffers: list[memoryview]) -> int:
         if got == 0:
             break
         offset += got
-        while buffers and got >= len(buffers[0]):
-            got -= len(buffers[0])
-            buffers.pop(0)
-        if buffers and got:
-            buffers[0] = buffers[0][got:]
+        _advance(buffers, got)
     return offset

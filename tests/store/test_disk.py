@@ -377,3 +377,30 @@ def test_a_promotion_that_read_a_file_replaced_meanwhile_is_dropped(tiered):
     reader.join(30)
     assert got == [None]
     assert seed_of(store.get("k")) == "v2"
+
+
+def test_vectored_io_that_stops_mid_buffer_still_moves_every_byte(tmp_path: Path, monkeypatch):
+    """preadv/pwritev may move fewer bytes than asked, ending inside a buffer: the rest follows."""
+    from splitwise_local.store import disk
+
+    real_write, real_read = os.pwritev, os.preadv
+
+    def short(call: Callable[..., int]) -> Callable[..., int]:
+        def at_most_five(fd: int, buffers: list[memoryview], offset: int) -> int:
+            head = memoryview(buffers[0])[:5]
+            return call(fd, [head], offset)
+
+        return at_most_five
+
+    monkeypatch.setattr(os, "pwritev", short(real_write))
+    monkeypatch.setattr(os, "preadv", short(real_read))
+    parts = [b"abcdefgh", b"ij", b"klmnopqrstuvw"]
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        disk._write_all(fd, [memoryview(p) for p in parts])
+        into = [memoryview(bytearray(len(p))) for p in parts]
+        assert disk._read_all(fd, list(into)) == sum(map(len, parts))
+    finally:
+        os.close(fd)
+    assert [bytes(m) for m in into] == parts
+    assert (tmp_path / "f").read_bytes() == b"".join(parts)
