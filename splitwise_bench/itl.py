@@ -14,7 +14,8 @@ records the share of the CPU other processes took during the round. A control ro
 launch and placement runs the stream alone for as long: the gaps the machine makes by itself.
 
 The JSON's `ratios` hold, per objective and stream placement, the worst round's largest gap
-over its quiet median (`control.*`: the same for the stream alone); `rounds` hold every
+over its quiet median (`control.*`: the same for the stream alone; a round whose quiet tokens
+came in bursts has no baseline and is left out); `rounds` hold every
 round's worst gaps and when they began, the prompts' routes (the `x-splitwise-route` header)
 and their times to first token (what the rule costs them).
 """
@@ -163,7 +164,9 @@ def one_round(
         "quiet_gaps": len(quiet),
         "largest_gap_ms": round(largest_ms, 1),
         "gaps_while_prompts": len(loaded),
-        "ratio": round(largest_ms / quiet_ms, 2),
+        # A zero median: the quiet tokens came in bursts (the client read them late), so the
+        # round has no baseline and no ratio.
+        "ratio": round(largest_ms / quiet_ms, 2) if quiet_ms > 0 else None,
         "worst_gaps": [
             {"ms": round(gap * 1e3, 1), "began_after_s": round(at - started, 2)}
             for gap, at in worst
@@ -211,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
 
     rows = [
         [r["itl_objective_ms"], r["stream_via"], r["prompt_count"], r["quiet_median_ms"],
-         r["largest_gap_ms"], r["ratio"], r["other_cpu"]["during"],
+         r["largest_gap_ms"], r["ratio"] or "-", r["other_cpu"]["during"],
          " ".join(f"{p['path'][:6]}/{p['reason']}" for p in r["prompts"]) or "-",
          max((p["ttft_ms"] or 0 for p in r["prompts"]), default="-")]
         for r in rounds
@@ -225,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     ratios: dict[str, float] = {}
     for r in rounds:
+        if r["ratio"] is None:
+            continue
         kind = "control" if r["prompt_count"] == 0 else "largest_gap_vs_quiet_median"
         key = f"{kind}.objective_{r['itl_objective_ms']:g}.stream_via_{r['stream_via']}"
         ratios[key] = max(ratios.get(key, 0.0), r["ratio"])  # the worst round
