@@ -44,6 +44,30 @@ GPU_DEFAULT_ARGS = (
 )
 
 
+def cpu_set(cores: str) -> set[int]:
+    """The cores a VLLM_CPU_OMP_THREADS_BIND value names (`0`, `0,2`, `0-3`, `0-1|2-3`)."""
+    found: set[int] = set()
+    for part in cores.replace("|", ",").split(","):
+        first, _, last = part.partition("-")
+        found.update(range(int(first), int(last or first) + 1))
+    return found
+
+
+def pinned_to(cores: str) -> list[str]:
+    """Python's first arguments for an interpreter that runs its other arguments confined to
+    `cores`: its process and every process and thread it starts.
+
+    vLLM binds only the worker's OpenMP threads to VLLM_CPU_OMP_THREADS_BIND. The rest of the
+    engine (its API server, and the EngineCore process whose scheduler busy-waits on the
+    worker) would otherwise run on any core, the other engine's included: there a prefill
+    engine's forward pass starves the decode engine's scheduler, and the stream stops for
+    seconds. The affinity is set, then the command is exec'd, keeping pid and environment.
+    """
+    start = f"import os, sys; os.sched_setaffinity(0, {sorted(cpu_set(cores))}); "
+    start += "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    return ["-c", start]
+
+
 def kv_transfer_config(
     role: Role,
     config_file: Path | None,
@@ -115,9 +139,10 @@ class EngineSpec:
 
     def command(self) -> list[str]:
         """The vLLM API server's command line: our KV transfer config and the device's defaults,
-        the caller's extra arguments winning."""
+        the caller's extra arguments winning; on the CPU, confined to the engine's cores."""
         cmd = [
             sys.executable,
+            *(pinned_to(self.cpu_cores) if self.device == "cpu" and self.cpu_cores else ()),
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",

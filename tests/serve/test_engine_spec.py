@@ -1,17 +1,22 @@
-"""A GPU engine's command and environment as the launcher builds them (nothing is started): its
-GPUs in CUDA_VISIBLE_DEVICES, tensor parallelism over them, and the GPU defaults under the
-user's own vLLM flags."""
+"""An engine's command and environment as the launcher builds them: a GPU engine's GPUs in
+CUDA_VISIBLE_DEVICES, tensor parallelism over them, and the GPU defaults under the user's own
+vLLM flags (nothing is started); a CPU engine's whole process tree on its own cores (a stand-in
+vLLM is started)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from splitwise_local.config import SplitwiseConfig
 from splitwise_local.models.hub import Model
 from splitwise_local.serve.console import Console
-from splitwise_local.serve.engine import GPU_DEFAULT_ARGS, EngineSpec
+from splitwise_local.serve.engine import GPU_DEFAULT_ARGS, EngineSpec, cpu_set
 from splitwise_local.serve.placement import Placement
 from splitwise_local.serve.plan import StorePlan, plan_engines
 from splitwise_local.serve.resolve import EngineArgs, Resolved
@@ -83,3 +88,55 @@ def test_an_engine_keeps_its_metrics_to_itself():
     env = spec.environment(shared)
     assert "PROMETHEUS_MULTIPROC_DIR" not in env
     assert env["HOME"] == "/home/u"
+
+
+# Stands in for vLLM's API server: reports the cores it, a thread of its and a child process
+# it starts may run on (vLLM's EngineCore is such a child, its worker a grandchild).
+REPORT_CORES = """
+import json, multiprocessing, os, threading
+
+def cores(queue):
+    queue.put(sorted(os.sched_getaffinity(0)))
+
+if __name__ == "__main__":
+    queue = multiprocessing.get_context("spawn").Queue()
+    thread = threading.Thread(target=cores, args=(queue,))
+    thread.start()
+    thread.join()
+    child = multiprocessing.get_context("spawn").Process(target=cores, args=(queue,))
+    child.start()
+    child.join()
+    print(json.dumps([sorted(os.sched_getaffinity(0)), queue.get(), queue.get()]))
+"""
+
+
+def test_a_cpu_engine_runs_entirely_on_its_own_cores(tmp_path: Path):
+    """vLLM binds only its worker's OpenMP threads to VLLM_CPU_OMP_THREADS_BIND; its API server
+    and EngineCore (whose scheduler drives every decode step) must not drift onto the other
+    engine's cores, where a prefill forward pass starves them."""
+    machine = sorted(os.sched_getaffinity(0))
+    if len(machine) < 2:
+        pytest.skip("one core: nothing to confine an engine to")
+    server = tmp_path / "vllm" / "entrypoints" / "openai" / "api_server.py"
+    server.parent.mkdir(parents=True)
+    for package in (server.parent, server.parent.parent, server.parent.parent.parent):
+        (package / "__init__.py").touch()
+    server.write_text(REPORT_CORES)
+    last = str(machine[-1])
+    spec = EngineSpec(model=Path("/models/m"), port=8100, role="decode", cpu_cores=last)
+    env = spec.environment() | {"PYTHONPATH": str(tmp_path)}
+    ran = subprocess.run(spec.command(), env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout) == [[machine[-1]]] * 3
+
+
+def test_a_gpu_engine_is_not_confined_to_cores():
+    spec = EngineSpec(model=Path("/models/m"), port=8100, role="plain", device="cuda", gpus="0")
+    assert spec.command()[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+
+
+def test_core_lists_read_as_vllm_writes_them():
+    assert cpu_set("1") == {1}
+    assert cpu_set("0,2") == {0, 2}
+    assert cpu_set("0-3") == {0, 1, 2, 3}
+    assert cpu_set("0-1|4-5") == {0, 1, 4, 5}
