@@ -19,6 +19,7 @@ import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,7 @@ SOURCE = re.compile(r"`(docs/benchmarks/[^`]+\.json)`")
 # In prose a path may sit inside a longer code span (a command) or wrap onto its own line.
 CITED = re.compile(r"docs/benchmarks/[\w./-]+\.json")
 COMMIT = re.compile(r"commit\s+([0-9a-f]{7,40})")
+RECORDED = {"command", "commit", "machine"}  # what a JSON records of the run that wrote it
 SCALES = (1.0, 1e3, 1e-3, 100.0, 1e6, 1e-6, 1 / 1024**2, 1 / 1024**3, 1e-9)
 
 
@@ -93,6 +95,17 @@ def figures(cell: str) -> Iterator[tuple[str, int]]:
 ROWS = goal_rows()
 
 
+def committed(path: str) -> dict[str, Any]:
+    """The JSON at `path`, which must be committed (a figure from an uncommitted run counts
+    for nothing)."""
+    tracked = ["git", "ls-files", "--error-unmatch", path]
+    assert subprocess.run(tracked, cwd=REPO, capture_output=True).returncode == 0, (
+        f"{path} is not committed"
+    )
+    document: dict[str, Any] = json.loads((REPO / path).read_text())
+    return document
+
+
 def prose_paragraphs() -> Iterator[tuple[str, str]]:
     """(file, paragraph) for the README outside its tables and for docs/*.md; reports beside
     their JSON (docs/benchmarks/*.md) are written by the benchmarks themselves."""
@@ -108,11 +121,7 @@ def unlabelled(paragraph: str) -> list[str]:
     in it (a commit holding that file) accounts for."""
     missing = []
     for path in sorted(set(CITED.findall(paragraph))):
-        tracked = ["git", "ls-files", "--error-unmatch", path]
-        assert subprocess.run(tracked, cwd=REPO, capture_output=True).returncode == 0, (
-            f"{path} is not committed"
-        )
-        if {"command", "commit", "machine"} <= set(json.loads((REPO / path).read_text())):
+        if set(committed(path)) >= RECORDED:
             continue
         labels = COMMIT.findall(paragraph)
         holds = [["git", "cat-file", "-e", f"{label}:{path}"] for label in labels]
@@ -155,12 +164,8 @@ def test_each_goal_figure_is_in_the_json_it_cites(row):
         return
     values: list[float] = []
     for path in cited:
-        tracked = ["git", "ls-files", "--error-unmatch", path]
-        assert subprocess.run(tracked, cwd=REPO, capture_output=True).returncode == 0, (
-            f"{path} is not committed"
-        )
-        document = json.loads((REPO / path).read_text())
-        if not {"command", "commit", "machine"} <= set(document):
+        document = committed(path)
+        if not set(document) >= RECORDED:
             label = COMMIT.search(row[list(row)[-1]])
             assert label, f"{path} records no command and commit: label the row with its commit"
             git = ["git", "cat-file", "-e", f"{label.group(1)}^{{commit}}"]
